@@ -1,0 +1,60 @@
+"""Reference-model fixtures: random tiny `transformers` ZAYA models saved to disk, every parameter drawn fresh."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+import transformers
+
+
+def make_reference(path, *, seed: int, dtype=torch.float32, skip_reachable: bool = False, **config_kwargs):
+  """Builds a random `transformers` ZayaForCausalLM (eager attention and experts) and saves it to `path`.
+
+  The returned model is the saved folder reloaded by `from_pretrained` in `dtype`, the way a user
+  gets the reference (RoPE tables and balancing biases stay fp32); a bf16 model is saved again so
+  the folder holds bf16 weights.
+
+  All parameters and the balancing biases are redrawn: norms and scales around 1, temperatures
+  around 3, biases random (the skip slot unreachable unless `skip_reachable`).
+  """
+  torch.manual_seed(seed)
+  cfg = transformers.ZayaConfig(**config_kwargs)
+  model = transformers.ZayaForCausalLM._from_config(
+      cfg, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      if name.endswith(("scale", "norm.weight", "layernorm.weight")):
+        p.copy_(1.0 + 0.2 * noise)
+      elif name.endswith("temp"):
+        p.copy_(3.0 + 0.5 * noise)
+      elif name.endswith("embed_tokens.weight"):
+        p.copy_(0.25 * noise)
+      else:
+        fan_in = p.shape[-1] * (p.shape[-2] if p.ndim == 3 and "conv" in name else 1)
+        p.copy_(noise / np.sqrt(fan_in))
+    for name, b in model.named_buffers():
+      if name.endswith("balancing_biases"):
+        b.copy_(0.05 * torch.randn(b.shape, generator=gen))
+        b[-1] = 0.5 if skip_reachable else -1.0
+  model.save_pretrained(path)
+  model = load_reference(path, dtype)
+  if dtype != torch.float32:
+    model.save_pretrained(path)
+  return model
+
+
+def load_reference(path, dtype=torch.float32):
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      path, dtype=dtype, attn_implementation="eager", experts_implementation="eager").eval()
+
+
+def reference_logits(model, input_ids: np.ndarray):
+  with torch.no_grad():
+    out = model(torch.as_tensor(np.asarray(input_ids), dtype=torch.long), output_router_logits=True)
+  return out

@@ -1,0 +1,117 @@
+"""Parity with the reference implementation (`transformers.models.zaya`, eager attention and experts).
+
+Each config is drawn at random (every parameter and balancing bias), saved by the reference, loaded
+through `load_hf`, and run on fresh random token ids.
+"""
+
+import numpy as np
+import pytest
+import torch
+from reference import load_reference, make_reference
+
+import zaya_jax
+from zaya_jax.checkpoint.hf import flat_params
+
+CONFIGS = {
+    # A sliding-window layer between two full ones, GQA 4:2, a 3-tap depthwise conv.
+    "sliding": dict(vocab_size=101, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, moe_intermediate_size=40, num_experts=4,
+                    router_hidden_size=12, layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=5,
+                    cca_time0=3, cca_time1=2),
+    # Four KV groups of two query heads each, a 3-tap grouped conv, untied LM head.
+    "kv_groups": dict(vocab_size=89, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=4, head_dim=8, moe_intermediate_size=24, num_experts=8,
+                      router_hidden_size=16, cca_time0=2, cca_time1=3, tie_word_embeddings=False),
+    # Five experts (not a power of two), 6:3 heads.
+    "five_experts": dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=3, head_dim=8, moe_intermediate_size=20, num_experts=5,
+                         router_hidden_size=8),
+}
+COMMON = dict(max_position_embeddings=256, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def fp32_case(request, tmp_path_factory):
+  name = request.param
+  path = tmp_path_factory.mktemp(f"ref_{name}")
+  seed = sorted(CONFIGS).index(name)
+  ref = make_reference(path, seed=seed, **CONFIGS[name], **COMMON)
+  ids = np.random.default_rng(100 + seed).integers(0, CONFIGS[name]["vocab_size"], (2, 11))
+  return name, path, ref, ids
+
+
+def reference_forward(ref, ids):
+  with torch.no_grad():
+    out = ref(torch.as_tensor(ids, dtype=torch.long), output_router_logits=True)
+  biases = [layer.mlp.gate.balancing_biases for layer in ref.model.layers]
+  choices = np.stack([
+      torch.argmax(torch.softmax(logits, -1).float() + b, -1).numpy().reshape(ids.shape)
+      for logits, b in zip(out.router_logits, biases, strict=True)])
+  return out.logits.float().numpy(), choices
+
+
+def ours_forward(model, ids):
+  out = zaya_jax.forward(model, ids)
+  return np.asarray(out.logits_BTV.astype(np.float32)), np.asarray(out.router.choice_LBT), out
+
+
+def test_fp32_logits_and_router_choices_match_reference(fp32_case):
+  _, path, ref, ids = fp32_case
+  ref_logits, ref_choices = reference_forward(ref, ids)
+  model = zaya_jax.load_hf(path)
+  assert model.config.dtype == "float32"
+  logits, choices, out = ours_forward(model, ids)
+  np.testing.assert_array_equal(choices, ref_choices)
+  assert np.abs(logits - ref_logits).max() <= 1e-5
+  # Router statistics are consistent with the choices (skip slot counted last).
+  counts = np.asarray(out.router.counts_LX1)
+  assert counts.sum(axis=1).tolist() == [ids.size] * len(ref.model.layers)
+  np.testing.assert_array_equal(counts[:, :-1].sum(1) + counts[:, -1], ids.size)
+  assert len(set(choices.ravel().tolist())) > 1  # routing really varies across tokens
+
+
+def bf16_ulp_distance(a, b):
+  """Units in the last place between bf16 arrays (via their order-preserving integer encoding)."""
+  def ordered(x):
+    bits = np.asarray(x, dtype=np.float32).view(np.int32) >> 16
+    return np.where(bits < 0, -(bits & 0x7FFF), bits).astype(np.int64)
+  return np.abs(ordered(a) - ordered(b))
+
+
+def test_bf16_logits_within_one_ulp_of_reference(fp32_case, tmp_path):
+  name, _, _, ids = fp32_case
+  ref = make_reference(tmp_path, seed=7, dtype=torch.bfloat16, **CONFIGS[name], **COMMON)
+  ref_logits, ref_choices = reference_forward(ref, ids)
+  model = zaya_jax.load_hf(tmp_path)
+  assert model.config.dtype == "bfloat16"
+  assert flat_params(model)["model.embed_tokens.weight"].dtype == np.dtype("bfloat16")
+  logits, choices, _ = ours_forward(model, ids)
+  np.testing.assert_array_equal(choices, ref_choices)
+  assert bf16_ulp_distance(logits, ref_logits).max() <= 1
+
+
+def test_save_hf_loads_in_reference_with_same_logits(fp32_case, tmp_path):
+  _, path, ref, ids = fp32_case
+  model = zaya_jax.load_hf(path)
+  zaya_jax.save_hf(model, tmp_path / "saved")
+  reloaded = load_reference(tmp_path / "saved")
+  np.testing.assert_array_equal(reference_forward(reloaded, ids)[0], reference_forward(ref, ids)[0])
+
+
+def test_packed_documents_equal_separate_runs(fp32_case):
+  _, path, _, _ = fp32_case
+  model = zaya_jax.load_hf(path)
+  rng = np.random.default_rng(5)
+  vocab = model.config.vocab_size
+  docs = [rng.integers(0, vocab, n) for n in (4, 1, 6, 3)]  # includes a one-token document
+  packed = np.concatenate(docs)[None]
+  segments = np.repeat(np.arange(1, len(docs) + 1), [len(d) for d in docs])[None]
+  out = zaya_jax.forward(model, packed, segment_ids_BT=segments)
+  packed_logits = np.asarray(out.logits_BTV[0])
+  start = 0
+  for doc in docs:
+    alone = np.asarray(zaya_jax.forward(model, doc[None]).logits_BTV[0])
+    np.testing.assert_allclose(packed_logits[start:start + len(doc)], alone, atol=1e-5, rtol=0)
+    start += len(doc)
+  # Without segment ids the same row attends across documents and differs.
+  assert np.abs(np.asarray(zaya_jax.forward(model, packed).logits_BTV[0]) - packed_logits).max() > 1e-3

@@ -1,0 +1,322 @@
+"""Hugging Face checkpoints in and out: safetensors, native and legacy names, streamed loading.
+
+Loading reads one tensor at a time with plain file reads (no mmap), converts it and places it, so
+peak host memory stays near the size of the model itself. Every tensor the model expects must be
+present with its shape and a floating dtype; every stored tensor must be used. Errors name the tensor.
+Saving writes into a temporary sibling folder and renames it into place, so a half-written folder is
+never found under the target name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from zaya_jax.config import ZayaConfig, is_legacy_hf_config
+from zaya_jax.model.decoder import ZayaForCausalLM
+
+SAFE_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+BALANCING_SUFFIX = "mlp.gate.balancing_biases"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not match the model: names the tensor or field at fault."""
+
+
+# -- reading safetensors without mmap ---------------------------------------------------------------
+
+class _TensorEntry:
+  __slots__ = ("code", "end", "file", "shape", "start")
+
+  def __init__(self, file, code, shape, start, end):
+    self.file, self.code, self.shape, self.start, self.end = file, code, tuple(shape), start, end
+
+
+def _read_header(file: str) -> dict[str, _TensorEntry]:
+  with open(file, "rb") as f:
+    (length,) = np.frombuffer(f.read(8), "<u8")
+    header = json.loads(f.read(int(length)))
+  base = 8 + int(length)
+  entries = {}
+  for key, info in header.items():
+    if key == "__metadata__":
+      continue
+    start, end = info["data_offsets"]
+    entries[key] = _TensorEntry(file, info["dtype"], info["shape"], base + start, base + end)
+  return entries
+
+
+def _read_tensor(entry: _TensorEntry) -> np.ndarray:
+  dtype = np.dtype(SAFE_DTYPES[entry.code])
+  count = int(np.prod(entry.shape, dtype=np.int64))
+  with open(entry.file, "rb") as f:
+    f.seek(entry.start)
+    array = np.fromfile(f, dtype=dtype.newbyteorder("<"), count=count)
+  if array.size != count:
+    raise CheckpointError(f"{entry.file}: tensor data truncated ({array.size} of {count} elements)")
+  return array.reshape(entry.shape)
+
+
+def _index_checkpoint(path: str) -> dict[str, _TensorEntry]:
+  index_file = os.path.join(path, "model.safetensors.index.json")
+  single_file = os.path.join(path, "model.safetensors")
+  if os.path.exists(index_file):
+    with open(index_file) as f:
+      weight_map = json.load(f)["weight_map"]
+    entries = {}
+    for file in sorted(set(weight_map.values())):
+      for key, entry in _read_header(os.path.join(path, file)).items():
+        if weight_map.get(key) != file:
+          raise CheckpointError(f"{file}: tensor {key!r} is not listed for this file in the index")
+        entries[key] = entry
+    missing = sorted(set(weight_map) - set(entries))
+    if missing:
+      raise CheckpointError(f"index lists tensors no shard holds: {missing[:5]}")
+    return entries
+  if os.path.exists(single_file):
+    return _read_header(single_file)
+  raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+# -- legacy (80 alternating layers) -> native names ---------------------------------------------------
+
+_LEGACY_ATTN = {
+    "input_norm.weight": "input_layernorm.weight",
+    "self_attn.qkv.linear_q": "self_attn.qkv_proj.q_proj",
+    "self_attn.qkv.linear_k": "self_attn.qkv_proj.k_proj",
+    "self_attn.qkv.val_proj1": "self_attn.qkv_proj.v_proj_current",
+    "self_attn.qkv.val_proj2": "self_attn.qkv_proj.v_proj_delayed",
+    "self_attn.qkv.conv_qk.0": "self_attn.qkv_proj.conv_qk_depthwise",
+    "self_attn.qkv.conv_qk.1": "self_attn.qkv_proj.conv_qk_grouped",
+    "self_attn.qkv.temp": "self_attn.qk_norm.temp",
+    "self_attn.o_proj": "self_attn.o_proj",
+}
+_LEGACY_MOE = {
+    "input_norm.weight": "post_attention_layernorm.weight",
+    "res_scale": "post_attention_residual_scale",
+    "router.rmsnorm_eda": "mlp.gate.router_mlp.norm",
+    "router.router_mlp.0": "mlp.gate.router_mlp.fc1",
+    "router.router_mlp.2": "mlp.gate.router_mlp.fc2",
+    "router.router_mlp.4": "mlp.gate.router_mlp.out_proj",
+    "router.down_proj": "mlp.gate.down_proj",
+    "router.router_states_scale": "mlp.gate.router_states_scale",
+    "router.balancing_biases": "mlp.gate.balancing_biases",
+}
+_LEGACY_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_LEGACY_EXPERT = re.compile(r"(?:zaya_block|smoe_block)\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight")
+
+
+def _rename_prefix(rest: str, table: dict[str, str]) -> str | None:
+  for old, new in table.items():
+    if rest == old or rest.startswith(old + "."):
+      return new + rest[len(old):]
+  return None
+
+
+def legacy_to_native(key: str, num_blocks: int) -> tuple[str, int | None] | None:
+  """(native key, expert index or None) for a legacy key; None if the key has no native home."""
+  if key == "model.embed_tokens.weight":
+    return key, None
+  if key == "model.final_norm.weight":
+    return "model.norm.weight", None
+  if key.startswith("model.res_scale."):
+    return f"model.layers.{num_blocks - 1}.post_mlp_residual_scale." + key[len("model.res_scale."):], None
+  match = _LEGACY_LAYER.fullmatch(key)
+  if not match:
+    return None
+  n, rest = int(match.group(1)), match.group(2)
+  block = n // 2
+  if n % 2 == 0:
+    if rest.startswith("res_scale."):
+      field = rest[len("res_scale."):]
+      if n == 0:
+        if field.startswith("hidden_states_"):
+          return f"model.input_{field}", None
+        return None
+      return f"model.layers.{block - 1}.post_mlp_residual_scale.{field}", None
+    native = _rename_prefix(rest, _LEGACY_ATTN)
+  else:
+    expert = _LEGACY_EXPERT.fullmatch(rest)
+    if expert:
+      name = "gate_up_proj" if expert.group(2) == "1" else "down_proj"
+      return f"model.layers.{block}.mlp.experts.{name}", int(expert.group(1))
+    rest = re.sub(r"^(?:zaya_block|smoe_block)\.", "", rest)
+    native = _rename_prefix(rest, _LEGACY_MOE)
+  return (f"model.layers.{block}.{native}", None) if native else None
+
+
+def is_legacy_checkpoint(keys) -> bool:
+  return any(".qkv.linear_q." in k or ".zaya_block." in k or ".smoe_block." in k or k == "model.final_norm.weight"
+             for k in keys)
+
+
+# -- the model's parameters by checkpoint key -------------------------------------------------------
+
+def flat_params(model_or_state) -> dict[str, nnx.Variable]:
+  """{dotted HF key: variable} for a model (or its nnx state); tied lm_head is not a key."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+  return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+
+
+def _plan(entries: dict[str, _TensorEntry], num_blocks: int, legacy: bool):
+  """{native key: [(entry, expert index or None)]} and the stored keys with no native home."""
+  plan: dict[str, list] = {}
+  unused = []
+  for key, entry in entries.items():
+    target = legacy_to_native(key, num_blocks) if legacy else (key, None)
+    if target is None:
+      unused.append(key)
+      continue
+    plan.setdefault(target[0], []).append((entry, target[1], key))
+  return plan, unused
+
+
+def _assemble(native_key: str, parts, shape: tuple[int, ...]) -> np.ndarray:
+  for entry, _, stored_key in parts:
+    if entry.code not in _FLOAT_CODES:
+      raise CheckpointError(f"tensor {stored_key!r}: dtype {entry.code} is not floating point")
+  if parts[0][1] is None:
+    if len(parts) != 1:
+      raise CheckpointError(f"tensor {native_key!r} is stored {len(parts)} times: {[p[2] for p in parts]}")
+    entry, _, stored_key = parts[0]
+    if entry.shape != shape:
+      raise CheckpointError(f"tensor {stored_key!r}: shape {list(entry.shape)} != expected {list(shape)}")
+    return _read_tensor(entry)
+  # Legacy experts: one stored tensor per expert, stacked along the first axis.
+  indices = sorted(p[1] for p in parts)
+  if indices != list(range(shape[0])):
+    raise CheckpointError(f"tensor {native_key!r}: legacy experts {indices} stored, expected 0..{shape[0] - 1}")
+  out = None
+  for entry, e, stored_key in parts:
+    if entry.shape != shape[1:]:
+      raise CheckpointError(f"tensor {stored_key!r}: shape {list(entry.shape)} != expected {list(shape[1:])}")
+    piece = _read_tensor(entry)
+    if out is None:
+      out = np.empty(shape, piece.dtype)
+    out[e] = piece
+  return out
+
+
+def skip_slot_reachable(biases_X1: np.ndarray) -> bool:
+  """Whether some router probabilities select the skip slot: 1 + b_skip > max expert bias."""
+  biases_X1 = np.asarray(biases_X1, np.float32)
+  return bool(1.0 + biases_X1[-1] > biases_X1[:-1].max())
+
+
+def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
+            **config_overrides) -> ZayaForCausalLM:
+  """Loads a Hugging Face ZAYA1 folder (native or legacy layout) into a `ZayaForCausalLM`.
+
+  `dtype` / `param_dtype` default to the checkpoint's dtype; `config_overrides` replace config fields
+  (e.g. backends). Balancing biases stay fp32.
+  """
+  path = os.fspath(path)
+  config_file = os.path.join(path, "config.json")
+  if not os.path.exists(config_file):
+    raise CheckpointError(f"{path}: no config.json")
+  with open(config_file) as f:
+    raw = json.load(f)
+  overrides = dict(config_overrides)
+  if dtype is not None:
+    overrides["dtype"] = dtype
+  if param_dtype is not None:
+    overrides["param_dtype"] = param_dtype
+  cfg = ZayaConfig.from_hf(raw, **overrides)
+
+  entries = _index_checkpoint(path)
+  legacy = is_legacy_hf_config(raw) or is_legacy_checkpoint(entries)
+  plan, unused = _plan(entries, cfg.num_layers, legacy)
+
+  abstract = nnx.eval_shape(lambda: ZayaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  expected = flat_params(state)
+  if cfg.tie_word_embeddings and "lm_head.weight" in plan:
+    unused.append("lm_head.weight")  # tied models must not carry a separate head
+    del plan["lm_head.weight"]
+  missing = sorted(set(expected) - set(plan))
+  extra = sorted(unused + [k for k in plan if k not in expected])
+  if missing or extra:
+    problems = []
+    if missing:
+      problems.append(f"missing tensors {missing[:8]}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    if extra:
+      problems.append(f"unexpected tensors {extra[:8]}" + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+    raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+  reachable = []
+  for key, var in expected.items():
+    host = _assemble(key, plan[key], tuple(var.shape))
+    if key.endswith(BALANCING_SUFFIX) and skip_slot_reachable(host):
+      reachable.append(key)
+    var.set_value(jnp.asarray(host, dtype=var.dtype))
+    del host
+  if reachable:
+    warnings.warn(
+        f"{len(reachable)} layer(s) have balancing biases under which the router's skip slot can win "
+        f"(1 + b_skip > max expert bias), e.g. {reachable[0]}. Skipped tokens get a zero MoE output here "
+        "(native transformers semantics); the legacy fork gives them h * p_skip instead.", stacklevel=2)
+  return nnx.merge(graphdef, state)
+
+
+def _shards(arrays: dict[str, np.ndarray], max_shard_bytes: int) -> Iterator[dict[str, np.ndarray]]:
+  shard, size = {}, 0
+  for key, array in arrays.items():
+    if shard and size + array.nbytes > max_shard_bytes:
+      yield shard
+      shard, size = {}, 0
+    shard[key] = array
+    size += array.nbytes
+  if shard:
+    yield shard
+
+
+def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
+            overwrite: bool = False) -> None:
+  """Writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+  Parameters are written in their stored dtype, sharded with an index past `max_shard_bytes`.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and os.listdir(path) and not overwrite:
+    raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
+  arrays = {k: np.asarray(jax.device_get(v[...])) for k, v in flat_params(model).items()}
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    shards = list(_shards(arrays, max_shard_bytes))
+    if len(shards) == 1:
+      save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+      weight_map = {}
+      for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+      total = sum(a.nbytes for a in arrays.values())
+      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(model.config.to_hf(), f, indent=2)
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

@@ -1,0 +1,326 @@
+"""ZAYA1 configuration: one frozen dataclass per module, composed into `ZayaConfig`.
+
+Field names follow the model's own vocabulary; `ZayaConfig.from_hf` translates a Hugging Face
+`config.json` (native `zaya` layout or the legacy 80-layer layout) into it. Every config validates
+itself at construction and names the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+LayerType = Literal["hybrid", "hybrid_sliding"]
+_LAYER_TYPES = ("hybrid", "hybrid_sliding")
+_DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("xla",)
+EXPERT_BACKENDS = ("ragged_dot", "dense")
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+  if not condition:
+    raise ValueError(f"ZayaConfig.{field}: {message}")
+
+
+def _positive(cfg: Any, prefix: str, *names: str) -> None:
+  for name in names:
+    value = getattr(cfg, name)
+    _require(isinstance(value, int) and value > 0, f"{prefix}{name}", f"must be a positive int, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Compressed Convolutional Attention (CCA) with GQA and partial NeoX RoPE."""
+
+  num_heads: int = 8
+  num_kv_heads: int = 2
+  head_dim: int = 128
+  cca_time0: int = 2  # depthwise conv taps
+  cca_time1: int = 2  # per-head grouped conv taps
+  rope_theta: float = 5e6
+  sliding_rope_theta: float = 1e4  # used by "hybrid_sliding" layers
+  partial_rotary_factor: float = 0.5
+  sliding_partial_rotary_factor: float = 0.5
+  sliding_window: int | None = None  # keys k with q - k < window are visible (includes the current token)
+  use_bias: bool = False
+  backend: str = "xla"
+
+  def __post_init__(self):
+    _positive(self, "attention.", "num_heads", "num_kv_heads", "head_dim", "cca_time0", "cca_time1")
+    _require(self.num_heads % self.num_kv_heads == 0, "attention.num_heads",
+             f"{self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    _require(self.num_kv_heads * self.head_dim % 2 == 0, "attention.head_dim",
+             "num_kv_heads * head_dim must be even (values are half current, half delayed)")
+    for name in ("partial_rotary_factor", "sliding_partial_rotary_factor"):
+      factor = getattr(self, name)
+      rotary = int(self.head_dim * factor)
+      _require(0.0 < factor <= 1.0 and rotary % 2 == 0, f"attention.{name}",
+               f"{factor} must be in (0, 1] and give an even rotary dim (head_dim={self.head_dim})")
+    for name in ("rope_theta", "sliding_rope_theta"):
+      _require(getattr(self, name) > 0, f"attention.{name}", "must be positive")
+    _require(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window > 0),
+             "attention.sliding_window", f"must be None or a positive int, got {self.sliding_window!r}")
+    _require(self.backend in ATTENTION_BACKENDS, "attention.backend",
+             f"{self.backend!r} is not one of {ATTENTION_BACKENDS}")
+
+  @property
+  def num_groups(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  @property
+  def conv_channels(self) -> int:
+    return (self.num_heads + self.num_kv_heads) * self.head_dim
+
+  @property
+  def conv_context(self) -> int:
+    """Raw left context the two causal convolutions see: the conv state length of a decode step."""
+    return (self.cca_time0 - 1) + (self.cca_time1 - 1)
+
+  def rope(self, layer_type: str) -> tuple[float, int]:
+    """(theta, rotary_dim) for a layer type."""
+    if layer_type == "hybrid_sliding":
+      return self.sliding_rope_theta, int(self.head_dim * self.sliding_partial_rotary_factor)
+    return self.rope_theta, int(self.head_dim * self.partial_rotary_factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """ZAYA1 router (MLP with EDA, top-1 with a skip slot) over SwiGLU experts."""
+
+  num_experts: int = 16
+  intermediate_size: int = 2048
+  router_hidden_size: int = 256
+  backend: str = "ragged_dot"
+
+  def __post_init__(self):
+    _positive(self, "moe.", "num_experts", "intermediate_size", "router_hidden_size")
+    _require(self.backend in EXPERT_BACKENDS, "moe.backend", f"{self.backend!r} is not one of {EXPERT_BACKENDS}")
+
+  @property
+  def num_router_classes(self) -> int:
+    return self.num_experts + 1  # the last class is the skip ("MoD") slot
+
+
+@dataclasses.dataclass(frozen=True)
+class ZayaConfig:
+  vocab_size: int = 262272
+  hidden_size: int = 2048
+  num_layers: int = 40
+  layer_types: tuple[str, ...] = ()  # empty means every layer is "hybrid"
+  attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+  rms_norm_eps: float = 1e-5
+  max_position_embeddings: int = 131072
+  tie_word_embeddings: bool = True
+  initializer_range: float = 0.02
+  bos_token_id: int | None = 2
+  eos_token_id: int | tuple[int, ...] | None = 106
+  pad_token_id: int | None = 0
+  dtype: str = "bfloat16"  # compute dtype
+  param_dtype: str = "bfloat16"
+
+  def __post_init__(self):
+    _positive(self, "", "vocab_size", "hidden_size", "num_layers", "max_position_embeddings")
+    _require(isinstance(self.attention, AttentionConfig), "attention", "must be an AttentionConfig")
+    _require(isinstance(self.moe, MoEConfig), "moe", "must be a MoEConfig")
+    _require(isinstance(self.layer_types, tuple), "layer_types", "must be a tuple")
+    _require(len(self.layer_types) in (0, self.num_layers), "layer_types",
+             f"has {len(self.layer_types)} entries for num_layers={self.num_layers}")
+    for i, layer_type in enumerate(self.layer_types):
+      _require(layer_type in _LAYER_TYPES, f"layer_types[{i}]", f"{layer_type!r} is not one of {_LAYER_TYPES}")
+    _require("hybrid_sliding" not in self.layer_types or self.attention.sliding_window is not None,
+             "attention.sliding_window", "must be set when layer_types contains 'hybrid_sliding'")
+    _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
+    for name in ("dtype", "param_dtype"):
+      _require(getattr(self, name) in _DTYPES, name, f"{getattr(self, name)!r} is not one of {_DTYPES}")
+
+  # -- derived -------------------------------------------------------------------------------------
+  def layer_type(self, i: int) -> str:
+    return self.layer_types[i] if self.layer_types else "hybrid"
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes) -> ZayaConfig:
+    return dataclasses.replace(self, **changes)
+
+  # -- presets -------------------------------------------------------------------------------------
+  @classmethod
+  def zaya1_8b(cls, **overrides) -> ZayaConfig:
+    """The native ZAYA1-8B configuration (transformers >= 5.13 layout)."""
+    return cls(**overrides)
+
+  @classmethod
+  def tiny(cls, **overrides) -> ZayaConfig:
+    """A few-hundred-thousand-parameter model for tests and demos, fp32."""
+    base = dict(
+        vocab_size=512, hidden_size=64, num_layers=2,
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16),
+        moe=MoEConfig(num_experts=4, intermediate_size=48, router_hidden_size=16),
+        max_position_embeddings=1024, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        dtype="float32", param_dtype="float32")
+    base.update(overrides)
+    return cls(**base)
+
+  # -- Hugging Face interop ------------------------------------------------------------------------
+  @classmethod
+  def from_hf(cls, path_or_dict: str | os.PathLike | dict, **overrides) -> ZayaConfig:
+    """Reads a Hugging Face `config.json` (a folder, the file, or its parsed dict) of model type `zaya`.
+
+    Both the native layout (transformers >= 5.13) and the legacy 80-layer layout (Zyphra fork) are
+    understood; `overrides` replace top-level fields afterwards (e.g. `dtype="float32"`).
+    """
+    if isinstance(path_or_dict, dict):
+      raw = dict(path_or_dict)
+    else:
+      path = os.fspath(path_or_dict)
+      if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+      with open(path) as f:
+        raw = json.load(f)
+    model_type = raw.get("model_type")
+    if model_type != "zaya":
+      raise ValueError(f"config.json: model_type must be 'zaya', got {model_type!r}")
+    if is_legacy_hf_config(raw):
+      raw = _legacy_to_native_config(raw)
+    return cls(**{**_native_hf_to_fields(raw), **overrides})
+
+  def to_hf(self) -> dict[str, Any]:
+    """The native Hugging Face `config.json` contents of this config."""
+    att, moe = self.attention, self.moe
+    eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+    return {
+        "architectures": ["ZayaForCausalLM"], "model_type": "zaya",
+        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+        "num_hidden_layers": self.num_layers,
+        "layer_types": [self.layer_type(i) for i in range(self.num_layers)],
+        "num_attention_heads": att.num_heads, "num_key_value_heads": att.num_kv_heads,
+        "head_dim": att.head_dim, "cca_time0": att.cca_time0, "cca_time1": att.cca_time1,
+        "attention_bias": att.use_bias, "sliding_window": att.sliding_window,
+        "rope_parameters": {
+            "hybrid": {"rope_type": "default", "rope_theta": att.rope_theta,
+                       "partial_rotary_factor": att.partial_rotary_factor},
+            "hybrid_sliding": {"rope_type": "default", "rope_theta": att.sliding_rope_theta,
+                               "partial_rotary_factor": att.sliding_partial_rotary_factor},
+        },
+        "num_experts": moe.num_experts, "num_experts_per_tok": 1,
+        "moe_intermediate_size": moe.intermediate_size, "router_hidden_size": moe.router_hidden_size,
+        "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings, "lm_head_bias": False,
+        "initializer_range": self.initializer_range,
+        "bos_token_id": self.bos_token_id, "eos_token_id": eos, "pad_token_id": self.pad_token_id,
+        "dtype": self.param_dtype,
+    }
+
+
+# Native keys that carry meaning we do not model; any value other than these defaults is rejected.
+_FIXED_NATIVE = {"num_experts_per_tok": 1, "hidden_act": "silu", "lm_head_bias": False}
+
+
+def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
+  for key, expected in _FIXED_NATIVE.items():
+    if key in raw and raw[key] != expected:
+      raise ValueError(f"config.json: {key}={raw[key]!r} is not supported (ZAYA1 uses {expected!r})")
+  defaults = ZayaConfig()
+  num_layers = raw.get("num_hidden_layers", defaults.num_layers)
+  rope = raw.get("rope_parameters") or {}
+  hybrid = rope.get("hybrid") or {}
+  sliding = rope.get("hybrid_sliding") or {}
+  for name, params in (("hybrid", hybrid), ("hybrid_sliding", sliding)):
+    if params.get("rope_type", "default") != "default":
+      raise ValueError(f"config.json: rope_parameters.{name}.rope_type={params['rope_type']!r} is not supported")
+  att_defaults = AttentionConfig()
+  attention = AttentionConfig(
+      num_heads=raw.get("num_attention_heads", att_defaults.num_heads),
+      num_kv_heads=raw.get("num_key_value_heads", att_defaults.num_kv_heads),
+      head_dim=raw.get("head_dim", att_defaults.head_dim),
+      cca_time0=raw.get("cca_time0", att_defaults.cca_time0),
+      cca_time1=raw.get("cca_time1", att_defaults.cca_time1),
+      rope_theta=float(hybrid.get("rope_theta", att_defaults.rope_theta)),
+      partial_rotary_factor=float(hybrid.get("partial_rotary_factor", att_defaults.partial_rotary_factor)),
+      sliding_rope_theta=float(sliding.get("rope_theta", att_defaults.sliding_rope_theta)),
+      sliding_partial_rotary_factor=float(
+          sliding.get("partial_rotary_factor", att_defaults.sliding_partial_rotary_factor)),
+      sliding_window=raw.get("sliding_window"),
+      use_bias=bool(raw.get("attention_bias", False)),
+  )
+  moe_defaults = MoEConfig()
+  moe = MoEConfig(
+      num_experts=raw.get("num_experts", moe_defaults.num_experts),
+      intermediate_size=raw.get("moe_intermediate_size", moe_defaults.intermediate_size),
+      router_hidden_size=raw.get("router_hidden_size", moe_defaults.router_hidden_size),
+  )
+  layer_types = tuple(raw.get("layer_types") or ())
+  if layer_types and all(t == "hybrid" for t in layer_types):
+    layer_types = ()
+  dtype = raw.get("dtype") or raw.get("torch_dtype") or defaults.param_dtype
+  if dtype not in _DTYPES:
+    raise ValueError(f"config.json: dtype={dtype!r} is not one of {_DTYPES}")
+  eos = raw.get("eos_token_id", defaults.eos_token_id)
+  return dict(
+      vocab_size=raw.get("vocab_size", defaults.vocab_size),
+      hidden_size=raw.get("hidden_size", defaults.hidden_size),
+      num_layers=num_layers, layer_types=layer_types, attention=attention, moe=moe,
+      rms_norm_eps=float(raw.get("rms_norm_eps", defaults.rms_norm_eps)),
+      max_position_embeddings=raw.get("max_position_embeddings", defaults.max_position_embeddings),
+      tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+      initializer_range=float(raw.get("initializer_range", defaults.initializer_range)),
+      bos_token_id=raw.get("bos_token_id", defaults.bos_token_id),
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+      pad_token_id=raw.get("pad_token_id", defaults.pad_token_id),
+      dtype=dtype, param_dtype=dtype,
+  )
+
+
+# Keys only the legacy (Zyphra fork / Megatron export) config has.
+_LEGACY_MARKERS = ("ffn_hidden_size", "zaya_mlp_expansion", "moe_router_topk", "norm_epsilon", "zaya_layers")
+
+
+def is_legacy_hf_config(raw: dict) -> bool:
+  return any(key in raw for key in _LEGACY_MARKERS)
+
+
+def _legacy_to_native_config(raw: dict) -> dict:
+  """The config-key translation of the HF converter (ZAYA_ARCH.md §1.2)."""
+  if "zaya_layers" in raw:
+    raise ValueError("config.json: per-layer 'zaya_layers' lists (ZayaConfig of ZAYA1-base) are not supported; "
+                     "convert the checkpoint to the native layout first")
+  topk = raw.get("moe_router_topk", 1)
+  if topk != 1:
+    raise ValueError(f"config.json: moe_router_topk={topk} is not supported (ZAYA1 is top-1)")
+  legacy_layers = raw.get("num_hidden_layers", 80)
+  if legacy_layers % 2:
+    raise ValueError(f"config.json: num_hidden_layers={legacy_layers} must be even in the legacy layout")
+  native = {k: v for k, v in raw.items() if k not in _LEGACY_MARKERS}
+  native["num_hidden_layers"] = legacy_layers // 2
+  if "ffn_hidden_size" in raw:
+    native["moe_intermediate_size"] = raw["ffn_hidden_size"] // 2
+  if "zaya_mlp_expansion" in raw:
+    native["router_hidden_size"] = raw["zaya_mlp_expansion"]
+  if "norm_epsilon" in raw:
+    native["rms_norm_eps"] = raw["norm_epsilon"]
+  if raw.get("kv_channels") is not None and "head_dim" not in raw:
+    native["head_dim"] = raw["kv_channels"]
+  swa = raw.get("swa_layers")
+  theta = raw.get("rope_theta", 5e6)
+  factor = raw.get("partial_rotary_factor", 0.5)
+  native["rope_parameters"] = {
+      "hybrid": {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": factor},
+      "hybrid_sliding": {"rope_type": "default", "rope_theta": raw.get("swa_rotary_base") or 1e4,
+                         "partial_rotary_factor": factor},
+  }
+  if swa:
+    per_block = swa[::2]
+    native["layer_types"] = ["hybrid_sliding" if w and w > 0 else "hybrid" for w in per_block]
+    native["sliding_window"] = max(per_block) + 1  # legacy counts previous tokens only
+  return native

@@ -1,0 +1,162 @@
+"""The ZAYA1 decoder: embedding affine, N x [norm -> CCA -> residual scaling -> norm -> MoE -> residual
+scaling] on an fp32 residual stream, final norm, tied LM head.
+
+B batch, T sequence, D hidden, V vocab, L layers, X1 router classes (experts + skip slot).
+The module tree mirrors the Hugging Face names: the dotted path of every parameter is its checkpoint key.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zaya_jax.config import ZayaConfig
+from zaya_jax.model.cca import CCAttention
+from zaya_jax.model.layers import F32, Linear, ResidualScaling, RMSNorm, const_param, linear, normal_param
+from zaya_jax.model.moe import SparseMoeBlock
+
+
+class RouterStats(NamedTuple):
+  """What training needs from the routers, stacked over layers."""
+
+  probs_LBTX1: jax.Array  # router probabilities, compute dtype
+  choice_LBT: jax.Array  # chosen class; == num_experts means the skip slot
+  counts_LX1: jax.Array  # tokens per class (experts then skip) in each layer
+
+
+class ZayaOutput(NamedTuple):
+  logits_BTV: jax.Array
+  router: RouterStats
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: ZayaConfig, layer_idx: int, rngs: nnx.Rngs):
+    D, pd, std, eps = cfg.hidden_size, cfg.params_dtype, cfg.initializer_range, cfg.rms_norm_eps
+    self.input_layernorm = RMSNorm(D, eps=eps, param_dtype=pd)
+    self.self_attn = CCAttention(cfg.attention, D, cfg.layer_type(layer_idx), std=std, param_dtype=pd, rngs=rngs)
+    self.post_attention_residual_scale = ResidualScaling(D, param_dtype=pd)
+    self.post_attention_layernorm = RMSNorm(D, eps=eps, param_dtype=pd)
+    self.mlp = SparseMoeBlock(cfg.moe, D, layer_idx, eps=eps, std=std, param_dtype=pd, rngs=rngs)
+    self.post_mlp_residual_scale = ResidualScaling(D, param_dtype=pd)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x_BTD, router_state_BTR, segment_ids_BT, positions_BT):
+    h = self.input_layernorm(x_BTD.astype(self.dtype))
+    x_BTD = self.post_attention_residual_scale(self.self_attn(h, segment_ids_BT, positions_BT), x_BTD)
+    h = self.post_attention_layernorm(x_BTD.astype(self.dtype))
+    m, router_state_BTR, routing = self.mlp(h, router_state_BTR)
+    return self.post_mlp_residual_scale(m, x_BTD), router_state_BTR, routing
+
+
+class Embedding(nnx.Module):
+
+  def __init__(self, vocab: int, dim: int, *, std: float, pad_token_id: int | None, param_dtype, rngs: nnx.Rngs):
+    self.weight = normal_param(rngs, (vocab, dim), std, param_dtype)
+    if pad_token_id is not None and 0 <= pad_token_id < vocab:
+      self.weight[...] = self.weight[...].at[pad_token_id].set(0)
+
+
+class ZayaModel(nnx.Module):
+
+  def __init__(self, cfg: ZayaConfig, rngs: nnx.Rngs):
+    D, pd = cfg.hidden_size, cfg.params_dtype
+    self.embed_tokens = Embedding(cfg.vocab_size, D, std=cfg.initializer_range, pad_token_id=cfg.pad_token_id,
+                                  param_dtype=pd, rngs=rngs)
+    self.input_hidden_states_scale = const_param((D,), 1.0, pd)
+    self.input_hidden_states_bias = const_param((D,), 0.0, pd)
+    self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
+    self.norm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=pd)
+    self.cfg = cfg
+
+  def __call__(self, input_ids_BT, segment_ids_BT, positions_BT):
+    dtype = self.cfg.compute_dtype
+    e_BTD = jnp.take(self.embed_tokens.weight[...].astype(dtype), input_ids_BT, axis=0)
+    x_BTD = ((e_BTD + self.input_hidden_states_bias[...].astype(dtype))
+             * self.input_hidden_states_scale[...].astype(dtype)).astype(F32)
+    router_state = None
+    probs, choices = [], []
+    for layer in self.layers:
+      x_BTD, router_state, (p, c) = layer(x_BTD, router_state, segment_ids_BT, positions_BT)
+      probs.append(p)
+      choices.append(c)
+    choice_LBT = jnp.stack(choices)
+    num_classes = self.cfg.moe.num_router_classes
+    counts_LX1 = jax.vmap(lambda c: jnp.bincount(c.reshape(-1), length=num_classes))(choice_LBT)
+    return self.norm(x_BTD.astype(dtype)), RouterStats(jnp.stack(probs), choice_LBT, counts_LX1)
+
+
+def positions_from_segments(segment_ids_BT):
+  """Position of each token within its document (documents are contiguous runs of equal ids)."""
+  T = segment_ids_BT.shape[1]
+  t_BT = jnp.broadcast_to(jnp.arange(T), segment_ids_BT.shape)
+  starts_BT = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  start_index_BT = jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)
+  return t_BT - start_index_BT
+
+
+def check_token_ids(input_ids, vocab_size: int) -> None:
+  """Raises on ids outside [0, vocab_size); a no-op on traced values (check before jit)."""
+  if isinstance(input_ids, jax.core.Tracer):
+    return
+  ids = np.asarray(input_ids)
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise TypeError(f"input_ids must be integers, got dtype {ids.dtype}")
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    raise ValueError(f"input_ids contain {bad.size} id(s) outside the vocabulary [0, {vocab_size}), "
+                     f"e.g. {bad.ravel()[:5].tolist()}")
+
+
+class ZayaForCausalLM(nnx.Module):
+  """ZAYA1 causal LM. `model(input_ids_BT, segment_ids_BT=None, positions_BT=None) -> ZayaOutput`.
+
+  `segment_ids` marks packed documents (contiguous runs of equal ids); positions then restart at
+  each document unless given. Logits are in the compute dtype, as in the reference.
+  """
+
+  def __init__(self, cfg: ZayaConfig, *, rngs: nnx.Rngs):
+    self.model = ZayaModel(cfg, rngs)
+    self.lm_head = None if cfg.tie_word_embeddings else Linear(
+        cfg.hidden_size, cfg.vocab_size, bias=False, std=cfg.initializer_range, param_dtype=cfg.params_dtype,
+        rngs=rngs)
+    self.config = cfg
+
+  def __call__(self, input_ids_BT, segment_ids_BT=None, positions_BT=None) -> ZayaOutput:
+    check_token_ids(input_ids_BT, self.config.vocab_size)
+    input_ids_BT = jnp.asarray(input_ids_BT, jnp.int32)
+    if input_ids_BT.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids_BT.shape}")
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.zeros_like(input_ids_BT)
+    elif jnp.shape(segment_ids_BT) != input_ids_BT.shape:
+      raise ValueError(f"segment_ids shape {jnp.shape(segment_ids_BT)} != input_ids shape {input_ids_BT.shape}")
+    segment_ids_BT = jnp.asarray(segment_ids_BT, jnp.int32)
+    if positions_BT is None:
+      positions_BT = positions_from_segments(segment_ids_BT)
+    h_BTD, router = self.model(input_ids_BT, segment_ids_BT, positions_BT)
+    head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+    return ZayaOutput(linear(h_BTD, head.weight[...]), router)
+
+
+# Round every bf16 intermediate as the reference does: by default XLA may keep fused intermediates
+# in fp32 ("excess precision"), which moves bf16 logits by a few ulp.
+EXACT_ROUNDING = {"xla_allow_excess_precision": False}
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=EXACT_ROUNDING)
+def _jitted_forward(graphdef, state, input_ids_BT, segment_ids_BT, positions_BT) -> ZayaOutput:
+  return nnx.merge(graphdef, state)(input_ids_BT, segment_ids_BT, positions_BT)
+
+
+def forward(model: ZayaForCausalLM, input_ids_BT, segment_ids_BT=None, positions_BT=None) -> ZayaOutput:
+  """The jitted forward, with token ids checked on the host first (compiles once per shape)."""
+  check_token_ids(input_ids_BT, model.config.vocab_size)
+  graphdef, state = nnx.split(model)
+  return _jitted_forward(graphdef, state, input_ids_BT, segment_ids_BT, positions_BT)

@@ -1,0 +1,95 @@
+"""Small building blocks shared by the ZAYA1 modules, written to round exactly where PyTorch does.
+
+Weights are stored in PyTorch layout (`Linear.weight` is [out, in]) so that a Hugging Face
+checkpoint loads by name alone. Parameters live in `param_dtype` and are cast to the compute dtype
+at use. The bf16 rules (ZAYA_ARCH.md §8): matmuls accumulate in fp32 and round once, bias included;
+each elementwise op rounds to the compute dtype; activations and softmax compute in fp32 and round
+once, as PyTorch's CPU kernels do for bf16.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+F32 = jnp.float32
+
+
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
+  return nnx.Param((std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype))
+
+
+def const_param(shape: tuple[int, ...], value: float, dtype) -> nnx.Param:
+  return nnx.Param(jnp.full(shape, value, dtype))
+
+
+def linear(x, weight, bias=None):
+  """`x @ weight.T + bias` with fp32 accumulation (bias included) and one rounding to x.dtype."""
+  y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=F32)
+  if bias is not None:
+    y = y + bias.astype(x.dtype).astype(F32)
+  return y.astype(x.dtype)
+
+
+def in_f32(fn, x):
+  """Applies an elementwise fn in fp32 and rounds once, like PyTorch's CPU kernels for bf16."""
+  return fn(x.astype(F32)).astype(x.dtype)
+
+
+def gelu(x):
+  return in_f32(lambda v: jax.nn.gelu(v, approximate=False), x)
+
+
+def silu(x):
+  return in_f32(jax.nn.silu, x)
+
+
+def scale_by(x, scalar: float):
+  """`x * python_scalar` as PyTorch does it: the scalar stays fp32, one rounding."""
+  return (x.astype(F32) * scalar).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+
+  def __init__(self, in_features: int, out_features: int, *, bias: bool, std: float, param_dtype,
+               rngs: nnx.Rngs):
+    self.weight = normal_param(rngs, (out_features, in_features), std, param_dtype)
+    self.bias = const_param((out_features,), 0.0, param_dtype) if bias else None
+
+  def __call__(self, x):
+    return linear(x, self.weight[...], None if self.bias is None else self.bias[...])
+
+
+class RMSNorm(nnx.Module):
+  """Llama-style RMSNorm: statistics in fp32, cast back, then `weight *` in the input dtype."""
+
+  def __init__(self, size: int, *, eps: float, param_dtype):
+    self.weight = const_param((size,), 1.0, param_dtype)
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(F32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class ResidualScaling(nnx.Module):
+  """Learned per-channel merge: `(branch + hb) * hs + (residual + rb) * rs`.
+
+  The branch term stays in the compute dtype, the residual term in the fp32 residual stream.
+  """
+
+  def __init__(self, size: int, *, param_dtype):
+    self.hidden_states_scale = const_param((size,), 1.0, param_dtype)
+    self.hidden_states_bias = const_param((size,), 0.0, param_dtype)
+    self.residual_scale = const_param((size,), 1.0, param_dtype)
+    self.residual_bias = const_param((size,), 0.0, param_dtype)
+
+  def __call__(self, branch_BTD, residual_BTD):
+    dtype = branch_BTD.dtype
+    branch = (branch_BTD + self.hidden_states_bias[...].astype(dtype)) * self.hidden_states_scale[...].astype(dtype)
+    # The residual params are rounded to the compute dtype first, as the reference stores them in it.
+    rb = self.residual_bias[...].astype(dtype).astype(F32)
+    rs = self.residual_scale[...].astype(dtype).astype(F32)
+    return branch.astype(F32) + (residual_BTD + rb) * rs

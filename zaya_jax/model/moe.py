@@ -1,0 +1,98 @@
+"""ZAYA1 MoE: an MLP router with depth mixing (EDA), top-1 over experts plus a skip slot, and
+dropless SwiGLU experts computed by grouped matmuls.
+
+B batch, T sequence, M = B*T tokens, D hidden, R router hidden, X experts, X1 = X + 1 router
+classes (the last is the skip slot), F expert FFN width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zaya_jax.config import MoEConfig
+from zaya_jax.model.layers import F32, Linear, RMSNorm, const_param, gelu, in_f32, normal_param, silu
+from zaya_jax.ops.gmm import gmm
+
+
+class BalancingBiases(nnx.Variable):
+  """Per-class selection biases (fp32). Not trained by gradients: the balancing controller moves them."""
+
+
+class RouterMLP(nnx.Module):
+
+  def __init__(self, size: int, num_classes: int, *, eps: float, std: float, param_dtype, rngs: nnx.Rngs):
+    kw = dict(std=std, param_dtype=param_dtype, rngs=rngs)
+    self.norm = RMSNorm(size, eps=eps, param_dtype=param_dtype)
+    self.fc1 = Linear(size, size, bias=True, **kw)
+    self.fc2 = Linear(size, size, bias=True, **kw)
+    self.out_proj = Linear(size, num_classes, bias=False, **kw)
+
+  def __call__(self, r_BTR):
+    u = gelu(self.fc1(self.norm(r_BTR)))
+    u = gelu(self.fc2(u))
+    return self.out_proj(u)
+
+
+class Router(nnx.Module):
+
+  def __init__(self, cfg: MoEConfig, hidden_size: int, layer_idx: int, *, eps: float, std: float, param_dtype,
+               rngs: nnx.Rngs):
+    R = cfg.router_hidden_size
+    self.down_proj = Linear(hidden_size, R, bias=True, std=std, param_dtype=param_dtype, rngs=rngs)
+    # EDA: layer 0 has no previous router state and so no scale (absent from checkpoints too).
+    self.router_states_scale = const_param((R,), 1.0, param_dtype) if layer_idx > 0 else None
+    self.router_mlp = RouterMLP(R, cfg.num_router_classes, eps=eps, std=std, param_dtype=param_dtype, rngs=rngs)
+    biases = jnp.zeros((cfg.num_router_classes,), F32).at[-1].set(-1.0)
+    self.balancing_biases = BalancingBiases(biases)
+    self.num_experts = cfg.num_experts
+
+  def __call__(self, h_BTD, prev_router_state_BTR):
+    r_BTR = self.down_proj(h_BTD)
+    if self.router_states_scale is not None:
+      r_BTR = r_BTR + prev_router_state_BTR * self.router_states_scale[...].astype(r_BTR.dtype)
+    logits_BTX1 = self.router_mlp(r_BTR)
+    probs_BTX1 = in_f32(lambda x: jax.nn.softmax(x, axis=-1), logits_BTX1)
+    # The biases steer the choice only; the output is weighted by the unbiased probability.
+    choice_BT = jnp.argmax(probs_BTX1.astype(F32) + self.balancing_biases[...], axis=-1).astype(jnp.int32)
+    weight_BT = jnp.take_along_axis(probs_BTX1, choice_BT[..., None], axis=-1)[..., 0]
+    weight_BT = jnp.where(choice_BT == self.num_experts, jnp.zeros_like(weight_BT), weight_BT)
+    return probs_BTX1, choice_BT, weight_BT, r_BTR
+
+
+class Experts(nnx.Module):
+  """SwiGLU experts in the reference layout: gate_up_proj [X, 2F, D] (gate rows first), down_proj [X, D, F]."""
+
+  def __init__(self, cfg: MoEConfig, hidden_size: int, *, std: float, param_dtype, rngs: nnx.Rngs):
+    X, F, D = cfg.num_experts, cfg.intermediate_size, hidden_size
+    self.gate_up_proj = normal_param(rngs, (X, 2 * F, D), std, param_dtype)
+    self.down_proj = normal_param(rngs, (X, D, F), std, param_dtype)
+    self.backend = cfg.backend
+
+  def __call__(self, h_MD, choice_M, weight_M):
+    """Dropless top-1: sort tokens by expert, two grouped matmuls, unsort. Skip-slot rows output zero."""
+    X = self.gate_up_proj.shape[0]
+    order_M = jnp.argsort(choice_M, stable=True)  # the skip slot (class X) sorts last
+    group_sizes_X = jnp.bincount(choice_M, length=X + 1)[:X]
+    h_sorted_MD = jnp.take(h_MD, order_M, axis=0)
+    gate_up_M2F = gmm(h_sorted_MD, self.gate_up_proj[...], group_sizes_X, backend=self.backend, transpose_rhs=True)
+    gate_MF, up_MF = jnp.split(gate_up_M2F, 2, axis=-1)
+    y_MD = gmm(silu(gate_MF) * up_MF, self.down_proj[...], group_sizes_X, backend=self.backend, transpose_rhs=True)
+    y_MD = y_MD * jnp.take(weight_M, order_M)[:, None]
+    y_MD = jnp.where((jnp.take(choice_M, order_M) < X)[:, None], y_MD, jnp.zeros_like(y_MD))
+    return jnp.take(y_MD, jnp.argsort(order_M), axis=0)
+
+
+class SparseMoeBlock(nnx.Module):
+
+  def __init__(self, cfg: MoEConfig, hidden_size: int, layer_idx: int, *, eps: float, std: float, param_dtype,
+               rngs: nnx.Rngs):
+    self.gate = Router(cfg, hidden_size, layer_idx, eps=eps, std=std, param_dtype=param_dtype, rngs=rngs)
+    self.experts = Experts(cfg, hidden_size, std=std, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, h_BTD, prev_router_state_BTR):
+    B, T, D = h_BTD.shape
+    probs_BTX1, choice_BT, weight_BT, router_state_BTR = self.gate(h_BTD, prev_router_state_BTR)
+    out_MD = self.experts(h_BTD.reshape(B * T, D), choice_BT.reshape(-1), weight_BT.reshape(-1))
+    return out_MD.reshape(B, T, D), router_state_BTR, (probs_BTX1, choice_BT)
