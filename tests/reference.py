@@ -19,7 +19,7 @@ def make_reference(path, *, seed: int, dtype=torch.float32, skip_reachable: bool
   the folder holds bf16 weights.
 
   All parameters and the balancing biases are redrawn: norms and scales around 1, temperatures
-  around 3, biases random (the skip slot unreachable unless `skip_reachable`).
+  around 3, balancing biases random (the skip slot unreachable unless `skip_reachable`).
   """
   torch.manual_seed(seed)
   cfg = transformers.ZayaConfig(**config_kwargs)
@@ -40,8 +40,12 @@ def make_reference(path, *, seed: int, dtype=torch.float32, skip_reachable: bool
         p.copy_(noise / np.sqrt(fan_in))
     for name, b in model.named_buffers():
       if name.endswith("balancing_biases"):
-        b.copy_(0.05 * torch.randn(b.shape, generator=gen))
-        b[-1] = 0.5 if skip_reachable else -1.0
+        # Non-negative expert biases keep the skip slot (bias -1) unreachable, as in released models;
+        # biases near -1 let it win. (transformers forces the skip bias itself to -1 when loading.)
+        b.copy_(0.05 * torch.randn(b.shape, generator=gen).abs())
+        if skip_reachable:
+          b.copy_(-0.9 - b)
+        b[-1] = -1.0
   model.save_pretrained(path)
   model = load_reference(path, dtype)
   if dtype != torch.float32:

@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -62,15 +61,30 @@ def _read_header(file: str) -> dict[str, _TensorEntry]:
   return entries
 
 
-def _read_tensor(entry: _TensorEntry) -> np.ndarray:
-  dtype = np.dtype(SAFE_DTYPES[entry.code])
+# XLA:CPU adopts host memory aligned to this many bytes instead of copying it (numpy's malloc gives 16).
+_ALIGN = 64
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  """An uninitialized C-contiguous array whose data starts on an `_ALIGN`-byte boundary."""
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  offset = -raw.ctypes.data % _ALIGN
+  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _read_tensor(entry: _TensorEntry, out: np.ndarray | None = None) -> np.ndarray:
+  """Reads a tensor straight into `out` (or a fresh aligned array): one copy, from the file."""
+  dtype = np.dtype(SAFE_DTYPES[entry.code]).newbyteorder("<")
   count = int(np.prod(entry.shape, dtype=np.int64))
+  if out is None:
+    out = _aligned_empty(entry.shape, dtype)
   with open(entry.file, "rb") as f:
     f.seek(entry.start)
-    array = np.fromfile(f, dtype=dtype.newbyteorder("<"), count=count)
-  if array.size != count:
-    raise CheckpointError(f"{entry.file}: tensor data truncated ({array.size} of {count} elements)")
-  return array.reshape(entry.shape)
+    read = f.readinto(out.reshape(-1).view(np.uint8)) if count else 0
+  if read != count * dtype.itemsize:
+    raise CheckpointError(f"{entry.file}: tensor data truncated ({read // dtype.itemsize} of {count} elements)")
+  return out
 
 
 def _index_checkpoint(path: str) -> dict[str, _TensorEntry]:
@@ -206,10 +220,12 @@ def _assemble(native_key: str, parts, shape: tuple[int, ...]) -> np.ndarray:
   for entry, e, stored_key in parts:
     if entry.shape != shape[1:]:
       raise CheckpointError(f"tensor {stored_key!r}: shape {list(entry.shape)} != expected {list(shape[1:])}")
-    piece = _read_tensor(entry)
     if out is None:
-      out = np.empty(shape, piece.dtype)
-    out[e] = piece
+      out = _aligned_empty(shape, np.dtype(SAFE_DTYPES[entry.code]).newbyteorder("<"))
+    if out.dtype == np.dtype(SAFE_DTYPES[entry.code]):
+      _read_tensor(entry, out=out[e])  # straight into the stack: no per-expert temporary
+    else:
+      out[e] = _read_tensor(entry)
   return out
 
 
@@ -264,7 +280,14 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
     host = _assemble(key, plan[key], tuple(var.shape))
     if key.endswith(BALANCING_SUFFIX) and skip_slot_reachable(host):
       reachable.append(key)
-    var.set_value(jnp.asarray(host, dtype=var.dtype))
+    if host.dtype != var.dtype:
+      converted = _aligned_empty(host.shape, np.dtype(var.dtype))
+      np.copyto(converted, host, casting="unsafe")  # the rounding jnp.asarray would do
+      host = converted
+      del converted
+    # On CPU the aligned buffer becomes the array's storage (no second copy). Waiting for the transfer
+    # bounds host memory to one tensor in flight wherever it is copied instead (other backends).
+    var.set_value(jax.block_until_ready(jax.device_put(host)))
     del host
   if reachable:
     warnings.warn(

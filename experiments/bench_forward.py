@@ -1,0 +1,248 @@
+"""Forward speed of zaya_jax against the reference `transformers` ZAYA1, side by side on this CPU.
+
+Builds one random reference model, saves it, loads the same weights into zaya_jax, checks that the
+logits agree, then times (interleaved, median of --reps) our jitted forward, the reference with eager
+attention and experts, the reference with its default fast paths (sdpa attention, default experts
+implementation) and a large jnp.dot as the machine's matmul ceiling. FLOPs are counted analytically.
+
+  python -m experiments.bench_forward            # from the repo root; ~16M-parameter model, batch 4 x 256 tokens
+  python -m experiments.bench_forward --quick    # tiny smoke test, seconds
+
+Goals (project issue): ours >= 1.5x the eager reference's tokens/s, and >= half the large-matmul FLOP/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from absl import app, flags
+from flax import nnx
+
+import zaya_jax
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "Tiny config and 2 reps (flags given explicitly still win).")
+flags.DEFINE_integer("batch", 4, "Batch size B.")
+flags.DEFINE_integer("seq", 256, "Sequence length T.")
+flags.DEFINE_integer("hidden", 256, "Hidden size D.")
+flags.DEFINE_integer("layers", 4, "Decoder layers.")
+flags.DEFINE_integer("heads", 4, "Query heads H.")
+flags.DEFINE_integer("kv_heads", 2, "Key/value heads K.")
+flags.DEFINE_integer("head_dim", 64, "Head dim E.")
+flags.DEFINE_integer("experts", 8, "Experts X (the router has X + 1 classes).")
+flags.DEFINE_integer("moe_intermediate", 512, "Expert FFN width F.")
+flags.DEFINE_integer("router_hidden", 64, "Router hidden size R.")
+flags.DEFINE_integer("vocab", 8192, "Vocabulary size V.")
+flags.DEFINE_integer("reps", 10, "Timed repetitions per candidate (median reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed calls per candidate before timing (after compile).")
+flags.DEFINE_integer("matmul_size", 2048, "N of the N x N @ N x N jnp.dot ceiling.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and parameter dtype of both models.")
+flags.DEFINE_float("atol", None, "Max |logits diff| allowed (default 1e-4 for float32, 5e-2 for bfloat16).")
+flags.DEFINE_bool("sdpa", True, "Also time the reference with sdpa attention and its default experts path.")
+flags.DEFINE_integer("seed", 0, "Seed of weights and token ids.")
+flags.DEFINE_string("out", "experiments/results/bench_forward.json", "Where to write the JSON results.")
+
+QUICK = dict(batch=2, seq=32, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=4,
+             moe_intermediate=64, router_hidden=16, vocab=512, reps=2, warmup=1, matmul_size=256)
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GOAL_REF_SPEEDUP = 1.5
+GOAL_MATMUL_FRACTION = 0.5
+
+
+def apply_quick() -> None:
+  if FLAGS.quick:
+    for name, value in QUICK.items():
+      if not FLAGS[name].present:
+        FLAGS[name].value = value
+
+
+def hf_config() -> transformers.ZayaConfig:
+  return transformers.ZayaConfig(
+      vocab_size=FLAGS.vocab, hidden_size=FLAGS.hidden, num_hidden_layers=FLAGS.layers,
+      num_attention_heads=FLAGS.heads, num_key_value_heads=FLAGS.kv_heads, head_dim=FLAGS.head_dim,
+      num_experts=FLAGS.experts, moe_intermediate_size=FLAGS.moe_intermediate,
+      router_hidden_size=FLAGS.router_hidden, max_position_embeddings=max(FLAGS.seq, 256),
+      bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
+
+def build_reference(path: str) -> None:
+  """A random fp32 reference saved to `path`. Default init, but qk temperatures 3 (init 0 = uniform attention)."""
+  torch.manual_seed(FLAGS.seed)
+  ref = transformers.ZayaForCausalLM._from_config(
+      hf_config(), attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
+  with torch.no_grad():
+    for layer in ref.model.layers:
+      layer.self_attn.qk_norm.temp.fill_(3.0)
+  ref.eval().save_pretrained(path)
+
+
+def load_reference(path: str, fast: bool) -> torch.nn.Module:
+  kw = {} if fast else dict(experts_implementation="eager")
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      path, dtype=TORCH_DTYPES[FLAGS.dtype], attn_implementation="sdpa" if fast else "eager", **kw).eval()
+
+
+def forward_flops(cfg: zaya_jax.ZayaConfig, B: int, T: int, routed_L: np.ndarray) -> dict[str, float]:
+  """2*m*n*k for every matmul the forward executes (elementwise work not counted).
+
+  Attention scores and values are counted over the full T x T square: the dense XLA path and the eager
+  reference both compute every entry and mask afterwards. Experts count the tokens actually routed to
+  an expert in each layer (`routed_L`); skip-slot tokens cost nothing in ours.
+  """
+  att, moe = cfg.attention, cfg.moe
+  M, D, H, K, E = B * T, cfg.hidden_size, att.num_heads, att.num_kv_heads, att.head_dim
+  R, F, L = moe.router_hidden_size, moe.intermediate_size, cfg.num_layers
+  C = att.conv_channels
+  per_layer = {
+      "qkv_proj": 2 * M * D * (H * E + K * E + K * E),  # q, k, and the two value halves (K*E/2 each)
+      "o_proj": 2 * M * H * E * D,
+      "conv_depthwise": 2 * M * C * att.cca_time0,
+      "conv_grouped": 2 * M * C * E * att.cca_time1,  # per head: [M, P*E] @ [P*E, E]
+      "attn_scores": 2 * B * H * T * T * E,
+      "attn_values": 2 * B * H * T * T * E,
+      "router": 2 * M * (D * R + 2 * R * R + R * moe.num_router_classes),
+  }
+  flops = {k: float(v * L) for k, v in per_layer.items()}
+  flops["experts"] = float(2 * 3 * D * F * routed_L.sum())  # gate_up [2F, D] and down [D, F] per routed token
+  flops["lm_head"] = float(2 * M * D * cfg.vocab_size)
+  flops["total"] = sum(flops.values())
+  return flops
+
+
+def timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def main(argv):
+  del argv
+  apply_quick()
+  transformers.utils.logging.disable_progress_bar()
+  B, T = FLAGS.batch, FLAGS.seq
+  atol = FLAGS.atol if FLAGS.atol is not None else (1e-4 if FLAGS.dtype == "float32" else 5e-2)
+  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+             platform.processor())
+  print(f"machine: {cpu}, nproc={os.cpu_count()}, jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}")
+
+  with tempfile.TemporaryDirectory() as path:
+    build_reference(path)
+    refs = {"ref_eager": load_reference(path, fast=False)}
+    if FLAGS.sdpa:
+      refs["ref_sdpa"] = load_reference(path, fast=True)
+    model = zaya_jax.load_hf(path, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
+  cfg = model.config
+  n_ref = sum(p.numel() for p in refs["ref_eager"].parameters())
+  n_ours = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  impls = {name: (r.config._attn_implementation, r.config._experts_implementation) for name, r in refs.items()}
+  print(f"config: B={B} T={T} D={cfg.hidden_size} L={cfg.num_layers} H={cfg.attention.num_heads} "
+        f"K={cfg.attention.num_kv_heads} E={cfg.attention.head_dim} X={cfg.moe.num_experts} "
+        f"F={cfg.moe.intermediate_size} R={cfg.moe.router_hidden_size} V={cfg.vocab_size} dtype={FLAGS.dtype}; "
+        f"params ours={n_ours / 1e6:.2f}M ref={n_ref / 1e6:.2f}M; experts backend={cfg.moe.backend}; "
+        f"reference (attention, experts): {impls}")
+
+  ids_BT = np.random.default_rng(FLAGS.seed).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
+  ids_t = torch.as_tensor(ids_BT, dtype=torch.long)
+
+  def run_ours():
+    out = zaya_jax.forward(model, ids_BT)
+    out.logits_BTV.block_until_ready()
+    return out
+
+  def ref_runner(ref):
+    def run():
+      with torch.no_grad():
+        return ref(input_ids=ids_t, use_cache=False).logits  # a scoring/prefill forward: no KV cache built
+    return run
+
+  runners = {"ours": run_ours, **{name: ref_runner(r) for name, r in refs.items()}}
+
+  # First call of ours compiles; its excess over the steady-state median is reported as compile time.
+  first_call_s = timed(run_ours)
+  out = run_ours()
+  logits = np.asarray(out.logits_BTV.astype(jnp.float32))
+  routed_L = np.asarray(out.router.counts_LX1)[:, :-1].sum(axis=1)
+  diffs = {}
+  for name in refs:
+    ref_logits = runners[name]().float().numpy()
+    diffs[name] = float(np.abs(logits - ref_logits).max())
+  print("max |logits ours - ref|: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items())
+        + f" (|logits| max {np.abs(logits).max():.3f}, atol {atol:g})")
+  bad = {k: v for k, v in diffs.items() if not v <= atol}
+  if bad:
+    raise SystemExit(f"LOGITS MISMATCH: {bad} exceed atol={atol:g}; timings would compare different models")
+
+  n = FLAGS.matmul_size
+  a_NN = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(FLAGS.dtype))
+  b_NN = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(FLAGS.dtype))
+  dot = jax.jit(jnp.dot)
+  dot(a_NN, b_NN).block_until_ready()
+  runners["matmul"] = lambda: dot(a_NN, b_NN).block_until_ready()
+
+  for fn in runners.values():
+    for _ in range(FLAGS.warmup):
+      fn()
+  # Interleave candidates within each repetition so slow drifts of the machine hit all of them alike.
+  times = {name: [] for name in runners}
+  for _ in range(FLAGS.reps):
+    for name, fn in runners.items():
+      times[name].append(timed(fn))
+  median = {name: statistics.median(ts) for name, ts in times.items()}
+
+  flops = forward_flops(cfg, B, T, routed_L)
+  matmul_gflops = 2 * n**3 / median["matmul"] / 1e9
+  rows = {}
+  for name in (k for k in runners if k != "matmul"):
+    rows[name] = dict(median_ms=1e3 * median[name], min_ms=1e3 * min(times[name]),
+                      tokens_per_s=B * T / median[name], gflops=flops["total"] / median[name] / 1e9)
+  speedup = rows["ours"]["tokens_per_s"] / rows["ref_eager"]["tokens_per_s"]
+  matmul_fraction = rows["ours"]["gflops"] / matmul_gflops
+  goals = {f"ours >= {GOAL_REF_SPEEDUP}x ref_eager tokens/s": speedup >= GOAL_REF_SPEEDUP,
+           f"ours >= {GOAL_MATMUL_FRACTION:.0%} of large-matmul FLOP/s": matmul_fraction >= GOAL_MATMUL_FRACTION}
+
+  print(f"\nforward FLOPs {flops['total'] / 1e9:.2f} G per call (attention over the full T x T square; experts "
+        f"for {int(routed_L.sum())} routed of {B * T * cfg.num_layers} token-layers):")
+  print("  " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in flops.items() if k != "total"))
+  print(f"\n{'candidate':<10} {'median ms':>10} {'min ms':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'vs ref_eager':>13}")
+  for name, row in rows.items():
+    ratio = row["tokens_per_s"] / rows["ref_eager"]["tokens_per_s"]
+    print(f"{name:<10} {row['median_ms']:>10.2f} {row['min_ms']:>9.2f} {row['tokens_per_s']:>10.0f} "
+          f"{row['gflops']:>9.2f} {ratio:>12.2f}x")
+  print(f"{'matmul':<10} {1e3 * median['matmul']:>10.2f} {1e3 * min(times['matmul']):>9.2f} {'':>10} "
+        f"{matmul_gflops:>9.2f}   ({n}x{n} @ {n}x{n} jnp.dot, {FLAGS.dtype})")
+  print(f"\nours compile ~{first_call_s - median['ours']:.2f} s (first call {first_call_s:.2f} s); "
+        f"ours/ref_eager tokens/s {speedup:.2f}x; ours/matmul FLOP/s {matmul_fraction:.1%}")
+  for goal, met in goals.items():
+    print(f"goal {goal}: {'MET' if met else 'NOT MET'}")
+
+  results = dict(
+      machine=dict(cpu=cpu, nproc=os.cpu_count(), torch_threads=torch.get_num_threads(), jax=jax.__version__,
+                   torch=torch.__version__, transformers=transformers.__version__),
+      config=dict(batch=B, seq=T, dtype=FLAGS.dtype, reps=FLAGS.reps, params_ours=n_ours, params_ref=n_ref,
+                  zaya=cfg.to_hf(), experts_backend=cfg.moe.backend, reference_impls=impls),
+      logits_max_abs_diff=diffs, flops=flops, routed_tokens_per_layer=routed_L.tolist(),
+      compile_s=first_call_s - median["ours"], first_call_s=first_call_s, results=rows,
+      matmul=dict(size=n, median_ms=1e3 * median["matmul"], gflops=matmul_gflops),
+      times_s=times, speedup_vs_ref_eager=speedup, fraction_of_matmul=matmul_fraction, goals=goals)
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

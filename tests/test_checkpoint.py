@@ -1,0 +1,221 @@
+"""Checkpoint I/O: legacy layout, sharding, named errors for bad checkpoints, the skip-slot warning."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from reference import load_reference, make_reference
+from safetensors.numpy import load_file, save_file
+from test_parity import reference_forward
+
+import zaya_jax
+from zaya_jax import CheckpointError, ZayaConfig
+from zaya_jax.checkpoint.hf import flat_params
+
+TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, moe_intermediate_size=16, num_experts=3, router_hidden_size=8, max_position_embeddings=128,
+            bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("reference")
+  return path, make_reference(path, seed=11, **TINY)
+
+
+@pytest.fixture
+def ids():
+  return np.random.default_rng(3).integers(0, TINY["vocab_size"], (2, 9))
+
+
+def logits_of(model, ids):
+  return np.asarray(zaya_jax.forward(model, ids).logits_BTV)
+
+
+# -- legacy layout ---------------------------------------------------------------------------------
+
+def native_to_legacy(native: dict, num_blocks: int) -> dict:
+  """The legacy 80-layer names (ZAYA_ARCH.md §5.2), written independently of the loader's mapping."""
+  attn = {"qkv_proj.q_proj": "qkv.linear_q", "qkv_proj.k_proj": "qkv.linear_k",
+          "qkv_proj.v_proj_current": "qkv.val_proj1", "qkv_proj.v_proj_delayed": "qkv.val_proj2",
+          "qkv_proj.conv_qk_depthwise": "qkv.conv_qk.0", "qkv_proj.conv_qk_grouped": "qkv.conv_qk.1",
+          "qk_norm.temp": "qkv.temp"}
+  router = {"router_mlp.norm": "rmsnorm_eda", "router_mlp.fc1": "router_mlp.0", "router_mlp.fc2": "router_mlp.2",
+            "router_mlp.out_proj": "router_mlp.4"}
+  legacy = {}
+  for key, value in native.items():
+    if key == "model.embed_tokens.weight":
+      legacy[key] = value
+      continue
+    if key == "model.norm.weight":
+      legacy["model.final_norm.weight"] = value
+      continue
+    if key.startswith("model.input_hidden_states_"):
+      legacy["model.layers.0.res_scale.hidden_states_" + key.rsplit("_", 1)[1]] = value
+      continue
+    block, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key).groups()
+    attn_layer, moe_layer = 2 * int(block), 2 * int(block) + 1
+    field = rest.split(".", 1)[-1]
+    if rest.startswith("post_mlp_residual_scale."):
+      is_last = int(block) == num_blocks - 1
+      legacy[f"model.res_scale.{field}" if is_last else f"model.layers.{attn_layer + 2}.res_scale.{field}"] = value
+    elif rest.startswith("post_attention_residual_scale."):
+      legacy[f"model.layers.{moe_layer}.res_scale.{field}"] = value
+    elif rest == "input_layernorm.weight":
+      legacy[f"model.layers.{attn_layer}.input_norm.weight"] = value
+    elif rest == "post_attention_layernorm.weight":
+      legacy[f"model.layers.{moe_layer}.input_norm.weight"] = value
+    elif rest.startswith("self_attn."):
+      name = rest[len("self_attn."):]
+      for new, old in attn.items():
+        name = name.replace(new, old)
+      legacy[f"model.layers.{attn_layer}.self_attn.{name}"] = value
+    elif rest.startswith("mlp.experts."):
+      fc = "linear_fc1" if rest.endswith("gate_up_proj") else "linear_fc2"
+      for e in range(value.shape[0]):
+        legacy[f"model.layers.{moe_layer}.zaya_block.experts.local_experts.{e}.{fc}.weight"] = value[e].copy()
+    else:
+      name = rest[len("mlp.gate."):]
+      for new, old in router.items():
+        name = name.replace(new, old)
+      legacy[f"model.layers.{moe_layer}.zaya_block.router.{name}"] = value
+  return legacy
+
+
+def test_legacy_layout_loads_to_the_same_logits(reference_dir, tmp_path, ids):
+  path, ref = reference_dir
+  native = load_file(path / "model.safetensors")
+  legacy = native_to_legacy(native, TINY["num_hidden_layers"])
+  assert len(legacy) == len(native) + 2 * (TINY["num_experts"] - 1) * TINY["num_hidden_layers"]
+  save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+  cfg = json.loads((path / "config.json").read_text())
+  legacy_cfg = {"model_type": "zaya", "num_hidden_layers": 2 * cfg["num_hidden_layers"],
+                "ffn_hidden_size": 2 * cfg["moe_intermediate_size"], "zaya_mlp_expansion": cfg["router_hidden_size"],
+                "moe_router_topk": 1, "norm_epsilon": cfg["rms_norm_eps"], "kv_channels": cfg["head_dim"],
+                "rope_theta": 5e6, "partial_rotary_factor": 0.5, "swa_layers": None,
+                **{k: cfg[k] for k in ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
+                                       "num_experts", "max_position_embeddings", "eos_token_id", "dtype")}}
+  (tmp_path / "config.json").write_text(json.dumps(legacy_cfg))
+  model = zaya_jax.load_hf(tmp_path)
+  assert np.abs(logits_of(model, ids) - reference_forward(ref, ids)[0]).max() <= 1e-5
+
+
+# -- sharding and round trips -------------------------------------------------------------------------
+
+def test_sharded_save_round_trips_and_loads_in_reference(reference_dir, tmp_path, ids):
+  path, ref = reference_dir
+  model = zaya_jax.load_hf(path)
+  zaya_jax.save_hf(model, tmp_path / "sharded", max_shard_bytes=20_000)
+  shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+  assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+  again = zaya_jax.load_hf(tmp_path / "sharded")
+  for key, var in flat_params(model).items():
+    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(flat_params(again)[key][...]), err_msg=key)
+  np.testing.assert_array_equal(reference_forward(load_reference(tmp_path / "sharded"), ids)[0],
+                                reference_forward(ref, ids)[0])
+
+
+def test_save_refuses_to_clobber_and_leaves_no_partial_folder(tmp_path):
+  model = zaya_jax.ZayaForCausalLM(ZayaConfig.tiny(), rngs=nnx.Rngs(0))
+  target = tmp_path / "ckpt"
+  zaya_jax.save_hf(model, target)
+  with pytest.raises(FileExistsError, match="not empty"):
+    zaya_jax.save_hf(model, target)
+  zaya_jax.save_hf(model, target, overwrite=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left behind
+
+
+def test_bf16_params_load_as_bf16_and_upcast_on_request(tmp_path):
+  model = zaya_jax.ZayaForCausalLM(ZayaConfig.tiny(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(1))
+  zaya_jax.save_hf(model, tmp_path)
+  bf16 = zaya_jax.load_hf(tmp_path)
+  f32 = zaya_jax.load_hf(tmp_path, dtype="float32", param_dtype="float32")
+  key = "model.layers.0.self_attn.qkv_proj.q_proj.weight"
+  assert flat_params(bf16)[key].dtype == np.dtype("bfloat16") and flat_params(f32)[key].dtype == np.float32
+  assert flat_params(bf16)["model.layers.0.mlp.gate.balancing_biases"].dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(flat_params(f32)[key][...]),
+                                np.asarray(flat_params(bf16)[key][...]).astype(np.float32))
+
+
+# -- bad checkpoints fail with the tensor named -------------------------------------------------------
+
+def corrupt(src, dst, edit):
+  shutil.copytree(src, dst)
+  tensors = load_file(dst / "model.safetensors")
+  edit(tensors)
+  save_file(tensors, dst / "model.safetensors")
+  return dst
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.self_attn.qk_norm.temp"), r"missing tensors \['model.layers.1.self_attn.qk_norm"),
+    (lambda t: t.update({"model.layers.0.mlp.gate.router_states_scale": np.ones(8, np.float32)}),
+     r"unexpected tensors \['model.layers.0.mlp.gate.router_states_scale'\]"),
+    (lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}), r"unexpected tensors \['lm_head.weight'\]"),
+    (lambda t: t.update({"model.layers.2.self_attn.qkv_proj.q_proj.weight": np.zeros((32, 16), np.float32)}),
+     r"'model.layers.2.self_attn.qkv_proj.q_proj.weight': shape \[32, 16\] != expected \[32, 32\]"),
+    (lambda t: t.update({"model.layers.2.mlp.experts.down_proj": np.zeros((3, 16, 32), np.float32)}),
+     r"'model.layers.2.mlp.experts.down_proj': shape \[3, 16, 32\] != expected \[3, 32, 16\]"),
+    (lambda t: t.update({"model.norm.weight": np.ones(32, np.int32)}), r"'model.norm.weight': dtype I32"),
+])
+def test_bad_tensors_are_named(reference_dir, tmp_path, edit, message):
+  path, _ = reference_dir
+  bad = corrupt(path, tmp_path / "bad", edit)
+  with pytest.raises(CheckpointError, match=message):
+    zaya_jax.load_hf(bad)
+
+
+def test_wrong_model_type_is_named(reference_dir, tmp_path):
+  path, _ = reference_dir
+  shutil.copytree(path, tmp_path / "llama")
+  cfg = json.loads((tmp_path / "llama" / "config.json").read_text())
+  (tmp_path / "llama" / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+  with pytest.raises(ValueError, match="model_type must be 'zaya', got 'llama'"):
+    zaya_jax.load_hf(tmp_path / "llama")
+
+
+def test_missing_weights_file_is_named(reference_dir, tmp_path):
+  path, _ = reference_dir
+  (tmp_path / "config.json").write_text((path / "config.json").read_text())
+  with pytest.raises(CheckpointError, match="no model.safetensors"):
+    zaya_jax.load_hf(tmp_path)
+
+
+# -- skip slot ---------------------------------------------------------------------------------------
+
+def test_reachable_skip_slot_warns_and_outputs_zero_like_the_reference(tmp_path, ids):
+  ref = make_reference(tmp_path, seed=5, skip_reachable=True, **TINY)
+  with pytest.warns(UserWarning, match="skip slot can win"):
+    model = zaya_jax.load_hf(tmp_path)
+  out = zaya_jax.forward(model, ids)
+  ref_logits, ref_choices = reference_forward(ref, ids)
+  choices = np.asarray(out.router.choice_LBT)
+  np.testing.assert_array_equal(choices, ref_choices)
+  assert (choices == TINY["num_experts"]).any()  # the skip slot was actually taken
+  assert np.abs(np.asarray(out.logits_BTV) - ref_logits).max() <= 1e-5
+
+
+def test_default_biases_keep_the_skip_slot_unreachable(reference_dir, recwarn):
+  zaya_jax.load_hf(reference_dir[0])
+  assert not [w for w in recwarn if "skip slot" in str(w.message)]
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad_id", [TINY["vocab_size"], -1])
+def test_out_of_vocabulary_ids_raise_before_jit(reference_dir, bad_id):
+  model = zaya_jax.load_hf(reference_dir[0])
+  ids = np.array([[1, 2, bad_id]])
+  with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 96\)"):
+    zaya_jax.forward(model, ids)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    model(ids)
+
+
+def test_reference_state_is_float32_for_biases(reference_dir):
+  _, ref = reference_dir
+  assert ref.model.layers[0].mlp.gate.balancing_biases.dtype == torch.float32

@@ -1,0 +1,65 @@
+import json
+import re
+
+import pytest
+
+from zaya_jax import AttentionConfig, MoEConfig, ZayaConfig
+
+
+def test_zaya1_8b_preset_matches_the_native_config():
+  cfg = ZayaConfig.zaya1_8b()
+  att, moe = cfg.attention, cfg.moe
+  assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size) == (40, 2048, 262272)
+  assert (att.num_heads, att.num_kv_heads, att.head_dim) == (8, 2, 128)
+  assert (moe.num_experts, moe.num_router_classes, moe.router_hidden_size, moe.intermediate_size) == (16, 17, 256, 2048)
+  assert (att.cca_time0, att.cca_time1, att.rope_theta) == (2, 2, 5e6)
+  assert att.rope("hybrid") == (5e6, 64)
+  assert cfg.tie_word_embeddings and all(cfg.layer_type(i) == "hybrid" for i in range(40))
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: ZayaConfig.tiny(hidden_size=0), "hidden_size"),
+    (lambda: ZayaConfig.tiny(layer_types=("hybrid",)), "layer_types"),
+    (lambda: ZayaConfig.tiny(layer_types=("hybrid", "swa")), "layer_types[1]"),
+    (lambda: ZayaConfig.tiny(layer_types=("hybrid", "hybrid_sliding")), "attention.sliding_window"),
+    (lambda: ZayaConfig.tiny(dtype="float8"), "dtype"),
+    (lambda: AttentionConfig(num_heads=6, num_kv_heads=4), "attention.num_heads"),
+    (lambda: AttentionConfig(partial_rotary_factor=1.5), "attention.partial_rotary_factor"),
+    (lambda: AttentionConfig(backend="flash"), "attention.backend"),
+    (lambda: MoEConfig(num_experts=0), "moe.num_experts"),
+    (lambda: MoEConfig(backend="megablox"), "moe.backend"),
+])
+def test_invalid_configs_name_the_field(make, field):
+  with pytest.raises(ValueError, match=re.escape(f"ZayaConfig.{field}:")):
+    make()
+
+
+def test_from_hf_native_with_sliding_layers(tmp_path):
+  raw = ZayaConfig.tiny(layer_types=("hybrid", "hybrid_sliding"),
+                        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=7)).to_hf()
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  cfg = ZayaConfig.from_hf(tmp_path)
+  assert cfg.layer_type(1) == "hybrid_sliding" and cfg.attention.sliding_window == 7
+  assert cfg.attention.rope("hybrid_sliding") == (1e4, 8)
+  assert ZayaConfig.from_hf(raw) == cfg
+
+
+def test_from_hf_legacy_keys_translate():
+  legacy = {"model_type": "zaya", "num_hidden_layers": 80, "ffn_hidden_size": 4096, "zaya_mlp_expansion": 256,
+            "moe_router_topk": 1, "norm_epsilon": 1e-5, "num_attention_heads": 8, "num_key_value_heads": 2,
+            "kv_channels": 128, "rope_theta": 5e6, "partial_rotary_factor": 0.5, "num_experts": 16,
+            "hidden_size": 2048, "vocab_size": 262272, "swa_layers": None, "dtype": "bfloat16"}
+  assert ZayaConfig.from_hf(legacy) == ZayaConfig.zaya1_8b()
+  with_swa = ZayaConfig.from_hf({**legacy, "num_hidden_layers": 4, "swa_layers": [0, 0, 511, 0]})
+  assert with_swa.layer_types == ("hybrid", "hybrid_sliding") and with_swa.attention.sliding_window == 512
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"model_type": "llama"}, "model_type must be 'zaya'"),
+    ({"model_type": "zaya", "num_experts_per_tok": 2}, "num_experts_per_tok=2"),
+    ({"model_type": "zaya", "hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "zaya", "dtype": "int8"}, "dtype"),
+])
+def test_from_hf_rejects_unsupported(raw, message):
+  with pytest.raises(ValueError, match=message):
+    ZayaConfig.from_hf(raw)
