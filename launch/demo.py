@@ -47,7 +47,8 @@ def main(argv):
   again = time.perf_counter() - start
   n_params = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
   print(f"\nRandom tiny model: {n_params:,} parameters, {small.num_layers} layers, {small.moe.num_experts} experts")
-  print(f"  logits {tuple(out.logits_BTV.shape)} {out.logits_BTV.dtype}, finite: {bool(np.isfinite(out.logits_BTV).all())}")
+  finite = bool(np.isfinite(out.logits_BTV).all())
+  print(f"  logits {tuple(out.logits_BTV.shape)} {out.logits_BTV.dtype}, finite: {finite}")
   print(f"  tokens per expert (last layer, skip slot last): {np.asarray(out.router.counts_LX1[-1]).tolist()}")
   print(f"  forward: first call {first:.2f} s (incl. compile), then {again * 1e3:.1f} ms")
 

@@ -155,7 +155,8 @@ def corrupt(src, dst, edit):
     (lambda t: t.pop("model.layers.1.self_attn.qk_norm.temp"), r"missing tensors \['model.layers.1.self_attn.qk_norm"),
     (lambda t: t.update({"model.layers.0.mlp.gate.router_states_scale": np.ones(8, np.float32)}),
      r"unexpected tensors \['model.layers.0.mlp.gate.router_states_scale'\]"),
-    (lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}), r"unexpected tensors \['lm_head.weight'\]"),
+    (lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}),
+     r"unexpected tensors \['lm_head.weight'\]"),
     (lambda t: t.update({"model.layers.2.self_attn.qkv_proj.q_proj.weight": np.zeros((32, 16), np.float32)}),
      r"'model.layers.2.self_attn.qkv_proj.q_proj.weight': shape \[32, 16\] != expected \[32, 32\]"),
     (lambda t: t.update({"model.layers.2.mlp.experts.down_proj": np.zeros((3, 16, 32), np.float32)}),
@@ -181,7 +182,7 @@ def test_wrong_model_type_is_named(reference_dir, tmp_path):
 def test_missing_weights_file_is_named(reference_dir, tmp_path):
   path, _ = reference_dir
   (tmp_path / "config.json").write_text((path / "config.json").read_text())
-  with pytest.raises(CheckpointError, match="no model.safetensors"):
+  with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
     zaya_jax.load_hf(tmp_path)
 
 
