@@ -4,7 +4,7 @@ The checkpoint is a random `ZayaForCausalLM` written by `save_hf` (sharded, with
 in a fresh subprocess so that nothing the generator allocated counts; that process takes its baseline
 RSS right before `load_hf`, after the imports and after JAX has started its CPU client, and reports
 (peak - baseline) / checkpoint bytes. Every loaded tensor is then checked byte for byte against the
-saved one (blake2b digests).
+saved one (blake2b digests), or against it cast to `--load_param_dtype`.
 
 Peak RSS is the kernel's high-water mark (VmHWM), reset right before loading by writing "5" to
 /proc/self/clear_refs. `getrusage().ru_maxrss` cannot be reset and, in a process started from a large
@@ -30,9 +30,6 @@ import time
 
 from absl import app, flags
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("size_mb", 1100, "Smallest checkpoint size to generate, in MiB.")
 flags.DEFINE_integer("shard_mb", 400, "max_shard_bytes for save_hf, in MiB (below the size: sharded + index).")
@@ -45,6 +42,7 @@ flags.DEFINE_enum("mode", "all", ["all", "measure"],
                   "all: generate, then measure in a fresh subprocess. measure: load --ckpt_dir and print JSON.")
 
 MiB = 2**20
+RATIO_LIMIT = 1.3  # (peak - baseline) / checkpoint bytes, from the project's requirements
 
 
 # -- host memory ---------------------------------------------------------------------------------------
@@ -99,7 +97,8 @@ def _config(num_layers: int, param_dtype: str):
   from zaya_jax.config import AttentionConfig, MoEConfig, ZayaConfig
 
   # ZAYA1-like proportions, scaled down: experts dominate and no tensor is a large share of the whole
-  # (the largest, an expert gate_up_proj, is ~3% at 1.1 GB), as in the 8B model (~6% for the embedding).
+  # (the largest, the embedding and each gate_up_proj, are 32 MiB in fp32: 3% at 1.1 GB), as in the
+  # 8B model (its embedding is ~6%).
   return ZayaConfig(
       vocab_size=16384, hidden_size=512, num_layers=num_layers,
       attention=AttentionConfig(num_heads=8, num_kv_heads=2, head_dim=64),
@@ -124,16 +123,25 @@ def _config_for_size(size_bytes: int, param_dtype: str):
   return _config(max(1, math.ceil((size_bytes - fixed) / per_layer)), param_dtype)
 
 
-def _digests(model) -> dict[str, str]:
-  """{checkpoint key: blake2b of the raw bytes} of every parameter."""
+def _digest(array) -> str:
+  import numpy as np
+
+  array = np.ascontiguousarray(array)
+  return f"{array.dtype}{list(array.shape)}:" + hashlib.blake2b(array.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _digests(model, cast_to: str | None = None) -> dict[str, set[str]]:
+  """{checkpoint key: blake2b digests of the raw bytes}: as stored and, if `cast_to`, cast to that dtype
+  (a loaded tensor matches the one of its own dtype; balancing biases, say, stay fp32)."""
+  import jax.numpy as jnp
   import numpy as np
 
   from zaya_jax.checkpoint.hf import flat_params
 
   out = {}
   for key, var in flat_params(model).items():
-    array = np.ascontiguousarray(np.asarray(var[...]))
-    out[key] = f"{array.dtype}{list(array.shape)}:" + hashlib.blake2b(array.reshape(-1).view(np.uint8)).hexdigest()
+    array = np.asarray(var[...])
+    out[key] = {_digest(array)} | ({_digest(array.astype(jnp.dtype(cast_to)))} if cast_to else set())
   return out
 
 
@@ -164,7 +172,7 @@ def measure(ckpt_dir: str, load_param_dtype: str | None) -> dict:
       baseline_rss_mib=baseline, peak_rss_mib=peak_hwm, sampled_peak_rss_mib=sampler.peak / MiB,
       rss_after_load_mib=after, ru_maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       peak_source="VmHWM after clear_refs" if hwm_ok else "psutil sampling", load_s=load_s,
-      digests=_digests(model))
+      digests={k: d.pop() for k, d in _digests(model).items()})
 
 
 def run_all() -> dict:
@@ -190,7 +198,7 @@ def run_all() -> dict:
       if value.size > 1 and np.ptp(value.astype(np.float32)) == 0:
         var[...] = jnp.asarray(value + 0.1 * rng.standard_normal(value.shape), value.dtype)
     largest_bytes = max(var[...].nbytes for var in params.values())
-    saved = _digests(model)
+    saved = _digests(model, cast_to=FLAGS.load_param_dtype)
     save_hf(model, ckpt_dir, max_shard_bytes=FLAGS.shard_mb * MiB, overwrite=True)
     generate_s = time.perf_counter() - start
     del model, params, value
@@ -215,7 +223,7 @@ def run_all() -> dict:
 
   loaded = child.pop("digests")
   peak = child["peak_rss_mib"] if child["peak_rss_mib"] is not None else child["sampled_peak_rss_mib"]
-  mismatched = sorted(k for k in saved if loaded.get(k) != saved[k])
+  mismatched = sorted(k for k in saved if loaded.get(k) not in saved[k])
   return dict(
       command=" ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
       config=dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
@@ -226,7 +234,7 @@ def run_all() -> dict:
       largest_tensor_mib=largest_bytes / MiB,
       generate_s=generate_s, **child,
       peak_minus_baseline_mib=peak - child["baseline_rss_mib"],
-      ratio=(peak - child["baseline_rss_mib"]) * MiB / ckpt_bytes,
+      ratio=(peak - child["baseline_rss_mib"]) * MiB / ckpt_bytes, ratio_limit=RATIO_LIMIT,
       peak_total_ratio=peak * MiB / ckpt_bytes,
       malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
       tensors_checked=len(saved), tensors_mismatched=mismatched, round_trip_ok=not mismatched and

@@ -281,10 +281,9 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
     if key.endswith(BALANCING_SUFFIX) and skip_slot_reachable(host):
       reachable.append(key)
     if host.dtype != var.dtype:
-      converted = _aligned_empty(host.shape, np.dtype(var.dtype))
-      np.copyto(converted, host, casting="unsafe")  # the rounding jnp.asarray would do
-      host = converted
-      del converted
+      host, stored = _aligned_empty(host.shape, np.dtype(var.dtype)), host
+      np.copyto(host, stored, casting="unsafe")  # numpy's rounding, as jnp.asarray(host, dtype) did
+      del stored
     # On CPU the aligned buffer becomes the array's storage (no second copy). Waiting for the transfer
     # bounds host memory to one tensor in flight wherever it is copied instead (other backends).
     var.set_value(jax.block_until_ready(jax.device_put(host)))
