@@ -137,6 +137,9 @@ def test_bf16_params_load_as_bf16_and_upcast_on_request(tmp_path):
   key = "model.layers.0.self_attn.qkv_proj.q_proj.weight"
   assert flat_params(bf16)[key].dtype == np.dtype("bfloat16") and flat_params(f32)[key].dtype == np.float32
   assert flat_params(bf16)["model.layers.0.mlp.gate.balancing_biases"].dtype == np.float32
+  # Balancing biases are state, not trainable parameters: a `wrt=nnx.Param` optimizer never sees them.
+  trainable = flat_params(nnx.state(bf16, nnx.Param))
+  assert trainable and not [k for k in trainable if "balancing" in k]
   np.testing.assert_array_equal(np.asarray(flat_params(f32)[key][...]),
                                 np.asarray(flat_params(bf16)[key][...]).astype(np.float32))
 
@@ -198,6 +201,15 @@ def test_reachable_skip_slot_warns_and_outputs_zero_like_the_reference(tmp_path,
   np.testing.assert_array_equal(choices, ref_choices)
   assert (choices == TINY["num_experts"]).any()  # the skip slot was actually taken
   assert np.abs(np.asarray(out.logits_BTV) - ref_logits).max() <= 1e-5
+
+
+def test_skip_bias_other_than_minus_one_is_kept_with_a_warning(reference_dir, tmp_path):
+  def set_skip_bias(tensors):
+    tensors["model.layers.1.mlp.gate.balancing_biases"][-1] = -3.0
+  edited = corrupt(reference_dir[0], tmp_path / "edited", set_skip_bias)
+  with pytest.warns(UserWarning, match="skip-slot balancing bias other than -1"):
+    model = zaya_jax.load_hf(edited)
+  assert float(flat_params(model)["model.layers.1.mlp.gate.balancing_biases"][...][-1]) == -3.0
 
 
 def test_default_biases_keep_the_skip_slot_unreachable(reference_dir, recwarn):

@@ -275,11 +275,14 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
       problems.append(f"unexpected tensors {extra[:8]}" + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
     raise CheckpointError(f"{path}: " + "; ".join(problems))
 
-  reachable = []
+  reachable, unusual_skip = [], []
   for key, var in expected.items():
     host = _assemble(key, plan[key], tuple(var.shape))
-    if key.endswith(BALANCING_SUFFIX) and skip_slot_reachable(host):
-      reachable.append(key)
+    if key.endswith(BALANCING_SUFFIX):
+      if skip_slot_reachable(host):
+        reachable.append(key)
+      if host[-1] != -1.0:
+        unusual_skip.append(key)
     if host.dtype != var.dtype:
       host, stored = _aligned_empty(host.shape, np.dtype(var.dtype)), host
       np.copyto(host, stored, casting="unsafe")  # numpy's rounding, as jnp.asarray(host, dtype) did
@@ -293,6 +296,10 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
         f"{len(reachable)} layer(s) have balancing biases under which the router's skip slot can win "
         f"(1 + b_skip > max expert bias), e.g. {reachable[0]}. Skipped tokens get a zero MoE output here "
         "(native transformers semantics); the legacy fork gives them h * p_skip instead.", stacklevel=2)
+  if unusual_skip:
+    warnings.warn(
+        f"{len(unusual_skip)} layer(s) store a skip-slot balancing bias other than -1, e.g. {unusual_skip[0]}. "
+        "It is kept as stored; note that transformers resets it to -1 when it loads a checkpoint.", stacklevel=2)
   return nnx.merge(graphdef, state)
 
 
