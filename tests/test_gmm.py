@@ -23,7 +23,7 @@ def numpy_gmm(lhs, rhs, group_sizes, transpose_rhs):
   return out
 
 
-@pytest.mark.parametrize("backend", ["ragged_dot", "dense"])
+@pytest.mark.parametrize("backend", ["tiled", "ragged_dot", "dense"])
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_gmm_matches_per_group_loop(backend, transpose_rhs):
   rng = np.random.default_rng(0)
@@ -58,3 +58,31 @@ def test_moe_backends_agree_on_logits_and_gradients():
     np.testing.assert_allclose(np.asarray(g[...]), np.asarray(dg[...]), rtol=1e-4, atol=1e-6, err_msg=str(path))
   expert_grad = nnx.to_flat_state(grads)
   assert any("gate_up_proj" in str(p) and np.abs(np.asarray(g[...])).max() > 0 for p, g in expert_grad)
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_tiled_gmm_gradients_match_ragged_dot(transpose_rhs):
+  rng = np.random.default_rng(2)
+  M, K, N = 150, 16, 12  # > 2 tiles of 64 rows in one group; an empty group; 7 rows in no group
+  group_sizes = jnp.asarray([3, 0, 130, 10], jnp.int32)
+  lhs = jnp.asarray(rng.standard_normal((M, K), np.float32))
+  rhs = jnp.asarray(rng.standard_normal((4, N, K) if transpose_rhs else (4, K, N), np.float32))
+  cot = jnp.asarray(rng.standard_normal((M, N), np.float32))
+
+  def loss(lhs, rhs, backend):
+    return jnp.sum(gmm(lhs, rhs, group_sizes, backend=backend, transpose_rhs=transpose_rhs) * cot)
+
+  grads = jax.grad(loss, argnums=(0, 1))(lhs, rhs, "tiled")
+  expected = jax.grad(loss, argnums=(0, 1))(lhs, rhs, "ragged_dot")
+  for got, want in zip(grads, expected, strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+  assert not np.asarray(grads[0])[143:].any()  # rows in no group get no gradient
+
+
+def test_tiled_gmm_bf16_rounds_once_like_ragged_dot():
+  rng = np.random.default_rng(3)
+  lhs = jnp.asarray(rng.standard_normal((70, 32), np.float32), jnp.bfloat16)
+  rhs = jnp.asarray(rng.standard_normal((3, 32, 8), np.float32), jnp.bfloat16)
+  group_sizes = jnp.asarray([20, 45, 5], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(gmm(lhs, rhs, group_sizes, backend="tiled"), np.float32),
+                                np.asarray(gmm(lhs, rhs, group_sizes, backend="ragged_dot"), np.float32))

@@ -18,7 +18,7 @@ LayerType = Literal["hybrid", "hybrid_sliding"]
 _LAYER_TYPES = ("hybrid", "hybrid_sliding")
 _DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla",)
-EXPERT_BACKENDS = ("ragged_dot", "dense")
+EXPERT_BACKENDS = ("auto", "tiled", "ragged_dot", "dense")
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -94,7 +94,7 @@ class MoEConfig:
   num_experts: int = 16
   intermediate_size: int = 2048
   router_hidden_size: int = 256
-  backend: str = "ragged_dot"
+  backend: str = "auto"  # see zaya_jax.ops.gmm.resolve_backend
 
   def __post_init__(self):
     _positive(self, "moe.", "num_experts", "intermediate_size", "router_hidden_size")
