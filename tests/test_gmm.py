@@ -38,11 +38,12 @@ def test_gmm_matches_per_group_loop(backend, transpose_rhs):
   assert not np.asarray(out)[group_sizes.sum():].any()
 
 
-def test_moe_backends_agree_on_logits_and_gradients():
+@pytest.mark.parametrize("other_backend", ["dense", "pallas"])
+def test_moe_backends_agree_on_logits_and_gradients(other_backend):
   cfg = ZayaConfig.tiny(num_layers=2)
   model = zaya_jax.ZayaForCausalLM(cfg, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
-  dense_cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, backend="dense"))
+  dense_cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, backend=other_backend))
   dense_graphdef, _ = nnx.split(zaya_jax.ZayaForCausalLM(dense_cfg, rngs=nnx.Rngs(0)))
   ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16)))
 

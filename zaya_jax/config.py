@@ -18,7 +18,7 @@ LayerType = Literal["hybrid", "hybrid_sliding"]
 _LAYER_TYPES = ("hybrid", "hybrid_sliding")
 _DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("xla",)
-EXPERT_BACKENDS = ("auto", "tiled", "ragged_dot", "dense")
+EXPERT_BACKENDS = ("auto", "tiled", "ragged_dot", "dense", "pallas")
 
 
 def _require(condition: bool, field: str, message: str) -> None:

@@ -13,6 +13,7 @@ Backends:
 - "ragged_dot": `jax.lax.ragged_dot_general`. XLA:CPU lowers it to a dense contraction over every
   group (G times the useful FLOPs); on GPU it maps to grouped GEMM libraries where XLA has them.
 - "dense": a per-row gather of the group's matrix; a reference for tests only (memory M*K*N).
+- "pallas": `pallas_kernels.gmm`, the Pallas-Triton kernel (the GPU default; interpret mode on CPU).
 """
 
 from __future__ import annotations
@@ -124,19 +125,26 @@ def _dense(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool):
   return jnp.where(in_group_M[:, None], out, 0.0).astype(lhs_MK.dtype)
 
 
+def _pallas(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool):
+  from pallas_kernels.gmm import gmm as pallas_gmm  # imported on use: Triton-backend deprecation warnings
+
+  return pallas_gmm(lhs_MK, rhs, group_sizes_G.astype(jnp.int32), transpose_rhs)
+
+
 _BACKENDS = {
     "tiled": lambda lhs, rhs, gs, t: tiled_gmm(lhs, rhs, gs.astype(jnp.int32), t),
     "ragged_dot": _ragged_dot,
     "dense": _dense,
+    "pallas": _pallas,  # Pallas-Triton kernel; interpret mode on CPU (slow: for tests)
 }
 assert set(_BACKENDS) | {"auto"} == set(EXPERT_BACKENDS)
 
 
 def resolve_backend(backend: str) -> str:
-  """"auto" picks by platform: tiled on CPU (XLA:CPU's ragged_dot is dense), ragged_dot elsewhere."""
+  """"auto" picks by platform: the Pallas kernel on GPU, tiled on CPU (XLA:CPU's ragged_dot is dense)."""
   if backend != "auto":
     return backend
-  return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+  return "tiled" if jax.default_backend() == "cpu" else "pallas"
 
 
 def gmm(lhs_MK, rhs, group_sizes_G, *, backend: str = "auto", transpose_rhs: bool = False):

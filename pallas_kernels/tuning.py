@@ -1,0 +1,66 @@
+"""Block sizes per device kind for the Pallas-Triton kernels, and the static checks Triton needs.
+
+Interpret mode (CPU) accepts any block shape; Triton does not: every array a kernel loads or stores
+must have power-of-two dims. `check_blocks` enforces that before tracing. The gfx942 (MI300X) rows
+start from public MI300X grouped-GEMM tunings (ROCm's megablox Triton kernels: GMM mostly
+256/32/256 with 8 warps; TGMM with short M blocks and long K/N blocks), scaled down where Pallas
+cannot express their persistent schedule; the Hopper rows from tokamax-style heuristics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmBlocks:
+  block_m: int  # rows of lhs per program
+  block_k: int  # contraction chunk per loop step
+  block_n: int  # output columns per program
+  num_warps: int
+  num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmTuning:
+  gmm: GmmBlocks  # forward and lhs gradient
+  tgmm: GmmBlocks  # weight gradient: block_m is the row chunk of the reduction
+
+
+GMM_TUNING: dict[str, GmmTuning] = {
+    "gfx942": GmmTuning(GmmBlocks(128, 32, 128, 8, 2), GmmBlocks(64, 128, 128, 8, 2)),
+    "h100": GmmTuning(GmmBlocks(128, 64, 128, 8, 3), GmmBlocks(64, 128, 128, 8, 3)),
+    "h200": GmmTuning(GmmBlocks(128, 64, 128, 8, 3), GmmBlocks(64, 128, 128, 8, 3)),
+    "fallback": GmmTuning(GmmBlocks(64, 32, 64, 4, 2), GmmBlocks(32, 64, 64, 4, 2)),
+}
+
+
+def device_kind(device: jax.Device | None = None) -> str:
+  """The tuning-table key of a device: 'gfx942', 'h100', 'h200' or 'fallback'."""
+  device = device or jax.devices()[0]
+  kind = f"{getattr(device, 'device_kind', '')} {getattr(device, 'compute_capability', '')}".lower()
+  for key, markers in (("gfx942", ("gfx942", "mi300")), ("h200", ("h200",)), ("h100", ("h100",))):
+    if any(marker in kind for marker in markers):
+      return key
+  return "fallback"
+
+
+def is_power_of_two(n: int) -> bool:
+  return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+
+
+def check_blocks(blocks: GmmBlocks | dict, what: str) -> None:
+  """Raises ValueError naming the field if a block size or launch parameter breaks Triton's rules."""
+  fields = dataclasses.asdict(blocks) if dataclasses.is_dataclass(blocks) else dict(blocks)
+  for name, value in fields.items():
+    if name.startswith("block_") and not is_power_of_two(value):
+      raise ValueError(f"{what}.{name}={value!r}: Triton needs power-of-two block sizes")
+    if name == "num_warps" and value not in (1, 2, 4, 8, 16):
+      raise ValueError(f"{what}.num_warps={value!r}: must be 1, 2, 4, 8 or 16")
+    if name == "num_stages" and not (isinstance(value, int) and value >= 1):
+      raise ValueError(f"{what}.num_stages={value!r}: must be a positive int")
+  for name in ("block_m", "block_k", "block_n"):
+    if name in fields and fields[name] < 16:
+      raise ValueError(f"{what}.{name}={fields[name]}: Triton's dot needs blocks of at least 16")
