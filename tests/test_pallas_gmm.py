@@ -80,7 +80,8 @@ def test_tuning_table_is_valid_and_cpu_uses_the_fallback():
   for kind, tuning in GMM_TUNING.items():
     check_blocks(tuning.gmm, f"{kind}.gmm")
     check_blocks(tuning.tgmm, f"{kind}.tgmm")
-  assert device_kind() == "fallback"
+  if jax.default_backend() == "cpu":
+    assert device_kind() == "fallback"
 
 
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
