@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from pallas_kernels.gmm import gmm as pallas_gmm
-from pallas_kernels.tuning import GMM_TUNING, device_kind
+from pallas_kernels.tuning import GMM_TUNING, GmmBlocks, GmmTuning, device_kind
 from zaya_jax.ops.gmm import gmm as xla_gmm
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # "the Pallas Triton backend is deprecated"
@@ -39,6 +39,8 @@ flags.DEFINE_list("xla_backends", ["ragged_dot"], "XLA grouped-matmul paths to c
 flags.DEFINE_bool("backward", True, "Also time forward+backward (lhs and weight gradients).")
 flags.DEFINE_integer("reps", 10, "Timed repetitions (median reported).")
 flags.DEFINE_bool("quick", False, "Small shapes and 2 reps.")
+flags.DEFINE_list("sweep", [], "Forward block configs to time at the largest M, as bm/bk/bn/warps/stages "
+                  "(e.g. 128/64/256/8/3); the tuning table's entry is always included.")
 flags.DEFINE_string("out", None, "Results JSON (default experiments/results/bench_kernels_<kind>.json).")
 
 
@@ -117,11 +119,26 @@ def main(argv):
             f"{row['tflops']['pallas']:>8.1f} {row[f'{xla}_ms'] / row['pallas_ms']:>6.2f}x "
             f"{row['dense_ms'] / row['pallas_ms']:>7.2f}x {fb} {row['rel_err_vs_xla']:>8.1e}")
   suffix = "_quick" if FLAGS.quick else ""
+  sweep = []
+  if FLAGS.sweep:
+    M, tuned = tokens[-1], GMM_TUNING[kind]
+    configs = [tuned.gmm] + [GmmBlocks(*map(int, c.split("/"))) for c in FLAGS.sweep]
+    for name, K, N in (("gate_up", D, 2 * F), ("down", F, D)):
+      rng = np.random.default_rng(0)
+      lhs = jnp.asarray(rng.standard_normal((M, K), np.float32), dtype)
+      rhs = jnp.asarray(rng.standard_normal((G, N, K), np.float32), dtype)
+      gs = jnp.asarray(group_sizes(M, G, M))
+      for blocks in configs:
+        tuning = GmmTuning(blocks, tuned.tgmm)
+        fn = jax.jit(lambda a, b, g, t=tuning: pallas_gmm(a, b, g, True, t))
+        ms = 1e3 * timed(fn, lhs, rhs, gs, reps=reps)
+        sweep.append({"name": name, "M": M, "blocks": str(blocks), "ms": ms, "tflops": 2.0 * M * K * N / ms / 1e9})
+        print(f"sweep {name:>8} M={M} {blocks}: {ms:.3f} ms, {sweep[-1]['tflops']:.1f} TFLOP/s")
   out = FLAGS.out or os.path.join("experiments", "results", f"bench_kernels_{kind}{suffix}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump({"device": str(getattr(device, "device_kind", device.platform)), "jax": jax.__version__,
-               "dtype": dtype.name, "tuning": str(GMM_TUNING[kind]), "gmm": rows}, f, indent=2)
+               "dtype": dtype.name, "tuning": str(GMM_TUNING[kind]), "gmm": rows, "sweep": sweep}, f, indent=2)
   print(f"wrote {out}  (vs xla / vs dense: time ratio, > 1 means the Pallas kernel is faster)")
 
 

@@ -70,7 +70,12 @@ def _gmm_kernel(group_ref, first_ref, end_ref, x_ref, w_ref, *rest, block_m, blo
   j = pl.program_id(1)
   K = x_ref.shape[1]
 
-  @pl.when(first < end)
+  def store(tile):
+    rows = first + jnp.arange(block_m)
+    plt.store(o_ref.at[pl.ds(first, block_m), pl.ds(j * block_n, block_n)], tile.astype(o_ref.dtype),
+              mask=(rows < end)[:, None])
+
+  @pl.when((first < end) & (g < num_groups))
   def _():
     def step(kk, acc):
       x = plt.load(x_ref.at[pl.ds(first, block_m), pl.ds(kk * block_k, block_k)])
@@ -80,12 +85,11 @@ def _gmm_kernel(group_ref, first_ref, end_ref, x_ref, w_ref, *rest, block_m, blo
       w = plt.load(w_ref.at[g, pl.ds(kk * block_k, block_k), pl.ds(j * block_n, block_n)])
       return acc + plt.dot(x, w)
 
-    # The rows-past-the-groups tile (g == G) runs no step and stores zeros.
-    steps = jnp.where(g < num_groups, K // block_k, 0)
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), F32))
-    rows = first + jnp.arange(block_m)
-    plt.store(o_ref.at[pl.ds(first, block_m), pl.ds(j * block_n, block_n)], acc.astype(o_ref.dtype),
-              mask=(rows < end)[:, None])
+    store(jax.lax.fori_loop(0, K // block_k, step, jnp.zeros((block_m, block_n), F32)))
+
+  @pl.when((first < end) & (g == num_groups))
+  def _():
+    store(jnp.zeros((block_m, block_n), F32))  # rows past the last group
 
 
 def _gmm_call(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool, blocks: GmmBlocks, interpret: bool,
