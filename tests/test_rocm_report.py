@@ -1,0 +1,31 @@
+"""Static MI300X report: every tuned gfx942 kernel compiles for gfx942 without spills and within 64 KiB of LDS."""
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gmm import gmm
+from pallas_kernels.rocm_report import LDS_BYTES_PER_CU, format_report, report
+from pallas_kernels.tuning import GMM_TUNING, GmmBlocks, GmmTuning
+
+SHAPES = (jax.ShapeDtypeStruct((512, 256), jnp.bfloat16), jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16),
+          jax.ShapeDtypeStruct((4,), jnp.int32))
+
+def gmm_reports(tuning):
+  fwd = lambda lhs, rhs, gs: gmm(lhs, rhs, gs, True, tuning, False)
+  grad = jax.grad(lambda lhs, rhs, gs: jnp.sum(fwd(lhs, rhs, gs).astype(jnp.float32)), argnums=(0, 1))
+  return report(fwd, *SHAPES) + report(grad, *SHAPES)
+
+def test_tuned_gfx942_gmm_kernels_fit_an_mi300x_cu():
+  reports = gmm_reports(GMM_TUNING["gfx942"])
+  print(format_report(reports))
+  assert sorted(r.name for r in reports) == ["zaya_gmm", "zaya_gmm", "zaya_tgmm"]
+  for r in reports:
+    assert r.vgpr_spills == 0 and r.sgpr_spills == 0 and r.scratch_bytes == 0, r
+    assert 0 < r.lds_bytes <= LDS_BYTES_PER_CU, r
+    assert r.mfma_instructions > 0 and r.occupancy >= 1, r  # the matrix cores are used
+    assert r.fits
+
+def test_report_flags_a_kernel_over_the_lds_budget():
+  huge = GmmBlocks(256, 128, 256, 8, 2)
+  reports = gmm_reports(GmmTuning(huge, huge))
+  assert any(r.lds_bytes > LDS_BYTES_PER_CU and not r.fits for r in reports), format_report(reports)
