@@ -55,7 +55,8 @@ def _strip_locations(module: str) -> str:
   module = re.sub(r"\s*\[unknown\]", "", module)
   module = re.sub(r'\s*"[^"\n]*"\(#loc\d*\)', "", module)
   module = re.sub(r"\s*loc\([^)]*\)", "", module)
-  return re.sub(r"^#loc.*$", "", module, flags=re.M)
+  # Location definitions, including call-site ones printed over two lines ("#locN = #locM" / " at #locK").
+  return re.sub(r"^(#loc.*|\s*at #loc.*)$", "", module, flags=re.M)
 
 
 def triton_modules(fn, *shapes) -> list[tuple[str, str, int, int]]:

@@ -29,3 +29,20 @@ def test_report_flags_a_kernel_over_the_lds_budget():
   huge = GmmBlocks(256, 128, 256, 8, 2)
   reports = gmm_reports(GmmTuning(huge, huge))
   assert any(r.lds_bytes > LDS_BYTES_PER_CU and not r.fits for r in reports), format_report(reports)
+
+
+def test_gfx942_attention_kernels_fit_an_mi300x_cu():
+  from pallas_kernels.cca_attention import _CONFIG_BY_DEVICE, flash_attention
+
+  bq, bk, warps, stages = _CONFIG_BY_DEVICE["gfx942"]
+  B, T, H, K, E = 1, 512, 8, 2, 128
+  shapes = (jax.ShapeDtypeStruct((B, T, H, E), jnp.bfloat16), jax.ShapeDtypeStruct((B, T, K, E), jnp.bfloat16),
+            jax.ShapeDtypeStruct((B, T, K, E), jnp.bfloat16), jax.ShapeDtypeStruct((B, T), jnp.int32))
+  fwd = lambda q, k, v, seg: flash_attention(q, k, v, seg, block_q=bq, block_k=bk, num_warps=warps,
+                                             num_stages=stages, interpret=False)
+  grad = jax.grad(lambda q, k, v, seg: jnp.sum(fwd(q, k, v, seg).astype(jnp.float32)), argnums=(0, 1, 2))
+  reports = report(fwd, *shapes) + report(grad, *shapes)
+  print(format_report(reports))
+  assert {r.name for r in reports} == {"cca_flash_fwd", "cca_flash_dq", "cca_flash_dkdv"}
+  for r in reports:
+    assert r.fits and r.scratch_bytes == 0 and r.mfma_instructions > 0, r
