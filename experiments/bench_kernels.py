@@ -41,6 +41,8 @@ flags.DEFINE_integer("reps", 10, "Timed repetitions (median reported).")
 flags.DEFINE_bool("quick", False, "Small shapes and 2 reps.")
 flags.DEFINE_list("sweep", [], "Forward block configs to time at the largest M, as bm/bk/bn/warps/stages "
                   "(e.g. 128/64/256/8/3); the tuning table's entry is always included.")
+flags.DEFINE_bool("rocm_report", True, "Print the static gfx942 report of the gmm kernels (needs the triton package) "
+                  "and MI300X roofline times of each shape.")
 flags.DEFINE_string("out", None, "Results JSON (default experiments/results/bench_kernels_<kind>.json).")
 
 
@@ -118,6 +120,20 @@ def main(argv):
       print(f"{name:>10} {M:>6} {row['pallas_ms']:>9.3f} {row[f'{xla}_ms']:>8.3f} {row['dense_ms']:>8.3f} "
             f"{row['tflops']['pallas']:>8.1f} {row[f'{xla}_ms'] / row['pallas_ms']:>6.2f}x "
             f"{row['dense_ms'] / row['pallas_ms']:>7.2f}x {fb} {row['rel_err_vs_xla']:>8.1e}")
+  if FLAGS.rocm_report:
+    from pallas_kernels.rocm_report import format_report, report, roofline_ms
+
+    shapes = (jax.ShapeDtypeStruct((tokens[-1], D), dtype), jax.ShapeDtypeStruct((G, 2 * F, D), dtype),
+              jax.ShapeDtypeStruct((G,), jnp.int32))
+    fwd = lambda a, b, g: pallas_gmm(a, b, g, True, GMM_TUNING["gfx942"], False)
+    grad = jax.grad(lambda a, b, g: jnp.sum(fwd(a, b, g).astype(jnp.float32)), argnums=(0, 1))
+    print("\nstatic MI300X (gfx942) report, gate_up shapes, tuning", GMM_TUNING["gfx942"])
+    print(format_report(report(fwd, *shapes) + report(grad, *shapes)))
+    for row in rows:
+      M, K, N = row["M"], row["K"], row["N"]
+      bytes_moved = dtype.itemsize * (M * K + G * K * N + M * N)
+      print(f"MI300X roofline {row['name']:>8} M={M}: >= {roofline_ms(2.0 * M * K * N, bytes_moved):.3f} ms forward "
+            f"(arithmetic intensity {2.0 * M * K * N / bytes_moved:.0f} FLOP/B)")
   suffix = "_quick" if FLAGS.quick else ""
   sweep = []
   if FLAGS.sweep:
