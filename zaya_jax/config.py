@@ -17,7 +17,7 @@ import jax.numpy as jnp
 LayerType = Literal["hybrid", "hybrid_sliding"]
 _LAYER_TYPES = ("hybrid", "hybrid_sliding")
 _DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("xla",)
+ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 EXPERT_BACKENDS = ("auto", "tiled", "ragged_dot", "dense", "pallas")
 
 
@@ -47,7 +47,7 @@ class AttentionConfig:
   sliding_partial_rotary_factor: float = 0.5
   sliding_window: int | None = None  # keys k with q - k < window are visible (includes the current token)
   use_bias: bool = False
-  backend: str = "xla"
+  backend: str = "auto"  # see zaya_jax.ops.attention.resolve_backend
 
   def __post_init__(self):
     _positive(self, "attention.", "num_heads", "num_kv_heads", "head_dim", "cca_time0", "cca_time1")

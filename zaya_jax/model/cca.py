@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zaya_jax.config import AttentionConfig
-from zaya_jax.model.layers import F32, Linear, const_param, in_f32, normal_param, scale_by
+from zaya_jax.model.layers import F32, Linear, const_param, in_f32, linear, normal_param, scale_by
 from zaya_jax.model.rope import apply_rope, rope_tables
-from zaya_jax.ops.attention import attention, causal_mask
+from zaya_jax.ops.attention import attention
 
 
 def shift_right(x_BT_, n: int, fill=0):
@@ -82,34 +82,51 @@ class CCAProjection(nnx.Module):
                                 shift_right(qk_BTC, P0 - 1 - p), 0).astype(F32)
         for p in range(P0))
     y_BTC = y_BTC.astype(dtype)
-    # Stage 2 (per head, full): tap p reads y[t - (P1 - 1 - p)], or the bias-only value before the document.
-    b0_rounded = b0_C.astype(dtype)
-    y_taps_BTPC = jnp.stack([
-        jnp.where(same_segment_as(segment_ids_BT, P1 - 1 - p)[..., None], shift_right(y_BTC, P1 - 1 - p), b0_rounded)
-        for p in range(P1)], axis=2)
-    y_taps_BTPGI = y_taps_BTPC.reshape(B, T, P1, groups, C // groups)
-    z_BTGO = jnp.einsum("btpgi,goip->btgo", y_taps_BTPGI, w1_GOIP, preferred_element_type=F32)
+    # Stage 2 (per head, full): tap p reads y[t - n], n = P1 - 1 - p, or the bias-only value before the document.
+    # A matmul acts row by row, so y is multiplied unshifted by all taps at once and each tap's product is shifted
+    # (in fp32); rows before the document take the product of the bias-only value. One plain matmul per head:
+    # XLA:CPU runs these faster than one batched matmul over the heads (with K = E).
+    y_BTGI = y_BTC.reshape(B, T, groups, C // groups)
+    w1_GIPO = w1_GOIP.transpose(0, 2, 3, 1)
+    z_BTGPO = jnp.stack([jnp.einsum("bti,ipo->btpo", y_BTGI[:, :, g], w1_GIPO[g], preferred_element_type=F32)
+                         for g in range(groups)], axis=2)
+    z_start_GPO = jnp.einsum("gi,gipo->gpo", b0_C.astype(dtype).reshape(groups, -1), w1_GIPO,
+                             preferred_element_type=F32)
+    z_BTGO = 0
+    for p in range(P1):
+      n = P1 - 1 - p
+      zp_BTGO = z_BTGPO[:, :, :, p]
+      if n:
+        zp_BTGO = jnp.where(same_segment_as(segment_ids_BT, n)[..., None, None], shift_right(zp_BTGO, n),
+                            z_start_GPO[:, p])
+      z_BTGO = z_BTGO + zp_BTGO
     return (z_BTGO.reshape(B, T, C) + b1_C).astype(dtype)
 
   def __call__(self, h_BTD, segment_ids_BT):
     cfg = self.cfg
     B, T, _ = h_BTD.shape
     H, K, E, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
-    q0_BTHE = self.q_proj(h_BTD).reshape(B, T, H, E)
-    k0_BTKE = self.k_proj(h_BTD).reshape(B, T, K, E)
+    # One matmul for all four projections (each output column is the same dot product either way): the raw [q|k]
+    # conv input is then a slice instead of a concatenation.
+    projs = (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
+    w_ND = jnp.concatenate([p.weight[...] for p in projs])
+    b_N = None if self.q_proj.bias is None else jnp.concatenate([p.bias[...] for p in projs])
+    qkv_BTN = linear(h_BTD, w_ND, b_N)
+    C, V = H * E + K * E, K * E // 2
+    qk_BTC = qkv_BTN[..., :C]
+    q0_BTHE = qk_BTC[..., :H * E].reshape(B, T, H, E)
+    k0_BTKE = qk_BTC[..., H * E:].reshape(B, T, K, E)
 
     # qk-mean residuals from the pre-conv projections: q head i pairs with kv head i // G.
     q_res_BTHE = scale_by(q0_BTHE + jnp.repeat(k0_BTKE, G, axis=2), 0.5)
     k_res_BTKE = q_res_BTHE.reshape(B, T, K, G, E).astype(F32).mean(axis=3).astype(h_BTD.dtype)
 
-    qk_BTC = jnp.concatenate([q0_BTHE.reshape(B, T, H * E), k0_BTKE.reshape(B, T, K * E)], axis=-1)
     z_BTC = self.causal_convs(qk_BTC, segment_ids_BT)
     q_BTHE = z_BTC[..., :H * E].reshape(B, T, H, E) + q_res_BTHE
     k_BTKE = z_BTC[..., H * E:].reshape(B, T, K, E) + k_res_BTKE
 
     # Values: current token in the first K*E/2 channels, previous token (per document) in the rest.
-    v_cur_BTV = self.v_proj_current(h_BTD)
-    v_now_BTV = self.v_proj_delayed(h_BTD)
+    v_cur_BTV, v_now_BTV = qkv_BTN[..., C:C + V], qkv_BTN[..., C + V:]
     v_start_V = self.v_proj_delayed(jnp.zeros((1, h_BTD.shape[-1]), h_BTD.dtype))[0]  # the projection of zeros
     v_del_BTV = jnp.where(same_segment_as(segment_ids_BT, 1)[..., None], shift_right(v_now_BTV, 1), v_start_V)
     v_BTKE = jnp.concatenate([v_cur_BTV, v_del_BTV], axis=-1).reshape(B, T, K, E)
@@ -154,7 +171,6 @@ class CCAttention(nnx.Module):
     cos, sin = rope_tables(positions_BT, theta, rotary_dim, h_BTD.dtype)
     q_BTHE, k_BTKE = apply_rope(q_BTHE, cos, sin), apply_rope(k_BTKE, cos, sin)
     window = cfg.sliding_window if self.layer_type == "hybrid_sliding" else None
-    mask_BTT = causal_mask(segment_ids_BT, window)
-    out_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, mask_BTT, backend=cfg.backend)
+    out_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, sliding_window=window, backend=cfg.backend)
     B, T = h_BTD.shape[:2]
     return self.o_proj(out_BTHE.reshape(B, T, cfg.num_heads * cfg.head_dim))

@@ -150,13 +150,15 @@ class ZayaForCausalLM(nnx.Module):
 EXACT_ROUNDING = {"xla_allow_excess_precision": False}
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=EXACT_ROUNDING)
-def _jitted_forward(graphdef, state, input_ids_BT, segment_ids_BT, positions_BT) -> ZayaOutput:
-  return nnx.merge(graphdef, state)(input_ids_BT, segment_ids_BT, positions_BT)
+# nnx modules are pytrees: jit flattens the model on each call (under a millisecond, where `nnx.split` walks the
+# graph in Python for several), so every call sees the current parameter values, and a change of structure or of
+# a static attribute retraces instead of reusing a stale program.
+@functools.partial(jax.jit, compiler_options=EXACT_ROUNDING)
+def _jitted_forward(model, input_ids_BT, segment_ids_BT, positions_BT) -> ZayaOutput:
+  return model(input_ids_BT, segment_ids_BT, positions_BT)
 
 
 def forward(model: ZayaForCausalLM, input_ids_BT, segment_ids_BT=None, positions_BT=None) -> ZayaOutput:
   """The jitted forward, with token ids checked on the host first (compiles once per shape)."""
   check_token_ids(input_ids_BT, model.config.vocab_size)
-  graphdef, state = nnx.split(model)
-  return _jitted_forward(graphdef, state, input_ids_BT, segment_ids_BT, positions_BT)
+  return _jitted_forward(model, input_ids_BT, segment_ids_BT, positions_BT)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from zaya_jax.config import ATTENTION_BACKENDS
 
 F32 = jnp.float32
+QUERY_BLOCKS = 4  # of causal attention
 
 
 def causal_mask(segment_ids_BT, sliding_window: int | None = None):
@@ -23,24 +24,59 @@ def causal_mask(segment_ids_BT, sliding_window: int | None = None):
   return visible_TS[None] & same_segment_BTS
 
 
-def xla_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
-  """Eager-reference attention: scores rounded to the compute dtype, then scaled, softmax in fp32."""
+def xla_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, causal: bool = False):
+  """Eager-reference attention: scores rounded to the compute dtype, then scaled, softmax in fp32.
+
+  Heads lead ([B, K, G, T, E]) so that both matmuls are plain batched matmuls over contiguous rows and the
+  [T, S] scores need no transposes (XLA:CPU otherwise copies them to and from a [S, G*T] dot layout).
+  `causal=True` promises that the mask hides every key after its query (S == T): query blocks then skip the
+  keys after their last query. Those keys' probabilities are exactly zero, so the result is the same.
+  """
   B, T, H, E = q_BTHE.shape
   K = k_BSKE.shape[2]
-  dtype = q_BTHE.dtype
-  q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
-  scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE, preferred_element_type=F32).astype(dtype)
+  q_BKGTE = q_BTHE.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)
+  k_BKSE, v_BKSE = k_BSKE.transpose(0, 2, 1, 3), v_BSKE.transpose(0, 2, 1, 3)
+  # Up to QUERY_BLOCKS blocks whose lengths are multiples of 64 rows (vector-friendly reductions); 4 blocks skip
+  # 3/8 of the T x T square.
+  rows = -(-T // QUERY_BLOCKS // 64) * 64 if causal else T
+  out_BKGTE = jnp.concatenate([
+      _attend(q_BKGTE[:, :, :, t0:t0 + rows], k_BKSE[:, :, :t0 + rows], v_BKSE[:, :, :t0 + rows],
+              mask_BTS[:, t0:t0 + rows, :t0 + rows])
+      for t0 in range(0, T, rows)], axis=3)
+  return out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
+
+
+def _attend(q_BKGTE, k_BKSE, v_BKSE, mask_BTS):
+  E = q_BKGTE.shape[-1]
+  dtype = q_BKGTE.dtype
+  scores_BKGTS = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE, preferred_element_type=F32).astype(dtype)
   scores_BKGTS = scores_BKGTS.astype(F32) * (E ** -0.5)
   scores_BKGTS = scores_BKGTS.astype(dtype).astype(F32)
   scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, -jnp.inf)
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
-  out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE, preferred_element_type=F32).astype(dtype)
-  return out_BTKGE.reshape(B, T, H, E)
+  return jnp.einsum("bkgts,bkse->bkgte", probs_BKGTS, v_BKSE, preferred_element_type=F32).astype(dtype)
 
 
-_BACKENDS = {"xla": xla_attention}
-assert set(_BACKENDS) == set(ATTENTION_BACKENDS)
+def _pallas_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, sliding_window):
+  from pallas_kernels import cca_attention  # imported on use: Triton-backend deprecation warnings
+
+  block_q, block_k, num_warps, num_stages = cca_attention.default_block_config()
+  return cca_attention.flash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, sliding_window=sliding_window,
+                                       block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
 
 
-def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, backend: str = "xla"):
-  return _BACKENDS[backend](q_BTHE, k_BSKE, v_BSKE, mask_BTS)
+def resolve_backend(backend: str) -> str:
+  """"auto": the Pallas flash kernel on GPU; on CPU the XLA path (the eager-reference numerics)."""
+  if backend != "auto":
+    return backend
+  return "xla" if jax.default_backend() == "cpu" else "pallas"
+
+
+def attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, sliding_window: int | None = None, backend: str = "auto"):
+  """Causal self-attention over packed rows (query t sees key s <= t of its segment, within the window)."""
+  backend = resolve_backend(backend)
+  if backend == "pallas":
+    return _pallas_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, sliding_window)
+  if backend == "xla":
+    return xla_attention(q_BTHE, k_BSKE, v_BSKE, causal_mask(segment_ids_BT, sliding_window), causal=True)
+  raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")

@@ -40,26 +40,28 @@ def _group_bounds(group_sizes_G):
 
 
 def _tiled_gmm(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool, tile: int):
-  M = lhs_MK.shape[0]
   N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   starts_G, ends_G = _group_bounds(group_sizes_G)
-  # Padding by one tile keeps every dynamic slice in bounds (no clamping that would shift rows).
-  lhs_PK = jnp.pad(lhs_MK, ((0, tile), (0, 0)))
+  # A tile that would run past the last row is moved back to end there instead (its rows before the group keep
+  # what they hold), so the operand needs no padded copy unless it is shorter than a tile.
+  M = lhs_MK.shape[0]
+  lhs_PK = jnp.pad(lhs_MK, ((0, tile - M), (0, 0))) if M < tile else lhs_MK
+  P = lhs_PK.shape[0]
+
+  def row_tile(g, w, t, out_PN):
+    r0 = starts_G[g] + t * tile
+    start = jnp.minimum(r0, P - tile)
+    y_TN = _contract(jax.lax.dynamic_slice_in_dim(lhs_PK, start, tile, 0), w, transpose_rhs).astype(lhs_MK.dtype)
+    r_T = start + jnp.arange(tile)
+    mine_T = (r_T >= r0) & (r_T < ends_G[g])
+    kept_TN = jax.lax.dynamic_slice_in_dim(out_PN, start, tile, 0)
+    return jax.lax.dynamic_update_slice_in_dim(out_PN, jnp.where(mine_T[:, None], y_TN, kept_TN), start, 0)
 
   def group(g, out_PN):
     w = jax.lax.dynamic_index_in_dim(rhs, g, 0, keepdims=False).astype(lhs_MK.dtype)
+    return jax.lax.fori_loop(0, (group_sizes_G[g] + tile - 1) // tile, functools.partial(row_tile, g, w), out_PN)
 
-    def row_tile(t, out_PN):
-      r0 = starts_G[g] + t * tile
-      y_TN = _contract(jax.lax.dynamic_slice_in_dim(lhs_PK, r0, tile, 0), w, transpose_rhs).astype(lhs_MK.dtype)
-      mine_T = r0 + jnp.arange(tile) < ends_G[g]
-      kept_TN = jax.lax.dynamic_slice_in_dim(out_PN, r0, tile, 0)
-      return jax.lax.dynamic_update_slice_in_dim(out_PN, jnp.where(mine_T[:, None], y_TN, kept_TN), r0, 0)
-
-    return jax.lax.fori_loop(0, (group_sizes_G[g] + tile - 1) // tile, row_tile, out_PN)
-
-  out_PN = jax.lax.fori_loop(0, rhs.shape[0], group, jnp.zeros((M + tile, N), lhs_MK.dtype))
-  return out_PN[:M]
+  return jax.lax.fori_loop(0, rhs.shape[0], group, jnp.zeros((P, N), lhs_MK.dtype))[:M]
 
 
 def _tiled_tgmm(lhs_MK, dout_MN, group_sizes_G, rhs_shape, rhs_dtype, transpose_rhs: bool, tile: int):
