@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from zaya_jax.config import ZayaConfig
-from zaya_jax.model.decoder import ZayaForCausalLM
+from zaya_jax.model.decoder import abstract_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ModelFigures:
 
 
 def model_figures(cfg: ZayaConfig) -> ModelFigures:
-  abstract = nnx.eval_shape(lambda: ZayaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  abstract = abstract_model(cfg)
   sizes = {".".join(map(str, path)): int(np.prod(var.shape))
            for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
   total = sum(sizes.values())

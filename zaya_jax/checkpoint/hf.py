@@ -24,7 +24,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from zaya_jax.config import ZayaConfig, is_legacy_hf_config
-from zaya_jax.model.decoder import ZayaForCausalLM
+from zaya_jax.model.decoder import ZayaForCausalLM, abstract_model
 
 SAFE_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -259,7 +259,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
   legacy = is_legacy_hf_config(raw) or is_legacy_checkpoint(entries)
   plan, unused = _plan(entries, cfg.num_layers, legacy)
 
-  abstract = nnx.eval_shape(lambda: ZayaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  abstract = abstract_model(cfg)
   graphdef, state = nnx.split(abstract)
   expected = flat_params(state)
   if cfg.tie_word_embeddings and "lm_head.weight" in plan:

@@ -16,7 +16,10 @@ from flax import nnx
 F32 = jnp.float32
 
 
-def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
+def normal_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
+  """N(0, std) weights; zeros when `rngs` is None (abstract construction, see `abstract_model`)."""
+  if rngs is None:
+    return nnx.Param(jnp.zeros(shape, dtype))
   return nnx.Param((std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype))
 
 
