@@ -1,7 +1,8 @@
 """Compressed Convolutional Attention (CCA), as `transformers.models.zaya` computes it.
 
 B batch, T sequence, D hidden, H query heads, K kv heads, G = H // K, E head dim,
-C = (H + K) * E conv channels, P taps of a conv stage.
+C = (H + K) * E conv channels, P taps of a conv stage (in a decode state: conv_context raw columns),
+S decode cache length, J = P + T raw columns of a cached chunk, V = K * E // 2 value channels per half.
 
 Queries and keys are projected down to H*E and K*E channels, mixed over time by two causal
 convolutions (depthwise, then full within each head) over the raw `[q | k]` projections, and given
@@ -15,14 +16,16 @@ every document boundary, so a packed row equals its documents run one by one.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from zaya_jax.config import AttentionConfig
 from zaya_jax.model.layers import F32, Linear, const_param, in_f32, linear, normal_param, scale_by
 from zaya_jax.model.rope import apply_rope, rope_tables
-from zaya_jax.ops.attention import attention
+from zaya_jax.ops.attention import attention, cached_attention
 
 
 def shift_right(x_BT_, n: int, fill=0):
@@ -44,6 +47,21 @@ class Conv1d(nnx.Module):
   def __init__(self, channels: int, groups: int, taps: int, *, std: float, param_dtype, rngs: nnx.Rngs):
     self.weight = normal_param(rngs, (channels, channels // groups, taps), std, param_dtype)
     self.bias = const_param((channels,), 0.0, param_dtype)
+
+
+class CCACache(NamedTuple):
+  """One layer's decode state (static shapes). S cache length. The row lengths live with the whole model's state."""
+
+  k_BSKE: jax.Array  # keys after qk-norm, temperature and RoPE; compute dtype
+  v_BSKE: jax.Array  # values [v_cur | v_del]; compute dtype
+  qk_BPC: jax.Array  # the last P = conv_context raw pre-conv [q|k] columns (zeros before the start); fp32
+  v_prev_BV: jax.Array  # [B, K*E/2] v_proj_delayed of the row's last processed token; compute dtype
+
+  @classmethod
+  def zeros(cls, cfg: AttentionConfig, batch: int, max_len: int, dtype) -> CCACache:
+    K, E = cfg.num_kv_heads, cfg.head_dim
+    return cls(jnp.zeros((batch, max_len, K, E), dtype), jnp.zeros((batch, max_len, K, E), dtype),
+               jnp.zeros((batch, cfg.conv_context, cfg.conv_channels), F32), jnp.zeros((batch, K * E // 2), dtype))
 
 
 class CCAProjection(nnx.Module):
@@ -102,7 +120,15 @@ class CCAProjection(nnx.Module):
       z_BTGO = z_BTGO + zp_BTGO
     return (z_BTGO.reshape(B, T, C) + b1_C).astype(dtype)
 
-  def __call__(self, h_BTD, segment_ids_BT):
+  def __call__(self, h_BTD, segment_ids_BT, context: tuple | None = None):
+    """q [B, T, H, E], k and v [B, T, K, E], and the raw columns a decode state keeps.
+
+    `context` None: every document of `segment_ids_BT` starts in h (the training path). Otherwise
+    `(qk_BPC, v_prev_BV)`, what came before h's first token in a cached decode (one document per row): the last P
+    raw [q|k] columns (zeros before the row's start) and v_proj_delayed of the previous token. Returns
+    `(q, k, v), (qk_BTC, v_now_BTV)`: the raw [q|k] columns and v_proj_delayed(h), from which the caller takes the
+    state after each row's last real token.
+    """
     cfg = self.cfg
     B, T, _ = h_BTD.shape
     H, K, E, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
@@ -121,16 +147,30 @@ class CCAProjection(nnx.Module):
     q_res_BTHE = scale_by(q0_BTHE + jnp.repeat(k0_BTKE, G, axis=2), 0.5)
     k_res_BTKE = q_res_BTHE.reshape(B, T, K, G, E).astype(F32).mean(axis=3).astype(h_BTD.dtype)
 
-    z_BTC = self.causal_convs(qk_BTC, segment_ids_BT)
+    if context is None:
+      z_BTC = self.causal_convs(qk_BTC, segment_ids_BT)
+    else:
+      # The reference's cache path: the cached raw columns prepended, both convs run 'valid'. As one segment through
+      # `causal_convs`, the first P outputs (which would see the zero left padding) are dropped.
+      qk_prev_BPC, v_prev_BV = context
+      qk_all_BJC = jnp.concatenate([qk_prev_BPC.astype(qk_BTC.dtype), qk_BTC], axis=1)
+      z_BTC = self.causal_convs(qk_all_BJC, jnp.zeros(qk_all_BJC.shape[:2], jnp.int32))[:, qk_prev_BPC.shape[1]:]
     q_BTHE = z_BTC[..., :H * E].reshape(B, T, H, E) + q_res_BTHE
     k_BTKE = z_BTC[..., H * E:].reshape(B, T, K, E) + k_res_BTKE
 
     # Values: current token in the first K*E/2 channels, previous token (per document) in the rest.
     v_cur_BTV, v_now_BTV = qkv_BTN[..., C:C + V], qkv_BTN[..., C + V:]
-    v_start_V = self.v_proj_delayed(jnp.zeros((1, h_BTD.shape[-1]), h_BTD.dtype))[0]  # the projection of zeros
-    v_del_BTV = jnp.where(same_segment_as(segment_ids_BT, 1)[..., None], shift_right(v_now_BTV, 1), v_start_V)
+    if context is None:
+      v_start_V = self.start_value(h_BTD.dtype)
+      v_del_BTV = jnp.where(same_segment_as(segment_ids_BT, 1)[..., None], shift_right(v_now_BTV, 1), v_start_V)
+    else:
+      v_del_BTV = jnp.concatenate([v_prev_BV[:, None].astype(v_now_BTV.dtype), v_now_BTV[:, :-1]], axis=1)
     v_BTKE = jnp.concatenate([v_cur_BTV, v_del_BTV], axis=-1).reshape(B, T, K, E)
-    return q_BTHE, k_BTKE, v_BTKE
+    return (q_BTHE, k_BTKE, v_BTKE), (qk_BTC, v_now_BTV)
+
+  def start_value(self, dtype):
+    """[K*E/2] v_proj_delayed of zeros: the delayed value of a document's first token."""
+    return self.v_proj_delayed(jnp.zeros((1, self.v_proj_delayed.weight.shape[1]), dtype))[0]
 
 
 def l2_normalize_to_sqrt_dim(x_BTNE):
@@ -163,14 +203,63 @@ class CCAttention(nnx.Module):
     self.cfg = cfg
     self.layer_type = layer_type
 
-  def __call__(self, h_BTD, segment_ids_BT, positions_BT):
-    cfg = self.cfg
-    q_BTHE, k_BTKE, v_BTKE = self.qkv_proj(h_BTD, segment_ids_BT)
+  @property
+  def sliding_window(self) -> int | None:
+    return self.cfg.sliding_window if self.layer_type == "hybrid_sliding" else None
+
+  def queries_keys_values(self, h_BTD, segment_ids_BT, positions_BT, context=None):
+    """Normalised, scaled and rotated q and k, v, and the raw columns for a decode state (see CCAProjection)."""
+    (q_BTHE, k_BTKE, v_BTKE), raw = self.qkv_proj(h_BTD, segment_ids_BT, context)
     q_BTHE, k_BTKE = self.qk_norm(q_BTHE, k_BTKE)
-    theta, rotary_dim = cfg.rope(self.layer_type)
+    theta, rotary_dim = self.cfg.rope(self.layer_type)
     cos, sin = rope_tables(positions_BT, theta, rotary_dim, h_BTD.dtype)
-    q_BTHE, k_BTKE = apply_rope(q_BTHE, cos, sin), apply_rope(k_BTKE, cos, sin)
-    window = cfg.sliding_window if self.layer_type == "hybrid_sliding" else None
-    out_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, sliding_window=window, backend=cfg.backend)
-    B, T = h_BTD.shape[:2]
-    return self.o_proj(out_BTHE.reshape(B, T, cfg.num_heads * cfg.head_dim))
+    return apply_rope(q_BTHE, cos, sin), apply_rope(k_BTKE, cos, sin), v_BTKE, raw
+
+  def output(self, out_BTHE):
+    B, T = out_BTHE.shape[:2]
+    return self.o_proj(out_BTHE.reshape(B, T, self.cfg.num_heads * self.cfg.head_dim))
+
+  def __call__(self, h_BTD, segment_ids_BT, positions_BT):
+    q_BTHE, k_BTKE, v_BTKE, _ = self.queries_keys_values(h_BTD, segment_ids_BT, positions_BT)
+    out_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, sliding_window=self.sliding_window,
+                         backend=self.cfg.backend)
+    return self.output(out_BTHE)
+
+  def extend(self, h_BTD, positions_BT, num_new_B, cache: CCACache):
+    """The cached path: row b appends its first num_new_B[b] tokens of h at positions_BT[b] (= its length + t).
+
+    Tokens past num_new_B[b] are right padding: their outputs are garbage, they write nothing to the cache and the
+    state is taken after the last real token. Returns (output [B, T, D], updated cache).
+    """
+    B, T, _ = h_BTD.shape
+    S = cache.k_BSKE.shape[1]
+    t_T = jnp.arange(T)
+    # A row that has seen nothing starts a document: zero conv context (as stored) and the zero-input delayed value.
+    v_prev_BV = jnp.where((positions_BT[:, 0] == 0)[:, None], self.qkv_proj.start_value(h_BTD.dtype),
+                          cache.v_prev_BV)
+    context = (cache.qk_BPC, v_prev_BV)
+    q_BTHE, k_BTKE, v_BTKE, (qk_BTC, v_now_BTV) = self.queries_keys_values(h_BTD, None, positions_BT, context)
+
+    # Per-row writes; padding tokens aim past the cache and are dropped, so entries past a row's length stay finite
+    # (zeros or real keys) and a masked-out key can never turn p @ v into NaN.
+    real_BT = t_T[None] < num_new_B[:, None]
+    write_BT = jnp.where(real_BT, positions_BT, S)
+    b_B1 = jnp.arange(B)[:, None]
+    k_BSKE = cache.k_BSKE.at[b_B1, write_BT].set(k_BTKE.astype(cache.k_BSKE.dtype), mode="drop")
+    v_BSKE = cache.v_BSKE.at[b_B1, write_BT].set(v_BTKE.astype(cache.v_BSKE.dtype), mode="drop")
+
+    # Query t sees cache entries s <= its position (within the window): its row's past and this chunk's earlier tokens.
+    s_S = jnp.arange(S)
+    mask_BTS = s_S[None, None] <= positions_BT[..., None]
+    if self.sliding_window is not None:
+      mask_BTS &= (positions_BT[..., None] - s_S[None, None]) < self.sliding_window
+    out_BTHE = cached_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
+
+    # State after each row's last real token: the last P raw columns of [context | real new columns] and the delayed
+    # projection of that token (the old state where a row adds nothing).
+    qk_all_BJC = jnp.concatenate([cache.qk_BPC, qk_BTC.astype(cache.qk_BPC.dtype)], axis=1)
+    P = cache.qk_BPC.shape[1]
+    qk_BPC = jnp.take_along_axis(qk_all_BJC, (num_new_B[:, None] + jnp.arange(P)[None])[..., None], axis=1)
+    v_all_BTV = jnp.concatenate([v_prev_BV[:, None], v_now_BTV], axis=1)  # [B, 1 + T, V]
+    v_prev_BV = jnp.take_along_axis(v_all_BTV, num_new_B[:, None, None], axis=1)[:, 0]
+    return self.output(out_BTHE), CCACache(k_BSKE, v_BSKE, qk_BPC, v_prev_BV.astype(cache.v_prev_BV.dtype))

@@ -47,8 +47,18 @@ class DecoderLayer(nnx.Module):
     self.dtype = cfg.compute_dtype
 
   def __call__(self, x_BTD, router_state_BTR, segment_ids_BT, positions_BT):
-    h = self.input_layernorm(x_BTD.astype(self.dtype))
-    x_BTD = self.post_attention_residual_scale(self.self_attn(h, segment_ids_BT, positions_BT), x_BTD)
+    a_BTD = self.self_attn(self.input_layernorm(x_BTD.astype(self.dtype)), segment_ids_BT, positions_BT)
+    return self.after_attention(a_BTD, x_BTD, router_state_BTR)
+
+  def extend(self, x_BTD, router_state_BTR, positions_BT, num_new_B, cache):
+    """The cached path (see CCAttention.extend): (x, router state, routing, updated cache)."""
+    a_BTD, cache = self.self_attn.extend(self.input_layernorm(x_BTD.astype(self.dtype)), positions_BT, num_new_B,
+                                         cache)
+    return *self.after_attention(a_BTD, x_BTD, router_state_BTR), cache
+
+  def after_attention(self, a_BTD, x_BTD, router_state_BTR):
+    """Residual merge of the attention output, then the MoE half of the layer."""
+    x_BTD = self.post_attention_residual_scale(a_BTD, x_BTD)
     h = self.post_attention_layernorm(x_BTD.astype(self.dtype))
     m, router_state_BTR, routing = self.mlp(h, router_state_BTR)
     return self.post_mlp_residual_scale(m, x_BTD), router_state_BTR, routing
@@ -74,11 +84,16 @@ class ZayaModel(nnx.Module):
     self.norm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=pd)
     self.cfg = cfg
 
-  def __call__(self, input_ids_BT, segment_ids_BT, positions_BT):
+  def embed(self, input_ids_BT):
+    """The fp32 residual stream entering layer 0."""
     dtype = self.cfg.compute_dtype
     e_BTD = jnp.take(self.embed_tokens.weight[...].astype(dtype), input_ids_BT, axis=0)
-    x_BTD = ((e_BTD + self.input_hidden_states_bias[...].astype(dtype))
-             * self.input_hidden_states_scale[...].astype(dtype)).astype(F32)
+    return ((e_BTD + self.input_hidden_states_bias[...].astype(dtype))
+            * self.input_hidden_states_scale[...].astype(dtype)).astype(F32)
+
+  def __call__(self, input_ids_BT, segment_ids_BT, positions_BT):
+    dtype = self.cfg.compute_dtype
+    x_BTD = self.embed(input_ids_BT)
     router_state = None
     probs, choices = [], []
     for layer in self.layers:
@@ -143,8 +158,12 @@ class ZayaForCausalLM(nnx.Module):
     if positions_BT is None:
       positions_BT = positions_from_segments(segment_ids_BT)
     h_BTD, router = self.model(input_ids_BT, segment_ids_BT, positions_BT)
+    return ZayaOutput(self.logits(h_BTD), router)
+
+  def logits(self, h_BTD):
+    """The LM head (tied to the embedding unless the config unties it) on final-norm outputs."""
     head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-    return ZayaOutput(linear(h_BTD, head.weight[...]), router)
+    return linear(h_BTD, head.weight[...])
 
 
 # Round every bf16 intermediate as the reference does: by default XLA may keep fused intermediates

@@ -36,14 +36,25 @@ def xla_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, causal: bool = False):
   K = k_BSKE.shape[2]
   q_BKGTE = q_BTHE.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)
   k_BKSE, v_BKSE = k_BSKE.transpose(0, 2, 1, 3), v_BSKE.transpose(0, 2, 1, 3)
-  # Up to QUERY_BLOCKS blocks whose lengths are multiples of 64 rows (vector-friendly reductions); 4 blocks skip
-  # 3/8 of the T x T square.
-  rows = -(-T // QUERY_BLOCKS // 64) * 64 if causal else T
-  out_BKGTE = jnp.concatenate([
-      _attend(q_BKGTE[:, :, :, t0:t0 + rows], k_BKSE[:, :, :t0 + rows], v_BKSE[:, :, :t0 + rows],
-              mask_BTS[:, t0:t0 + rows, :t0 + rows])
-      for t0 in range(0, T, rows)], axis=3)
+  if causal:
+    # Up to QUERY_BLOCKS blocks whose lengths are multiples of 64 rows (vector-friendly reductions); 4 blocks skip
+    # 3/8 of the T x T square.
+    rows = -(-T // QUERY_BLOCKS // 64) * 64
+    out_BKGTE = jnp.concatenate([
+        _attend(q_BKGTE[:, :, :, t0:t0 + rows], k_BKSE[:, :, :t0 + rows], v_BKSE[:, :, :t0 + rows],
+                mask_BTS[:, t0:t0 + rows, :t0 + rows])
+        for t0 in range(0, T, rows)], axis=3)
+  else:
+    out_BKGTE = _attend(q_BKGTE, k_BKSE, v_BKSE, mask_BTS)
   return out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
+
+
+def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+  """T new queries over a whole decode cache (S >= T keys, visibility given by the mask), eager-reference numerics.
+
+  Masked entries get probability exactly zero, so they must only be finite (the cache writes keep them so).
+  """
+  return xla_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, causal=False)
 
 
 def _attend(q_BKGTE, k_BKSE, v_BKSE, mask_BTS):
