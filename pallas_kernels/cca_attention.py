@@ -25,6 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.tuning import device_kind, dot_f32, is_power_of_two
+
 F32 = jnp.float32
 LOG2E = math.log2(math.e)
 # Finite, so a row whose keys in a block are all masked gives exp2(MASK - MASK) = 1 instead of NaN; that garbage is
@@ -48,25 +50,16 @@ _CONFIG_BY_DEVICE = {"gfx942": BLOCK_CONFIGS[0], "h100": BLOCK_CONFIGS[1], "h200
 
 
 def default_block_config(device: jax.Device | None = None) -> tuple[int, int, int, int]:
-  """The BLOCK_CONFIGS entry for a device (by its kind / gfx name), the fallback for anything else."""
-  device = device or jax.devices()[0]
-  kind = f"{getattr(device, 'device_kind', '')} {getattr(device, 'compute_capability', '')}".lower()
-  for key, config in _CONFIG_BY_DEVICE.items():
-    if key in kind:
-      return config
-  return BLOCK_CONFIGS[2]
-
-
-def _is_pow2(n) -> bool:
-  return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+  """The BLOCK_CONFIGS entry for a device (by `tuning.device_kind`), the fallback for anything else."""
+  return _CONFIG_BY_DEVICE.get(device_kind(device), BLOCK_CONFIGS[-1])
 
 
 def _check_static(block_q, block_k, num_warps, num_stages, sliding_window):
   # Interpret mode runs any shape; Triton lowering needs power-of-two arrays and tl.dot needs every dim >= 16.
   for name, value in (("block_q", block_q), ("block_k", block_k)):
-    if not (_is_pow2(value) and value >= 16):
+    if not (is_power_of_two(value) and value >= 16):
       raise ValueError(f"{name} must be a power of two >= 16 (Triton block and tl.dot rules), got {value!r}")
-  if not _is_pow2(num_warps):
+  if not is_power_of_two(num_warps):
     raise ValueError(f"num_warps must be a power of two, got {num_warps!r}")
   if not (isinstance(num_stages, int) and num_stages >= 1):
     raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
@@ -92,14 +85,6 @@ class _Static:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels. Refs arrive with the batch (and, where a BlockSpec says None, the head) dimension squeezed away.
-
-
-def _dot(a, b, contract=(1, 0)):
-  """a @ b contracting a's dim contract[0] with b's dim contract[1], fp32 accumulation. fp32 operands ask for
-  HIGHEST: the Triton lowering turns DEFAULT precision into TF32 (about 3e-4 relative error, measured on H200)."""
-  precision = lax.Precision.HIGHEST if a.dtype == F32 else None
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
-                         preferred_element_type=F32)
 
 
 def _mask(q_pos, k_pos, q_seg, k_seg, window):
@@ -132,13 +117,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, first_key_ref, *refs, st: _Static)
     acc, m_prev, l_prev = carry
     keys = pl.ds(j * bk, bk)
     k, v = k_ref[keys, :], v_ref[keys, :]
-    s = _dot(q, k, (1, 1)) * (st.scale * LOG2E)
+    s = dot_f32(q, k, (1, 1)) * (st.scale * LOG2E)
     s = jnp.where(_mask(q_pos, j * bk + jnp.arange(bk), q_seg, seg_ref[keys], st.window), s, MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     correction = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(s - m_next[:, None])
     l_next = l_prev * correction + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+    acc = acc * correction[:, None] + dot_f32(p.astype(v.dtype), v)
     return acc, m_next, l_next
 
   lo, hi = _key_block_range(q_start, first_key_ref, st)
@@ -162,12 +147,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, first_k
   def body(j, dq):
     keys = pl.ds(j * bk, bk)
     k, v = k_ref[keys, :], v_ref[keys, :]
-    s = _dot(q, k, (1, 1)) * (st.scale * LOG2E)
+    s = dot_f32(q, k, (1, 1)) * (st.scale * LOG2E)
     s = jnp.where(_mask(q_pos, j * bk + jnp.arange(bk), q_seg, seg_ref[keys], st.window), s, MASK_VALUE)
     p = jnp.exp2(s - lse[:, None])  # masked: exp2(MASK - lse) == 0
-    dp = _dot(do, v, (1, 1))
+    dp = dot_f32(do, v, (1, 1))
     ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
+    return dq + dot_f32(ds.astype(k.dtype), k)
 
   lo, hi = _key_block_range(q_start, first_key_ref, st)
   dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, F32))
@@ -201,13 +186,13 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, last_
       queries = pl.ds(i * bq, bq)
       q, do = q_ref[queries, h, :], do_ref[queries, h, :]
       lse, delta = lse_ref[h, queries], delta_ref[h, queries]
-      s = _dot(q, k, (1, 1)) * (st.scale * LOG2E)
+      s = dot_f32(q, k, (1, 1)) * (st.scale * LOG2E)
       s = jnp.where(_mask(i * bq + jnp.arange(bq), k_pos, seg_ref[queries], k_seg, st.window), s, MASK_VALUE)
       p = jnp.exp2(s - lse[:, None])
-      dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
-      dp = _dot(do, v, (1, 1))
+      dv = dv + dot_f32(p.astype(do.dtype), do, (0, 0))
+      dp = dot_f32(do, v, (1, 1))
       ds = p * (dp - delta[:, None])
-      dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
+      dk = dk + dot_f32(ds.astype(q.dtype), q, (0, 0))
       return dk, dv
 
     return lax.fori_loop(lo, hi, body, carry)

@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.tuning import device_kind, is_power_of_two
+from pallas_kernels.tuning import device_kind, dot_f32, is_power_of_two
 
 F32 = jnp.float32
 LOG2E = math.log2(math.e)
@@ -96,14 +96,6 @@ class _Static:
     return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def _dot(a, b, contract=(1, 0)):
-  """a @ b contracting a's dim contract[0] with b's dim contract[1], fp32 accumulation. fp32 operands ask for
-  HIGHEST: the Triton lowering turns DEFAULT precision into TF32 (about 3e-4 relative error, measured on H200)."""
-  precision = lax.Precision.HIGHEST if a.dtype == F32 else None
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
-                         preferred_element_type=F32)
-
-
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
   # len_ref [B] (all rows), q_ref [Gp, Ep] (this row's G heads of kv head kh, zero-padded), k_ref/v_ref [S, E] (this
   # row's cache of kv head kh, read in place). Outputs: acc_ref [Gp, Ep], m_ref/l_ref [Gp] (this row, head, split).
@@ -130,13 +122,13 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
     keys = (pl.ds(j * bk, bk), pl.ds(0, Ep))
     k = pltriton.load(k_ref.at[keys], mask=load_mask, other=0)
     v = pltriton.load(v_ref.at[keys], mask=load_mask, other=0)
-    s = _dot(q, k, (1, 1)) * (st.scale * LOG2E)
+    s = dot_f32(q, k, (1, 1)) * (st.scale * LOG2E)
     s = jnp.where(visible[None, :], s, MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     correction = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(s - m_next[:, None])
     l_next = l_prev * correction + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+    acc = acc * correction[:, None] + dot_f32(p.astype(v.dtype), v)
     return acc, m_next, l_next
 
   init = (jnp.zeros((Gp, Ep), F32), jnp.full((Gp,), -jnp.inf, F32), jnp.zeros((Gp,), F32))

@@ -53,6 +53,14 @@ def is_power_of_two(n: int) -> bool:
   return isinstance(n, int) and n > 0 and n & (n - 1) == 0
 
 
+def dot_f32(a, b, contract=(1, 0)):
+  """In-kernel a @ b contracting a's dim contract[0] with b's dim contract[1], fp32 accumulation. fp32 operands ask
+  for HIGHEST: the Triton lowering turns DEFAULT precision into TF32 (about 3e-4 relative error, measured on H200)."""
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jax.numpy.float32 else None
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
+                             preferred_element_type=jax.numpy.float32)
+
+
 def check_blocks(blocks: GmmBlocks | dict, what: str) -> None:
   """Raises ValueError naming the field if a block size or launch parameter breaks Triton's rules."""
   fields = dataclasses.asdict(blocks) if dataclasses.is_dataclass(blocks) else dict(blocks)
