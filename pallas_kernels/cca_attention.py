@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.tuning import device_kind, dot_f32, is_power_of_two
+from pallas_kernels.tuning import check_blocks, device_kind, dot_f32
 
 F32 = jnp.float32
 LOG2E = math.log2(math.e)
@@ -52,19 +52,6 @@ _CONFIG_BY_DEVICE = {"gfx942": BLOCK_CONFIGS[0], "h100": BLOCK_CONFIGS[1], "h200
 def default_block_config(device: jax.Device | None = None) -> tuple[int, int, int, int]:
   """The BLOCK_CONFIGS entry for a device (by `tuning.device_kind`), the fallback for anything else."""
   return _CONFIG_BY_DEVICE.get(device_kind(device), BLOCK_CONFIGS[-1])
-
-
-def _check_static(block_q, block_k, num_warps, num_stages, sliding_window):
-  # Interpret mode runs any shape; Triton lowering needs power-of-two arrays and tl.dot needs every dim >= 16.
-  for name, value in (("block_q", block_q), ("block_k", block_k)):
-    if not (is_power_of_two(value) and value >= 16):
-      raise ValueError(f"{name} must be a power of two >= 16 (Triton block and tl.dot rules), got {value!r}")
-  if not is_power_of_two(num_warps):
-    raise ValueError(f"num_warps must be a power of two, got {num_warps!r}")
-  if not (isinstance(num_stages, int) and num_stages >= 1):
-    raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
-  if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window > 0):
-    raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +311,8 @@ def flash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, sliding_window: i
   shrink to the padded length for short rows. T is padded to a block multiple and E to a power of two >= 16 here.
   interpret=None: interpret mode on CPU, compiled Triton elsewhere.
   """
-  _check_static(block_q, block_k, num_warps, num_stages, sliding_window)
+  check_blocks(dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                    sliding_window=sliding_window), "flash_attention")
   B, T, H, E = q_BTHE.shape
   Bk, S, K, Ek = k_BSKE.shape
   if (Bk, S, Ek) != (B, T, E) or v_BSKE.shape != k_BSKE.shape:

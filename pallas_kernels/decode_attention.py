@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.tuning import device_kind, dot_f32, is_power_of_two
+from pallas_kernels.tuning import check_blocks, device_kind, dot_f32
 
 F32 = jnp.float32
 LOG2E = math.log2(math.e)
@@ -63,20 +63,6 @@ _CONFIG_BY_DEVICE = {"gfx942": BLOCK_CONFIGS[0], "h100": BLOCK_CONFIGS[1], "h200
 def default_block_config(device: jax.Device | None = None) -> tuple[int, int, int, int]:
   """The BLOCK_CONFIGS entry for a device (by `pallas_kernels.tuning.device_kind`), the fallback for anything else."""
   return _CONFIG_BY_DEVICE[device_kind(device)]
-
-
-def _check_static(block_k, num_splits, num_warps, num_stages, sliding_window):
-  # Interpret mode runs any shape; Triton lowering needs power-of-two arrays and tl.dot needs every dim >= 16.
-  if not (is_power_of_two(block_k) and block_k >= 16):
-    raise ValueError(f"block_k must be a power of two >= 16 (Triton block and tl.dot rules), got {block_k!r}")
-  if not (isinstance(num_splits, int) and num_splits >= 1):
-    raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-  if num_warps not in (1, 2, 4, 8, 16):
-    raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
-  if not (isinstance(num_stages, int) and num_stages >= 1):
-    raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
-  if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window > 0):
-    raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +174,8 @@ def decode_attention(q_BHE, k_cache_BSKE, v_cache_BSKE, lengths_B, *, sliding_wi
   output [B, H, E] in q's dtype. block_k must be a power of two >= 16 (see BLOCK_CONFIGS); it shrinks for short
   caches, and num_splits shrinks to the number of key blocks. interpret=None: interpret mode on CPU, Triton elsewhere.
   """
-  _check_static(block_k, num_splits, num_warps, num_stages, sliding_window)
+  check_blocks(dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                    sliding_window=sliding_window), "decode_attention")
   B, H, E = q_BHE.shape
   Bk, S, K, Ek = k_cache_BSKE.shape
   if (Bk, Ek) != (B, E) or v_cache_BSKE.shape != k_cache_BSKE.shape:

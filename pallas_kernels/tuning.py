@@ -62,15 +62,16 @@ def dot_f32(a, b, contract=(1, 0)):
 
 
 def check_blocks(blocks: GmmBlocks | dict, what: str) -> None:
-  """Raises ValueError naming the field if a block size or launch parameter breaks Triton's rules."""
+  """Raises ValueError naming the field if a launch parameter breaks Triton's rules (checked before tracing:
+  interpret mode runs any shape). Blocks: powers of two (lowering) and >= 16 (tl.dot); num_warps 1-16, a power of
+  two; num_stages / num_splits positive; sliding_window None or positive."""
   fields = dataclasses.asdict(blocks) if dataclasses.is_dataclass(blocks) else dict(blocks)
   for name, value in fields.items():
-    if name.startswith("block_") and not is_power_of_two(value):
-      raise ValueError(f"{what}.{name}={value!r}: Triton needs power-of-two block sizes")
+    if name.startswith("block_") and not (is_power_of_two(value) and value >= 16):
+      raise ValueError(f"{what}.{name}={value!r}: Triton needs power-of-two blocks of at least 16")
     if name == "num_warps" and value not in (1, 2, 4, 8, 16):
       raise ValueError(f"{what}.num_warps={value!r}: must be 1, 2, 4, 8 or 16")
-    if name == "num_stages" and not (isinstance(value, int) and value >= 1):
-      raise ValueError(f"{what}.num_stages={value!r}: must be a positive int")
-  for name in ("block_m", "block_k", "block_n"):
-    if name in fields and fields[name] < 16:
-      raise ValueError(f"{what}.{name}={fields[name]}: Triton's dot needs blocks of at least 16")
+    if name in ("num_stages", "num_splits") and not (isinstance(value, int) and value >= 1):
+      raise ValueError(f"{what}.{name}={value!r}: must be a positive int")
+    if name == "sliding_window" and value is not None and not (isinstance(value, int) and value > 0):
+      raise ValueError(f"{what}.sliding_window={value!r}: must be None or a positive int")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import cca_attention as ca
+from pallas_kernels.tuning import check_blocks
 from zaya_jax.ops.attention import causal_mask, xla_attention
 
 # The Pallas Triton backend warns that it is deprecated on every pallas_call; that is known (JAX_ANCHORS.md §2.3).
@@ -107,7 +108,7 @@ def test_static_checks_name_the_parameter(kw, name):
 def test_block_configs_are_triton_legal():
   assert len(ca.BLOCK_CONFIGS) >= 3
   for block_q, block_k, num_warps, num_stages in ca.BLOCK_CONFIGS:
-    ca._check_static(block_q, block_k, num_warps, num_stages, None)
+    check_blocks(dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages), "attention")
 
 
 DISABLED = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]

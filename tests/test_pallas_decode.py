@@ -14,6 +14,7 @@ import pytest
 
 from pallas_kernels import decode_attention as da
 from pallas_kernels.cca_attention import attention_reference
+from pallas_kernels.tuning import check_blocks
 
 # The Pallas Triton backend warns that it is deprecated on every pallas_call; that is known (JAX_ANCHORS.md §2.3).
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -113,7 +114,7 @@ def test_shape_checks():
 def test_block_configs_are_triton_legal():
   assert len(da.BLOCK_CONFIGS) >= 3
   for config in da.BLOCK_CONFIGS:
-    da._check_static(*config, None)
+    check_blocks(dict(zip(("block_k", "num_splits", "num_warps", "num_stages"), config, strict=True)), "decode")
   assert da.default_block_config() == da.BLOCK_CONFIGS[2]  # this CPU is no tuned GPU
 
 
