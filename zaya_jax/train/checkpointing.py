@@ -1,0 +1,95 @@
+"""Run checkpoints with Orbax: the train state, the data iterator and the model config, saved together per step.
+
+Layout of a run directory's `checkpoints/`: one folder per step, written by Orbax's CheckpointManager (async by
+default). Orbax writes a step into a temporary folder and renames it only once every part is on disk, and lists only
+finished steps, so a save interrupted by a crash (even `kill -9` mid-write) is never picked up: the run resumes from
+the previous complete step.
+
+Each step holds `state` (the TrainState pytree), `data` (the grain iterator's position, one file per process) and
+`meta` (JSON: the step and the model config), which is read first so that a checkpoint of another model fails with
+a message naming the differing fields rather than a shape error from deep inside Orbax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from zaya_jax.checkpoint.hf import CheckpointError
+from zaya_jax.config import ZayaConfig
+
+
+class RunCheckpointer:
+  """Saves and restores (state, data iterator) at steps of a run; a context manager that waits for writes on exit."""
+
+  def __init__(self, directory: str | os.PathLike, *, save_every: int, max_to_keep: int, use_async: bool = True):
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_every, enable_async_checkpointing=use_async, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iter, model_config: ZayaConfig, *, force: bool = False) -> bool:
+    """Starts saving (returns once the arrays are copied off the device); False when the interval skips the step."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave({"step": int(step), "model_config": dataclasses.asdict(model_config)}))
+    return self.manager.save(step, args=args, force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state, data_iter, model_config: ZayaConfig):
+    """The state saved at `step` (shaped and sharded like `abstract_state`); moves `data_iter` to its position."""
+    where = os.path.join(self.directory, str(step))
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # Orbax raises many types for unreadable folders
+      raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from e
+    saved = meta.get("model_config", {})
+    current = dataclasses.asdict(model_config)
+    differing = {k: (saved.get(k), v) for k, v in current.items() if _jsonable(saved.get(k)) != _jsonable(v)}
+    if differing:
+      described = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(differing.items()))
+      raise CheckpointError(f"checkpoint {where} was written for another model ({described}); start a new workdir "
+                            "or run with the checkpoint's config")
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {where} cannot be restored into this run's state: "
+                            f"{type(e).__name__}: {e}") from e
+    return restored["state"]
+
+
+def _jsonable(value):
+  """Config values as JSON stores them (tuples become lists)."""
+  if isinstance(value, (tuple, list)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  return value
+
+
+def abstract_like(state):
+  """ShapeDtypeStructs (with shardings) of a state: the restore target."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

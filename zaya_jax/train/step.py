@@ -1,0 +1,206 @@
+"""The training state and step: pure functions of (state, batch), jitted once with the state donated.
+
+B batch (global, per step), A gradient-accumulation micro-batches, T sequence, V vocab, L layers, X1 router classes.
+
+A batch is a dict of int32 [B, T] arrays: `input_ids`, `segment_ids` (documents are contiguous runs of equal ids;
+0 marks padding), `targets` (the next token) and `loss_mask` (1 where the target is scored). The loss is the mean
+cross entropy over scored tokens of the whole batch (the same whether or not it is split into micro-batches), plus
+an optional z-loss and, in `aux_loss` balancing mode, the balance loss. Master parameters keep `param_dtype` (fp32 for
+training); the model casts them to its compute dtype at use, so `dtype="bfloat16"` trains in bf16 with fp32 masters.
+
+A step whose loss or gradient norm is not finite changes nothing (the state passes through) and reports
+`finite = False`; the loop stops on it without saving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from zaya_jax.config import ZayaConfig
+from zaya_jax.model.decoder import ZayaForCausalLM
+from zaya_jax.model.moe import BalancingBiases
+from zaya_jax.train import balancing
+from zaya_jax.train.balancing import BalancingConfig, PIDState
+from zaya_jax.train.optim import OptimizerConfig, make_optimizer
+
+BATCH_KEYS = ("input_ids", "segment_ids", "targets", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  grad_accum: int = 1  # micro-batches per step; the batch size must be a multiple
+  z_loss_weight: float = 0.0  # weight of mean(logsumexp(logits)^2) over scored tokens
+
+  def __post_init__(self):
+    if not (isinstance(self.grad_accum, int) and self.grad_accum >= 1):
+      raise ValueError(f"StepConfig.grad_accum: must be a positive int, got {self.grad_accum!r}")
+    if self.z_loss_weight < 0:
+      raise ValueError(f"StepConfig.z_loss_weight: must be non-negative, got {self.z_loss_weight}")
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32, steps taken
+  params: nnx.State  # the model's nnx.Param variables (master copy)
+  biases: nnx.State  # the routers' BalancingBiases (moved by the PID controller, not by gradients)
+  opt_state: Any
+  pid: PIDState
+  key: jax.Array  # uint32 raw key data (plain arrays checkpoint everywhere); split once per step
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Everything static about training: the model structure, the optimizer and the step's settings."""
+
+  model_config: ZayaConfig
+  graphdef: Any
+  optimizer: optax.GradientTransformation
+  step_config: StepConfig
+  balancing: BalancingConfig
+
+  def merge(self, params, biases) -> ZayaForCausalLM:
+    return nnx.merge(self.graphdef, params, biases)
+
+
+def split_model(model: ZayaForCausalLM):
+  """(graphdef, params, biases); raises if the model holds variables of any other kind."""
+  graphdef, params, biases, rest = nnx.split(model, nnx.Param, BalancingBiases, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(f"the model holds variables that are neither Params nor BalancingBiases: {rest}")
+  return graphdef, params, biases
+
+
+def create(model: ZayaForCausalLM, opt_cfg: OptimizerConfig, step_cfg: StepConfig, bal_cfg: BalancingConfig,
+           total_steps: int, seed: int) -> tuple[Trainer, TrainState]:
+  """The static trainer and the initial state from a built (or loaded) model."""
+  graphdef, params, biases = split_model(model)
+  # The step donates its state; copies keep the caller's model usable afterwards.
+  params, biases = jax.tree.map(jnp.copy, (params, biases))
+  optimizer = make_optimizer(opt_cfg, params, total_steps)
+  cfg = model.config
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, biases=biases, opt_state=optimizer.init(params),
+      pid=balancing.init_pid(cfg.num_layers, cfg.moe.num_experts),
+      key=jax.random.key_data(jax.random.key(seed)))
+  return Trainer(cfg, graphdef, optimizer, step_cfg, bal_cfg), state
+
+
+def check_batch(batch: dict, model_config: ZayaConfig, step_cfg: StepConfig) -> None:
+  """Host-side checks before the jitted step: keys, shapes, dtypes, token ids."""
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"batch lacks {missing}; a batch has {list(BATCH_KEYS)}")
+  shape = jnp.shape(batch["input_ids"])
+  for k in BATCH_KEYS:
+    if jnp.shape(batch[k]) != shape or len(shape) != 2:
+      raise ValueError(f"batch[{k!r}] has shape {jnp.shape(batch[k])}; every entry must be [batch, seq] = {shape}")
+  if shape[0] % step_cfg.grad_accum:
+    raise ValueError(f"batch size {shape[0]} is not a multiple of grad_accum={step_cfg.grad_accum}")
+  for k in ("input_ids", "targets"):
+    if not isinstance(batch[k], jax.core.Tracer):
+      ids = jnp.asarray(batch[k])
+      if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= model_config.vocab_size):
+        raise ValueError(f"batch[{k!r}] holds ids outside the model's vocabulary [0, {model_config.vocab_size})")
+
+
+def _micro_loss(trainer: Trainer, params, biases, micro: dict, num_scored):
+  """Summed losses of one micro-batch divided by the whole batch's scored-token count, and its routing."""
+  model = trainer.merge(params, biases)
+  out = model(micro["input_ids"], micro["segment_ids"])
+  logits_BTV = out.logits_BTV.astype(jnp.float32)
+  mask_BT = micro["loss_mask"].astype(jnp.float32)
+  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, micro["targets"][..., None], axis=-1)[..., 0]
+  ce_sum = ((lse_BT - target_logit_BT) * mask_BT).sum()
+  z_sum = (lse_BT**2 * mask_BT).sum()
+  valid_BT = micro["segment_ids"] > 0
+  L, B, T = out.router.choice_LBT.shape
+  X1 = trainer.model_config.moe.num_router_classes
+  onehot_LBTX1 = jax.nn.one_hot(out.router.choice_LBT, X1, dtype=jnp.int32) * valid_BT[None, ..., None]
+  counts_LX1 = onehot_LBTX1.sum((1, 2))
+  probs_LMX1 = out.router.probs_LBTX1.reshape(L, B * T, X1).astype(jnp.float32)
+  entropy_sum_L = (-(probs_LMX1 * jnp.log(jnp.maximum(probs_LMX1, 1e-12))).sum(-1) * valid_BT.reshape(-1)).sum(-1)
+  loss = (ce_sum + trainer.step_config.z_loss_weight * z_sum) / num_scored
+  aux = jnp.zeros((), jnp.float32)
+  if trainer.balancing.mode == "aux_loss":
+    # Per micro-batch, weighted by its share of the batch (exact for equal micro-batches).
+    aux = balancing.aux_loss(probs_LMX1, out.router.choice_LBT.reshape(L, B * T), valid_BT.reshape(-1))
+    loss = loss + trainer.balancing.aux_loss_weight * aux / trainer.step_config.grad_accum
+  stats = dict(ce_sum=ce_sum, z_sum=z_sum, counts_LX1=counts_LX1, entropy_sum_L=entropy_sum_L,
+               valid=valid_BT.sum(), aux=aux / trainer.step_config.grad_accum)
+  return loss, stats
+
+
+def train_step(trainer: Trainer, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  """One optimizer step over `batch` (A micro-batches accumulated in a scan). Pure; jit it with `jit_train_step`."""
+  A = trainer.step_config.grad_accum
+  num_scored = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+  grad_fn = jax.value_and_grad(functools.partial(_micro_loss, trainer), has_aux=True)
+
+  if A == 1:
+    (loss, stats), grads = grad_fn(state.params, state.biases, batch, num_scored)
+  else:
+    micro_batches = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+
+    def accumulate(carry, micro):
+      (loss, stats), grads = grad_fn(state.params, state.biases, micro, num_scored)
+      return jax.tree.map(jnp.add, carry, (loss, stats, grads)), None
+
+    zero = jax.eval_shape(lambda m: grad_fn(state.params, state.biases, m, num_scored),
+                          jax.tree.map(lambda x: x[0], micro_batches))
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zero[0][0], zero[0][1], zero[1]))
+    (loss, stats, grads), _ = jax.lax.scan(accumulate, zero, micro_batches)
+
+  updates, opt_state = trainer.optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  biases, pid = state.biases, state.pid
+  if trainer.balancing.mode == "pid":
+    names = sorted(nnx.to_flat_state(state.biases), key=lambda kv: _layer_index(kv[0]))
+    biases_LX1 = jnp.stack([v[...] for _, v in names])
+    biases_LX1, pid = balancing.pid_update(trainer.balancing, state.pid, biases_LX1, stats["counts_LX1"])
+    biases = _set_biases(state.biases, biases_LX1)
+
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  key = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.key))[0])
+  new_state = TrainState(state.step + 1, params, biases, opt_state, pid, key)
+  # A non-finite step must leave nothing behind: the old state passes through unchanged.
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+
+  valid = jnp.maximum(stats["valid"], 1).astype(jnp.float32)
+  metrics = dict(
+      loss=loss, ce_loss=stats["ce_sum"] / num_scored, z_loss=stats["z_sum"] / num_scored, aux_loss=stats["aux"],
+      grad_norm=grad_norm, finite=finite, scored_tokens=num_scored, router_entropy=stats["entropy_sum_L"] / valid,
+      **balancing.routing_metrics(stats["counts_LX1"]))
+  return new_state, metrics
+
+
+def _layer_index(path) -> int:
+  """Layer number in a path like ('model', 'layers', 3, 'mlp', 'gate', 'balancing_biases')."""
+  return int(path[list(path).index("layers") + 1])
+
+
+def _set_biases(biases: nnx.State, biases_LX1) -> nnx.State:
+  flat = nnx.to_flat_state(biases)
+  updated = [(path, var.replace(biases_LX1[_layer_index(path)])) for path, var in flat]
+  return nnx.from_flat_state(updated)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def jit_train_step(trainer: Trainer, state: TrainState, batch: dict):
+  return train_step(trainer, state, batch)
+
+
+def eval_loss(trainer: Trainer, state: TrainState, batch: dict):
+  """(summed cross entropy over scored tokens, scored tokens) of one batch; jit with `jit_eval_loss`."""
+  stats = _micro_loss(trainer, state.params, state.biases, batch, 1.0)[1]
+  return stats["ce_sum"], batch["loss_mask"].astype(jnp.float32).sum()
+
+
+jit_eval_loss = jax.jit(eval_loss, static_argnums=0)
