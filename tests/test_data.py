@@ -1,0 +1,344 @@
+"""Data pipeline and tokenizer: packing, split, sharding, determinism, exact resume, inputs and their errors."""
+
+import dataclasses
+import gzip
+import math
+import os
+
+import grain
+import numpy as np
+import pytest
+
+from zaya_jax.tokenizer import load_or_train, load_tokenizer, train_bpe
+from zaya_jax.train.data import DataConfig, _subset, default_documents, make_data, write_token_records
+
+T, B = 32, 4
+_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+          "upsilon phi chi psi omega the of and to in is it that").split()
+
+
+def _write_corpus(root, n_docs=24, seed=0):
+  """Text files of 3..120 words (several longer than one row of T tokens), returns {name: text}."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(root, exist_ok=True)
+  texts = {}
+  for k in range(n_docs):
+    n = int(rng.integers(3, 120))
+    text = " ".join(rng.choice(_WORDS, n)) + ("\n" if k % 3 else ".\nend\n")
+    with open(os.path.join(root, f"doc{k:02d}.txt"), "w") as f:
+      f.write(text)
+    texts[f"{os.path.basename(root)}/doc{k:02d}.txt"] = text
+  return texts
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  base = tmp_path_factory.mktemp("data")
+  texts = _write_corpus(str(base / "corpus"))
+  run_dir = str(base / "run")
+  cfg = DataConfig(paths=(str(base / "corpus"),), seq_len=T, batch_size=B, vocab_size=300, eval_fraction=0.2,
+                   num_threads=1, prefetch=0)
+  return cfg, run_dir, texts
+
+
+def _runs(segment_ids_T):
+  """(start, stop) of each contiguous run of one nonzero segment id."""
+  out, t = [], 0
+  while t < len(segment_ids_T):
+    if segment_ids_T[t] == 0:
+      t += 1
+      continue
+    start = t
+    while t < len(segment_ids_T) and segment_ids_T[t] == segment_ids_T[start]:
+      t += 1
+    out.append((start, t))
+  return out
+
+
+def _check_row(row, eos):
+  seg_T, ids_T, tgt_T = row["segment_ids"], row["input_ids"], row["targets"]
+  runs = _runs(seg_T)
+  assert [int(seg_T[a]) for a, _ in runs] == list(range(1, len(runs) + 1))  # 1, 2, ... per piece
+  assert not seg_T[runs[-1][1]:].any() if runs else not seg_T.any()  # padding only at the tail
+  np.testing.assert_array_equal(row["loss_mask"], (seg_T > 0).astype(np.float32))
+  for start, stop in runs:
+    np.testing.assert_array_equal(tgt_T[start:stop - 1], ids_T[start + 1:stop])  # next token, same document
+    if stop < len(seg_T):
+      assert tgt_T[stop - 1] == eos  # a piece that ends inside a row ends its document
+
+
+def _rows(batches):
+  for batch in batches:
+    for b in range(len(batch["input_ids"])):
+      yield {k: v[b] for k, v in batch.items()}
+
+
+def _stitch(rows, eos):
+  """Documents (ids incl. final eos) from rows in order; a piece not ending in eos continues in the next row."""
+  docs, cur, expect = [], [], None
+  for row in rows:
+    _check_row(row, eos)
+    for i, (start, stop) in enumerate(_runs(row["segment_ids"])):
+      if expect is not None:
+        assert i == 0 and row["input_ids"][start] == expect  # continuation starts the next row
+      cur += row["input_ids"][start:stop].tolist()
+      last = int(row["targets"][stop - 1])
+      if last == eos:
+        docs.append([*cur, eos])
+        cur, expect = [], None
+      else:
+        expect = last
+  return docs, cur
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _equal(a, b):
+  return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+
+
+def _expected_docs(tokenizer, texts, names):
+  return [[*tokenizer.encode(texts[n]), tokenizer.eos_id] for n in names]
+
+
+def test_packing_reconstructs_documents_and_eval_split(corpus):
+  cfg, run_dir, texts = corpus
+  data = make_data(dataclasses.replace(cfg, shuffle=False), run_dir, model_vocab_size=512,
+                   process_index=0, process_count=1)
+  tok = data.tokenizer
+  assert (tok.pad_id, tok.eos_id) == (0, 1) and tok.vocab_size <= 300
+  n_eval = math.ceil(0.2 * len(texts))
+  assert (data.info.num_eval_docs, data.info.num_train_docs) == (n_eval, len(texts) - n_eval)
+
+  # Eval: one finite pass in corpus order; every batch full-shaped, the tail padded.
+  eval_batches = list(data.eval)
+  assert all(b["input_ids"].shape == (B, T) for b in eval_batches)
+  assert {k: v.dtype for k, v in eval_batches[0].items()} == {
+      "input_ids": np.int32, "segment_ids": np.int32, "targets": np.int32, "loss_mask": np.float32}
+  eval_docs, rest = _stitch(_rows(eval_batches), tok.eos_id)
+  assert rest == [] and eval_batches[-1]["loss_mask"][-1].sum() < T  # padding present in the last row
+  by_ids = {tuple(d): n for n, d in zip(texts, _expected_docs(tok, texts, list(texts)))}
+  eval_names = [by_ids[tuple(d)] for d in eval_docs]
+  assert len(set(eval_names)) == n_eval and eval_names == sorted(eval_names)
+  assert tok.decode(eval_docs[0][:-1]) == texts[eval_names[0]]  # byte-level BPE round-trips the text
+
+  # Train, unshuffled: the first epoch is exactly the remaining documents in corpus order; long ones span rows.
+  train_names = [n for n in texts if n not in eval_names]
+  want = _expected_docs(tok, texts, train_names)
+  n_batches = math.ceil(sum(len(d) - 1 for d in want) / (B * T)) + 1
+  docs, _ = _stitch(_rows(_take(iter(data.train), n_batches)), tok.eos_id)
+  assert docs[:len(want)] == want
+  assert max(len(d) for d in want) > T  # the corpus does exercise splitting across rows
+  assert data.info.num_train_tokens == sum(len(d) - 1 for d in want)
+
+
+def test_shuffled_rows_determinism_and_seeds(corpus):
+  cfg, run_dir, _ = corpus
+  make = lambda **kw: make_data(dataclasses.replace(cfg, **kw), run_dir, process_index=0, process_count=1)
+  a = _take(iter(make(shuffle_window=8).train), 6)
+  b = _take(iter(make(shuffle_window=8, num_threads=2, prefetch=2).train), 6)
+  c = _take(iter(make(shuffle_window=8, seed=1).train), 6)
+  d = _take(iter(make(shuffle=False).train), 6)
+  assert _equal(a, b)  # threads and prefetch do not change the order
+  assert not _equal(a, c) and not _equal(a, d)
+  for row in _rows(a):
+    _check_row(row, eos=1)
+    assert row["loss_mask"].all()  # train rows are always full
+  # The held-out documents do not depend on the seed.
+  eval_a = [x["input_ids"] for x in make().eval]
+  eval_c = [x["input_ids"] for x in make(seed=7).eval]
+  assert all(np.array_equal(x, y) for x, y in zip(eval_a, eval_c, strict=True))
+
+
+def test_host_sharding_is_a_partition_of_the_global_batch(corpus):
+  cfg, run_dir, _ = corpus
+  cfg = dataclasses.replace(cfg, shuffle_window=8)
+  whole = _take(iter(make_data(cfg, run_dir, process_index=0, process_count=1).train), 4)
+  parts = [make_data(cfg, run_dir, process_index=p, process_count=2) for p in range(2)]
+  assert [p.local_batch_size for p in parts] == [B // 2, B // 2]
+  hosts = [_take(iter(p.train), 4) for p in parts]
+  for step in range(4):
+    for k in whole[step]:
+      assert hosts[0][step][k].shape == (B // 2, T)
+      np.testing.assert_array_equal(np.concatenate([hosts[0][step][k], hosts[1][step][k]]), whole[step][k])
+  evals = [list(p.eval) for p in parts]
+  np.testing.assert_array_equal(np.concatenate([evals[0][0]["input_ids"], evals[1][0]["input_ids"]]),
+                                next(iter(make_data(cfg, run_dir, process_index=0, process_count=1).eval))["input_ids"])
+  with pytest.raises(ValueError, match=r"batch_size 4 is not divisible by process_count 3"):
+    make_data(cfg, run_dir, process_index=0, process_count=3)
+
+
+@pytest.mark.parametrize("skip", [0, 3, 7])
+def test_resume_get_set_state(corpus, skip):
+  cfg, run_dir, _ = corpus
+  data = make_data(dataclasses.replace(cfg, shuffle_window=8, prefetch=2), run_dir, process_index=0, process_count=1)
+  it = iter(data.train)
+  _take(it, skip)
+  state = it.get_state()
+  want = _take(it, 5)
+  it2 = iter(data.train)
+  it2.set_state(state)
+  assert _equal(_take(it2, 5), want)
+  it.close()
+  it2.close()
+
+
+def test_resume_through_orbax_checkpoint_manager(corpus, tmp_path):
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+
+  cfg, run_dir, _ = corpus
+  data = make_data(dataclasses.replace(cfg, shuffle_window=8), run_dir, process_index=0, process_count=1)
+  it = iter(data.train)
+  _take(it, 5)
+  state = {"w": jnp.arange(3.0)}
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                         data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  want = _take(it, 3)
+  it2 = iter(data.train)
+  _take(it2, 1)  # a fresh iterator somewhere else; the restore must move it
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+    restored = mngr.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
+                                                       data=grain.checkpoint.CheckpointRestore(it2)))
+  np.testing.assert_array_equal(restored["state"]["w"], state["w"])
+  assert _equal(_take(it2, 3), want)
+
+
+def test_tokenizer_cache_round_trip(corpus, tmp_path):
+  cfg, run_dir, texts = corpus
+  make_data(cfg, run_dir, process_index=0, process_count=1)  # trains the BPE into run_dir if not done yet
+
+  def fail():
+    raise AssertionError("a cached tokenizer must not read the corpus")
+
+  first = load_or_train(run_dir, fail, vocab_size=300)
+  sample = next(iter(texts.values()))
+  again = load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
+  assert first.encode(sample) == again.encode(sample) and first.fingerprint == again.fingerprint
+  with pytest.raises(ValueError, match=r"vocabulary size .* > requested vocab_size 260"):
+    load_or_train(run_dir, fail, vocab_size=260)
+  fresh = train_bpe(list(texts.values()), 300, tmp_path / "t" / "tokenizer.json")
+  assert fresh.encode(sample) == first.encode(sample)  # training is deterministic too
+
+  # The token-id cache: a second make_data reads the .npz and gives identical batches.
+  a = make_data(cfg, run_dir, process_index=0, process_count=1)
+  b = make_data(cfg, run_dir, process_index=0, process_count=1)
+  assert b.info.cache_hit and a.info.cache_file == b.info.cache_file and os.path.isfile(b.info.cache_file)
+  assert _equal(_take(iter(a.train), 2), _take(iter(b.train), 2))
+
+  # A user tokenizer.json (a folder with a tokenizer_config.json naming the special tokens) is used as given.
+  folder = tmp_path / "hf"
+  folder.mkdir()
+  (folder / "tokenizer.json").write_text(first.hf.to_str())
+  (folder / "tokenizer_config.json").write_text('{"eos_token": {"content": "<pad>"}, "pad_token": "<eos>"}')
+  user = load_tokenizer(folder)
+  assert (user.eos_id, user.pad_id, user.vocab_size) == (0, 1, first.vocab_size)
+  with pytest.raises(FileNotFoundError, match=r"missing"):
+    load_tokenizer(tmp_path / "missing")
+  data = make_data(dataclasses.replace(cfg, tokenizer=str(folder)), tmp_path / "run2", process_index=0,
+                   process_count=1)
+  # ... and copied into the run dir (with its config, so eos/pad resolve the same when the run dir is reloaded).
+  assert data.tokenizer.eos_id == 0 and load_tokenizer(tmp_path / "run2").eos_id == 0
+  assert (tmp_path / "run2" / "tokenizer.json").read_text() == first.hf.to_str()
+  again = make_data(dataclasses.replace(cfg, tokenizer=str(folder)), tmp_path / "run2", process_index=0,
+                    process_count=1)  # the same tokenizer again: fine, and the ids come from the cache
+  assert again.info.cache_hit
+  with pytest.raises(ValueError, match=r"run2/tokenizer.json differs from the requested tokenizer"):
+    other = train_bpe(list(texts.values()), 280, tmp_path / "other" / "tokenizer.json").path
+    make_data(dataclasses.replace(cfg, tokenizer=other), tmp_path / "run2", process_index=0,
+              process_count=1)
+
+
+def test_array_record_input(tmp_path):
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(2, 500, int(rng.integers(1, 90))) for _ in range(30)]
+  path = str(tmp_path / "ids.array_record")
+  assert write_token_records(path, docs, eos_id=1) == 30
+  cfg = DataConfig(paths=(path,), seq_len=T, batch_size=B, eval_fraction=0.1, shuffle=False, prefetch=0)
+  data = make_data(cfg, tmp_path / "run", model_vocab_size=512, process_index=0, process_count=1)
+  assert data.tokenizer is None and (data.info.num_train_docs, data.info.num_eval_docs) == (27, 3)
+  want = [[*d.tolist(), 1] for d in docs]
+  eval_docs, rest = _stitch(_rows(data.eval), eos=1)
+  assert rest == [] and len(eval_docs) == 3 and all(d in want for d in eval_docs)
+  train_want = [d for d in want if d not in eval_docs]
+  n_batches = math.ceil(sum(len(d) - 1 for d in train_want) / (B * T)) + 1
+  train_docs, _ = _stitch(_rows(_take(iter(data.train), n_batches)), eos=1)
+  assert train_docs[:len(train_want)] == train_want
+  with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 255\]"):
+    make_data(cfg, tmp_path / "run", model_vocab_size=256, process_index=0, process_count=1)
+
+
+def test_bad_inputs(corpus, tmp_path):
+  cfg, run_dir, _ = corpus
+
+  def make(paths, model_vocab_size=None, **kw):
+    return make_data(dataclasses.replace(cfg, paths=paths, **kw), run_dir, model_vocab_size=model_vocab_size,
+                     process_index=0, process_count=1)
+
+  missing = str(tmp_path / "nope.txt")
+  with pytest.raises(FileNotFoundError, match=r"data path not found: .*nope.txt"):
+    make((missing,))
+  with pytest.raises(FileNotFoundError, match=r"no files match .*\*.md"):
+    make((str(tmp_path / "*.md"),))
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(ValueError, match=r"empty.txt: no text"):
+    make((str(tmp_path / "empty.txt"),))
+  (tmp_path / "emptydir").mkdir()
+  (tmp_path / "emptydir" / "blank.txt").write_text("")
+  with pytest.raises(ValueError, match=r"emptydir: no text"):
+    make((str(tmp_path / "emptydir"),))
+  (tmp_path / "short.txt").write_text("alpha beta gamma\n")
+  with pytest.raises(ValueError, match=r"fewer than one batch of batch_size=4 x seq_len=32 = 128"):
+    make((str(tmp_path / "short.txt"),), eval_fraction=0.0)
+  with pytest.raises(ValueError, match=r"1 document.* cannot be split"):
+    make((str(tmp_path / "short.txt"),))
+  with pytest.raises(ValueError, match=r"vocabulary size 300 > the model's vocab_size 200"):
+    make(cfg.paths, model_vocab_size=200)
+  with pytest.raises(ValueError, match=r"DataConfig.batch_size"):
+    DataConfig(batch_size=0)
+  with pytest.raises(ValueError, match=r"DataConfig.eval_fraction"):
+    DataConfig(eval_fraction=1.0)
+  with pytest.raises(FileNotFoundError, match=r"ArrayRecord file not found: .*gone.array_record"):
+    make((str(tmp_path / "gone.array_record"),))
+  write_token_records(tmp_path / "none.array_record", [])
+  with pytest.raises(ValueError, match=r"none.array_record: no records"):
+    make((str(tmp_path / "none.array_record"),))
+  with pytest.raises(ValueError, match=r"mixes ArrayRecord files and text"):
+    make((str(tmp_path / "none.array_record"), str(tmp_path / "short.txt")))
+
+
+def test_default_corpus_discovery_and_subset(tmp_path):
+  share = tmp_path / "share"
+  (share / "games" / "fortunes").mkdir(parents=True)
+  (share / "games" / "fortunes" / "wisdom").write_text("one\n%\ntwo lines\nhere\n%\nthree\n")
+  (share / "games" / "fortunes" / "wisdom.dat").write_bytes(b"\0\0\1binary index")
+  (share / "doc" / "jargon-text").mkdir(parents=True)
+  (share / "doc" / "jargon-text" / "jargon.txt.gz").write_bytes(gzip.compress(b":hacker: n. someone\n"))
+  src = share / "doc" / "python3.11" / "html" / "_sources" / "library"
+  src.mkdir(parents=True)
+  (src / "os.rst.txt").write_text("os --- operating system interfaces\n")
+  stdlib = tmp_path / "lib"
+  (stdlib / "site-packages").mkdir(parents=True)
+  (stdlib / "site-packages" / "x.py").write_text("skipped = 1\n")
+  (stdlib / "abc.py").write_text("kept = 1\n")
+  docs = dict(default_documents(str(stdlib), str(share)))
+  assert docs["stdlib/abc.py"] == "kept = 1\n" and not any("site-packages" in n for n in docs)
+  assert [docs[f"fortunes/wisdom#{k}"] for k in range(3)] == ["one", "two lines\nhere", "three\n"]
+  assert docs["jargon/jargon.txt.gz"].startswith(":hacker:")
+  assert docs["python-doc/library/os.rst.txt"].startswith("os ---")
+  assert sum(n.startswith("pydoc_topics/") for n in docs) > 50
+
+  # The real default corpus, through a deterministic 200 kB subset.
+  corpus = default_documents()
+  assert sum(n.startswith("stdlib/") for n, _ in corpus) > 300
+  subset = _subset(corpus, 200_000)
+  assert subset == _subset(corpus, 200_000) and 0 < sum(len(t.encode()) for _, t in subset) <= 200_000
+  cfg = DataConfig(seq_len=64, batch_size=2, vocab_size=512, default_corpus_bytes=200_000, prefetch=0)
+  data = make_data(cfg, tmp_path / "run", process_index=0, process_count=1)
+  assert data.info.num_docs == len(subset) and data.info.num_bytes <= 200_000
+  batch = next(iter(data.train))
+  assert batch["input_ids"].shape == (2, 64) and batch["input_ids"].max() < 512

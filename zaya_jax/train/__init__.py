@@ -1,0 +1,1 @@
+"""Pretraining: data pipeline, train step, optimizer."""
