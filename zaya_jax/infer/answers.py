@@ -1,0 +1,164 @@
+"""Answer extraction, normalisation, voting and the population metrics (host side, plain Python).
+
+The sampler produces token pools; the caller detokenises them and uses these helpers:
+  extract_boxed(text)        the content of the last complete `\\boxed{...}` (nested braces allowed)
+  normalize_answer(s)        a light LaTeX/number normaliser, so that `\\dfrac{1}{2}` and `\\frac{1}{2}.` vote together
+  majority_vote(answers)     plurality over normalised answers; ties go to the answer seen first
+  mean_correct / pass_at_n / majority_at_n   the report's metric (mean over the final N), any-correct, vote-correct
+
+This is not a symbolic equivalence checker (no sympy): `0.5` and `\\frac{1}{2}` stay different answers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def _braced(text: str, open_at: int) -> str | None:
+  """The content of the brace group opening at text[open_at] == '{', or None when it never closes (truncated)."""
+  depth = 0
+  for i in range(open_at, len(text)):
+    if text[i] == "{":
+      depth += 1
+    elif text[i] == "}":
+      depth -= 1
+      if depth == 0:
+        return text[open_at + 1 : i]
+  return None
+
+
+def _box_at(text: str, start: int, command: str) -> str | None:
+  i = start + len(command)
+  if i < len(text) and text[i] == "{":
+    return _braced(text, i)
+  # `\boxed 5$`: the brace-less form some models write; the answer runs to the next `$` or whitespace.
+  if i < len(text) and text[i] == " ":
+    m = re.match(r" +([^\s$]+)", text[i:])
+    return m.group(1) if m else None
+  return None  # e.g. `\boxedfoo` is another macro
+
+
+def extract_boxed(text: str | None) -> str | None:
+  """The content of the last complete `\\boxed{...}` (or `\\fbox{...}`) in text, nested braces kept; else None.
+
+  An unclosed box (output truncated at the budget) is skipped and the previous complete one is used: it was the
+  model's last committed answer. An empty `\\boxed{}` (the format hint echoed from the prompt) returns "" so that
+  the caller can tell "no box" from "empty box"; `majority_vote` ignores both (spec P10).
+  """
+  if not text:
+    return None
+  positions = sorted((m.start(), cmd) for cmd in _BOX_COMMANDS for m in re.finditer(re.escape(cmd), text))
+  for start, cmd in reversed(positions):
+    content = _box_at(text, start, cmd)
+    if content is not None:
+      return content
+  return None
+
+
+_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\{([^{}]*)\}")
+_SPACING = re.compile(r"\\[,;:! ]|\\quad|\\qquad")
+_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+$")
+
+
+def normalize_answer(answer: str | None) -> str | None:
+  """Canonical form for comparing and voting; None/empty stay None.
+
+  Steps, each chosen because it only removes presentation: strip `$`, spacing macros, `\\left`/`\\right`, text
+  wrappers (`\\text{cm}` -> `cm`), degree marks and `%`; `\\dfrac`/`\\tfrac` -> `\\frac`; drop whitespace and a
+  trailing period; `x = 5` -> `5` for a single-letter left side; `1,000` -> `1000`; `5.00` -> `5`.
+  """
+  if answer is None:
+    return None
+  s = answer.strip().rstrip(".").strip().strip("$").strip()
+  s = s.replace("\\left", "").replace("\\right", "")
+  s = _SPACING.sub("", s)
+  for _ in range(3):  # nested wrappers, innermost first
+    s = _WRAPPERS.sub(r"\1", s)
+  s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+  s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\%", "").replace("%", "")
+  s = re.sub(r"\s+", "", s).rstrip(".")
+  s = re.sub(r"^[a-zA-Z]=", "", s)
+  if _THOUSANDS.match(s):
+    s = s.replace(",", "")
+  if re.fullmatch(r"-?\d+\.0+", s):
+    s = s.split(".")[0]
+  return s or None
+
+
+def is_equiv(answer: str | None, gold: str | None, normalize: Callable[[str | None], str | None] = normalize_answer):
+  """Normalised string equality; a missing answer is never correct."""
+  a, g = normalize(answer), normalize(gold)
+  return a is not None and a == g
+
+
+@dataclass(frozen=True)
+class Vote:
+  answer: str  # normalised winning answer
+  count: int  # votes for it
+  index: int  # representative candidate: the first finished one with this answer, else the first one
+  valid: int  # candidates that had an answer at all
+
+
+def majority_vote(
+  answers: Sequence[str | None],
+  finished: Sequence[bool] | None = None,
+  normalize: Callable[[str | None], str | None] = normalize_answer,
+) -> Vote | None:
+  """Plurality over normalised answers; None when no candidate has an answer.
+
+  Missing and empty answers (an echoed `\\boxed{}`) do not vote. Ties go to the answer whose first occurrence
+  comes earliest in `answers` — deterministic, and the rule of Zyphra's `rsa/` package. `finished` (EOS seen
+  rather than cut at the budget) only picks the representative candidate, not the answer (spec P10).
+  """
+  counts: dict[str, int] = {}
+  first: dict[str, int] = {}
+  for i, a in enumerate(answers):
+    key = normalize(a)
+    if key is None:
+      continue
+    counts[key] = counts.get(key, 0) + 1
+    first.setdefault(key, i)
+  if not counts:
+    return None
+  winner = min(counts, key=lambda k: (-counts[k], first[k]))
+  members = [i for i, a in enumerate(answers) if normalize(a) == winner]
+  index = members[0]
+  if finished is not None:
+    if len(finished) != len(answers):
+      raise ValueError(f"finished has {len(finished)} entries, answers has {len(answers)}")
+    index = next((i for i in members if finished[i]), members[0])
+  return Vote(winner, counts[winner], index, sum(counts.values()))
+
+
+def mean_correct(answers: Sequence[str | None], gold: str) -> float:
+  """Fraction of candidates that are correct: the report's metric (the expected accuracy of a uniform pick)."""
+  if not answers:
+    raise ValueError("mean_correct needs at least one answer")
+  return sum(is_equiv(a, gold) for a in answers) / len(answers)
+
+
+def pass_at_n(answers: Sequence[str | None], gold: str) -> float:
+  """1.0 when any candidate is correct (pass@N with N = len(answers))."""
+  return float(any(is_equiv(a, gold) for a in answers))
+
+
+def majority_at_n(answers: Sequence[str | None], gold: str) -> float:
+  """1.0 when the plurality answer is correct; no answer at all counts as wrong."""
+  vote = majority_vote(answers)
+  return float(vote is not None and is_equiv(vote.answer, gold))
+
+
+def answer_entropy(answers: Sequence[str | None]) -> float:
+  """Shannon entropy (nats) of the normalised answer distribution, missing answers as one class: a population's
+  diversity, which RSA rounds drive towards zero (spec P13)."""
+  counts: dict[str | None, int] = {}
+  for a in answers:
+    key = normalize_answer(a)
+    counts[key] = counts.get(key, 0) + 1
+  total = sum(counts.values())
+  return -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
