@@ -1,0 +1,180 @@
+"""Greedy batched decoding speed of zaya_jax.infer.generate against `transformers` generate, on this CPU.
+
+B batch rows, P prompt tokens per row, N new tokens per row.
+
+Builds one random reference model (tests/reference.make_reference: every parameter redrawn, so logits are spread out
+and greedy choices are far from ties), saves it, loads the same weights into zaya_jax, then generates N tokens for
+B prompts of P tokens greedily with both, checks that the tokens are identical, and times (interleaved, median of
+--reps): ours — one jitted program, ragged prefill plus a `lax.while_loop` of cached steps — against the reference's
+`generate(use_cache=True, do_sample=False)` with eager attention and experts, and with its default fast paths (sdpa
+attention, default experts implementation). No stop tokens: every row generates exactly N tokens in both.
+
+  python -m experiments.bench_decode            # from the repo root; B=16, P=32, N=128, ~2.6M-parameter fp32 model
+  python -m experiments.bench_decode --quick    # tiny smoke test, seconds
+
+The model shape flags (--hidden, --layers, --heads, --kv_heads, --head_dim, --experts, --moe_intermediate,
+--router_hidden, --vocab, --dtype, --seed, --reps, --warmup, --batch, --sdpa, --out) are experiments/bench_forward.py's,
+with the defaults below: hidden 256, 4 layers, 4:2 heads of 64, 8 experts of width 512, vocab 1024, fp32 — small
+enough that a decode step is dominated by per-step overheads, the regime a CPU batch decode of 16 rows is in.
+Goal (project issue): ours >= 5x the reference's tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax
+import numpy as np
+import torch
+import transformers
+from absl import app, flags
+from flax import nnx
+
+import zaya_jax
+from experiments import bench_forward as bf  # its model-shape flags, reference loader, timer and CPU-share meter
+from zaya_jax.infer import GREEDY, generate
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from reference import make_reference
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("prompt_len", 32, "Prompt tokens P per row (every row the same length, as the reference's "
+                     "batched generate needs without padding).")
+flags.DEFINE_integer("new_tokens", 128, "New tokens N per row.")
+
+# bench_forward's flags with this benchmark's defaults (flags given on the command line win).
+DEFAULTS = dict(batch=16, hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, experts=8, moe_intermediate=512,
+                router_hidden=64, vocab=1024, reps=3, warmup=1)
+QUICK = dict(batch=4, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=4, moe_intermediate=64,
+             router_hidden=16, vocab=512, prompt_len=8, new_tokens=16, reps=2, warmup=1)
+GOAL_REF_SPEEDUP = 5.0
+
+
+def apply_defaults() -> None:
+  for name, value in {**DEFAULTS, **(QUICK if FLAGS.quick else {})}.items():
+    if not FLAGS[name].present:
+      FLAGS[name].value = value
+
+
+def main(argv):
+  del argv
+  apply_defaults()
+  transformers.utils.logging.disable_progress_bar()
+  B, P, N = FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens
+  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+             platform.processor())
+  print(f"machine: {cpu}, nproc={os.cpu_count()}, jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}")
+
+  hf_kwargs = dict(
+      vocab_size=FLAGS.vocab, hidden_size=FLAGS.hidden, num_hidden_layers=FLAGS.layers,
+      num_attention_heads=FLAGS.heads, num_key_value_heads=FLAGS.kv_heads, head_dim=FLAGS.head_dim,
+      num_experts=FLAGS.experts, moe_intermediate_size=FLAGS.moe_intermediate, router_hidden_size=FLAGS.router_hidden,
+      max_position_embeddings=max(P + N, 256), bos_token_id=2, eos_token_id=1, pad_token_id=0)
+  with tempfile.TemporaryDirectory() as path:
+    make_reference(path, seed=FLAGS.seed, dtype=bf.TORCH_DTYPES[FLAGS.dtype], **hf_kwargs)
+    refs = {"ref_eager": bf.load_reference(path, fast=False)}
+    if FLAGS.sdpa:
+      refs["ref_sdpa"] = bf.load_reference(path, fast=True)
+    model = zaya_jax.load_hf(path, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
+  cfg = model.config
+  n_ours = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  impls = {name: (r.config._attn_implementation, r.config._experts_implementation) for name, r in refs.items()}
+  print(f"config: B={B} P={P} N={N} D={cfg.hidden_size} L={cfg.num_layers} H={cfg.attention.num_heads} "
+        f"K={cfg.attention.num_kv_heads} E={cfg.attention.head_dim} X={cfg.moe.num_experts} "
+        f"F={cfg.moe.intermediate_size} R={cfg.moe.router_hidden_size} V={cfg.vocab_size} dtype={FLAGS.dtype}; "
+        f"params {n_ours / 1e6:.2f}M; experts backend={cfg.moe.backend}; reference (attention, experts): {impls}")
+
+  prompts_BP = np.random.default_rng(FLAGS.seed).integers(3, cfg.vocab_size, (B, P)).astype(np.int32)
+  lens_B = np.full((B,), P, np.int32)
+  prompts_t = torch.as_tensor(prompts_BP, dtype=torch.long)
+  key = jax.random.key(0)
+
+  def run_ours():
+    out = generate(model, prompts_BP, lens_B, key=key, max_new_tokens=N, sampling=GREEDY)
+    return np.asarray(out.tokens_BN)  # the host copy waits for the result
+
+  def ref_runner(ref):
+    def run():
+      with torch.no_grad():
+        seq = ref.generate(prompts_t, attention_mask=torch.ones_like(prompts_t), max_new_tokens=N, min_new_tokens=N,
+                           do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
+      return seq[:, P:].numpy()
+    return run
+
+  runners = {"ours": run_ours, **{name: ref_runner(r) for name, r in refs.items()}}
+
+  # First call of ours compiles; its excess over the steady-state median is reported as compile time.
+  first_call_s = bf.timed(run_ours)
+  ours = run_ours()
+  mismatches = {}
+  for name in refs:
+    theirs = runners[name]()
+    rows_equal = (theirs == ours).all(axis=1)
+    mismatches[name] = int((~rows_equal).sum())
+    if not rows_equal.all():
+      b = int(np.flatnonzero(~rows_equal)[0])
+      t = int(np.flatnonzero(theirs[b] != ours[b])[0])
+      print(f"{name}: row {b} first differs at new token {t}: ours {ours[b, t:t + 5]}, theirs {theirs[b, t:t + 5]}")
+  print(f"rows whose {N} greedy tokens differ from ours: {mismatches} (of {B}); distinct tokens generated: "
+        f"{len(np.unique(ours))}")
+  if any(mismatches.values()):
+    raise SystemExit(f"TOKEN MISMATCH: {mismatches}; timings would compare different generations")
+
+  for fn in runners.values():
+    for _ in range(FLAGS.warmup):
+      fn()
+  # Interleave candidates within each repetition so slow drifts of the machine hit all of them alike.
+  times = {name: [] for name in runners}
+  others_cpu_share = bf.cpu_share_of_other_processes()
+  for _ in range(FLAGS.reps):
+    for name, fn in runners.items():
+      times[name].append(bf.timed(fn))
+  others = others_cpu_share()
+  median = {name: statistics.median(ts) for name, ts in times.items()}
+
+  rows = {name: dict(median_s=median[name], min_s=min(times[name]), tokens_per_s=B * N / median[name],
+                     ms_per_step=1e3 * median[name] / N) for name in runners}
+  speedups = {name: rows["ours"]["tokens_per_s"] / rows[name]["tokens_per_s"] for name in refs}
+  fastest_ref = max(refs, key=lambda name: rows[name]["tokens_per_s"])
+  goal = f"ours >= {GOAL_REF_SPEEDUP}x the fastest reference's tokens/s ({fastest_ref})"
+  met = speedups[fastest_ref] >= GOAL_REF_SPEEDUP
+
+  print(f"\n{'candidate':<10} {'median s':>9} {'min s':>8} {'tokens/s':>10} {'ms/step':>8} {'ours / it':>10}")
+  for name, row in rows.items():
+    ratio = f"{speedups[name]:.2f}x" if name in speedups else ""
+    print(f"{name:<10} {row['median_s']:>9.3f} {row['min_s']:>8.3f} {row['tokens_per_s']:>10.0f} "
+          f"{row['ms_per_step']:>8.2f} {ratio:>10}")
+  print("\n(tokens/s = B*N / time of the whole call, prefill of B*P prompt tokens included; ms/step = time / N)")
+  print(f"ours compile ~{first_call_s - median['ours']:.2f} s (first call {first_call_s:.2f} s)")
+  print(f"goal {goal}: {'MET' if met else 'NOT MET'} ({speedups[fastest_ref]:.2f}x)")
+  print(f"other processes used {others:.0%} of the CPUs while timing"
+        + (": timings are inflated and noisy, compare min s too or rerun on a quiet machine" if others > 0.1 else ""))
+
+  results = dict(
+      machine=dict(cpu=cpu, nproc=os.cpu_count(), other_processes_cpu_share=others,
+                   torch_threads=torch.get_num_threads(), jax=jax.__version__, torch=torch.__version__,
+                   transformers=transformers.__version__),
+      config=dict(batch=B, prompt_len=P, new_tokens=N, dtype=FLAGS.dtype, reps=FLAGS.reps, warmup=FLAGS.warmup,
+                  params_ours=n_ours, zaya=cfg.to_hf(), experts_backend=cfg.moe.backend, reference_impls=impls),
+      rows_with_token_mismatch=mismatches, compile_s=first_call_s - median["ours"], first_call_s=first_call_s,
+      results=rows, times_s=times, speedup=speedups, goal={goal: met})
+  out_path = FLAGS.out or os.path.join(
+      "experiments", "results",
+      "bench_decode" + ("_bf16" if FLAGS.dtype == "bfloat16" else "") + ("_quick" if FLAGS.quick else "") + ".json")
+  os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+  with open(out_path, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+  app.run(main)
