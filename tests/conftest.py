@@ -1,6 +1,15 @@
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(__file__))
+
+# One persistent XLA compilation cache per test session, shared with the subprocesses tests start (they inherit the
+# environment): identical programs (the same train step in a driver process and in-process) compile once. Fresh per
+# session, so nothing stale crosses runs.
+_CACHE = tempfile.mkdtemp(prefix="zaya_jax_xla_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

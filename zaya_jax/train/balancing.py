@@ -30,8 +30,11 @@ BALANCING_MODES = ("pid", "aux_loss", "none")
 @dataclasses.dataclass(frozen=True)
 class BalancingConfig:
   mode: str = "pid"
-  kp: float = 1e-2
-  ki: float = 1e-4
+  # The bias accumulates kp·error, so kp alone already acts as an integrator on the bias (the aux-loss-free rule of
+  # DeepSeek-V3 with a proportional step). Larger gains turn routing bang-bang while router probabilities are near
+  # uniform (early training): the whole batch flips between experts (see tests/test_train.py for the measured case).
+  kp: float = 1e-4
+  ki: float = 0.0
   kd: float = 0.0
   integral_limit: float = 100.0  # anti-windup bound on the accumulated error
   aux_loss_weight: float = 1e-2  # mode="aux_loss" only

@@ -93,3 +93,39 @@ def _jsonable(value):
 def abstract_like(state):
   """ShapeDtypeStructs (with shardings) of a state: the restore target."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None):
+  """(model, tokenizer or None, ExperimentConfig) from a run directory's latest (or given) complete checkpoint.
+
+  For inference: the model carries the trained parameters and balancing biases in the run's dtypes. Restores the
+  whole train state (optimizer moments included), so it needs about three times the parameters' memory.
+  """
+  from zaya_jax.tokenizer import load_tokenizer
+  from zaya_jax.train import step as train_step_lib
+  from zaya_jax.train.experiment import load_json
+
+  workdir = os.path.abspath(os.fspath(workdir))
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise CheckpointError(f"{workdir} is not a run directory: it has no config.json")
+  cfg = load_json(config_path)
+  trainer, abstract_state = train_step_lib.create_abstract(cfg.model, cfg.optimizer, cfg.step, cfg.balancing,
+                                                           cfg.loop.steps, cfg.loop.seed)
+  directory = os.path.join(workdir, "checkpoints")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, save_interval_steps=0, create=False))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise CheckpointError(f"{directory} holds no complete checkpoint" + ("" if step is None else f" at step {step}"))
+    try:
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} cannot be restored: "
+                            f"{type(e).__name__}: {e}") from e
+  finally:
+    manager.close()
+  tokenizer_path = os.path.join(workdir, "tokenizer.json")
+  tokenizer = load_tokenizer(tokenizer_path) if os.path.exists(tokenizer_path) else None
+  return trainer.merge(state.params, state.biases), tokenizer, cfg

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from zaya_jax.config import ZayaConfig
-from zaya_jax.model.decoder import ZayaForCausalLM
+from zaya_jax.model.decoder import ZayaForCausalLM, abstract_model
 from zaya_jax.model.moe import BalancingBiases
 from zaya_jax.train import balancing
 from zaya_jax.train.balancing import BalancingConfig, PIDState
@@ -76,19 +76,36 @@ def split_model(model: ZayaForCausalLM):
   return graphdef, params, biases
 
 
+def make_trainer(model_config: ZayaConfig, graphdef, params, opt_cfg: OptimizerConfig, step_cfg: StepConfig,
+                 bal_cfg: BalancingConfig, total_steps: int) -> Trainer:
+  """The static half of training. `params` may be abstract (ShapeDtypeStructs): only names and ranks are read."""
+  return Trainer(model_config, graphdef, make_optimizer(opt_cfg, params, total_steps), step_cfg, bal_cfg)
+
+
+def init_state(trainer: Trainer, params, biases, seed: int) -> TrainState:
+  cfg = trainer.model_config
+  # The step donates its state; copies keep the caller's model usable afterwards.
+  params, biases = jax.tree.map(jnp.copy, (params, biases))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, biases=biases, opt_state=trainer.optimizer.init(params),
+      pid=balancing.init_pid(cfg.num_layers, cfg.moe.num_experts),
+      key=jax.random.key_data(jax.random.key(seed)))
+
+
 def create(model: ZayaForCausalLM, opt_cfg: OptimizerConfig, step_cfg: StepConfig, bal_cfg: BalancingConfig,
            total_steps: int, seed: int) -> tuple[Trainer, TrainState]:
   """The static trainer and the initial state from a built (or loaded) model."""
   graphdef, params, biases = split_model(model)
-  # The step donates its state; copies keep the caller's model usable afterwards.
-  params, biases = jax.tree.map(jnp.copy, (params, biases))
-  optimizer = make_optimizer(opt_cfg, params, total_steps)
-  cfg = model.config
-  state = TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, biases=biases, opt_state=optimizer.init(params),
-      pid=balancing.init_pid(cfg.num_layers, cfg.moe.num_experts),
-      key=jax.random.key_data(jax.random.key(seed)))
-  return Trainer(cfg, graphdef, optimizer, step_cfg, bal_cfg), state
+  trainer = make_trainer(model.config, graphdef, params, opt_cfg, step_cfg, bal_cfg, total_steps)
+  return trainer, init_state(trainer, params, biases, seed)
+
+
+def create_abstract(model_config: ZayaConfig, opt_cfg: OptimizerConfig, step_cfg: StepConfig,
+                    bal_cfg: BalancingConfig, total_steps: int, seed: int) -> tuple[Trainer, TrainState]:
+  """The trainer and the state's ShapeDtypeStructs, nothing allocated: the target of a checkpoint restore."""
+  graphdef, params, biases = split_model(abstract_model(model_config))
+  trainer = make_trainer(model_config, graphdef, params, opt_cfg, step_cfg, bal_cfg, total_steps)
+  return trainer, jax.eval_shape(lambda p, b: init_state(trainer, p, b, seed), params, biases)
 
 
 def check_batch(batch: dict, model_config: ZayaConfig, step_cfg: StepConfig) -> None:
@@ -166,7 +183,7 @@ def train_step(trainer: Trainer, state: TrainState, batch: dict) -> tuple[TrainS
     biases_LX1, pid = balancing.pid_update(trainer.balancing, state.pid, biases_LX1, stats["counts_LX1"])
     biases = _set_biases(state.biases, biases_LX1)
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   key = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.key))[0])
   new_state = TrainState(state.step + 1, params, biases, opt_state, pid, key)

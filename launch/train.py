@@ -1,0 +1,60 @@
+"""Pretraining from the command line: a registered experiment config, overridden field by field.
+
+  python launch/train.py --config=tiny --workdir=runs/tiny
+  python launch/train.py --config=tiny --workdir=runs/tiny2 --set=optimizer.lr=1e-3 --set=model.num_layers=4 \
+      --steps=500 --data=/path/to/texts --tokenizer=/path/to/tokenizer.json
+  python launch/train.py --list_configs
+
+A workdir that holds checkpoints is resumed from its latest complete one. SIGTERM saves and exits 0. Errors in the
+input (paths, configs, checkpoints, a non-finite loss) print one message and exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from zaya_jax.checkpoint.hf import CheckpointError
+from zaya_jax.train.experiment import experiment_names, get_experiment, override
+from zaya_jax.train.loop import TrainingError, train
+
+_CONFIG = flags.DEFINE_string("config", "tiny", "Registered experiment config (see --list_configs).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config, tokenizer.")
+_SET = flags.DEFINE_multi_string("set", [], "Override a config field: --set=optimizer.lr=3e-4 (repeatable).")
+_STEPS = flags.DEFINE_integer("steps", None, "Shorthand for --set=loop.steps=N.")
+_SEED = flags.DEFINE_integer("seed", None, "Shorthand for --set=loop.seed=N (parameters and step key).")
+_DATA = flags.DEFINE_list("data", None, "Text files/folders/globs or .array_record files (default: embedded corpus).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "A Hugging Face tokenizer.json (default: train a BPE).")
+_LIST = flags.DEFINE_bool("list_configs", False, "Print the registered configs and exit.")
+
+
+def main(argv):
+  del argv
+  if _LIST.value:
+    print("\n".join(experiment_names()))
+    return 0
+  if not _WORKDIR.value:
+    print("error: --workdir is required", file=sys.stderr)
+    return 1
+  assignments = list(_SET.value)
+  if _STEPS.value is not None:
+    assignments.append(f"loop.steps={_STEPS.value}")
+  if _SEED.value is not None:
+    assignments.append(f"loop.seed={_SEED.value}")
+  if _DATA.value:
+    assignments.append(f"data.paths={tuple(_DATA.value)!r}")
+  if _TOKENIZER.value:
+    assignments.append(f"data.tokenizer={_TOKENIZER.value!r}")
+  try:
+    cfg = override(get_experiment(_CONFIG.value), assignments)
+    result = train(cfg, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, CheckpointError, TrainingError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"done: step {result.final_step}" + (" (preempted; rerun to resume)" if result.preempted else ""))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,229 @@
+"""Experiment configs: frozen dataclasses registered by name, overridden by dotted `key=value` strings, saved as JSON.
+
+  cfg = get_experiment("tiny")
+  cfg = override(cfg, ["optimizer.lr=1e-3", "model.num_layers=4", "model.attention.num_heads=8"])
+  save_json(cfg, path); load_json(path) == cfg
+
+An override parses its value as a Python literal (`3e-4`, `True`, `None`, `(1, 2)`, `'text'`), falling back to the
+raw string, and must match the field's declared type (an int is accepted for a float field); a nested dataclass is
+reached through dots. Every dataclass re-validates itself on replacement, so a bad value fails with the field's name.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from zaya_jax.config import AttentionConfig, MoEConfig, ZayaConfig
+from zaya_jax.train.balancing import BalancingConfig
+from zaya_jax.train.data import DataConfig
+from zaya_jax.train.optim import OptimizerConfig
+from zaya_jax.train.step import StepConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  steps: int = 1000
+  seed: int = 0  # parameters and the step key (the data order has its own seed in DataConfig)
+  log_every: int = 10
+  eval_every: int = 200  # 0: only at the end
+  eval_batches: int = 4
+  checkpoint_every: int = 200
+  max_to_keep: int = 3
+  async_checkpointing: bool = True
+  sample_tokens: int = 48  # greedy sample printed at the end (0: none)
+  sample_prompt: str = "def "
+
+  def __post_init__(self):
+    for name in ("steps", "log_every", "eval_batches", "checkpoint_every", "max_to_keep"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value > 0):
+        raise ValueError(f"LoopConfig.{name}: must be a positive int, got {value!r}")
+    for name in ("eval_every", "sample_tokens"):
+      if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+        raise ValueError(f"LoopConfig.{name}: must be a non-negative int, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  model: ZayaConfig
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  balancing: BalancingConfig = dataclasses.field(default_factory=BalancingConfig)
+  step: StepConfig = dataclasses.field(default_factory=StepConfig)
+  loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+
+  # Cross-field checks live where both sides are known for sure: make_data checks the tokenizer against the model's
+  # vocabulary (a user tokenizer makes data.vocab_size moot), so overrides can be applied in any order.
+
+
+_REGISTRY: dict[str, Callable[[], ExperimentConfig]] = {}
+
+
+def register(name: str):
+  def wrap(fn):
+    _REGISTRY[name] = fn
+    return fn
+  return wrap
+
+
+def experiment_names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def get_experiment(name: str) -> ExperimentConfig:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown experiment config {name!r}; registered: {experiment_names()}")
+  return _REGISTRY[name]()
+
+
+@register("tiny")
+def _tiny() -> ExperimentConfig:
+  """A ~0.4M-parameter model on the embedded corpus: a few minutes on a 2-core CPU."""
+  return ExperimentConfig(
+      model=ZayaConfig.tiny(vocab_size=1024),
+      data=DataConfig(seq_len=128, batch_size=8, vocab_size=1024),
+      optimizer=OptimizerConfig(lr=3e-3, warmup_steps=20, weight_decay=0.01),
+      loop=LoopConfig(steps=300, eval_every=100, checkpoint_every=100, log_every=10))
+
+
+@register("small20m")
+def _small20m() -> ExperimentConfig:
+  """~20M parameters (8 experts, 4 layers, hidden 256), for throughput measurements and short CPU studies."""
+  return ExperimentConfig(
+      model=ZayaConfig.tiny(
+          vocab_size=8192, hidden_size=256, num_layers=4,
+          attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=64),
+          moe=MoEConfig(num_experts=8, intermediate_size=512, router_hidden_size=64)),
+      data=DataConfig(seq_len=256, batch_size=8, vocab_size=8192),
+      optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100),
+      loop=LoopConfig(steps=2000))
+
+
+@register("zaya1_8b")
+def _zaya1_8b() -> ExperimentConfig:
+  """ZAYA1-8B with bf16 compute and fp32 master parameters; the real run used the Gemma 3 tokenizer."""
+  return ExperimentConfig(
+      model=ZayaConfig.zaya1_8b(param_dtype="float32"),
+      data=DataConfig(seq_len=4096, batch_size=1024),
+      optimizer=OptimizerConfig(name="muon", lr=3e-4, warmup_steps=2000, schedule="wsd"),
+      loop=LoopConfig(steps=100_000, checkpoint_every=1000, eval_every=1000))
+
+
+# -- overrides ------------------------------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+  origin = typing.get_origin(annotation)
+  if annotation is Any:
+    return True
+  if origin in (typing.Union, types.UnionType):
+    return any(_matches(value, arg) for arg in typing.get_args(annotation))
+  if annotation is type(None):
+    return value is None
+  if origin is tuple:
+    args = typing.get_args(annotation)
+    if not isinstance(value, tuple):
+      return False
+    if len(args) == 2 and args[1] is Ellipsis:
+      return all(_matches(v, args[0]) for v in value)
+    return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
+  if annotation is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if dataclasses.is_dataclass(annotation):
+    return isinstance(value, annotation)
+  return isinstance(value, annotation)
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+  """JSON and literal forms into the declared type: lists to tuples, ints to floats, dicts to dataclasses."""
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    for arg in typing.get_args(annotation):
+      if arg is not type(None) and value is not None:
+        coerced = _coerce(value, arg)
+        if _matches(coerced, arg):
+          return coerced
+    return value
+  if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+    return from_dict(annotation, value)
+  if (origin is tuple or annotation is tuple) and isinstance(value, list):
+    args = typing.get_args(annotation)
+    inner = args[0] if len(args) == 2 and args[1] is Ellipsis else Any
+    return tuple(_coerce(v, inner) for v in value)
+  if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  return value
+
+
+def _field_types(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def override(cfg, assignments: Sequence[str]):
+  """`cfg` with each `dotted.field=value` applied in order."""
+  for assignment in assignments:
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+      raise ValueError(f"override {assignment!r} is not of the form dotted.field=value")
+    cfg = _set(cfg, key.strip().split("."), _parse_value(text.strip()), key.strip())
+  return cfg
+
+
+def _set(obj, path: list[str], value: Any, full_key: str):
+  name = path[0]
+  if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+    fields = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+    raise ValueError(f"override {full_key!r}: {type(obj).__name__} has no field {name!r}; fields: {fields}")
+  if len(path) > 1:
+    return dataclasses.replace(obj, **{name: _set(getattr(obj, name), path[1:], value, full_key)})
+  annotation = _field_types(type(obj))[name]
+  value = _coerce(value, annotation)
+  if not _matches(value, annotation):
+    raise ValueError(f"override {full_key!r}: {value!r} is not a {annotation} (the type of "
+                     f"{type(obj).__name__}.{name})")
+  return dataclasses.replace(obj, **{name: value})
+
+
+# -- JSON -----------------------------------------------------------------------------------------------------------
+
+
+def to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, raw: dict):
+  types_ = _field_types(cls)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(raw) - known)
+  if unknown:
+    raise ValueError(f"{cls.__name__}: unknown fields {unknown} in the saved config")
+  return cls(**{k: _coerce(v, types_[k]) for k, v in raw.items()})
+
+
+def save_json(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+  """Writes the resolved config atomically (a reader never sees half a file)."""
+  tmp = f"{os.fspath(path)}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def load_json(path: str | os.PathLike) -> ExperimentConfig:
+  with open(path) as f:
+    return from_dict(ExperimentConfig, json.load(f))

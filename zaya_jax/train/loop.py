@@ -1,0 +1,248 @@
+"""The pretraining loop: data -> jitted step -> metrics, checkpoints, eval; resumes a run directory exactly.
+
+Run directory (`workdir`):
+  config.json        the resolved ExperimentConfig of the latest launch
+  tokenizer.json     trained on the corpus at first use, or a copy of DataConfig.tokenizer's
+  tokens-*.npz       cached token ids of the corpus
+  checkpoints/<step> Orbax: train state + data iterator position + model config (see checkpointing.py)
+  metrics.jsonl      one line per step ({"step", "loss", ...}) and per eval ({"step", "eval_loss", ...})
+  tb/                TensorBoard event files (tensorboardX)
+
+Resuming: a launch in a directory with checkpoints restores the latest complete one (state, data position) and
+drops the metrics lines past it, so the file always reads as one uninterrupted run. Steps are a pure function of
+(state, batch) and the data order a pure function of its iterator state, so a resumed run repeats the straight run's
+losses and parameters bit for bit on the same machine and software.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zaya_jax.checkpoint.hf import CheckpointError
+from zaya_jax.figures import model_figures
+from zaya_jax.model.decoder import ZayaForCausalLM
+from zaya_jax.train import step as train_step_lib
+from zaya_jax.train.checkpointing import RunCheckpointer
+from zaya_jax.train.data import make_data
+from zaya_jax.train.experiment import ExperimentConfig, save_json
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (e.g. a non-finite loss); the message says what was kept."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  final_step: int
+  resumed_from: int | None
+  preempted: bool
+  last_loss: float | None
+  eval_loss: float | None
+  sample: str | None
+  trainer: train_step_lib.Trainer | None = None  # with `state`: the trained model is trainer.merge(state.params,
+  state: train_step_lib.TrainState | None = None  # state.biases)
+
+
+# Peak dense bf16 FLOP/s per accelerator, for the MFU estimate (vendor figures, no sparsity).
+_PEAK_FLOPS = {"MI300X": 1307.4e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+  """(FLOP/s, where the figure comes from): vendor peaks for known GPUs, a measured large matmul otherwise (CPU)."""
+  kind = jax.devices()[0].device_kind
+  for name, flops in _PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops, f"{name} bf16 peak"
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(5):
+    dot(a, a).block_until_ready()
+  return 5 * 2 * n**3 / (time.perf_counter() - start), "measured fp32 matmul"
+
+
+def train_flops_per_token(cfg: ExperimentConfig) -> float:
+  """6 x active parameters (with the LM head) + causal attention scores and mixing, forward and backward."""
+  figures = model_figures(cfg.model)
+  att = cfg.model.attention
+  head = cfg.model.vocab_size * cfg.model.hidden_size
+  attention = 6 * cfg.model.num_layers * att.num_heads * att.head_dim * cfg.data.seq_len
+  return 6 * (figures.active_params + head) + attention
+
+
+class _Metrics:
+  """metrics.jsonl (appended and flushed per line) and TensorBoard scalars."""
+
+  def __init__(self, workdir: str, resume_step: int | None):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(self.path):
+      _truncate_jsonl(self.path, resume_step)
+    elif resume_step is None and os.path.exists(self.path):
+      os.remove(self.path)  # a fresh run in a directory without checkpoints
+    self.file = open(self.path, "a")  # closed by close()
+    from tensorboardX import SummaryWriter
+
+    # purge_step drops events a previous attempt logged past the checkpoint we resume from.
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=None if resume_step is None else resume_step + 1)
+
+  def write(self, row: dict[str, Any]) -> None:
+    self.file.write(json.dumps(row) + "\n")
+    self.file.flush()
+    for key, value in row.items():
+      if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        self.tb.add_scalar(key, value, row["step"])
+      elif isinstance(value, list) and value and isinstance(value[0], (int, float)):  # per-layer values
+        for layer, v in enumerate(value):
+          self.tb.add_scalar(f"{key}/layer{layer}", v, row["step"])
+
+  def close(self) -> None:
+    self.file.close()
+    self.tb.close()
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+  with open(path) as f:
+    rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(rows)
+  os.replace(tmp, path)
+
+
+def _host_metrics(metrics: dict) -> dict[str, Any]:
+  out = {}
+  for key, value in jax.device_get(metrics).items():
+    value = np.asarray(value)
+    if key == "expert_load":
+      out[key] = value.round(5).tolist()
+    elif value.ndim == 0:
+      out[key] = bool(value) if value.dtype == bool else float(value)
+    else:
+      out[key] = value.astype(float).tolist()
+  return out
+
+
+def evaluate(trainer, state, data, max_batches: int) -> tuple[float, float]:
+  """(mean cross entropy per scored held-out token, scored tokens) over up to `max_batches` eval batches."""
+  if data.eval is None:
+    return math.nan, 0.0
+  total, count = 0.0, 0.0
+  for i, batch in enumerate(data.eval):
+    if i >= max_batches:
+      break
+    ce, n = train_step_lib.jit_eval_loss(trainer, state, {k: jnp.asarray(v) for k, v in batch.items()})
+    total, count = total + float(ce), count + float(n)
+  return total / max(count, 1.0), count
+
+
+def greedy_sample(trainer, state, tokenizer, prompt: str, num_tokens: int) -> str:
+  from zaya_jax.infer.generate import generate
+  from zaya_jax.infer.sampling import SamplingConfig
+
+  ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+  model = trainer.merge(state.params, state.biases)
+  out = generate(model, np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32), key=jax.random.key(0),
+                 max_new_tokens=num_tokens, sampling=SamplingConfig(temperature=0.0),
+                 stop_token_ids=(tokenizer.eos_id,))
+  n = int(out.lengths_B[0])
+  return prompt + tokenizer.decode(np.asarray(out.tokens_BN[0, :n]).tolist(), skip_special_tokens=True)
+
+
+def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> RunResult:
+  """Trains (or resumes) the run in `workdir` up to cfg.loop.steps. SIGTERM saves and returns `preempted=True`."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  loop = cfg.loop
+  data = make_data(cfg.data, workdir, model_vocab_size=cfg.model.vocab_size)
+  save_json(cfg, os.path.join(workdir, "config.json"))
+  log(f"data: {data.info.description}")
+
+  data_iter = iter(data.train)
+  checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), save_every=loop.checkpoint_every,
+                                 max_to_keep=loop.max_to_keep, use_async=loop.async_checkpointing)
+  resumed_from = checkpointer.latest_step()
+  args = (cfg.optimizer, cfg.step, cfg.balancing, loop.steps, loop.seed)
+  if resumed_from is None:
+    trainer, state = train_step_lib.create(ZayaForCausalLM(cfg.model, rngs=nnx.Rngs(loop.seed)), *args)
+  else:  # no random initialisation to throw away: restore straight into the state's shapes
+    trainer, abstract_state = train_step_lib.create_abstract(cfg.model, *args)
+    try:
+      state = checkpointer.restore(resumed_from, abstract_state, data_iter, cfg.model)
+    except CheckpointError:
+      checkpointer.close()
+      raise
+    log(f"resumed from {os.path.join(checkpointer.directory, str(resumed_from))}")
+  start = int(state.step)
+  metrics_out = _Metrics(workdir, resumed_from)
+
+  preempted = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  flops_per_token = train_flops_per_token(cfg)
+  peak, peak_source = peak_flops_per_device()
+  peak *= jax.device_count()
+  last_loss = eval_loss = None
+  step_times: list[float] = []
+  try:
+    for step in range(start, loop.steps):
+      batch = next(data_iter)
+      if step == start:
+        train_step_lib.check_batch(batch, cfg.model, cfg.step)
+      t0 = time.perf_counter()
+      state, metrics = train_step_lib.jit_train_step(trainer, state, {k: jnp.asarray(v) for k, v in batch.items()})
+      row = _host_metrics(metrics)
+      step_times.append(time.perf_counter() - t0)
+      if not row["finite"]:
+        checkpointer.wait()
+        kept = checkpointer.latest_step()
+        raise TrainingError(f"step {step + 1}: the loss ({row['loss']}) or gradient norm ({row['grad_norm']}) is "
+                            f"not finite; stopped without saving. Last good checkpoint: "
+                            f"{'none' if kept is None else os.path.join(checkpointer.directory, str(kept))}")
+      done = step + 1
+      last_loss = row["loss"]
+      seconds = float(np.median(step_times[-20:]))
+      row.update(step=done, tokens_per_s=tokens_per_step / seconds,
+                 mfu=tokens_per_step / seconds * flops_per_token / peak)
+      metrics_out.write(row)
+      if done % loop.log_every == 0 or done == loop.steps or done == start + 1:
+        eta = seconds * (loop.steps - done)
+        log(f"step {done:>6}/{loop.steps}  loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s  "
+            f"MFU {100 * row['mfu']:.1f}% (of {peak_source})  ETA {eta / 60:.1f} min")
+      checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or bool(preempted))
+      if loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
+        eval_loss, n = evaluate(trainer, state, data, loop.eval_batches)
+        metrics_out.write({"step": done, "eval_loss": eval_loss, "eval_tokens": n})
+        log(f"step {done:>6}  eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens")
+      if preempted:
+        checkpointer.wait()
+        log(f"SIGTERM: saved step {done} to {checkpointer.directory}; exiting")
+        return RunResult(done, resumed_from, True, last_loss, eval_loss, None, trainer, state)
+    checkpointer.wait()
+    eval_loss, n = evaluate(trainer, state, data, loop.eval_batches)
+    metrics_out.write({"step": int(state.step), "eval_loss": eval_loss, "eval_tokens": n})
+    log(f"final eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens")
+    sample = None
+    if loop.sample_tokens and data.tokenizer is not None:
+      sample = greedy_sample(trainer, state, data.tokenizer, loop.sample_prompt, loop.sample_tokens)
+      log(f"greedy sample:\n{sample}")
+    return RunResult(int(state.step), resumed_from, False, last_loss, eval_loss, sample, trainer, state)
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    metrics_out.close()
+    checkpointer.close()
+
+
+__all__ = ["CheckpointError", "RunResult", "TrainingError", "evaluate", "train"]
