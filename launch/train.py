@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.train.experiment import experiment_names, get_experiment, override
@@ -31,6 +31,8 @@ _LIST = flags.DEFINE_bool("list_configs", False, "Print the registered configs a
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # Orbax and grain log every save at INFO: keep the progress lines readable
+    logging.set_verbosity(logging.WARNING)
   if _LIST.value:
     print("\n".join(experiment_names()))
     return 0

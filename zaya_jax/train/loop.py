@@ -148,15 +148,16 @@ def evaluate(trainer, state, data, max_batches: int) -> tuple[float, float]:
   return total / max(count, 1.0), count
 
 
-def greedy_sample(trainer, state, tokenizer, prompt: str, num_tokens: int) -> str:
+def sample_text(trainer, state, tokenizer, prompt: str, num_tokens: int, temperature: float, seed: int = 0) -> str:
+  """The prompt and its continuation by the current model (nucleus sampling at p = 0.95, or greedy at 0)."""
   from zaya_jax.infer.generate import generate
   from zaya_jax.infer.sampling import SamplingConfig
 
   ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
   model = trainer.merge(state.params, state.biases)
-  out = generate(model, np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32), key=jax.random.key(0),
-                 max_new_tokens=num_tokens, sampling=SamplingConfig(temperature=0.0),
-                 stop_token_ids=(tokenizer.eos_id,))
+  sampling = SamplingConfig(temperature=temperature, top_p=0.95 if temperature > 0 else 1.0)
+  out = generate(model, np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32), key=jax.random.key(seed),
+                 max_new_tokens=num_tokens, sampling=sampling, stop_token_ids=(tokenizer.eos_id,))
   n = int(out.lengths_B[0])
   return prompt + tokenizer.decode(np.asarray(out.tokens_BN[0, :n]).tolist(), skip_special_tokens=True)
 
@@ -213,7 +214,7 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
                             f"{'none' if kept is None else os.path.join(checkpointer.directory, str(kept))}")
       done = step + 1
       last_loss = row["loss"]
-      seconds = float(np.median(step_times[-20:]))
+      seconds = float(np.median(step_times[1:][-20:] or step_times))  # the first step of a process compiles
       row.update(step=done, tokens_per_s=tokens_per_step / seconds,
                  mfu=tokens_per_step / seconds * flops_per_token / peak)
       metrics_out.write(row)
@@ -236,8 +237,9 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
     log(f"final eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens")
     sample = None
     if loop.sample_tokens and data.tokenizer is not None:
-      sample = greedy_sample(trainer, state, data.tokenizer, loop.sample_prompt, loop.sample_tokens)
-      log(f"greedy sample:\n{sample}")
+      sample = sample_text(trainer, state, data.tokenizer, loop.sample_prompt, loop.sample_tokens,
+                           loop.sample_temperature, loop.seed)
+      log(f"sample (temperature {loop.sample_temperature}):\n{sample}")
     return RunResult(int(state.step), resumed_from, False, last_loss, eval_loss, sample, trainer, state)
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
