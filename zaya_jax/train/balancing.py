@@ -8,9 +8,10 @@ The exact ZAYA1 rule is not public (ZAYA_ARCH.md §3.4); this is the rule we cho
   integral = clip(integral + error, ±integral_limit)
   bias_X  -= kp·error + ki·integral + kd·(error - previous error)
 The skip slot is outside the loop: its bias is never moved, so how often a layer skips is left to the router (the
-skip rate is logged). The errors sum to zero over experts, so each update leaves the mean expert bias, and therefore
-the experts' standing against the skip slot, unchanged. Padding tokens are not counted. A layer that routed no token
-to an expert this step has no load to measure: its controller holds (zero error).
+skip rate is logged). The update is centred over experts (the errors sum to zero already; a clipped integral may
+not), so it leaves the mean expert bias, and therefore the experts' standing against the skip slot, unchanged.
+Padding tokens are not counted. A layer that routed no token to an expert this step has no load to measure: its
+controller holds (zero error).
 
 The auxiliary-loss alternative is the Switch-Transformer loss over the experts, X · Σ_x load_x · mean router prob_x,
 with probabilities renormalised over the experts (again excluding the skip slot).
@@ -71,6 +72,8 @@ def pid_update(cfg: BalancingConfig, state: PIDState, biases_LX1, counts_LX1):
   error_LX = jnp.where(routed_L[:, None], load_LX - 1.0 / X, 0.0)
   integral_LX = jnp.clip(state.integral_LX + error_LX, -cfg.integral_limit, cfg.integral_limit)
   delta_LX = cfg.kp * error_LX + cfg.ki * integral_LX + cfg.kd * (error_LX - state.previous_error_LX)
+  # Errors sum to zero over experts, but a clipped integral need not: centring keeps the mean expert bias exact.
+  delta_LX = delta_LX - delta_LX.mean(axis=1, keepdims=True)
   biases_LX1 = biases_LX1.at[:, :-1].add(-delta_LX.astype(biases_LX1.dtype))
   return biases_LX1, PIDState(integral_LX, error_LX)
 

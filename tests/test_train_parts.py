@@ -1,0 +1,99 @@
+"""Pure pieces of training: the PID controller, the balance loss, the optimizer's parameter classes and schedules.
+
+L layers, X experts, X1 = X + 1 router classes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from zaya_jax.config import ZayaConfig
+from zaya_jax.model.decoder import abstract_model
+from zaya_jax.train import balancing
+from zaya_jax.train.balancing import BalancingConfig
+from zaya_jax.train.optim import OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer, muon_dimensions
+from zaya_jax.train.step import split_model
+
+
+def test_pid_moves_overloaded_experts_down_and_leaves_the_skip_slot():
+  cfg = BalancingConfig(kp=0.1, ki=0.01, kd=0.05, integral_limit=0.6)
+  biases_LX1 = jnp.array([[0.0, 0.0, 0.0, 0.0, -1.0], [0.3, -0.2, 0.1, 0.0, -1.0]])
+  counts_LX1 = jnp.array([[70, 10, 10, 10, 900], [25, 25, 25, 25, 0]])  # layer 1 is balanced already
+  state = balancing.init_pid(2, 4)
+  new_LX1, state = balancing.pid_update(cfg, state, biases_LX1, counts_LX1)
+  error = np.array([0.7, 0.1, 0.1, 0.1]) - 0.25  # skip-slot tokens are not part of the load
+  np.testing.assert_allclose(new_LX1[0, :4], -(0.1 * error + 0.01 * error + 0.05 * error), rtol=1e-6)
+  np.testing.assert_array_equal(new_LX1[:, 4], [-1.0, -1.0])
+  np.testing.assert_array_equal(new_LX1[1], biases_LX1[1])  # zero error: no move
+  np.testing.assert_allclose(new_LX1[0, :4].sum(), 0.0, atol=1e-7)  # mean expert bias kept: skip odds unchanged
+  for _ in range(100):  # anti-windup: the integral saturates, and the update stays centred
+    new_LX1, state = balancing.pid_update(cfg, state, biases_LX1, counts_LX1)
+  np.testing.assert_allclose(new_LX1[0, :4].sum(), 0.0, atol=1e-6)
+  assert float(jnp.abs(state.integral_LX).max()) == pytest.approx(0.6)
+  # A layer that routed nothing to experts holds.
+  held, _ = balancing.pid_update(cfg, balancing.init_pid(1, 4), biases_LX1[:1], jnp.array([[0, 0, 0, 0, 100]]))
+  np.testing.assert_array_equal(held, biases_LX1[:1])
+
+
+def test_balance_loss_is_one_when_balanced_and_x_when_collapsed():
+  X, M = 4, 8
+  uniform_LMX1 = jnp.full((1, M, X + 1), 1.0 / (X + 1))
+  valid_M = jnp.ones((M,), bool)
+  balanced = balancing.aux_loss(uniform_LMX1, jnp.arange(M)[None] % X, valid_M)
+  assert float(balanced) == pytest.approx(1.0, rel=1e-6)
+  collapsed_probs = jax.nn.one_hot(jnp.zeros((1, M), int), X + 1) * 0.99 + 0.01 / (X + 1)
+  collapsed = balancing.aux_loss(collapsed_probs, jnp.zeros((1, M), int), valid_M)
+  assert float(collapsed) > 0.95 * X
+  # Padding tokens count for nothing.
+  masked = balancing.aux_loss(collapsed_probs, jnp.zeros((1, M), int), valid_M.at[:].set(False))
+  assert float(masked) == 0.0
+
+
+def test_routing_metrics():
+  counts_LX1 = jnp.array([[30, 10, 0, 20, 40]])
+  m = balancing.routing_metrics(counts_LX1)
+  np.testing.assert_allclose(m["expert_load"], [[0.5, 1 / 6, 0.0, 1 / 3]], rtol=1e-6)
+  assert float(m["skip_rate"][0]) == pytest.approx(0.4)
+  assert float(m["load_max_over_min"][0]) == pytest.approx(60.0)  # an empty expert counts as half a token
+
+
+def test_optimizer_parameter_classes():
+  _, params, _ = split_model(abstract_model(ZayaConfig.tiny()))
+  names = jax.tree.leaves(jax.tree_util.tree_map_with_path(lambda p, _: jax.tree_util.keystr(p), params))
+  decayed = dict(zip(names, jax.tree.leaves(decay_mask(params)), strict=True))
+  assert decayed["['model']['layers'][0]['self_attn']['o_proj']['weight'].value"]
+  assert decayed["['model']['layers'][0]['mlp']['experts']['down_proj'].value"]
+  assert not decayed["['model']['norm']['weight'].value"]
+  assert not decayed["['model']['layers'][0]['mlp']['gate']['down_proj']['bias'].value"]
+  assert not decayed["['model']['layers'][0]['self_attn']['qk_norm']['temp'].value"]
+  dims = muon_dimensions(params)
+  flat = jax.tree.leaves(dims, is_leaf=lambda d: d is None or isinstance(d, optax.contrib.MuonDimensionNumbers))
+  by_name = dict(zip(names, flat, strict=True))
+  assert by_name["['model']['layers'][0]['mlp']['experts']['gate_up_proj'].value"].reduction_axis == 2
+  assert by_name["['model']['layers'][0]['self_attn']['qkv_proj']['q_proj']['weight'].value"].reduction_axis == 1
+  assert by_name["['model']['layers'][0]['self_attn']['o_proj']['weight'].value"].reduction_axis == 1
+  assert by_name["['model']['embed_tokens']['weight'].value"] is None
+  assert by_name["['model']['layers'][0]['self_attn']['qkv_proj']['conv_qk_grouped']['weight'].value"] is None
+  assert by_name["['model']['norm']['weight'].value"] is None
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_weight_decay_skips_rank_one_parameters(name):
+  params = {"w": jnp.ones((4, 3)), "norm": jnp.ones((3,))}
+  tx = make_optimizer(OptimizerConfig(name=name, warmup_steps=0, schedule="constant", weight_decay=0.5), params, 10)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  assert float(jnp.abs(updates["norm"]).max()) == 0.0  # zero gradient and no decay: no move
+  assert float(jnp.abs(updates["w"]).max()) > 0.0  # decayed
+
+
+def test_schedules():
+  cos = learning_rate_schedule(OptimizerConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), 100)
+  assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0) and float(cos(100)) == pytest.approx(0.1)
+  wsd = learning_rate_schedule(OptimizerConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2,
+                                               min_lr_ratio=0.0), 100)
+  assert float(wsd(50)) == pytest.approx(1.0) and float(wsd(80)) == pytest.approx(1.0)
+  assert float(wsd(90)) == pytest.approx(0.5) and float(wsd(100)) == pytest.approx(0.0)
+  with pytest.raises(ValueError, match=r"OptimizerConfig\.schedule"):
+    OptimizerConfig(schedule="linear")
