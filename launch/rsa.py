@@ -1,0 +1,138 @@
+"""Markovian RSA (ZAYA1-8B report §VI) from the command line: one problem or a problem file, with a report.
+
+  python launch/rsa.py --model=/models/ZAYA1-8B --chat --problem="What is 7 * 6? Answer in \\boxed{}." \
+      --n=16 --c=4 --t=2 --tau=4096 --beta=16384 --beta_final=40960
+  python launch/rsa.py --model=runs/tiny --problems=aime25.jsonl --n=8 --c=4 --t=2 --tau=256 --beta=512 \
+      --template=markovian-zaya --output=aime25_rsa.jsonl
+
+Round 0 samples --n answers of the problem; each of --t aggregation rounds gives every new trace --c distinct
+candidates of the previous round, of which it sees the last --tau tokens, and decodes --beta new tokens (the last round
+--beta_final). The final population's answers (the last \\boxed{}) are printed with their plurality vote. A problem
+file holds one JSON object per line with "problem" (or "question") and optionally "answer"; with answers the run
+reports the mean correctness over the final candidates (the report's metric), majority@N and pass@N. --output gets
+one JSON line per problem (answers, vote, correctness, generated/prefilled tokens, largest context) and a summary
+line, written only when every problem is done. Sampling flags apply to every round. Bad input prints one `error:`
+line and exits 1.
+
+--model is a run directory (launch/train.py) or a Hugging Face folder, as for launch/generate.py. Templates:
+rsa (the RSA authors' prompt), rsa-harness (its typo fixed), markovian-zaya (Zyphra's proxy prompt), delethink (C = 1:
+the tail continues the assistant's own answer).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags
+
+from zaya_jax.infer import cli
+from zaya_jax.infer import prompts as P
+from zaya_jax.infer.generate import make_decode_fn, pad_id
+from zaya_jax.infer.rsa import TAIL_SOURCES
+
+_MODEL = flags.DEFINE_string("model", None, "Run directory or Hugging Face folder.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json (or its folder) if not in the model folder.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a run directory (default: the latest).")
+_PROBLEM = flags.DEFINE_string("problem", None, "One problem (the question text).")
+_ANSWER = flags.DEFINE_string("answer", None, "Reference answer of --problem (optional; enables correctness).")
+_PROBLEMS = flags.DEFINE_string("problems", None,
+                                "JSON-lines file, per line {\"problem\" (or \"question\"): ..., \"answer\": ...}.")
+_N = flags.DEFINE_integer("n", 16, "Population N: traces per round.")
+_C = flags.DEFINE_integer("c", 4, "Candidates per aggregation prompt C (<= N).")
+_T = flags.DEFINE_integer("t", 2, "Aggregation rounds after round 0 (0 = plain parallel sampling).")
+_TAU = flags.DEFINE_integer("tau", 4096, "Tail length in tokens carried from each candidate (<= beta).")
+_BETA = flags.DEFINE_integer("beta", 16384, "New-token budget of rounds 0..t-1.")
+_BETA_FINAL = flags.DEFINE_integer("beta_final", None, "New-token budget of the last round (default: beta).")
+_TAIL_SOURCE = flags.DEFINE_enum("tail_source", "all", TAIL_SOURCES,
+                                 "'all': tails end at the end of the output; 'reasoning': at --end_think if present.")
+_END_THINK = flags.DEFINE_string("end_think", "</think>", "End-of-thinking marker text (for --tail_source=reasoning).")
+_TEMPLATE = flags.DEFINE_enum("template", "rsa", sorted(cli.TEMPLATES), "Aggregation prompt template.")
+_CHAT = flags.DEFINE_bool("chat", False, "Render prompts as user messages with the tokenizer folder's chat template.")
+_Q_MAX = flags.DEFINE_integer("q_max", None, "Question capacity in tokens (default: the longest question, rounded up "
+                              "to 64); one compile serves every question up to it.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy (the report uses 1.0).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = no limit).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (the report uses 1.0).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed: problem i uses fold_in(key(seed), i), independent of the others.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write one JSON line per problem and a summary line here.")
+
+
+def _problems() -> list[cli.Problem]:
+  if (_PROBLEM.value is None) == (_PROBLEMS.value is None):
+    raise cli.CLIError("pass exactly one of --problem and --problems")
+  if _PROBLEMS.value is not None:
+    if _ANSWER.value is not None:
+      raise cli.CLIError("--answer goes with --problem; a --problems file has an \"answer\" per line")
+    return cli.read_problems(_PROBLEMS.value)
+  if not _PROBLEM.value.strip():
+    raise cli.CLIError("--problem is empty")
+  return [cli.Problem(0, 0, _PROBLEM.value, _ANSWER.value)]
+
+
+def main(argv) -> int:
+  del argv
+  if not _MODEL.value:
+    raise cli.CLIError("--model is required (a run directory or a Hugging Face folder)")
+  problems = _problems()
+  sampling = cli.sampling_config(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  # Checked before the model loads: flag errors (C > N, τ > β, ...) should not wait for the weights.
+  cli.rsa_config(n=_N.value, c=_C.value, t=_T.value, tau=_TAU.value, beta=_BETA.value, beta_final=_BETA_FINAL.value,
+                 tail_source="all", end_think=(), q_max=1, max_context=None, pad_id=0, seed=_SEED.value)
+  with cli.AtomicJsonl(_OUTPUT.value) as out:
+    loaded = cli.load_model(_MODEL.value, tokenizer_path=_TOKENIZER.value, step=_STEP.value)
+    tokenizer = loaded.tokenizer
+    chat = cli.chat_format(loaded, _CHAT.value)
+    try:
+      pieces = P.encode_pieces(tokenizer.hf, cli.TEMPLATES[_TEMPLATE.value], _C.value, chat)
+    except ValueError as e:
+      raise cli.CLIError(f"--template={_TEMPLATE.value}: {e}") from None
+    questions = [P.encode_question(tokenizer.hf, p.problem) for p in problems]
+    longest = max(len(q) for q in questions)
+    q_max = _Q_MAX.value or -(-longest // 64) * 64
+    if longest > q_max:
+      raise cli.CLIError(f"--q_max={q_max} is shorter than the longest question ({longest} tokens)")
+    end_think = ()
+    if _TAIL_SOURCE.value == "reasoning":
+      end_think = tuple(tokenizer.hf.encode(_END_THINK.value, add_special_tokens=False).ids)
+      if not end_think:
+        raise cli.CLIError("--end_think is empty: --tail_source=reasoning needs the end-of-thinking marker text")
+    # pad_id must be generate's (rows are compared and scrubbed with it); max_context is the model's positions,
+    # which also bound make_decode_fn's cache (prompt capacity + budget - 1 per call).
+    cfg = cli.rsa_config(n=_N.value, c=_C.value, t=_T.value, tau=_TAU.value, beta=_BETA.value,
+                         beta_final=_BETA_FINAL.value, tail_source=_TAIL_SOURCE.value, end_think=end_think,
+                         q_max=q_max, max_context=loaded.context, pad_id=pad_id(loaded.model), seed=_SEED.value)
+    cli.check_rsa_context(cfg, pieces, loaded.context, longest)
+    # One decode function for every problem and round: the generate program compiles once per budget.
+    decode_fn = make_decode_fn(loaded.model, sampling=sampling, stop_token_ids=loaded.stop_ids)
+    key = jax.random.key(_SEED.value)
+    reports = []
+    for problem in problems:
+      print(f"problem {problem.index + 1}/{len(problems)}: {problem.problem.strip()[:100]!r}", flush=True)
+
+      def on_round(r, state):
+        print(f"  round {r}: {int(state.generated_R[r])} new tokens, longest call {int(state.max_context_R[r])} "
+              "tokens", flush=True)
+
+      report, _ = cli.solve_problem(cfg, pieces, decode_fn, tokenizer, problem, jax.random.fold_in(key, problem.index),
+                                    loaded.stop_ids, on_round=on_round)
+      reports.append(report)
+      out.write(report.to_json())
+      shown = ", ".join("-" if a is None else repr(a) for a in report.answers)
+      print(f"  answers: {shown}")
+      vote = "no answer" if report.majority is None else f"{report.majority!r} ({report.votes} of {cfg.n})"
+      verdict = ""
+      if report.reference is not None:
+        verdict = (f"; reference {report.reference!r}: majority {'correct' if report.majority_correct else 'wrong'}, "
+                   f"{sum(report.correct)}/{cfg.n} candidates correct")
+      print(f"  vote: {vote}{verdict}", flush=True)
+    summary = cli.summarize(reports)
+    out.write(summary)
+  print(cli.format_summary(summary))
+  if _OUTPUT.value:
+    print(f"wrote {len(reports)} problem(s) and a summary line to {_OUTPUT.value}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(cli.main_wrapper(main))

@@ -1,0 +1,411 @@
+"""The inference command lines (launch/generate.py, launch/rsa.py) and their shared code (zaya_jax.infer.cli).
+
+Fixtures: a byte-level BPE trained here on three standard-library files (with a chat template in its
+tokenizer_config.json); a Hugging Face folder = save_hf of a random ZayaConfig.tiny model + that tokenizer; an Orbax
+run directory trained for 12 steps by tests/train_driver.py with the same tokenizer. The training runs in a separate
+process started when the module starts, so its ~45 s compile overlaps the other tests; only the route test waits.
+
+Compiles are shared: every generation below has the same shape (2 chat prompts x 2 samples, 8 new tokens, sampled),
+and the RSA runs (scripted in-process, the CLI's, the in-process replay) use one RSA config; the subprocesses read the
+session's persistent compilation cache (conftest.py), so they compile nothing the module compiled before them.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import zaya_jax
+from zaya_jax.checkpoint.hf import flat_params
+from zaya_jax.infer import cli, make_decode_fn
+from zaya_jax.infer import prompts as P
+from zaya_jax.infer.rsa import context_bound
+from zaya_jax.infer.sampling import SamplingConfig
+from zaya_jax.model.decoder import abstract_model
+from zaya_jax.tokenizer import train_bpe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRIVER = os.path.join(ROOT, "tests", "train_driver.py")
+GENERATE = os.path.join(ROOT, "launch", "generate.py")
+RSA = os.path.join(ROOT, "launch", "rsa.py")
+STDLIB = sysconfig.get_paths()["stdlib"]
+ENV = {**os.environ, "PYTHONPATH": ROOT}  # carries the session's compilation cache (conftest.py)
+
+CHAT_TEMPLATE = ("{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}Assistant:{% endif %}")
+PROMPTS = ["def wrap(text):", "import os"]
+GEN = dict(max_new_tokens=8, sampling=SamplingConfig(temperature=1.0), n=2)
+CONTEXT = zaya_jax.ZayaConfig.tiny().max_position_embeddings
+RSA_FLAGS = dict(n=4, c=2, t=1, tau=8, beta=16)  # the CLI's --q_max default rounds questions up to 64 tokens
+
+
+def launch(script, *args):
+  return subprocess.Popen([sys.executable, script, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def finish(proc, timeout=300):
+  out, err = proc.communicate(timeout=timeout)
+  return proc.returncode, out, err
+
+
+def rsa_cfg(**kw):
+  return cli.rsa_config(**{**RSA_FLAGS, "beta_final": None, "tail_source": "all", "end_think": (), "q_max": 64,
+                           "max_context": CONTEXT, "pad_id": 0, "seed": 0, **kw})
+
+
+# ---------------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  path = tmp_path_factory.mktemp("corpus")
+  for name in ("textwrap", "glob", "fnmatch"):
+    shutil.copy(os.path.join(STDLIB, f"{name}.py"), path)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, corpus):
+  path = tmp_path_factory.mktemp("tokenizer")
+  texts = [open(os.path.join(corpus, f)).read()[:4000] for f in sorted(os.listdir(corpus))]
+  train_bpe(texts, 512, path / "tokenizer.json")
+  (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "eos_token": "<eos>",
+                                                          "pad_token": "<pad>"}))
+  return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def training(tmp_path_factory, corpus, tok_dir):
+  """Started first, waited for by `run_dir` only."""
+  workdir = tmp_path_factory.mktemp("run") / "tiny"
+  # 12 steps, a checkpoint every 6: test_train.py's resume program, so that in a full run of the suite the train
+  # step compiles once for both files (the session's compilation cache); the steps themselves take milliseconds.
+  proc = subprocess.Popen([sys.executable, DRIVER, str(workdir), corpus, "12", "6",
+                           f"set=data.tokenizer={tok_dir / 'tokenizer.json'}"], env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  yield proc, workdir
+  if proc.poll() is None:
+    proc.kill()
+    proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def run_dir(training):
+  proc, workdir = training
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  return workdir
+
+
+def random_model(seed):
+  """A tiny model with numpy-drawn weights: flax's initialisers take ~10 s eagerly on a busy 2-core machine."""
+  graphdef, state = nnx.split(abstract_model(zaya_jax.ZayaConfig.tiny()))
+  rng = np.random.default_rng(seed)
+  for key, var in flat_params(state).items():
+    if key.endswith("balancing_biases"):
+      value = np.zeros(var.shape, np.float32)
+      value[-1] = -1.0  # the skip slot unreachable, as transformers loads a checkpoint
+    else:
+      value = rng.normal(0.0, 0.2, var.shape).astype(np.float32)
+    var.set_value(jnp.asarray(value))
+  return nnx.merge(graphdef, state)
+
+
+def _copy_tokenizer(src, dst):
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(src, name), dst)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tok_dir):
+  path = tmp_path_factory.mktemp("hf") / "tiny"
+  zaya_jax.save_hf(random_model(seed=1), path)
+  _copy_tokenizer(tok_dir, path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def hf(hf_dir):
+  return cli.load_model(str(hf_dir))
+
+
+@pytest.fixture(scope="module")
+def chat_samples(hf):
+  return cli.generate_completions(hf, PROMPTS, chat=cli.chat_format(hf, True), seed=3, **GEN)
+
+
+# --------------------------------------------------------------------------------------------- loading and inputs
+
+
+def test_model_paths_that_are_not_models_are_named(tmp_path, hf_dir):
+  with pytest.raises(cli.CLIError, match="does not exist"):
+    cli.load_model(str(tmp_path / "missing"))
+  (tmp_path / "file.txt").write_text("x")
+  with pytest.raises(cli.CLIError, match="is a file"):
+    cli.load_model(str(tmp_path / "file.txt"))
+  with pytest.raises(cli.CLIError, match=r"neither an Orbax run directory.*no config\.json"):
+    cli.load_model(str(tmp_path))
+  other = tmp_path / "llama"
+  other.mkdir()
+  (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  with pytest.raises(cli.CLIError, match=r"neither.*model_type 'llama' and it has no checkpoints/"):
+    cli.load_model(str(other))
+  # A weights-only HF folder: the message names the missing file, before any weight is read.
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    shutil.copy(hf_dir / name, bare)
+  with pytest.raises(cli.CLIError, match=f"no tokenizer: {bare / 'tokenizer.json'} is missing"):
+    cli.load_model(str(bare))
+  run_like = tmp_path / "run_like"
+  (run_like / "checkpoints").mkdir(parents=True)
+  (run_like / "config.json").write_text("{}")
+  assert cli.model_kind(str(run_like)) == "run"
+  with pytest.raises(cli.CLIError, match=r"tokenizer\.json is missing"):
+    cli.load_model(str(run_like))
+  with pytest.raises(cli.CLIError, match=r"config\.json is not a launch/train\.py run config"):
+    cli.load_model(str(run_like), tokenizer_path=str(hf_dir))
+  loaded = cli.load_model(str(bare), tokenizer_path=str(hf_dir))  # --tokenizer fills the gap
+  assert loaded.kind == "hf" and loaded.stop_ids == (1,)
+  plain = tmp_path / "plain_tokenizer"  # a tokenizer folder without tokenizer_config.json: no chat template
+  plain.mkdir()
+  shutil.copy(hf_dir / "tokenizer.json", plain)
+  with pytest.raises(cli.CLIError, match=r"--chat: .*no chat_template"):
+    cli.chat_format(cli.load_model(str(bare), tokenizer_path=str(plain)), True)
+
+
+def test_prompt_and_problem_files(tmp_path):
+  txt = tmp_path / "p.txt"
+  txt.write_text("first prompt\n\n  \nsecond {braces}\n")
+  assert cli.read_prompts(str(txt)) == ["first prompt", "second {braces}"]
+  jsonl = tmp_path / "p.jsonl"
+  jsonl.write_text('{"prompt": "a\\nb"}\n"plain string"\n')
+  assert cli.read_prompts(str(jsonl)) == ["a\nb", "plain string"]
+  jsonl.write_text('{"prompt": "a"}\n\n{"text": "b"}\n')
+  with pytest.raises(cli.CLIError, match=r"p.jsonl:3: expected \{\"prompt\""):
+    cli.read_prompts(str(jsonl))
+  with pytest.raises(cli.CLIError, match=r"expected a \.txt"):
+    cli.read_prompts(str(tmp_path / "p.csv"))
+
+  problems = tmp_path / "problems.jsonl"
+  problems.write_text('{"problem": "one", "answer": "7"}\n\n{"question": "two", "answer": 5}\n{"problem": "three"}\n')
+  got = cli.read_problems(str(problems))
+  assert got == [cli.Problem(0, 1, "one", "7"), cli.Problem(1, 3, "two", "5"), cli.Problem(2, 4, "three", None)]
+  for text, words in [
+    ('{"problem": "one"}\n{"problem": "two"\n', "problems.jsonl:2: not valid JSON"),
+    ('{"problem": "one"}\n["two"]\n', "problems.jsonl:2: expected a JSON object"),
+    ('{"answer": "1"}\n', "problems.jsonl:1: needs a non-empty string field \"problem\""),
+    ('{"problem": "one", "answer": [1]}\n', "problems.jsonl:1: \"answer\" must be a string or a number"),
+    ("\n  \n", "is empty"),
+  ]:
+    problems.write_text(text)
+    with pytest.raises(cli.CLIError, match=words):
+      cli.read_problems(str(problems))
+  with pytest.raises(cli.CLIError, match="does not exist"):
+    cli.read_problems(str(tmp_path / "nope.jsonl"))
+
+
+def test_flag_validation_names_the_flags():
+  with pytest.raises(cli.CLIError, match=r"--c = 5 > --n = 4"):
+    rsa_cfg(c=5)
+  with pytest.raises(cli.CLIError, match=r"--tau = 32 > --beta = 16"):
+    rsa_cfg(tau=32)
+  with pytest.raises(cli.CLIError, match="--top_p must lie in"):
+    cli.sampling_config(1.0, 0, 0.0)
+  assert cli.sampling_config(0.5, 0, 1.0) == SamplingConfig(0.5, None, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------- generation
+
+
+def test_generation_is_deterministic_for_a_seed_and_uses_the_chat_template(hf, chat_samples):
+  chat = cli.chat_format(hf, True)
+  assert cli.encode_prompt(hf.tokenizer, "hi", chat) == hf.tokenizer.encode("User: hi\nAssistant:")
+  assert [c.prompt_tokens for c in chat_samples[::2]] == [
+    len(hf.tokenizer.encode(f"User: {p}\nAssistant:")) for p in PROMPTS]
+  assert [(c.prompt_index, c.sample) for c in chat_samples] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+  assert all(c.tokens == 8 if not c.stopped else c.tokens <= 8 for c in chat_samples)
+  assert len({c.completion for c in chat_samples}) == 4  # each row drew its own tokens
+  assert cli.generate_completions(hf, PROMPTS, chat=chat, seed=3, **GEN) == chat_samples
+  other = cli.generate_completions(hf, PROMPTS, chat=chat, seed=4, **GEN)
+  assert [c.completion for c in other] != [c.completion for c in chat_samples]
+  # Too long for the model's 1024 positions: refused before compiling, naming the prompt.
+  too_long = r"prompt 2 has \d+ tokens; with --max_new_tokens=8 it needs .* context of 1024"
+  with pytest.raises(cli.CLIError, match=too_long):
+    cli.generate_completions(hf, ["ok", "word " * 1100], chat=None, seed=0, **GEN)
+  need = len(cli.encode_prompt(hf.tokenizer, "ok", chat)) + 1023
+  with pytest.raises(cli.CLIError, match=f"prompt 1 has .* --max_new_tokens=1024 it needs {need} positions"):
+    cli.generate_completions(hf, ["ok"], chat=chat, seed=0, **{**GEN, "max_new_tokens": 1024})
+
+
+def test_generate_cli_writes_what_the_library_generates(tmp_path, hf_dir, chat_samples):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": p}) + "\n\n" for p in PROMPTS))
+  output = tmp_path / "samples.jsonl"
+  rc, out, err = finish(launch(GENERATE, f"--model={hf_dir}", f"--prompts_file={prompts}", "--chat", "--n=2",
+                               "--max_new_tokens=8", "--temperature=1.0", "--seed=3", f"--output={output}"))
+  assert rc == 0, err
+  rows = [json.loads(line) for line in output.read_text().splitlines()]
+  assert rows == [c.to_json() for c in chat_samples]
+  assert out.count("=== prompt ") == 4 and "=== prompt 2, sample 2 (8 tokens" in out
+  assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl", "samples.jsonl"]  # no temporary file left behind
+
+
+# ------------------------------------------------------------------------------------------------------ RSA reports
+
+SCRIPT = {  # final-round outputs per problem; "~" rows never stop (cut at the budget), the others end with eos
+  "P-one": ["so \\boxed{7}", "\\boxed{7}.", "\\boxed{3}", "~no idea"],
+  "P-two": ["\\boxed{3}"] * 4,
+  "P-three": ["\\boxed{5}", "\\boxed{2}", "\\boxed{ 2 }", "~hmm"],
+  "P-four": ["\\boxed{1}", "x", "y", "z"],
+}
+
+
+def test_report_numbers_match_a_hand_computation(tmp_path, hf):
+  tok = hf.tokenizer
+  problems_file = tmp_path / "problems.jsonl"
+  problems_file.write_text('{"problem": "P-one: 3+4?", "answer": "7"}\n{"question": "P-two: 2+3?", "answer": 5}\n'
+                           '{"problem": "P-three: 1+4?", "answer": "5.0"}\n{"problem": "P-four"}\n')
+  problems = cli.read_problems(str(problems_file))
+  cfg, pieces = rsa_cfg(), P.encode_pieces(tok.hf, P.RSA_REFERENCE, 2, None)
+  calls = []  # (problem, prompt lengths, output lengths) per decode call
+
+  def decode_fn(key, prompts_BL, lens_B, max_new):
+    prompts_BL, lens_B = np.asarray(prompts_BL), np.asarray(lens_B)
+    name = next(k for k in SCRIPT if k in tok.decode(prompts_BL[0, :lens_B[0]]))
+    final = any(c[0] == name for c in calls)  # t = 1: the second call of a problem is its last round
+    texts = SCRIPT[name] if final else [f"{i}\\boxed{{9}}" for i in range(4)]  # round 0's answers are not read
+    tokens = np.zeros((4, max_new), np.int32)
+    lens = np.zeros((4,), np.int32)
+    for i, text in enumerate(texts):
+      ids = tok.encode(text.lstrip("~"))
+      ids = (ids * max_new)[:max_new] if text.startswith("~") else [*ids, tok.eos_id]
+      assert len(ids) <= max_new, text
+      tokens[i, :len(ids)], lens[i] = ids, len(ids)
+    calls.append((name, lens_B.copy(), lens.copy()))
+    return tokens, lens
+
+  reports = [cli.solve_problem(cfg, pieces, decode_fn, tok, p, jax.random.key(p.index), hf.stop_ids)[0]
+             for p in problems]
+  assert [r.answers for r in reports] == [("7", "7", "3", None), ("3",) * 4, ("5", "2", " 2 ", None),
+                                          ("1", None, None, None)]
+  assert reports[0].finished == (True, True, True, False)
+  assert [r.majority for r in reports] == ["7", "3", "2", "1"]
+  assert [r.mean_correct for r in reports] == [0.5, 0.0, 0.25, None]  # "5.0" normalises to "5"
+  assert [r.majority_correct for r in reports] == [True, False, False, None]
+  assert [r.passed for r in reports] == [True, False, True, None]
+  for r, name in zip(reports, SCRIPT):
+    mine = [c for c in calls if c[0] == name]
+    assert len(mine) == 2
+    assert r.generated == sum(int(c[2].sum()) for c in mine)
+    assert r.prefilled == sum(int(c[1].sum()) for c in mine)
+    assert r.max_context == max(int((c[1] + c[2]).max()) for c in mine)
+  s = cli.summarize(reports)
+  assert (s["problems"], s["scored"], s["n"]) == (4, 3, 4)
+  assert s["mean_correct"] == pytest.approx(0.75 / 3)
+  assert s["majority_at_n"] == pytest.approx(1 / 3) and s["pass_at_n"] == pytest.approx(2 / 3)
+  assert s["generated_per_problem"] == sum(int(c[2].sum()) for c in calls) / 4
+  assert s["max_context"] == max(r.max_context for r in reports)
+  assert "mean correct 0.250, majority@4 0.333, pass@4 0.667" in cli.format_summary(s)
+
+  # --output: written whole on success, absent (and no temporary file) after a failure.
+  path = tmp_path / "report.jsonl"
+  with cli.AtomicJsonl(str(path)) as out:
+    for r in reports:
+      out.write(r.to_json())
+    out.write(s)
+  lines = [json.loads(line) for line in path.read_text().splitlines()]
+  assert lines[-1] == s and lines[0]["correct"] == [True, True, False, False] and lines[3]["correct"] is None
+  failed = tmp_path / "failed.jsonl"
+  with pytest.raises(RuntimeError), cli.AtomicJsonl(str(failed)) as out:
+    out.write({"half": True})
+    raise RuntimeError("crash mid-run")
+  assert not failed.exists() and sorted(os.listdir(tmp_path)) == ["problems.jsonl", "report.jsonl"]
+  with pytest.raises(cli.CLIError, match=r"folder .* does not exist"):
+    cli.AtomicJsonl(str(tmp_path / "no" / "x.jsonl")).__enter__()
+  with pytest.raises(cli.CLIError, match="do not fit the model's context of 300"):
+    cli.check_rsa_context(cfg, pieces, 300, 10)
+
+
+def test_rsa_cli_report_is_reproducible_in_process(tmp_path, hf_dir, hf):
+  problems = tmp_path / "problems.jsonl"
+  problems.write_text('{"problem": "What is 2+2?", "answer": "4"}\n{"question": "Compute 3*3.", "answer": 9}\n')
+  output = tmp_path / "rsa.jsonl"
+  flags = [f"--{k}={v}" for k, v in RSA_FLAGS.items()]
+  rc, out, err = finish(launch(RSA, f"--model={hf_dir}", f"--problems={problems}", *flags, "--seed=5",
+                               f"--output={output}"))
+  assert rc == 0, err
+  lines = [json.loads(line) for line in output.read_text().splitlines()]
+  assert len(lines) == 3 and lines[-1]["summary"] and "summary over 2 problem(s)" in out
+  assert out.count("round 1:") == 2 and out.count("vote:") == 2
+
+  # The same problems through the library: same seed plumbing (problem i: fold_in(key(seed), i)), same reports.
+  cfg = rsa_cfg(seed=5)
+  pieces = P.encode_pieces(hf.tokenizer.hf, P.RSA_REFERENCE, 2, None)
+  decode_fn = make_decode_fn(hf.model, sampling=SamplingConfig(temperature=1.0), stop_token_ids=hf.stop_ids)
+  reports = [cli.solve_problem(cfg, pieces, decode_fn, hf.tokenizer, p, jax.random.fold_in(jax.random.key(5), p.index),
+                               hf.stop_ids)[0] for p in cli.read_problems(str(problems))]
+  assert lines[:2] == [json.loads(json.dumps(r.to_json())) for r in reports]
+  assert lines[2] == cli.summarize(reports)
+  bound, n, rounds = context_bound(cfg, pieces), cfg.n, cfg.rounds
+  for r in reports:
+    assert len(r.answers) == n and 2 * n <= r.generated <= n * cfg.beta * rounds and r.max_context <= bound
+
+
+# ------------------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_input_exits_1_with_one_message_and_no_output(tmp_path, hf_dir):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"problem": "a", "answer": "1"}\n\n{"problem": "b", answer: 2}\n')
+  llama = tmp_path / "llama"
+  llama.mkdir()
+  (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  no_tok = tmp_path / "no_tokenizer"
+  no_tok.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    shutil.copy(hf_dir / name, no_tok)
+  model = f"--model={hf_dir}"
+  cases = [
+    (GENERATE, [model, "--prompt=" + "word " * 1100, "--max_new_tokens=4"], "context of 1024"),
+    (GENERATE, [f"--model={llama}", "--prompt=x"], "is neither an Orbax run directory"),
+    (GENERATE, [f"--model={no_tok}", "--prompt=x"], f"{no_tok / 'tokenizer.json'} is missing"),
+    (RSA, [model, "--problem=x", "--n=2", "--c=3"], "--c = 3 > --n = 2"),
+    (RSA, [model, f"--problems={bad}"], "bad.jsonl:3: not valid JSON"),
+  ]  # τ > β and an empty file take the same exit path; their messages are checked in-process above
+  procs = [launch(script, *args, f"--output={tmp_path / f'out{i}.jsonl'}") for i, (script, args, _) in enumerate(cases)]
+  for proc, (_, args, words) in zip(procs, cases):
+    rc, out, err = finish(proc)
+    lines = err.strip().splitlines()
+    assert rc == 1 and "Traceback" not in err and lines[-1].startswith("error: ") and words in lines[-1], (args, err)
+    assert out == ""
+  assert not any(name.startswith(("out", ".out")) for name in os.listdir(tmp_path))  # nothing half-written
+
+
+# ------------------------------------------------------------------------------------------------- run directories
+
+
+def test_run_directory_and_its_hf_export_generate_the_same_tokens(tmp_path, run_dir, chat_samples):
+  run = cli.load_model(str(run_dir))
+  assert run.kind == "run" and run.stop_ids == (1,)
+  exported = tmp_path / "exported"
+  zaya_jax.save_hf(run.model, exported)
+  _copy_tokenizer(run_dir, exported)
+  hf = cli.load_model(str(exported))
+  assert hf.kind == "hf"
+  a, b = flat_params(run.model), flat_params(hf.model)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k][...], b[k][...]) for k in a)
+  from_run = cli.generate_completions(run, PROMPTS, chat=cli.chat_format(run, True), seed=3, **GEN)
+  from_hf = cli.generate_completions(hf, PROMPTS, chat=cli.chat_format(hf, True), seed=3, **GEN)
+  assert from_run == from_hf
+  # Trained weights, not the random HF fixture's: the same seed gives other tokens.
+  assert [c.completion for c in from_run] != [c.completion for c in chat_samples]

@@ -1,0 +1,499 @@
+"""Shared code of the inference command lines (launch/generate.py, launch/rsa.py): loading, prompts, problems, reports.
+
+  from zaya_jax.infer import cli
+
+  loaded = cli.load_model("runs/tiny")                      # an Orbax run directory (config.json + checkpoints/)
+  loaded = cli.load_model("/models/ZAYA1-8B")               # or a Hugging Face folder (model_type zaya)
+  chat = cli.chat_format(loaded, True)                      # the folder's chat template (None when False)
+  outs = cli.generate_completions(loaded, ["2 + 2 ="], chat=chat, max_new_tokens=32,
+                                  sampling=SamplingConfig(temperature=0.0), n=1, seed=0)
+  problems = cli.read_problems("aime.jsonl")                # {"problem" | "question": ..., "answer": ...} per line
+  report = cli.solve_problem(cfg, pieces, decode_fn, loaded.tokenizer, problems[0], key, loaded.stop_ids)
+  summary = cli.summarize([report])                         # mean correct, majority@N, pass@N, tokens per problem
+
+Bad input raises `CLIError` (or the ValueError of the library function that found it) with a message that names the
+flag, file, line or path at fault; `main_wrapper` turns those into one `error: ...` line on stderr and exit code 1.
+`AtomicJsonl` writes --output to a temporary sibling and renames it into place only on success, so a failed run never
+leaves a half-written file under the requested name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from zaya_jax.checkpoint.hf import CheckpointError, load_hf
+from zaya_jax.infer import answers as ans
+from zaya_jax.infer import prompts as P
+from zaya_jax.infer import rsa
+from zaya_jax.infer.generate import generate
+from zaya_jax.infer.sampling import SamplingConfig
+from zaya_jax.model.decoder import ZayaForCausalLM
+from zaya_jax.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+
+TEMPLATES: dict[str, P.AggregationTemplate] = {
+  t.name: t for t in (P.RSA_REFERENCE, P.RSA_HARNESS, P.MARKOVIAN_ZAYA, P.DELETHINK)
+}
+
+
+class CLIError(Exception):
+  """Bad input to a command line: the message says what is wrong and where."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and tokenizers.
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+  model: ZayaForCausalLM
+  tokenizer: Tokenizer
+  path: str  # the model folder
+  kind: str  # "run" (Orbax run directory) or "hf" (Hugging Face folder)
+
+  @property
+  def context(self) -> int:
+    """Positions the model supports: a prompt plus its generated tokens must fit."""
+    return int(self.model.config.max_position_embeddings)
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """The config's eos ids and the tokenizer's eos: generation stops at either (they usually agree)."""
+    eos = self.model.config.eos_token_id
+    ids = set() if eos is None else set(eos) if isinstance(eos, tuple | list) else {eos}
+    return tuple(sorted({int(i) for i in ids} | {int(self.tokenizer.eos_id)}))
+
+  @property
+  def tokenizer_dir(self) -> str:
+    return os.path.dirname(self.tokenizer.path)
+
+
+_NEITHER = ("is neither an Orbax run directory (config.json + checkpoints/, written by launch/train.py) nor a Hugging "
+            "Face folder (config.json with model_type 'zaya' + model.safetensors)")
+
+
+def model_kind(path: str) -> str:
+  """'run' or 'hf' from the folder's contents (nothing loaded); CLIError naming what is missing otherwise."""
+  if not os.path.exists(path):
+    raise CLIError(f"--model={path} does not exist")
+  if not os.path.isdir(path):
+    raise CLIError(f"--model={path} is a file; it {_NEITHER}")
+  config_file = os.path.join(path, "config.json")
+  if not os.path.isfile(config_file):
+    raise CLIError(f"--model={path} {_NEITHER}: it has no config.json")
+  try:
+    with open(config_file, encoding="utf-8") as f:
+      raw = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CLIError(f"{config_file} is not readable JSON: {e}") from None
+  if isinstance(raw, dict) and raw.get("model_type") == "zaya":
+    return "hf"
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return "run"
+  model_type = raw.get("model_type") if isinstance(raw, dict) else None
+  why = f"its config.json has model_type {model_type!r}" if model_type else "its config.json has no model_type 'zaya'"
+  raise CLIError(f"--model={path} {_NEITHER}: {why} and it has no checkpoints/ folder")
+
+
+def _tokenizer_source(path: str, tokenizer_path: str | None) -> str:
+  """The tokenizer.json to use; CLIError naming the path when it is missing (checked before any weights load)."""
+  if tokenizer_path:
+    file = os.path.join(tokenizer_path, TOKENIZER_FILE) if os.path.isdir(tokenizer_path) else tokenizer_path
+    if not os.path.isfile(file):
+      raise CLIError(f"--tokenizer={tokenizer_path}: {file} does not exist")
+    return file
+  file = os.path.join(path, TOKENIZER_FILE)
+  if not os.path.isfile(file):
+    raise CLIError(f"--model={path} has no tokenizer: {file} is missing (prompts must be encoded with the model's "
+                   "tokenizer); copy tokenizer.json (and tokenizer_config.json) into the folder or pass --tokenizer")
+  return file
+
+
+def load_model(path: str, *, tokenizer_path: str | None = None, step: int | None = None) -> LoadedModel:
+  """The model and its tokenizer from a run directory (latest or given step) or a Hugging Face folder."""
+  path = os.path.abspath(os.fspath(path))
+  kind = model_kind(path)
+  token_file = _tokenizer_source(path, tokenizer_path)
+  try:
+    tokenizer = load_tokenizer(token_file)
+    if kind == "run":
+      from zaya_jax.train.checkpointing import load_run  # Orbax and grain: only imported for run directories
+
+      try:
+        model, _, _ = load_run(path, step=step)
+      except TypeError as e:  # a config.json without the ExperimentConfig fields
+        raise CLIError(f"--model={path}: config.json is not a launch/train.py run config ({e})") from None
+    else:
+      if step is not None:
+        raise CLIError(f"--step={step} applies to run directories; --model={path} is a Hugging Face folder")
+      model = load_hf(path)
+    tokenizer.check_fits(model.config.vocab_size)
+  except (CheckpointError, FileNotFoundError) as e:
+    raise CLIError(f"cannot load --model={path}: {e}") from None
+  return LoadedModel(model=model, tokenizer=tokenizer, path=path, kind=kind)
+
+
+def chat_format(loaded: LoadedModel, chat: bool) -> P.ChatFormat | None:
+  """The tokenizer folder's chat template when `chat`, else None; CLIError when asked for and absent."""
+  if not chat:
+    return None
+  try:
+    return P.load_chat_template(loaded.tokenizer_dir)
+  except (ValueError, OSError) as e:
+    raise CLIError(f"--chat: {e}") from None
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, chat: P.ChatFormat | None) -> list[int]:
+  """Ids of one prompt. A rendered chat template already holds its special tokens (bos included), so it is encoded
+  without the tokenizer's post-processor, as transformers' apply_chat_template does; plain text gets it."""
+  if chat is None:
+    return tokenizer.encode(text)
+  return tokenizer.hf.encode(chat.user(text), add_special_tokens=False).ids
+
+
+def sampling_config(temperature: float, top_k: int | None, top_p: float) -> SamplingConfig:
+  """From the flags; top_k 0 or None means no limit."""
+  try:
+    return SamplingConfig(temperature=float(temperature), top_k=top_k or None, top_p=float(top_p))
+  except ValueError as e:
+    raise CLIError(str(e).replace("SamplingConfig.", "--")) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input files.
+
+
+def _lines(path: str, flag: str) -> list[tuple[int, str]]:
+  """(1-based line number, text) of the non-blank lines; CLIError when unreadable or empty."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = [(i, line.rstrip("\r\n")) for i, line in enumerate(f, 1)]
+  except FileNotFoundError:
+    raise CLIError(f"--{flag}={path} does not exist") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise CLIError(f"--{flag}={path} cannot be read: {e}") from None
+  lines = [(i, line) for i, line in lines if line.strip()]
+  if not lines:
+    raise CLIError(f"--{flag}={path} is empty (no non-blank lines)")
+  return lines
+
+
+def _json_line(path: str, number: int, line: str):
+  try:
+    return json.loads(line)
+  except json.JSONDecodeError as e:
+    raise CLIError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def read_prompts(path: str) -> list[str]:
+  """Prompts of a .txt file (one per non-blank line) or a .jsonl file ({"prompt": ...} or a JSON string per line)."""
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in (".txt", ".jsonl"):
+    raise CLIError(f"--prompts_file={path}: expected a .txt (one prompt per line) or .jsonl file, got {ext or 'no'} "
+                   "extension")
+  lines = _lines(path, "prompts_file")
+  if ext == ".txt":
+    return [line for _, line in lines]
+  out = []
+  for number, line in lines:
+    row = _json_line(path, number, line)
+    text = row.get("prompt") if isinstance(row, dict) else row
+    if not isinstance(text, str) or not text.strip():
+      raise CLIError(f"{path}:{number}: expected {{\"prompt\": \"<non-empty text>\"}} or a JSON string, got "
+                     f"{line[:80]!r}")
+    out.append(text)
+  return out
+
+
+@dataclass(frozen=True)
+class Problem:
+  index: int  # 0-based position in the file
+  line: int  # 1-based line number (0 for --problem)
+  problem: str
+  answer: str | None  # the reference answer; None: not scored
+
+
+def read_problems(path: str) -> list[Problem]:
+  """A JSON-lines problem file: one object per line with "problem" (or "question") and optionally "answer"."""
+  out = []
+  for number, line in _lines(path, "problems"):
+    row = _json_line(path, number, line)
+    if not isinstance(row, dict):
+      raise CLIError(f"{path}:{number}: expected a JSON object with \"problem\" (or \"question\") and \"answer\", "
+                     f"got {type(row).__name__}")
+    text = row.get("problem", row.get("question"))
+    if not isinstance(text, str) or not text.strip():
+      raise CLIError(f"{path}:{number}: needs a non-empty string field \"problem\" (or \"question\"); has fields "
+                     f"{sorted(row)}")
+    answer = row.get("answer")
+    if isinstance(answer, bool) or (answer is not None and not isinstance(answer, str | int | float)):
+      raise CLIError(f"{path}:{number}: \"answer\" must be a string or a number, got {answer!r}")
+    out.append(Problem(len(out), number, text, None if answer is None else str(answer)))
+  return out
+
+
+class AtomicJsonl:
+  """JSON lines written to a temporary sibling of `path`, renamed into place on a clean exit, removed otherwise.
+  Opened first thing, so that an unwritable --output fails before any model work."""
+
+  def __init__(self, path: str | None):
+    self.path, self._file = path, None
+
+  def __enter__(self):
+    if self.path:
+      folder = os.path.dirname(os.path.abspath(self.path))
+      if not os.path.isdir(folder):
+        raise CLIError(f"--output={self.path}: folder {folder} does not exist")
+      try:
+        self._file = tempfile.NamedTemporaryFile(
+          "w", encoding="utf-8", dir=folder, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", delete=False)
+      except OSError as e:
+        raise CLIError(f"--output={self.path} cannot be written: {e}") from None
+    return self
+
+  def write(self, row: dict) -> None:
+    if self._file is not None:
+      self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+  def __exit__(self, exc_type, *_):
+    if self._file is None:
+      return
+    self._file.close()
+    if exc_type is None:
+      os.replace(self._file.name, self.path)
+    else:
+      os.unlink(self._file.name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation.
+
+
+@dataclass(frozen=True)
+class Completion:
+  prompt_index: int
+  sample: int
+  prompt: str
+  prompt_tokens: int
+  completion: str
+  tokens: int  # generated, a stop token included
+  stopped: bool  # ended with a stop token (else cut at max_new_tokens)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _text(tokenizer: Tokenizer, ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[str, bool]:
+  """Decoded text without a final stop token (special tokens such as </think> are kept); whether it stopped."""
+  ids = list(ids)
+  stopped = bool(ids) and ids[-1] in stop_ids
+  return tokenizer.decode(ids[:-1] if stopped else ids), stopped
+
+
+def check_fits_context(lengths: Sequence[int], max_new: int, context: int, what: Callable[[int], str]) -> None:
+  """Every prompt plus max_new - 1 fed-back tokens must fit the model's positions (the decode cache)."""
+  for i, n in enumerate(lengths):
+    if n == 0:
+      raise CLIError(f"{what(i)} encodes to no tokens")
+    if n + max_new - 1 > context:
+      raise CLIError(f"{what(i)} has {n} tokens; with --max_new_tokens={max_new} it needs {n + max_new - 1} "
+                     f"positions, more than the model's context of {context} (max_position_embeddings); shorten it "
+                     "or lower --max_new_tokens")
+
+
+def generate_completions(loaded: LoadedModel, prompts: Sequence[str], *, chat: P.ChatFormat | None,
+                         max_new_tokens: int, sampling: SamplingConfig, n: int = 1, seed: int = 0,
+                         batch_size: int = 8, describe: Callable[[int], str] | None = None) -> list[Completion]:
+  """n samples of every prompt, batch_size rows per generate call. Every call has the same shape (rows padded to the
+  longest prompt, the last batch filled with repeats) so the program compiles once; call b uses fold_in(key(seed),
+  b), so samples depend on the seed and on batch_size. describe(i) names prompt i in errors."""
+  if n < 1 or batch_size < 1 or max_new_tokens < 1:
+    raise CLIError(f"--n, --batch_size and --max_new_tokens must be >= 1, got {n}, {batch_size}, {max_new_tokens}")
+  describe = describe or (lambda i: f"prompt {i + 1}")
+  ids = [encode_prompt(loaded.tokenizer, p, chat) for p in prompts]
+  check_fits_context([len(x) for x in ids], max_new_tokens, loaded.context, describe)
+  rows = [(p, s) for p in range(len(prompts)) for s in range(n)]
+  width, batch = max(len(x) for x in ids), min(batch_size, len(rows))
+  key, out = jax.random.key(seed), []
+  for b, start in enumerate(range(0, len(rows), batch)):
+    chunk = rows[start:start + batch]
+    padded = chunk + [chunk[0]] * (batch - len(chunk))  # static shape: the filler rows are discarded
+    prompts_BL = np.full((batch, width), loaded.tokenizer.pad_id, np.int32)
+    lens_B = np.zeros((batch,), np.int32)
+    for r, (p, _) in enumerate(padded):
+      prompts_BL[r, :len(ids[p])] = ids[p]
+      lens_B[r] = len(ids[p])
+    res = generate(loaded.model, prompts_BL, lens_B, key=jax.random.fold_in(key, b), max_new_tokens=max_new_tokens,
+                   sampling=sampling, stop_token_ids=loaded.stop_ids)
+    tokens_BN, lengths_B = np.asarray(res.tokens_BN), np.asarray(res.lengths_B)
+    for r, (p, s) in enumerate(chunk):
+      text, stopped = _text(loaded.tokenizer, tokens_BN[r, :lengths_B[r]].tolist(), loaded.stop_ids)
+      out.append(Completion(p, s, prompts[p], len(ids[p]), text, int(lengths_B[r]), stopped))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markovian RSA: one problem, its report, the summary.
+
+
+def rsa_config(*, n: int, c: int, t: int, tau: int, beta: int, beta_final: int | None, tail_source: str,
+               end_think: Sequence[int], q_max: int, max_context: int, pad_id: int, seed: int) -> rsa.RSAConfig:
+  """RSAConfig from the flags; its validation message (C > N, τ > β, ...) with the flag names."""
+  try:
+    return rsa.RSAConfig(n=n, c=c, t=t, tau=tau, beta=beta, beta_final=beta_final, tail_source=tail_source,
+                         end_think=tuple(end_think), q_max=q_max, max_context=max_context, pad_id=pad_id, seed=seed)
+  except ValueError as e:
+    raise CLIError(str(e).replace("RSAConfig.", "--")) from None
+
+
+def check_rsa_context(cfg: rsa.RSAConfig, pieces: rsa.PromptPieces, context: int, longest_question: int) -> None:
+  """Every decode call's prompt capacity + budget must fit the model's context: named in flags, not in fields."""
+  bound = rsa.context_bound(cfg, pieces)
+  if bound > context:
+    raise CLIError(
+      f"the RSA prompts do not fit the model's context of {context} (max_position_embeddings): template "
+      f"{pieces.template_len} + question {cfg.q_max} (longest {longest_question} tokens) + --c × --tau = {cfg.c} × "
+      f"{cfg.tau} + max(--beta, --beta_final) = {cfg.pool_width} makes {bound}; lower --tau, --c, --beta or "
+      "--beta_final")
+
+
+@dataclass(frozen=True)
+class ProblemReport:
+  index: int
+  problem: str
+  reference: str | None
+  answers: tuple[str | None, ...]  # extracted from the final population, in candidate order
+  finished: tuple[bool, ...]  # the candidate stopped before its budget
+  majority: str | None  # the normalised plurality answer (None: no candidate answered)
+  votes: int
+  generated: int  # newly decoded tokens over all rounds: D(q)
+  prefilled: int  # prompt tokens sent over all rounds
+  max_context: int  # largest prompt + output of any decode call
+
+  @property
+  def correct(self) -> tuple[bool, ...] | None:
+    if self.reference is None:
+      return None
+    return tuple(bool(ans.is_equiv(a, self.reference)) for a in self.answers)
+
+  @property
+  def mean_correct(self) -> float | None:
+    return None if self.correct is None else sum(self.correct) / len(self.correct)
+
+  @property
+  def majority_correct(self) -> bool | None:
+    return None if self.reference is None else bool(ans.is_equiv(self.majority, self.reference))
+
+  @property
+  def passed(self) -> bool | None:
+    return None if self.correct is None else any(self.correct)
+
+  def to_json(self) -> dict:
+    return {**dataclasses.asdict(self), "correct": self.correct, "mean_correct": self.mean_correct,
+            "majority_correct": self.majority_correct, "pass": self.passed}
+
+
+def report_problem(problem: Problem, texts: Sequence[str], finished: Sequence[bool], generated: int, prefilled: int,
+                   max_context: int) -> ProblemReport:
+  """Answers (last \\boxed{}), the vote and the accounting of one problem's final population."""
+  answers = tuple(ans.extract_boxed(t) for t in texts)
+  vote = ans.majority_vote(answers, finished)
+  return ProblemReport(problem.index, problem.problem, problem.answer, answers, tuple(bool(f) for f in finished),
+                       None if vote is None else vote.answer, 0 if vote is None else vote.count, int(generated),
+                       int(prefilled), int(max_context))
+
+
+def solve_problem(cfg: rsa.RSAConfig, pieces: rsa.PromptPieces, decode_fn: rsa.DecodeFn, tokenizer: Tokenizer,
+                  problem: Problem, key: jax.Array, stop_ids: Sequence[int],
+                  on_round: Callable[[int, rsa.RSAState], None] | None = None) -> tuple[ProblemReport, list[str]]:
+  """Markovian RSA on one problem (host loop over rounds, so on_round sees each); (report, final texts)."""
+  question = P.encode_question(tokenizer.hf, problem.problem)
+  state = rsa.run_loop(cfg, pieces, decode_fn, question, key=key, on_round=on_round)
+  texts, finished = [], []
+  for seq in rsa.pool_sequences(state):
+    text, _ = _text(tokenizer, seq, stop_ids)
+    texts.append(text)
+  finished = np.asarray(state.finished_N).tolist()
+  report = report_problem(problem, texts, finished, int(state.generated), int(state.prefilled),
+                          int(state.max_context))
+  return report, texts
+
+
+def summarize(reports: Sequence[ProblemReport]) -> dict:
+  """Means over problems: correctness over final candidates (the report's metric), majority@N and pass@N over the
+  problems with a reference; tokens over all problems."""
+  scored = [r for r in reports if r.reference is not None]
+  k = len(scored)
+
+  def mean(values):
+    return sum(values) / k if k else None
+
+  count = max(len(reports), 1)
+  return {
+    "summary": True,
+    "problems": len(reports),
+    "scored": k,
+    "n": len(reports[0].answers) if reports else 0,
+    "mean_correct": mean([r.mean_correct for r in scored]),
+    "majority_at_n": mean([float(r.majority_correct) for r in scored]),
+    "pass_at_n": mean([float(r.passed) for r in scored]),
+    "generated_per_problem": sum(r.generated for r in reports) / count,
+    "prefilled_per_problem": sum(r.prefilled for r in reports) / count,
+    "max_context": max((r.max_context for r in reports), default=0),
+  }
+
+
+def format_summary(s: dict) -> str:
+  def num(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+  return (f"summary over {s['problems']} problem(s), {s['scored']} with a reference: "
+          f"mean correct {num(s['mean_correct'])}, "
+          f"majority@{s['n']} {num(s['majority_at_n'])}, pass@{s['n']} {num(s['pass_at_n'])}, "
+          f"{s['generated_per_problem']:.1f} generated and {s['prefilled_per_problem']:.1f} prefilled tokens per "
+          f"problem, largest context {s['max_context']}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def main_wrapper(main: Callable[[list[str]], int]) -> Callable[[list[str]], None]:
+  """For absl's app.run: bad input -> `error: <message>` on stderr and exit 1, without a traceback."""
+
+  def wrapped(argv):
+    from absl import flags, logging
+    from jinja2.exceptions import TemplateError
+
+    # Generated text may hold any character (a random model's bytes): never fail printing it on a narrow terminal.
+    sys.stdout.reconfigure(errors="backslashreplace")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs INFO/WARNING lines on every restore: keep stdout readable
+      logging.set_verbosity(logging.ERROR)
+    if len(argv) > 1:
+      print(f"error: unexpected arguments {argv[1:]} (all options are --flags)", file=sys.stderr)
+      sys.exit(1)
+    try:
+      code = main(argv)
+    except (CLIError, CheckpointError, ValueError, OSError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    except TemplateError as e:  # a chat template that raises (e.g. "only user/assistant roles")
+      print(f"error: --chat: the chat template failed: {e}", file=sys.stderr)
+      sys.exit(1)
+    sys.exit(code or 0)
+
+  return wrapped
+
+
+__all__ = ["TEMPLATES", "AtomicJsonl", "CLIError", "Completion", "LoadedModel", "Problem", "ProblemReport",
+           "chat_format", "check_rsa_context", "encode_prompt", "format_summary", "generate_completions", "load_model",
+           "main_wrapper", "model_kind", "read_problems", "read_prompts", "report_problem", "rsa_config",
+           "sampling_config", "solve_problem", "summarize"]
