@@ -214,6 +214,11 @@ def from_dict(cls, raw: dict):
   unknown = sorted(set(raw) - known)
   if unknown:
     raise ValueError(f"{cls.__name__}: unknown fields {unknown} in the saved config")
+  required = {f.name for f in dataclasses.fields(cls)
+              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+  missing = sorted(required - set(raw))
+  if missing:
+    raise ValueError(f"{cls.__name__}: the saved config lacks the required fields {missing}")
   return cls(**{k: _coerce(v, types_[k]) for k, v in raw.items()})
 
 
