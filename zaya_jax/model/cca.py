@@ -45,8 +45,9 @@ class Conv1d(nnx.Module):
   """Weights of a PyTorch `nn.Conv1d` ([C_out, C_in / groups, P] and bias); applied by `causal_convs`."""
 
   def __init__(self, channels: int, groups: int, taps: int, *, std: float, param_dtype, rngs: nnx.Rngs):
-    self.weight = normal_param(rngs, (channels, channels // groups, taps), std, param_dtype)
-    self.bias = const_param((channels,), 0.0, param_dtype)
+    self.weight = normal_param(rngs, (channels, channels // groups, taps), std, param_dtype,
+                               ("conv", "conv_in", "taps"))
+    self.bias = const_param((channels,), 0.0, param_dtype, ("conv",))
 
 
 class CCACache(NamedTuple):
@@ -69,10 +70,10 @@ class CCAProjection(nnx.Module):
   def __init__(self, cfg: AttentionConfig, hidden_size: int, *, std: float, param_dtype, rngs: nnx.Rngs):
     H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kw = dict(bias=cfg.use_bias, std=std, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = Linear(hidden_size, H * E, **kw)
-    self.k_proj = Linear(hidden_size, K * E, **kw)
-    self.v_proj_current = Linear(hidden_size, K * E // 2, **kw)
-    self.v_proj_delayed = Linear(hidden_size, K * E // 2, **kw)
+    self.q_proj = Linear(hidden_size, H * E, axes=("heads", "embed"), **kw)
+    self.k_proj = Linear(hidden_size, K * E, axes=("kv", "embed"), **kw)
+    self.v_proj_current = Linear(hidden_size, K * E // 2, axes=("kv", "embed"), **kw)
+    self.v_proj_delayed = Linear(hidden_size, K * E // 2, axes=("kv", "embed"), **kw)
     conv = dict(std=std, param_dtype=param_dtype, rngs=rngs)
     self.conv_qk_depthwise = Conv1d(cfg.conv_channels, cfg.conv_channels, cfg.cca_time0, **conv)
     self.conv_qk_grouped = Conv1d(cfg.conv_channels, H + K, cfg.cca_time1, **conv)
@@ -185,7 +186,8 @@ def l2_normalize_to_sqrt_dim(x_BTNE):
 class QKNorm(nnx.Module):
 
   def __init__(self, num_kv_heads: int, *, param_dtype):
-    self.temp = const_param((num_kv_heads,), 0.0, param_dtype)  # raw multiplier, init 0 as in the reference
+    # A raw multiplier, init 0 as in the reference.
+    self.temp = const_param((num_kv_heads,), 0.0, param_dtype, ("kv_heads",))
 
   def __call__(self, q_BTHE, k_BTKE):
     k_BTKE = l2_normalize_to_sqrt_dim(k_BTKE) * self.temp[...].astype(k_BTKE.dtype)[None, None, :, None]
@@ -199,7 +201,7 @@ class CCAttention(nnx.Module):
     self.qkv_proj = CCAProjection(cfg, hidden_size, std=std, param_dtype=param_dtype, rngs=rngs)
     self.qk_norm = QKNorm(cfg.num_kv_heads, param_dtype=param_dtype)
     self.o_proj = Linear(cfg.num_heads * cfg.head_dim, hidden_size, bias=cfg.use_bias, std=std,
-                         param_dtype=param_dtype, rngs=rngs)
+                         param_dtype=param_dtype, rngs=rngs, axes=("embed", "heads"))
     self.cfg = cfg
     self.layer_type = layer_type
 

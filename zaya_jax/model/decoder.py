@@ -19,6 +19,7 @@ from zaya_jax.config import ZayaConfig
 from zaya_jax.model.cca import CCAttention
 from zaya_jax.model.layers import F32, Linear, ResidualScaling, RMSNorm, const_param, linear, normal_param
 from zaya_jax.model.moe import SparseMoeBlock
+from zaya_jax.sharding import constrain
 
 
 class RouterStats(NamedTuple):
@@ -67,7 +68,7 @@ class DecoderLayer(nnx.Module):
 class Embedding(nnx.Module):
 
   def __init__(self, vocab: int, dim: int, *, std: float, pad_token_id: int | None, param_dtype, rngs: nnx.Rngs):
-    self.weight = normal_param(rngs, (vocab, dim), std, param_dtype)
+    self.weight = normal_param(rngs, (vocab, dim), std, param_dtype, ("vocab", "embed"))
     if pad_token_id is not None and 0 <= pad_token_id < vocab:
       self.weight[...] = self.weight[...].at[pad_token_id].set(0)
 
@@ -78,8 +79,8 @@ class ZayaModel(nnx.Module):
     D, pd = cfg.hidden_size, cfg.params_dtype
     self.embed_tokens = Embedding(cfg.vocab_size, D, std=cfg.initializer_range, pad_token_id=cfg.pad_token_id,
                                   param_dtype=pd, rngs=rngs)
-    self.input_hidden_states_scale = const_param((D,), 1.0, pd)
-    self.input_hidden_states_bias = const_param((D,), 0.0, pd)
+    self.input_hidden_states_scale = const_param((D,), 1.0, pd, ("embed",))
+    self.input_hidden_states_bias = const_param((D,), 0.0, pd, ("embed",))
     self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
     self.norm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=pd)
     self.cfg = cfg
@@ -93,11 +94,13 @@ class ZayaModel(nnx.Module):
 
   def __call__(self, input_ids_BT, segment_ids_BT, positions_BT):
     dtype = self.cfg.compute_dtype
-    x_BTD = self.embed(input_ids_BT)
+    # `constrain` pins the residual stream to the batch axes on a mesh (zaya_jax.sharding); a no-op otherwise.
+    x_BTD = constrain(self.embed(input_ids_BT), ("batch", None, None))
     router_state = None
     probs, choices = [], []
     for layer in self.layers:
       x_BTD, router_state, (p, c) = layer(x_BTD, router_state, segment_ids_BT, positions_BT)
+      x_BTD = constrain(x_BTD, ("batch", None, None))
       probs.append(p)
       choices.append(c)
     choice_LBT = jnp.stack(choices)
@@ -142,7 +145,7 @@ class ZayaForCausalLM(nnx.Module):
     self.model = ZayaModel(cfg, rngs)
     self.lm_head = None if cfg.tie_word_embeddings else Linear(
         cfg.hidden_size, cfg.vocab_size, bias=False, std=cfg.initializer_range, param_dtype=cfg.params_dtype,
-        rngs=rngs)
+        rngs=rngs, axes=("vocab", "embed"))
     self.config = cfg
 
   def __call__(self, input_ids_BT, segment_ids_BT=None, positions_BT=None) -> ZayaOutput:
@@ -163,7 +166,7 @@ class ZayaForCausalLM(nnx.Module):
   def logits(self, h_BTD):
     """The LM head (tied to the embedding unless the config unties it) on final-norm outputs."""
     head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-    return linear(h_BTD, head.weight[...])
+    return constrain(linear(h_BTD, head.weight[...]), ("batch", None, "vocab"))
 
 
 # Round every bf16 intermediate as the reference does: by default XLA may keep fused intermediates

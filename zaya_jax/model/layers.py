@@ -5,6 +5,11 @@ checkpoint loads by name alone. Parameters live in `param_dtype` and are cast to
 at use. The bf16 rules (ZAYA_ARCH.md §8): matmuls accumulate in fp32 and round once, bias included;
 each elementwise op rounds to the compute dtype; activations and softmax compute in fp32 and round
 once, as PyTorch's CPU kernels do for bf16.
+
+Every parameter carries logical axis names (nnx `out_sharding` metadata, e.g. ("mlp", "embed")) that
+`zaya_jax.sharding` maps onto mesh axes; they change nothing on a single device. Names: "vocab", "embed" (D),
+"heads" (H*E), "kv" (K*E and its value halves), "conv" (C), "conv_in", "taps", "kv_heads" (K), "experts" (X),
+"mlp" (F or 2F), "router" (R), "classes" (X1).
 """
 
 from __future__ import annotations
@@ -16,15 +21,26 @@ from flax import nnx
 F32 = jnp.float32
 
 
-def normal_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
+Axes = tuple[str | None, ...]
+
+
+def param(value, axes: Axes, kind=nnx.Param) -> nnx.Variable:
+  """A variable with logical axis names. Eager sharding is off: the model is built without a mesh, and the
+  train step places the state from these names (`zaya_jax.sharding`)."""
+  if len(axes) != value.ndim:
+    raise ValueError(f"logical axes {axes} do not match the parameter's shape {value.shape}")
+  return kind(value, out_sharding=axes, eager_sharding=False)
+
+
+def normal_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], std: float, dtype, axes: Axes) -> nnx.Param:
   """N(0, std) weights; zeros when `rngs` is None (abstract construction, see `abstract_model`)."""
   if rngs is None:
-    return nnx.Param(jnp.zeros(shape, dtype))
-  return nnx.Param((std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype))
+    return param(jnp.zeros(shape, dtype), axes)
+  return param((std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype), axes)
 
 
-def const_param(shape: tuple[int, ...], value: float, dtype) -> nnx.Param:
-  return nnx.Param(jnp.full(shape, value, dtype))
+def const_param(shape: tuple[int, ...], value: float, dtype, axes: Axes) -> nnx.Param:
+  return param(jnp.full(shape, value, dtype), axes)
 
 
 def linear(x, weight, bias=None):
@@ -56,9 +72,10 @@ def scale_by(x, scalar: float):
 class Linear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, bias: bool, std: float, param_dtype,
-               rngs: nnx.Rngs):
-    self.weight = normal_param(rngs, (out_features, in_features), std, param_dtype)
-    self.bias = const_param((out_features,), 0.0, param_dtype) if bias else None
+               rngs: nnx.Rngs, axes: tuple[str | None, str | None]):
+    """`axes`: logical names of (out, in)."""
+    self.weight = normal_param(rngs, (out_features, in_features), std, param_dtype, axes)
+    self.bias = const_param((out_features,), 0.0, param_dtype, axes[:1]) if bias else None
 
   def __call__(self, x):
     return linear(x, self.weight[...], None if self.bias is None else self.bias[...])
@@ -67,8 +84,8 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
   """Llama-style RMSNorm: statistics in fp32, cast back, then `weight *` in the input dtype."""
 
-  def __init__(self, size: int, *, eps: float, param_dtype):
-    self.weight = const_param((size,), 1.0, param_dtype)
+  def __init__(self, size: int, *, eps: float, param_dtype, axis: str = "embed"):
+    self.weight = const_param((size,), 1.0, param_dtype, (axis,))
     self.eps = eps
 
   def __call__(self, x):
@@ -84,10 +101,10 @@ class ResidualScaling(nnx.Module):
   """
 
   def __init__(self, size: int, *, param_dtype):
-    self.hidden_states_scale = const_param((size,), 1.0, param_dtype)
-    self.hidden_states_bias = const_param((size,), 0.0, param_dtype)
-    self.residual_scale = const_param((size,), 1.0, param_dtype)
-    self.residual_bias = const_param((size,), 0.0, param_dtype)
+    self.hidden_states_scale = const_param((size,), 1.0, param_dtype, ("embed",))
+    self.hidden_states_bias = const_param((size,), 0.0, param_dtype, ("embed",))
+    self.residual_scale = const_param((size,), 1.0, param_dtype, ("embed",))
+    self.residual_bias = const_param((size,), 0.0, param_dtype, ("embed",))
 
   def __call__(self, branch_BTD, residual_BTD):
     dtype = branch_BTD.dtype

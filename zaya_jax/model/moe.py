@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zaya_jax import sharding
 from zaya_jax.config import MoEConfig
-from zaya_jax.model.layers import F32, Linear, RMSNorm, const_param, gelu, in_f32, normal_param, silu
+from zaya_jax.model.layers import F32, Linear, RMSNorm, const_param, gelu, in_f32, normal_param, param, silu
 from zaya_jax.ops.gmm import gmm
 
 
@@ -24,10 +25,10 @@ class RouterMLP(nnx.Module):
 
   def __init__(self, size: int, num_classes: int, *, eps: float, std: float, param_dtype, rngs: nnx.Rngs):
     kw = dict(std=std, param_dtype=param_dtype, rngs=rngs)
-    self.norm = RMSNorm(size, eps=eps, param_dtype=param_dtype)
-    self.fc1 = Linear(size, size, bias=True, **kw)
-    self.fc2 = Linear(size, size, bias=True, **kw)
-    self.out_proj = Linear(size, num_classes, bias=False, **kw)
+    self.norm = RMSNorm(size, eps=eps, param_dtype=param_dtype, axis="router")
+    self.fc1 = Linear(size, size, bias=True, axes=("router", "router_in"), **kw)
+    self.fc2 = Linear(size, size, bias=True, axes=("router", "router_in"), **kw)
+    self.out_proj = Linear(size, num_classes, bias=False, axes=("classes", "router"), **kw)
 
   def __call__(self, r_BTR):
     u = gelu(self.fc1(self.norm(r_BTR)))
@@ -40,12 +41,13 @@ class Router(nnx.Module):
   def __init__(self, cfg: MoEConfig, hidden_size: int, layer_idx: int, *, eps: float, std: float, param_dtype,
                rngs: nnx.Rngs):
     R = cfg.router_hidden_size
-    self.down_proj = Linear(hidden_size, R, bias=True, std=std, param_dtype=param_dtype, rngs=rngs)
+    self.down_proj = Linear(hidden_size, R, bias=True, std=std, param_dtype=param_dtype, rngs=rngs,
+                            axes=("router", "embed"))
     # EDA: layer 0 has no previous router state and so no scale (absent from checkpoints too).
-    self.router_states_scale = const_param((R,), 1.0, param_dtype) if layer_idx > 0 else None
+    self.router_states_scale = const_param((R,), 1.0, param_dtype, ("router",)) if layer_idx > 0 else None
     self.router_mlp = RouterMLP(R, cfg.num_router_classes, eps=eps, std=std, param_dtype=param_dtype, rngs=rngs)
     biases = jnp.zeros((cfg.num_router_classes,), F32).at[-1].set(-1.0)
-    self.balancing_biases = BalancingBiases(biases)
+    self.balancing_biases = param(biases, ("classes",), BalancingBiases)
     self.num_experts = cfg.num_experts
 
   def __call__(self, h_BTD, prev_router_state_BTR):
@@ -66,12 +68,19 @@ class Experts(nnx.Module):
 
   def __init__(self, cfg: MoEConfig, hidden_size: int, *, std: float, param_dtype, rngs: nnx.Rngs):
     X, F, D = cfg.num_experts, cfg.intermediate_size, hidden_size
-    self.gate_up_proj = normal_param(rngs, (X, 2 * F, D), std, param_dtype)
-    self.down_proj = normal_param(rngs, (X, D, F), std, param_dtype)
+    self.gate_up_proj = normal_param(rngs, (X, 2 * F, D), std, param_dtype, ("experts", "mlp", "embed"))
+    self.down_proj = normal_param(rngs, (X, D, F), std, param_dtype, ("experts", "embed", "mlp"))
     self.backend = cfg.backend
 
   def __call__(self, h_MD, choice_M, weight_M):
     """Dropless top-1: sort tokens by expert, two grouped matmuls, unsort. Skip-slot rows output zero."""
+    plan = sharding.active_plan()
+    if plan is not None:
+      # On a mesh: tokens stay on their data shard and travel to the experts' owners (zaya_jax.parallel.expert).
+      from zaya_jax.parallel.expert import sharded_experts
+
+      return sharded_experts(plan, h_MD, choice_M, weight_M, self.gate_up_proj[...], self.down_proj[...],
+                             backend=self.backend)
     X = self.gate_up_proj.shape[0]
     order_M = jnp.argsort(choice_M, stable=True)  # the skip slot (class X) sorts last
     group_sizes_X = jnp.bincount(choice_M, length=X + 1)[:X]

@@ -1,0 +1,25 @@
+#!/bin/bash
+# ZAYA1 pretraining on MI300X nodes under SLURM: one task per node, each driving the node's 8 GPUs.
+#
+#   sbatch --nodes=16 launch/cluster/sbatch_mi300x.sh --config=zaya1_8b --workdir=/shared/runs/zaya1 \
+#       --mesh=data:8 --dcn_mesh=data:16 --zero1
+#
+# JAX reads SLURM_* itself (zaya_jax/parallel/distributed.py): the first node is the coordinator. Plan first:
+#   python launch/plan.py --config=zaya1_8b --mesh=data:8 --dcn_mesh=data:16 --zero1
+#SBATCH --job-name=zaya1
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=96
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --signal=TERM@300  # the loop saves a checkpoint on SIGTERM; 5 minutes before the time limit
+
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR}"
+source launch/cluster/rocm_env.sh
+export HIP_VISIBLE_DEVICES=0,1,2,3,4,5,6,7
+
+# --kill-on-bad-exit: one failed host ends the job instead of leaving the others blocked in a collective.
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 python launch/train.py "$@"

@@ -1,0 +1,131 @@
+"""Dry-run memory planner: per-device bytes of a training setup on a mesh, and whether it fits. Allocates nothing.
+
+  python launch/plan.py --config=zaya1_8b --mesh=data:8 --zero1                      # one MI300X node
+  python launch/plan.py --config=zaya1_8b --mesh=data:8 --dcn_mesh=data:16 --zero1   # 16 nodes x 8
+  python launch/plan.py --config=tiny --mesh=fsdp:2,expert:2,tensor:2 --batch=8 --seq_len=128
+
+Parameters and optimizer state come from `jax.eval_shape` of the train state and the plan's shardings (exact). The
+step's temporaries (one step's gradients, the optimizer update, activations) come from XLA's memory analysis of the
+compiled sharded train step, compiled for the per-device micro-batch on fake CPU devices (one per mesh position); to
+keep the compile short, it compiles 1 and 2 layers and extrapolates linearly to the model's depth
+(`--compile_layers=0` skips it and counts the gradients alone). The CPU compiler is not the GPU one (its fusion,
+attention and grouped-matmul lowering differ), so that figure is an estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+
+from absl import app, flags
+
+_CONFIG = flags.DEFINE_string("config", "zaya1_8b", "Registered experiment config.")
+_SET = flags.DEFINE_multi_string("set", [], "Config overrides, as in launch/train.py.")
+_MESH = flags.DEFINE_string("mesh", "data:8", "Per-node mesh, e.g. data:2,fsdp:2,expert:2,tensor:1.")
+_DCN = flags.DEFINE_string("dcn_mesh", "", "Across nodes, e.g. data:16 (each axis is mesh x dcn_mesh).")
+_ZERO1 = flags.DEFINE_bool("zero1", False, "Split the optimizer state over the data axis (ZeRO-1).")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch in sequences (default: the config's).")
+_SEQ = flags.DEFINE_integer("seq_len", None, "Sequence length (default: the config's).")
+_ACCUM = flags.DEFINE_integer("grad_accum", None, "Micro-batches per step (default: 1 sequence per device).")
+_MEMORY = flags.DEFINE_float("device_memory_gb", 192.0, "Memory per device in GB (MI300X: 192).")
+_LAYERS = flags.DEFINE_integer("compile_layers", 2, "Compile 1..N layers to measure activations (0: skip).")
+
+GiB = 2**30
+
+
+def _size(n: float) -> str:
+  return f"{n / GiB:9.2f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:9.2f} MiB"
+
+
+def _mesh_sizes(mesh: str, dcn: str) -> dict[str, int]:
+  from zaya_jax.sharding import MESH_AXES, parse_mesh
+
+  ici, across = parse_mesh(mesh), parse_mesh(dcn)
+  if -1 in ici.values() or -1 in across.values():
+    raise ValueError("the planner needs explicit axis sizes (no -1)")
+  return {a: ici[a] * across[a] for a in MESH_AXES}
+
+
+def plan(argv) -> int:
+  del argv
+  sizes = _mesh_sizes(_MESH.value, _DCN.value)
+  devices = math.prod(sizes.values())
+  # LLVM's optimisations change the machine code, not XLA's buffer assignment: skip them, the compile is 3x faster.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                             " --xla_llvm_disable_expensive_passes=true")
+  import jax
+
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", devices)  # fake devices, one per mesh position: nothing is allocated
+
+  from zaya_jax.sharding import ShardingPlan, device_bytes, format_mesh, make_mesh, total_bytes, with_shardings
+  from zaya_jax.train import sharded
+  from zaya_jax.train import step as step_lib
+  from zaya_jax.train.experiment import get_experiment, override
+
+  cfg = override(get_experiment(_CONFIG.value), _SET.value)
+  batch = _BATCH.value or cfg.data.batch_size
+  seq = _SEQ.value or cfg.data.seq_len
+  sharding_plan = ShardingPlan(make_mesh(sizes), zero1=_ZERO1.value)
+  parts = math.prod(sharding_plan.size(a) for a in sharding_plan.batch_axes)
+  accum = _ACCUM.value or max(1, batch // parts)
+  sharding_plan.check_batch(batch, accum)
+  micro_per_device = batch // (parts * accum)
+
+  _, abstract = step_lib.create_abstract(cfg.model, cfg.optimizer, cfg.step, cfg.balancing, cfg.loop.steps, 0)
+  state = with_shardings(abstract, sharding_plan.state_shardings(abstract))
+  params = device_bytes(state.params)
+  opt = device_bytes(state.opt_state)
+  # Gradients are laid out like the parameters (ZeRO-1 keeps them whole until the sharded update). One step's
+  # gradients are temporaries of the compiled step (counted there when it is compiled); accumulating over
+  # micro-batches holds one more copy across the micro-batch loop.
+  grads = params
+  accumulator = params if accum > 1 else 0
+  other = device_bytes((state.biases, state.pid, state.step, state.key))
+
+  count = sum(x.size for x in jax.tree.leaves(abstract.params))
+  print(f"config {_CONFIG.value}: {count:,} parameters ({total_bytes(abstract.params) / GiB:.2f} GiB) "
+        f"({cfg.model.param_dtype} masters, {cfg.model.dtype} compute), optimizer {cfg.optimizer.name}")
+  print(f"mesh {format_mesh(sizes)} = {devices} devices (per node {_MESH.value}"
+        f"{', across nodes ' + _DCN.value if _DCN.value else ''}){', ZeRO-1' if _ZERO1.value else ''}")
+  print(f"batch {batch} x {seq} tokens, grad_accum {accum}: {micro_per_device} sequence(s) per device per micro-batch")
+
+  activations = None
+  if _LAYERS.value > 0:
+    temps = []
+    depths = sorted({1, min(_LAYERS.value, cfg.model.num_layers)})
+    for layers in depths:
+      model_cfg = cfg.model.replace(num_layers=layers, layer_types=cfg.model.layer_types[:layers])
+      small = dataclasses.replace(cfg, model=model_cfg)
+      tr, ab = step_lib.create_abstract(small.model, small.optimizer, dataclasses.replace(small.step, grad_accum=1),
+                                        small.balancing, small.loop.steps, 0)
+      st = with_shardings(ab, sharding_plan.state_shardings(ab))
+      global_micro = micro_per_device * parts
+      spec = jax.ShapeDtypeStruct((global_micro, seq), jax.numpy.int32, sharding=sharded.batch_sharding(sharding_plan))
+      b = {k: spec for k in step_lib.BATCH_KEYS}
+      compiled = sharded.jit_sharded_train_step(sharding_plan, tr, st).lower(st, b).compile()
+      stats = compiled.memory_analysis()
+      temps.append(stats.temp_size_in_bytes)
+      print(f"  compiled {layers} layer(s): temporaries {_size(stats.temp_size_in_bytes).strip()} per device")
+    per_layer = (temps[-1] - temps[0]) / max(depths[-1] - depths[0], 1)
+    activations = temps[0] + per_layer * (cfg.model.num_layers - 1)
+
+  rows = [("parameters", params), ("optimizer state", opt), ("gradient accumulator", accumulator),
+          ("balancing/controller", other)]
+  if activations is None:
+    rows.append(("gradients (activations not compiled: --compile_layers=0)", grads))
+  else:
+    rows.append((f"step temporaries: gradients, update, activations ({cfg.model.num_layers} layers)", activations))
+  total = sum(v for _, v in rows)
+  budget = _MEMORY.value * 1e9
+  for name, value in rows:
+    print(f"  {name:<58} {_size(value)}")
+  print(f"  {'total per device':<58} {_size(total)} of {budget / GiB:.1f} GiB "
+        f"({100 * total / budget:.0f}%): {'FITS' if total <= 0.9 * budget else 'DOES NOT FIT'} (with 10% headroom)")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(plan(argv)))

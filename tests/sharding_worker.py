@@ -1,0 +1,260 @@
+"""Multi-device checks for tests/test_sharding.py, in their own process (the device count is fixed at JAX start-up).
+
+  python tests/sharding_worker.py strategies OUT.json          # 8 CPU devices: every strategy vs one device
+  python tests/sharding_worker.py train RANK WORKDIR PORT       # one of two processes with 4 CPU devices each
+  python tests/sharding_worker.py restore WORKDIR OUT.json      # 8 devices: restore the two-process checkpoint
+
+Writes its findings as JSON; the assertions live in the test. The tiny model has 8 experts so that every axis of an
+8-device mesh divides it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+MODE = sys.argv[1]
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                           + ("4" if MODE == "train" else "8"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from zaya_jax.config import AttentionConfig, MoEConfig, ZayaConfig  # noqa: E402
+from zaya_jax.model.decoder import ZayaForCausalLM  # noqa: E402
+from zaya_jax.sharding import ParallelConfig, ShardingPlan, device_bytes, total_bytes  # noqa: E402
+from zaya_jax.train import sharded  # noqa: E402
+from zaya_jax.train import step as step_lib  # noqa: E402
+from zaya_jax.train.balancing import BalancingConfig  # noqa: E402
+from zaya_jax.train.optim import OptimizerConfig  # noqa: E402
+
+CFG = ZayaConfig.tiny(vocab_size=512, attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16),
+                      moe=MoEConfig(num_experts=8, intermediate_size=48, router_hidden_size=16))
+B, T = 8, 16
+STRATEGIES = {  # name -> (mesh, zero1)
+    "dp": ("data:8", False),
+    "zero1": ("data:8", True),
+    "fsdp": ("fsdp:8", False),
+    "tp": ("tensor:8", False),
+    "ep": ("expert:8", False),
+    "data2_expert2_tensor2_zero1": ("data:2,expert:2,tensor:2", True),
+    "fsdp2_expert2_tensor2": ("fsdp:2,expert:2,tensor:2", False),
+}
+
+
+def capture_grads() -> optax.GradientTransformation:
+  """Keeps the step's raw gradients in the optimizer state, so one compiled step yields both."""
+  return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
+                                      lambda updates, state, params=None: (updates, updates))
+
+
+def make_trainer(steps: int = 10):
+  model = ZayaForCausalLM(CFG, rngs=nnx.Rngs(0))
+  trainer, _ = step_lib.create(model, OptimizerConfig(lr=1e-3, warmup_steps=0), step_lib.StepConfig(),
+                               BalancingConfig(kp=1e-2), steps, seed=0)
+  trainer = trainer.__class__(**{**trainer.__dict__, "optimizer": optax.chain(capture_grads(), trainer.optimizer)})
+  _, params, biases = step_lib.split_model(model)
+  return trainer, step_lib.init_state(trainer, params, biases, 0)
+
+
+def make_batch(seed: int, rows: int = B) -> dict:
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, CFG.vocab_size, (rows, T), dtype=np.int32)
+  seg = np.ones((rows, T), np.int32)
+  seg[:, T // 2:] = 2  # two packed documents per row
+  seg[0, -3:] = 0  # and some padding
+  mask = (seg > 0).astype(np.int32)
+  return dict(input_ids=ids, segment_ids=seg, targets=np.roll(ids, -1, axis=1), loss_mask=mask)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  return {".".join(map(str, k)): np.asarray(jax.device_get(v.get_value()))
+          for k, v in nnx.to_flat_state(tree)}
+
+
+def rel_err(a: dict, b: dict) -> float:
+  return max(float(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), 1e-30)) for k in b)
+
+
+def strategies(out_path: str) -> None:
+  results = {"devices": jax.device_count()}
+  trainer, state0 = make_trainer()
+  batch = make_batch(0)
+  host0 = jax.device_get(state0)
+  t0 = time.time()
+  ref_state, ref_metrics = step_lib.jit_train_step(trainer, jax.tree.map(jnp.asarray, host0),
+                                                   {k: jnp.asarray(v) for k, v in batch.items()})
+  ref_grads, ref_params = flat(ref_state.opt_state[0]), flat(ref_state.params)
+  results["single_device_s"] = time.time() - t0
+  inner = lambda opt_state: opt_state[1]  # the real optimizer's state, without the captured grads
+  results["params_total"] = total_bytes(host0.params)
+  results["opt_total"] = total_bytes(inner(host0.opt_state))
+  results["expert_bytes"] = sum(v.nbytes for k, v in flat(host0.params).items() if ".experts." in k)
+  only = os.environ.get("ZAYA_STRATEGIES")
+  for name, (mesh, zero1) in STRATEGIES.items():
+    if only is not None and name not in only.split(","):
+      continue
+    t0 = time.time()
+    plan = ShardingPlan.from_config(ParallelConfig(mesh=mesh, zero1=zero1))
+    state = sharded.place(plan, host0)
+    train = sharded.jit_sharded_train_step(plan, trainer, state)
+    new_state, metrics = train(state, sharded.global_batch(plan, batch))
+    grads, params = flat(new_state.opt_state[0]), flat(new_state.params)
+    results[name] = dict(
+        mesh=plan.describe(), seconds=time.time() - t0,
+        loss=float(metrics["loss"]), ref_loss=float(ref_metrics["loss"]),
+        grad_norm=float(metrics["grad_norm"]), ref_grad_norm=float(ref_metrics["grad_norm"]),
+        grad_rel_err=rel_err(grads, ref_grads), param_rel_err=rel_err(params, ref_params),
+        counts_equal=bool(np.array_equal(metrics["expert_load"], ref_metrics["expert_load"])),
+        params_device=device_bytes(new_state.params), opt_device=device_bytes(inner(new_state.opt_state)),
+        param_sharded_leaves=sum(len(s.sharding.device_set) > 1 and not s.sharding.is_fully_replicated
+                                 for s in jax.tree.leaves(new_state.params)))
+    print(name, results[name], flush=True)
+  if not os.environ.get("ZAYA_SKIP_DISPATCH"):
+    results["dispatch"] = dispatch_checks()
+    results["errors"] = error_checks()
+  with open(out_path, "w") as f:
+    json.dump(results, f, indent=1)
+
+
+def dispatch_checks() -> dict:
+  """The padded all-to-all dispatch against the single-device experts, dropless and with a capacity."""
+  from zaya_jax.model.moe import Experts
+  from zaya_jax.parallel.expert import capacity, dispatch_combine
+
+  X, D, M = 8, 16, 256
+  experts = Experts(MoEConfig(num_experts=X, intermediate_size=8, router_hidden_size=4), D, std=0.3,
+                    param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  # Skewed routing: most tokens of every shard want expert 5 (owned by one device), some skip (class X).
+  choice = np.where(rng.random(M) < 0.6, 5, rng.integers(0, X + 1, M)).astype(np.int32)
+  weight = jnp.asarray(rng.random(M), jnp.float32)
+  ref = np.asarray(experts(h, jnp.asarray(choice), weight))
+  out = {}
+  for mesh in ("expert:8", "data:2,expert:4", "expert:4,tensor:2"):
+    plan = ShardingPlan.from_config(ParallelConfig(mesh=mesh))
+    fn = jax.jit(lambda h, c, w, p=plan: dispatch_combine(p, h, c, w, experts.gate_up_proj[...],
+                                                          experts.down_proj[...]))
+    y, dropped = fn(h, jnp.asarray(choice), weight)
+    out[mesh] = dict(max_abs_err=float(np.abs(np.asarray(y) - ref).max()), dropped=int(dropped),
+                     zero_rows_where_routed=int(((np.abs(np.asarray(y)).sum(1) == 0) & (choice < X)).sum()))
+    # With a capacity: count the expected drops on the host, per shard and destination in token order.
+    e = plan.size("expert")
+    shards = plan.size("data") * e
+    local = M // shards
+    cap = capacity(local, e, 1.0)
+    y_cap, dropped_cap = jax.jit(lambda h, c, w, p=plan: dispatch_combine(
+        p, h, c, w, experts.gate_up_proj[...], experts.down_proj[...], capacity_factor=1.0))(h, jnp.asarray(choice),
+                                                                                            weight)
+    expected, kept = 0, np.zeros(M, bool)
+    for s in range(shards):
+      seen = np.zeros(e, int)
+      for m in range(s * local, (s + 1) * local):
+        if choice[m] < X:
+          dest = choice[m] // (X // e)
+          if seen[dest] < cap:
+            kept[m] = True
+          else:
+            expected += 1
+          seen[dest] += 1
+    y_cap = np.asarray(y_cap)
+    out[mesh].update(capacity=cap, dropped_with_capacity=int(dropped_cap), expected_dropped=expected,
+                     kept_max_abs_err=float(np.abs(y_cap[kept] - ref[kept]).max()),
+                     dropped_rows_zero=bool((y_cap[~kept] == 0).all()))
+  return out
+
+
+def error_checks() -> dict:
+  from zaya_jax.sharding import ShardingError
+
+  out = {}
+  bad_cfg = CFG.replace(vocab_size=500)  # 500 rows do not split over tensor=8
+  model = ZayaForCausalLM(bad_cfg, rngs=nnx.Rngs(0))
+  _, state = step_lib.create(model, OptimizerConfig(), step_lib.StepConfig(), BalancingConfig(), 10, 0)
+  plan = ShardingPlan.from_config(ParallelConfig(mesh="tensor:8"))
+  for name, fn in (("vocab", lambda: sharded.validate(plan, state)),
+                   ("batch", lambda: sharded.validate(ShardingPlan.from_config(ParallelConfig(mesh="data:8")),
+                                                      make_trainer()[1], 12)),
+                   ("mesh", lambda: ShardingPlan.from_config(ParallelConfig(mesh="data:3")))):
+    try:
+      fn()
+      out[name] = None
+    except ShardingError as e:
+      out[name] = str(e)
+  return out
+
+
+TWO_PROCESS_MESH = ("data:2,expert:2,tensor:2", True)  # what the two processes train on (4 devices each)
+RESTORE_MESH = ("fsdp:4,tensor:2", False)  # where the single process restores it
+STEPS = 3
+
+
+def train_two_process(rank: int, workdir: str, port: int) -> None:
+  """One of two processes: train STEPS steps on the shared mesh, save with Orbax, take one more step's loss."""
+  import orbax.checkpoint as ocp
+  from jax.experimental import multihost_utils
+
+  from zaya_jax.parallel.distributed import DistributedConfig, initialize
+
+  initialize(DistributedConfig(f"localhost:{port}", 2, rank, initialization_timeout=60))
+  assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(), jax.device_count())
+  trainer, host0 = make_trainer()
+  plan = ShardingPlan.from_config(ParallelConfig(mesh=TWO_PROCESS_MESH[0], zero1=TWO_PROCESS_MESH[1]))
+  state = sharded.place(plan, host0)
+  train = sharded.jit_sharded_train_step(plan, trainer, state)
+  rows = B // 2
+  losses = []
+  for step in range(STEPS + 1):
+    local = {k: v[rank * rows:(rank + 1) * rows] for k, v in make_batch(step).items()}  # this host's rows only
+    if step == STEPS:
+      checkpointer = ocp.StandardCheckpointer()
+      checkpointer.save(os.path.join(workdir, "ckpt"), state)
+      checkpointer.wait_until_finished()
+      # Every host's view of the saved parameters as full arrays (process 0 writes them for the comparison).
+      params = multihost_utils.process_allgather({k: v.get_value() for k, v in nnx.to_flat_state(state.params)},
+                                                 tiled=True)
+    state, metrics = train(state, sharded.global_batch(plan, local))
+    losses.append(float(metrics["loss"]))
+  if rank == 0:
+    np.savez(os.path.join(workdir, "params.npz"), **{".".join(map(str, k)): np.asarray(v) for k, v in params.items()})
+    with open(os.path.join(workdir, "train.json"), "w") as f:
+      json.dump({"losses": losses, "process_count": jax.process_count(), "mesh": plan.describe()}, f)
+  multihost_utils.sync_global_devices("done")
+
+
+def restore_elsewhere(workdir: str, out_path: str) -> None:
+  """One process, 8 devices, another mesh: restore the two-process checkpoint and take the next step."""
+  import orbax.checkpoint as ocp
+
+  trainer, host0 = make_trainer()
+  plan = ShardingPlan.from_config(ParallelConfig(mesh=RESTORE_MESH[0], zero1=RESTORE_MESH[1]))
+  target = sharded.abstract_state(plan, jax.eval_shape(lambda: host0))
+  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "ckpt"), target)
+  saved = np.load(os.path.join(workdir, "params.npz"))
+  restored = {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state.params)}
+  identical = all(np.array_equal(saved[k], restored[k]) for k in saved.files) and set(saved.files) == set(restored)
+  on_new_mesh = all(leaf.sharding == want.sharding for leaf, want in zip(jax.tree.leaves(state),
+                                                                          jax.tree.leaves(target)))
+  step = int(state.step)
+  train = sharded.jit_sharded_train_step(plan, trainer, state)
+  _, metrics = train(state, sharded.global_batch(plan, make_batch(STEPS)))
+  with open(out_path, "w") as f:
+    json.dump({"params_identical": bool(identical), "num_params": len(saved.files), "step": step,
+               "on_new_mesh": bool(on_new_mesh), "next_loss": float(metrics["loss"]), "mesh": plan.describe()}, f)
+
+
+if __name__ == "__main__":
+  if MODE == "strategies":
+    strategies(sys.argv[2])
+  elif MODE == "train":
+    train_two_process(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+  elif MODE == "restore":
+    restore_elsewhere(sys.argv[2], sys.argv[3])
+  else:
+    raise SystemExit(f"unknown mode {MODE}")

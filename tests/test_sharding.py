@@ -1,0 +1,164 @@
+"""Mesh-parallel training: every strategy equals one device, memory per device is as promised, expert dispatch drops
+nothing, two processes train and save what one process restores onto another mesh, and bad meshes fail early.
+
+The multi-device checks run in subprocesses (tests/sharding_worker.py) with forced CPU devices: the device count is
+fixed when JAX starts. XLA's backend optimisations are switched off there: compiling dominates on CPU, and the
+comparisons are between programs compiled alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.sharding import AbstractMesh, AxisType
+
+from zaya_jax.config import ZayaConfig
+from zaya_jax.sharding import (
+  MESH_AXES,
+  ParallelConfig,
+  ShardingError,
+  ShardingPlan,
+  device_bytes,
+  make_mesh,
+  parse_mesh,
+  with_shardings,
+)
+from zaya_jax.train import step as step_lib
+from zaya_jax.train.balancing import BalancingConfig
+from zaya_jax.train.optim import OptimizerConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+STRATEGIES = ("dp", "zero1", "fsdp", "tp", "ep", "data2_expert2_tensor2_zero1", "fsdp2_expert2_tensor2")
+
+
+def worker_env():
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def run_worker(*args, timeout: int):
+  proc = subprocess.run([sys.executable, WORKER, *args], env=worker_env(), capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  out = tmp_path_factory.mktemp("sharding") / "strategies.json"
+  run_worker("strategies", str(out), timeout=600)
+  return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_strategy_step_equals_single_device(results, name):
+  r = results[name]
+  assert results["devices"] == 8
+  assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), r
+  assert abs(r["grad_norm"] - r["ref_grad_norm"]) <= 1e-5 * r["ref_grad_norm"], r
+  assert r["grad_rel_err"] <= 1e-5, r  # per parameter, ||g - g_ref|| / ||g_ref||
+  assert r["param_rel_err"] <= 1e-5, r  # after the AdamW update
+  assert r["counts_equal"], "routing differs from one device"
+
+
+def test_strategies_hold_the_promised_bytes_per_device(results):
+  params, opt = results["params_total"], results["opt_total"]
+  r = {name: results[name] for name in STRATEGIES}
+  # Plain data parallel: everything replicated.
+  assert r["dp"]["params_device"] == params and r["dp"]["opt_device"] == opt
+  # ZeRO-1 over 8: parameters replicated, optimizer state 1/8 (+ the step counters' bytes).
+  assert r["zero1"]["params_device"] == params
+  assert r["zero1"]["opt_device"] <= opt / 8 + 64, (r["zero1"]["opt_device"], opt / 8)
+  # FSDP over 8: parameters and optimizer state 1/8, except the small replicated ones (convs, routers: < 5%).
+  assert r["fsdp"]["params_device"] <= params / 8 + 0.05 * params
+  assert r["fsdp"]["opt_device"] <= opt / 8 + 0.05 * opt
+  # Tensor parallel over 8: embedding, heads and expert widths split; norms, convs and routers stay whole.
+  assert r["tp"]["params_device"] <= params / 8 + 0.06 * params
+  # Expert parallel over 8: each device keeps 1/8 of the expert weights and all the rest.
+  assert r["ep"]["params_device"] < params / 2
+  experts = results["expert_bytes"]
+  assert r["ep"]["params_device"] == params - experts + experts // 8
+  # data 2 x expert 2 x tensor 2 with ZeRO-1: the optimizer state splits once more, over data.
+  combo = r["data2_expert2_tensor2_zero1"]
+  assert combo["opt_device"] <= 1.05 * combo["params_device"] < 2 * combo["params_device"]
+  assert r["fsdp2_expert2_tensor2"]["params_device"] <= 0.3 * params
+
+
+@pytest.mark.parametrize("mesh", ["expert:8", "data:2,expert:4", "expert:4,tensor:2"])
+def test_expert_dispatch_is_dropless_or_counts_every_drop(results, mesh):
+  d = results["dispatch"][mesh]
+  # Dropless: every routed token reaches its expert and comes back (60% of the tokens want one expert).
+  assert d["dropped"] == 0 and d["zero_rows_where_routed"] == 0
+  assert d["max_abs_err"] <= 1e-5
+  # With a capacity: the drops are exactly the host-side count, the kept tokens are exact, the dropped are zero.
+  assert d["dropped_with_capacity"] == d["expected_dropped"] > 0
+  assert d["kept_max_abs_err"] <= 1e-5 and d["dropped_rows_zero"]
+
+
+def test_unsplittable_shapes_fail_with_axis_and_sizes(results):
+  e = results["errors"]
+  assert "embed_tokens.weight" in e["vocab"] and "500" in e["vocab"] and "tensor=8" in e["vocab"]
+  assert "batch size 12" in e["batch"] and "data=8" in e["batch"]
+  assert "data:3" in e["mesh"] and "3 devices" in e["mesh"] and "8 devices" in e["mesh"]
+
+
+def test_mesh_parsing_and_validation_before_compiling():
+  assert parse_mesh("data:2,expert:2") == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1}
+  for bad, words in (("data:2,model:2", "model"), ("data:0", "size 0"), ("data:x", "'x'"), ("data:2,data:2", "twice"),
+                     ("data:-1,fsdp:-1", "-1")):
+    with pytest.raises(ShardingError, match=words):
+      parse_mesh(bad)
+  with pytest.raises(ShardingError, match=f"spans 3 devices .* but there are {jax.device_count()} devices"):
+    make_mesh("data:3")
+  with pytest.raises(ValueError, match=r"ParallelConfig\.mesh"):
+    ParallelConfig(mesh="tensor=2")
+  # ZAYA1-8B's shapes against a 3-way tensor axis, on an abstract mesh (no devices needed): the heads do not split.
+  _, abstract = step_lib.create_abstract(ZayaConfig.zaya1_8b(), OptimizerConfig(), step_lib.StepConfig(),
+                                         BalancingConfig(), 10, 0)
+  mesh = AbstractMesh((1, 1, 1, 3), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+  with pytest.raises(ShardingError, match=r"dim \d \('(heads|mlp)'\) has size \d+, which mesh axes tensor=3"):
+    ShardingPlan(mesh).state_shardings(abstract)
+  # ... and ZeRO-1 over 8 x 16 hosts leaves about 1/128 of the optimizer state per device.
+  mesh = AbstractMesh((128, 1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+  plan = ShardingPlan(mesh, zero1=True)
+  sharded = with_shardings(abstract, plan.state_shardings(abstract))
+  opt_total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.opt_state))
+  assert device_bytes(sharded.opt_state) <= opt_total / 128 * 1.01
+  assert device_bytes(sharded.params) == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.params))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_save_and_one_process_restores_on_another_mesh(tmp_path):
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, WORKER, "train", str(rank), str(tmp_path), str(port)], env=worker_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+  try:
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:  # a hung peer must not outlive the test
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  trained = json.loads((tmp_path / "train.json").read_text())
+  assert trained["process_count"] == 2
+  run_worker("restore", str(tmp_path), str(tmp_path / "restore.json"), timeout=240)
+  restored = json.loads((tmp_path / "restore.json").read_text())
+  assert restored["mesh"] != trained["mesh"] and restored["on_new_mesh"]
+  assert restored["step"] == 3 and restored["num_params"] > 50
+  assert restored["params_identical"]
+  next_loss = trained["losses"][3]  # the two processes' step after the checkpoint, on the same batch
+  assert abs(restored["next_loss"] - next_loss) <= 1e-5 * abs(next_loss), (restored["next_loss"], next_loss)

@@ -1,0 +1,115 @@
+"""The MoE experts on a mesh: tokens stay on their data shard, travel to their expert's owner and come back.
+
+M tokens of a device's shard, D hidden, X experts (Xl = X / e per device), e the `expert` axis size, C the slots a
+device reserves per destination, F expert width (Fl = F / t per device, t the `tensor` axis size).
+
+Inside one `jax.shard_map` over the whole mesh, each device:
+  1. gives each routed token a slot in the bucket of the device that owns its expert (skip-slot tokens go nowhere);
+  2. exchanges the buckets with an all-to-all over `expert` (padded: every bucket has C rows; XLA:CPU has no
+     ragged all-to-all);
+  3. runs its Xl experts on what it received (sort by local expert, two grouped matmuls on its F/t slice, a psum
+     over `tensor` for the down projection's partial sums);
+  4. sends the results back with the reverse all-to-all and weights each token by its router probability.
+Dropless by default: C = M, room for every local token in any one bucket. A capacity (`capacity_factor`) bounds C;
+the tokens that find their bucket full are dropped (output zero) and counted.
+
+Gradients: shard_map's transpose sums the weight gradients over the axes a weight is replicated on (data, fsdp)
+and reverses the all-to-alls; `check_vma=False` because the grouped matmul's loops carry unvarying zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from zaya_jax.model.layers import silu
+from zaya_jax.ops.gmm import gmm
+
+
+def capacity(tokens_per_device: int, experts_axis_size: int, capacity_factor: float | None) -> int:
+  """Rows per destination bucket: every local token (dropless) or capacity_factor x the even share."""
+  if capacity_factor is None:
+    return tokens_per_device
+  return max(1, min(tokens_per_device, math.ceil(capacity_factor * tokens_per_device / experts_axis_size)))
+
+
+def _local_experts(x_RD, ids_R, gate_up_XI2FD, down_XIDF, backend: str, tensor_axis: str | None):
+  """Rows x_RD through local expert ids_R (ids_R == Xl: an empty slot, output zero)."""
+  Xl = gate_up_XI2FD.shape[0]
+  order_R = jnp.argsort(ids_R, stable=True)  # empty slots sort last and belong to no group
+  group_sizes_X = jnp.bincount(ids_R, length=Xl + 1)[:Xl]
+  xs_RD = jnp.take(x_RD, order_R, axis=0)
+  # [Xl, 2, Fl, D] -> [Xl, 2Fl, D]: this device's gate rows, then its up rows, as the full layout orders them.
+  gate_up = gate_up_XI2FD.reshape(Xl, -1, gate_up_XI2FD.shape[-1])
+  gate_up_R2F = gmm(xs_RD, gate_up, group_sizes_X, backend=backend, transpose_rhs=True)
+  gate_RF, up_RF = jnp.split(gate_up_R2F, 2, axis=-1)
+  y_RD = gmm(silu(gate_RF) * up_RF, down_XIDF, group_sizes_X, backend=backend, transpose_rhs=True)
+  if tensor_axis is not None:
+    y_RD = jax.lax.psum(y_RD, tensor_axis)  # each device holds the partial sum of its F/t columns
+  return jnp.take(y_RD, jnp.argsort(order_R), axis=0)
+
+
+def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, backend: str = "auto",
+                     capacity_factor: float | None = None):
+  """(y_MD, dropped): the experts' output for every token of the global [M, D] batch, and the dropped tokens.
+
+  `choice_M` == X is the skip slot (output zero). Tokens are split over the plan's batch axes, experts over
+  `expert`, the FFN width over `tensor`.
+  """
+  X, F2, D = gate_up_X2FD.shape
+  F = F2 // 2
+  e = plan.size("expert")
+  expert_axis = "expert" if e > 1 else None
+  tensor_axis = "tensor" if plan.size("tensor") > 1 else None
+  batch = plan.batch_axes or None
+  token_spec = P(batch, None)
+  # Split gate and up before the width is: each device then holds the gate and the up rows of its F/t columns.
+  gate_up_X2FD = gate_up_X2FD.reshape(X, 2, F, D)
+
+  def local(h_MD, choice_M, weight_M, gate_up_XI2FD, down_XIDF):
+    M = h_MD.shape[0]
+    Xl = gate_up_XI2FD.shape[0]
+    C = capacity(M, e, capacity_factor)
+    routed_M = choice_M < X
+    dest_M = jnp.where(routed_M, choice_M // Xl, 0)
+    # The slot of a token in its destination's bucket: how many earlier local tokens chose that destination.
+    onehot_ME = jax.nn.one_hot(dest_M, e, dtype=jnp.int32) * routed_M[:, None]
+    slot_M = jnp.take_along_axis(jnp.cumsum(onehot_ME, axis=0) - onehot_ME, dest_M[:, None], axis=1)[:, 0]
+    kept_M = routed_M & (slot_M < C)
+    dropped = jnp.sum(routed_M & ~kept_M)
+    index_M = jnp.where(kept_M, dest_M * C + slot_M, e * C)  # e * C: out of range, dropped by the scatter
+    send_RD = jnp.zeros((e * C, D), h_MD.dtype).at[index_M].set(h_MD, mode="drop")
+    send_ids_R = jnp.full((e * C,), Xl, jnp.int32).at[index_M].set(choice_M % Xl, mode="drop")
+    if expert_axis is not None:
+      def exchange(x):
+        return jax.lax.all_to_all(x.reshape(e, C, *x.shape[1:]), expert_axis, 0, 0, tiled=True).reshape(x.shape)
+      recv_RD, recv_ids_R = exchange(send_RD), exchange(send_ids_R)
+    else:
+      exchange = None
+      recv_RD, recv_ids_R = send_RD, send_ids_R
+    y_RD = _local_experts(recv_RD, recv_ids_R, gate_up_XI2FD, down_XIDF, backend, tensor_axis)
+    back_RD = exchange(y_RD) if exchange is not None else y_RD
+    y_MD = jnp.take(back_RD, jnp.minimum(index_M, e * C - 1), axis=0)
+    # Weighted by the (unbiased) router probability as in the single-device path; skipped or dropped rows are zero.
+    y_MD = y_MD * weight_M[:, None]
+    y_MD = jnp.where(kept_M[:, None], y_MD, jnp.zeros_like(y_MD))
+    all_axes = tuple(a for a in plan.mesh.axis_names if plan.size(a) > 1)
+    dropped = jax.lax.psum(dropped, all_axes) if all_axes else dropped
+    if tensor_axis is not None:  # every tensor shard counted the same tokens
+      dropped = dropped // plan.size("tensor")
+    return y_MD, dropped
+
+  fn = jax.shard_map(
+      local, mesh=plan.mesh,
+      in_specs=(token_spec, P(batch), P(batch), P(expert_axis, None, tensor_axis, None),
+                P(expert_axis, None, tensor_axis)),
+      out_specs=(token_spec, P()), check_vma=False)
+  return fn(h_MD, choice_M.astype(jnp.int32), weight_M, gate_up_X2FD, down_XDF)
+
+
+def sharded_experts(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, backend: str = "auto"):
+  """The dropless expert output on a mesh (what `Experts.__call__` returns on one device)."""
+  return dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, backend=backend)[0]
