@@ -36,7 +36,8 @@ from zaya_jax.train.optim import OptimizerConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-STRATEGIES = ("dp", "zero1", "fsdp", "tp", "ep", "data2_expert2_tensor2_zero1", "fsdp2_expert2_tensor2")
+# Each strategy alone and one combination (each compile costs ~15 s of a 2-core CI machine).
+STRATEGIES = ("dp", "zero1", "fsdp", "tp", "ep", "data2_expert2_tensor2_zero1")
 
 
 def worker_env():
@@ -89,10 +90,9 @@ def test_strategies_hold_the_promised_bytes_per_device(results):
   # data 2 x expert 2 x tensor 2 with ZeRO-1: the optimizer state splits once more, over data.
   combo = r["data2_expert2_tensor2_zero1"]
   assert combo["opt_device"] <= 1.05 * combo["params_device"] < 2 * combo["params_device"]
-  assert r["fsdp2_expert2_tensor2"]["params_device"] <= 0.3 * params
 
 
-@pytest.mark.parametrize("mesh", ["expert:8", "data:2,expert:4", "expert:4,tensor:2"])
+@pytest.mark.parametrize("mesh", ["expert:8", "expert:4,tensor:2"])
 def test_expert_dispatch_is_dropless_or_counts_every_drop(results, mesh):
   d = results["dispatch"][mesh]
   # Dropless: every routed token reaches its expert and comes back (60% of the tokens want one expert).
