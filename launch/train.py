@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import sys
 
+import jax
 from absl import app, flags, logging
 
 from zaya_jax.checkpoint.hf import CheckpointError
+from zaya_jax.parallel import distributed
+from zaya_jax.sharding import ShardingError
 from zaya_jax.train.experiment import experiment_names, get_experiment, override
 from zaya_jax.train.loop import TrainingError, train
 
@@ -26,6 +29,10 @@ _STEPS = flags.DEFINE_integer("steps", None, "Shorthand for --set=loop.steps=N."
 _SEED = flags.DEFINE_integer("seed", None, "Shorthand for --set=loop.seed=N (parameters and step key).")
 _DATA = flags.DEFINE_list("data", None, "Text files/folders/globs or .array_record files (default: embedded corpus).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "A Hugging Face tokenizer.json (default: train a BPE).")
+_MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,fsdp:2,expert:2,tensor:1 (one axis may be -1); "
+                            "shorthand for --set=parallel.mesh=... Default: one device, no mesh.")
+_DCN_MESH = flags.DEFINE_string("dcn_mesh", None, "The cross-host part of each axis, e.g. data:16 for 16 nodes.")
+_ZERO1 = flags.DEFINE_bool("zero1", None, "Shard the optimizer state over the data axis (ZeRO-1).")
 _LIST = flags.DEFINE_bool("list_configs", False, "Print the registered configs and exit.")
 
 
@@ -48,10 +55,17 @@ def main(argv):
     assignments.append(f"data.paths={tuple(_DATA.value)!r}")
   if _TOKENIZER.value:
     assignments.append(f"data.tokenizer={_TOKENIZER.value!r}")
+  for field, value in (("mesh", _MESH.value), ("dcn_mesh", _DCN_MESH.value), ("zero1", _ZERO1.value)):
+    if value is not None:
+      assignments.append(f"parallel.{field}={value!r}")
   try:
+    # Multi-host: join the other processes (ZAYA_COORDINATOR_ADDRESS/... or SLURM) before any device is touched.
+    source = distributed.initialize()
+    if jax.process_count() > 1:
+      print(f"process {jax.process_index()} of {jax.process_count()} ({source})")
     cfg = override(get_experiment(_CONFIG.value), assignments)
     result = train(cfg, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, CheckpointError, TrainingError) as e:
+  except (ValueError, FileNotFoundError, CheckpointError, TrainingError, ShardingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"done: step {result.final_step}" + (" (preempted; rerun to resume)" if result.preempted else ""))

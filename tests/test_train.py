@@ -224,3 +224,21 @@ def test_gradient_accumulation_matches_one_batch():
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(m1["expert_load"], m2["expert_load"])  # the controller sees the whole batch
+
+
+def test_launch_with_a_mesh_trains_like_one_device(tmp_path, corpus, env):
+  """`parallel.mesh` reaches the loop: ZeRO-1 over 2 forced CPU devices follows the one-device losses (every
+  strategy's step against one device is tests/test_sharding.py's business)."""
+  mesh_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}
+  one = start(env, tmp_path / "one", corpus, 4, 4)
+  four = subprocess.Popen([sys.executable, DRIVER, str(tmp_path / "mesh"), corpus, "4", "4",
+                           "set=parallel.mesh=data:2", "set=parallel.zero1=True"], env=mesh_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  (rc_one, out_one), (rc_four, out_four) = finish(one), finish(four)
+  assert rc_one == 0, out_one
+  assert rc_four == 0 and "mesh data:2,fsdp:1,expert:1,tensor:1 + zero1 over 2 devices" in out_four, out_four
+  rows_one, rows_four = metrics(tmp_path / "one"), metrics(tmp_path / "mesh")
+  assert len(rows_one) == len(rows_four) == 5
+  for a, b in zip(rows_one, rows_four):
+    key = "loss" if "loss" in a else "eval_loss"
+    assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a, b)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from zaya_jax.config import AttentionConfig, MoEConfig, ZayaConfig
+from zaya_jax.sharding import ParallelConfig
 from zaya_jax.train.balancing import BalancingConfig
 from zaya_jax.train.data import DataConfig
 from zaya_jax.train.optim import OptimizerConfig
@@ -59,6 +60,7 @@ class ExperimentConfig:
   balancing: BalancingConfig = dataclasses.field(default_factory=BalancingConfig)
   step: StepConfig = dataclasses.field(default_factory=StepConfig)
   loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+  parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)  # mesh="" : one device
 
   # Cross-field checks live where both sides are known for sure: make_data checks the tokenizer against the model's
   # vocabulary (a user tokenizer makes data.vocab_size moot), so overrides can be applied in any order.

@@ -17,6 +17,7 @@ losses and parameters bit for bit on the same machine and software.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,6 +33,8 @@ from flax import nnx
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.figures import model_figures
 from zaya_jax.model.decoder import ZayaForCausalLM
+from zaya_jax.sharding import ShardingPlan
+from zaya_jax.train import sharded
 from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.checkpointing import RunCheckpointer
 from zaya_jax.train.data import make_data
@@ -113,6 +116,14 @@ class _Metrics:
     self.tb.close()
 
 
+class _NoMetrics:
+  def write(self, row: dict[str, Any]) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def _truncate_jsonl(path: str, last_step: int) -> None:
   with open(path) as f:
     rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
@@ -135,15 +146,16 @@ def _host_metrics(metrics: dict) -> dict[str, Any]:
   return out
 
 
-def evaluate(trainer, state, data, max_batches: int) -> tuple[float, float]:
+def evaluate(trainer, state, data, max_batches: int, to_device=None) -> tuple[float, float]:
   """(mean cross entropy per scored held-out token, scored tokens) over up to `max_batches` eval batches."""
+  to_device = to_device or (lambda batch: {k: jnp.asarray(v) for k, v in batch.items()})
   if data.eval is None:
     return math.nan, 0.0
   total, count = 0.0, 0.0
   for i, batch in enumerate(data.eval):
     if i >= max_batches:
       break
-    ce, n = train_step_lib.jit_eval_loss(trainer, state, {k: jnp.asarray(v) for k, v in batch.items()})
+    ce, n = train_step_lib.jit_eval_loss(trainer, state, to_device(batch))
     total, count = total + float(ce), count + float(n)
   return total / max(count, 1.0), count
 
@@ -168,7 +180,8 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
   os.makedirs(workdir, exist_ok=True)
   loop = cfg.loop
   data = make_data(cfg.data, workdir, model_vocab_size=cfg.model.vocab_size)
-  save_json(cfg, os.path.join(workdir, "config.json"))
+  if jax.process_index() == 0:
+    save_json(cfg, os.path.join(workdir, "config.json"))
   log(f"data: {data.info.description}")
 
   data_iter = iter(data.train)
@@ -176,10 +189,18 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
                                  max_to_keep=loop.max_to_keep, use_async=loop.async_checkpointing)
   resumed_from = checkpointer.latest_step()
   args = (cfg.optimizer, cfg.step, cfg.balancing, loop.steps, loop.seed)
+  # With a mesh the step runs sharded (zaya_jax.sharding decides every array's placement); without, on one device.
+  plan = ShardingPlan.from_config(cfg.parallel) if cfg.parallel.enabled else None
   if resumed_from is None:
     trainer, state = train_step_lib.create(ZayaForCausalLM(cfg.model, rngs=nnx.Rngs(loop.seed)), *args)
+    if plan is not None:
+      sharded.validate(plan, state, cfg.data.batch_size)
+      state = sharded.place(plan, state)
   else:  # no random initialisation to throw away: restore straight into the state's shapes
     trainer, abstract_state = train_step_lib.create_abstract(cfg.model, *args)
+    if plan is not None:
+      sharded.validate(plan, abstract_state, cfg.data.batch_size)
+      abstract_state = sharded.abstract_state(plan, abstract_state)
     try:
       state = checkpointer.restore(resumed_from, abstract_state, data_iter, cfg.model)
     except CheckpointError:
@@ -187,7 +208,15 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
       raise
     log(f"resumed from {os.path.join(checkpointer.directory, str(resumed_from))}")
   start = int(state.step)
-  metrics_out = _Metrics(workdir, resumed_from)
+  if plan is None:
+    step_fn = functools.partial(train_step_lib.jit_train_step, trainer)
+    to_device = lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}
+  else:
+    step_fn = sharded.jit_sharded_train_step(plan, trainer, state)
+    to_device = functools.partial(sharded.global_batch, plan)  # this process's rows -> global arrays
+    log(f"mesh {plan.describe()} over {jax.device_count()} devices in {jax.process_count()} process(es)")
+  # One writer per run: process 0 (the others compute the same replicated metrics).
+  metrics_out = _Metrics(workdir, resumed_from) if jax.process_index() == 0 else _NoMetrics()
 
   preempted = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
@@ -203,7 +232,7 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
       if step == start:
         train_step_lib.check_batch(batch, cfg.model, cfg.step)
       t0 = time.perf_counter()
-      state, metrics = train_step_lib.jit_train_step(trainer, state, {k: jnp.asarray(v) for k, v in batch.items()})
+      state, metrics = step_fn(state, to_device(batch))
       row = _host_metrics(metrics)
       step_times.append(time.perf_counter() - t0)
       if not row["finite"]:
@@ -224,7 +253,7 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
             f"MFU {100 * row['mfu']:.1f}% (of {peak_source})  ETA {eta / 60:.1f} min")
       checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or bool(preempted))
       if loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
-        eval_loss, n = evaluate(trainer, state, data, loop.eval_batches)
+        eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
         metrics_out.write({"step": done, "eval_loss": eval_loss, "eval_tokens": n})
         log(f"step {done:>6}  eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens")
       if preempted:
@@ -232,11 +261,11 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
         log(f"SIGTERM: saved step {done} to {checkpointer.directory}; exiting")
         return RunResult(done, resumed_from, True, last_loss, eval_loss, None, trainer, state)
     checkpointer.wait()
-    eval_loss, n = evaluate(trainer, state, data, loop.eval_batches)
+    eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
     metrics_out.write({"step": int(state.step), "eval_loss": eval_loss, "eval_tokens": n})
     log(f"final eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens")
     sample = None
-    if loop.sample_tokens and data.tokenizer is not None:
+    if loop.sample_tokens and data.tokenizer is not None and jax.process_count() == 1:
       sample = sample_text(trainer, state, data.tokenizer, loop.sample_prompt, loop.sample_tokens,
                            loop.sample_temperature, loop.seed)
       log(f"sample (temperature {loop.sample_temperature}):\n{sample}")
