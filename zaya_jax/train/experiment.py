@@ -88,7 +88,7 @@ def get_experiment(name: str) -> ExperimentConfig:
 
 @register("tiny")
 def _tiny() -> ExperimentConfig:
-  """A ~0.4M-parameter model on the embedded corpus: about three minutes on a 2-core CPU (the README's main job)."""
+  """A 0.18M-parameter model on the embedded corpus: about three minutes on a 2-core CPU (the README's main job)."""
   return ExperimentConfig(
       model=ZayaConfig.tiny(vocab_size=1024),
       data=DataConfig(seq_len=128, batch_size=8, vocab_size=1024),
