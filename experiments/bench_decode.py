@@ -11,6 +11,11 @@ attention, default experts implementation). No stop tokens: every row generates 
 
   python -m experiments.bench_decode            # from the repo root; B=16, P=32, N=128, ~2.6M-parameter fp32 model
   python -m experiments.bench_decode --quick    # tiny smoke test, seconds
+  python -m experiments.bench_decode --experts_variants=auto,tiled64,dense   # expert-matmul paths side by side
+
+--experts_variants times ours once per expert backend, interleaved with the references in the same repetitions (the
+first is the "ours" row; speedups are given for each): a name from zaya_jax.config.EXPERT_BACKENDS, or "tiled64" —
+the "tiled" backend as it was before the shape-dependent strategies (64-row tiles at every M).
 
 The model shape flags (--hidden, --layers, --heads, --kv_heads, --head_dim, --experts, --moe_intermediate,
 --router_hidden, --vocab, --dtype, --seed, --reps, --warmup, --batch, --sdpa, --out) are experiments/bench_forward.py's,
@@ -40,7 +45,9 @@ from flax import nnx
 
 import zaya_jax
 from experiments import bench_forward as bf  # its model-shape flags, reference loader, timer and CPU-share meter
+from zaya_jax.config import EXPERT_BACKENDS
 from zaya_jax.infer import GREEDY, generate
+from zaya_jax.ops import gmm as gmm_ops
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from reference import make_reference
@@ -49,6 +56,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens P per row (every row the same length, as the reference's "
                      "batched generate needs without padding).")
 flags.DEFINE_integer("new_tokens", 128, "New tokens N per row.")
+flags.DEFINE_list("experts_variants", ["auto"], "Expert backends to time ours with (the first is the 'ours' row): "
+                  f"{', '.join(EXPERT_BACKENDS)} or tiled64 (the old fixed 64-row tiles).")
 
 # bench_forward's flags with this benchmark's defaults (flags given on the command line win).
 DEFAULTS = dict(batch=16, hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, experts=8, moe_intermediate=512,
@@ -56,6 +65,24 @@ DEFAULTS = dict(batch=16, hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64
 QUICK = dict(batch=4, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=4, moe_intermediate=64,
              router_hidden=16, vocab=512, prompt_len=8, new_tokens=16, reps=2, warmup=1)
 GOAL_REF_SPEEDUP = 5.0
+
+
+# The old "tiled" behaviour, for before/after runs in one process: registered only by this benchmark.
+LEGACY_VARIANTS = {"tiled64": lambda lhs, rhs, gs, t: gmm_ops.tiled_gmm(lhs, rhs, gs.astype("int32"), t, 64)}
+
+
+def with_experts_backend(model, backend: str):
+  """A copy of `model` whose expert modules call gmm with `backend` (a static attribute: its own compiled program)."""
+  if backend in LEGACY_VARIANTS:
+    gmm_ops._BACKENDS.setdefault(backend, LEGACY_VARIANTS[backend])
+  elif backend not in EXPERT_BACKENDS:
+    raise SystemExit(f"--experts_variants: {backend!r} is not one of {EXPERT_BACKENDS + tuple(LEGACY_VARIANTS)}")
+  model = nnx.clone(model)
+  experts = [node for _, node in nnx.iter_graph(model) if hasattr(node, "gate_up_proj") and hasattr(node, "backend")]
+  assert experts, "no expert modules found"
+  for node in experts:
+    node.backend = backend
+  return model
 
 
 def apply_defaults() -> None:
@@ -98,9 +125,17 @@ def main(argv):
   prompts_t = torch.as_tensor(prompts_BP, dtype=torch.long)
   key = jax.random.key(0)
 
-  def run_ours():
-    out = generate(model, prompts_BP, lens_B, key=key, max_new_tokens=N, sampling=GREEDY)
-    return np.asarray(out.tokens_BN)  # the host copy waits for the result
+  def ours_runner(variant_model):
+    def run():
+      out = generate(variant_model, prompts_BP, lens_B, key=key, max_new_tokens=N, sampling=GREEDY)
+      return np.asarray(out.tokens_BN)  # the host copy waits for the result
+    return run
+
+  variants = FLAGS.experts_variants
+  ours_names = ["ours"] + [f"ours[{v}]" for v in variants[1:]]
+  ours_runners = {name: ours_runner(with_experts_backend(model, v) if v != cfg.moe.backend else model)
+                  for name, v in zip(ours_names, variants, strict=True)}
+  run_ours = ours_runners["ours"]
 
   def ref_runner(ref):
     def run():
@@ -110,13 +145,13 @@ def main(argv):
       return seq[:, P:].numpy()
     return run
 
-  runners = {"ours": run_ours, **{name: ref_runner(r) for name, r in refs.items()}}
+  runners = {**ours_runners, **{name: ref_runner(r) for name, r in refs.items()}}
 
   # First call of ours compiles; its excess over the steady-state median is reported as compile time.
   first_call_s = bf.timed(run_ours)
   ours = run_ours()
   mismatches = {}
-  for name in refs:
+  for name in [*refs, *ours_names[1:]]:
     theirs = runners[name]()
     rows_equal = (theirs == ours).all(axis=1)
     mismatches[name] = int((~rows_equal).sum())
@@ -144,18 +179,23 @@ def main(argv):
   rows = {name: dict(median_s=median[name], min_s=min(times[name]), tokens_per_s=B * N / median[name],
                      ms_per_step=1e3 * median[name] / N) for name in runners}
   speedups = {name: rows["ours"]["tokens_per_s"] / rows[name]["tokens_per_s"] for name in refs}
+  variant_speedups = {o: {name: rows[o]["tokens_per_s"] / rows[name]["tokens_per_s"] for name in refs}
+                      for o in ours_names}
   fastest_ref = max(refs, key=lambda name: rows[name]["tokens_per_s"])
   goal = f"ours >= {GOAL_REF_SPEEDUP}x the fastest reference's tokens/s ({fastest_ref})"
   met = speedups[fastest_ref] >= GOAL_REF_SPEEDUP
 
-  print(f"\n{'candidate':<10} {'median s':>9} {'min s':>8} {'tokens/s':>10} {'ms/step':>8} {'ours / it':>10}")
+  print(f"\n{'candidate':<16} {'median s':>9} {'min s':>8} {'tokens/s':>10} {'ms/step':>8} {'ours / it':>10}")
   for name, row in rows.items():
     ratio = f"{speedups[name]:.2f}x" if name in speedups else ""
-    print(f"{name:<10} {row['median_s']:>9.3f} {row['min_s']:>8.3f} {row['tokens_per_s']:>10.0f} "
+    print(f"{name:<16} {row['median_s']:>9.3f} {row['min_s']:>8.3f} {row['tokens_per_s']:>10.0f} "
           f"{row['ms_per_step']:>8.2f} {ratio:>10}")
   print("\n(tokens/s = B*N / time of the whole call, prefill of B*P prompt tokens included; ms/step = time / N)")
   print(f"ours compile ~{first_call_s - median['ours']:.2f} s (first call {first_call_s:.2f} s)")
   print(f"goal {goal}: {'MET' if met else 'NOT MET'} ({speedups[fastest_ref]:.2f}x)")
+  for o in ours_names[1:]:
+    print(f"{o} / references: " + ", ".join(f"{name} {r:.2f}x" for name, r in variant_speedups[o].items())
+          + f"; ours / {o}: {rows[o]['median_s'] / median['ours']:.2f}x")
   print(f"other processes used {others:.0%} of the CPUs while timing"
         + (": timings are inflated and noisy, compare min s too or rerun on a quiet machine" if others > 0.1 else ""))
 
@@ -164,9 +204,10 @@ def main(argv):
                    torch_threads=torch.get_num_threads(), jax=jax.__version__, torch=torch.__version__,
                    transformers=transformers.__version__),
       config=dict(batch=B, prompt_len=P, new_tokens=N, dtype=FLAGS.dtype, reps=FLAGS.reps, warmup=FLAGS.warmup,
-                  params_ours=n_ours, zaya=cfg.to_hf(), experts_backend=cfg.moe.backend, reference_impls=impls),
+                  params_ours=n_ours, zaya=cfg.to_hf(), experts_backend=cfg.moe.backend, reference_impls=impls,
+                  experts_variants=dict(zip(ours_names, variants, strict=True))),
       rows_with_token_mismatch=mismatches, compile_s=first_call_s - median["ours"], first_call_s=first_call_s,
-      results=rows, times_s=times, speedup=speedups, goal={goal: met})
+      results=rows, times_s=times, speedup=speedups, speedup_by_variant=variant_speedups, goal={goal: met})
   out_path = FLAGS.out or os.path.join(
       "experiments", "results",
       "bench_decode" + ("_bf16" if FLAGS.dtype == "bfloat16" else "") + ("_quick" if FLAGS.quick else "") + ".json")

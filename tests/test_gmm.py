@@ -10,7 +10,7 @@ from flax import nnx
 
 import zaya_jax
 from zaya_jax import ZayaConfig
-from zaya_jax.ops.gmm import gmm
+from zaya_jax.ops.gmm import gmm, strategy, tiled_gmm
 
 
 def numpy_gmm(lhs, rhs, group_sizes, transpose_rhs):
@@ -87,3 +87,60 @@ def test_tiled_gmm_bf16_rounds_once_like_ragged_dot():
   group_sizes = jnp.asarray([20, 45, 5], jnp.int32)
   np.testing.assert_array_equal(np.asarray(gmm(lhs, rhs, group_sizes, backend="tiled"), np.float32),
                                 np.asarray(gmm(lhs, rhs, group_sizes, backend="ragged_dot"), np.float32))
+
+
+# (M, group sizes) per strategy of the "tiled" backend with G=8: per-row gather; batched capacity blocks (C=4 here);
+# an overfull group -> C=M (M <= 2G) or -> the tile loop; the tile loop itself.
+SMALL_M_CASES = {
+    "rows": (2, [0, 1, 0, 0, 0, 0, 1, 0]),
+    "capacity": (16, [3, 1, 2, 0, 2, 3, 1, 2]),
+    "capacity_overfull_tiny": (16, [0, 9, 1, 0, 2, 0, 1, 0]),
+    "capacity_overfull_tiles": (40, [2, 30, 1, 0, 2, 0, 1, 0]),
+    "tiles": (150, [3, 0, 90, 10, 20, 0, 20, 0]),
+}
+
+
+@pytest.mark.parametrize("case", SMALL_M_CASES)
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_tiled_strategies_match_per_group_loop_and_gradients(case, transpose_rhs):
+  M, sizes = SMALL_M_CASES[case]
+  assert strategy(M, len(sizes)) == case.split("_")[0]
+  rng = np.random.default_rng(4)
+  K, N = 24, 20
+  group_sizes = np.asarray(sizes, np.int32)  # rows past their sum belong to no group (skip slot)
+  lhs = rng.standard_normal((M, K), np.float32)
+  rhs = rng.standard_normal((8, N, K) if transpose_rhs else (8, K, N), np.float32)
+  out = jax.jit(gmm, static_argnames=("backend", "transpose_rhs"))(
+      jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes), backend="tiled", transpose_rhs=transpose_rhs)
+  np.testing.assert_allclose(np.asarray(out), numpy_gmm(lhs, rhs, group_sizes, transpose_rhs), rtol=1e-5, atol=1e-5)
+  assert not np.asarray(out)[group_sizes.sum():].any()
+
+  cot = jnp.asarray(rng.standard_normal((M, N), np.float32))
+
+  def loss(lhs, rhs, backend):
+    return jnp.sum(gmm(lhs, rhs, jnp.asarray(group_sizes), backend=backend, transpose_rhs=transpose_rhs) * cot)
+
+  grads = jax.grad(loss, argnums=(0, 1))(jnp.asarray(lhs), jnp.asarray(rhs), "tiled")
+  expected = jax.grad(loss, argnums=(0, 1))(jnp.asarray(lhs), jnp.asarray(rhs), "ragged_dot")
+  for got, want in zip(grads, expected, strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("M", [2, 16])
+def test_small_m_strategies_bf16_round_once_like_ragged_dot(M):
+  rng = np.random.default_rng(5)
+  lhs = jnp.asarray(rng.standard_normal((M, 32), np.float32), jnp.bfloat16)
+  rhs = jnp.asarray(rng.standard_normal((8, 16, 32), np.float32), jnp.bfloat16)
+  group_sizes = jnp.asarray(np.bincount(rng.integers(0, 9, M), minlength=9)[:8], jnp.int32)
+  np.testing.assert_array_equal(
+      np.asarray(gmm(lhs, rhs, group_sizes, backend="tiled", transpose_rhs=True), np.float32),
+      np.asarray(gmm(lhs, rhs, group_sizes, backend="ragged_dot", transpose_rhs=True), np.float32))
+
+
+def test_forced_tile_matches_shape_choice():
+  rng = np.random.default_rng(6)
+  lhs = jnp.asarray(rng.standard_normal((16, 24), np.float32))
+  rhs = jnp.asarray(rng.standard_normal((8, 20, 24), np.float32))
+  group_sizes = jnp.asarray([3, 1, 2, 0, 2, 3, 1, 2], jnp.int32)
+  np.testing.assert_allclose(np.asarray(tiled_gmm(lhs, rhs, group_sizes, True, 4)),
+                             np.asarray(tiled_gmm(lhs, rhs, group_sizes, True)), rtol=1e-6, atol=1e-6)
