@@ -129,6 +129,8 @@ def load_model(path: str, *, tokenizer_path: str | None = None, step: int | None
 
       try:
         model, _, _ = load_run(path, step=step)
+      except CheckpointError:
+        raise
       except (TypeError, ValueError) as e:  # a config.json without the ExperimentConfig fields
         raise CLIError(f"--model={path}: config.json is not a launch/train.py run config ({e})") from None
     else:
