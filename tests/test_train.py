@@ -99,6 +99,13 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, corpus, env):
   assert rows_a[-2]["loss"] < rows_a[0]["loss"]  # it trains
 
 
+def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus, env):
+  rc, out = finish(start(env, tmp_path, corpus, 12, 6, "sigterm_after=4"))
+  assert rc == 0 and "SIGTERM: saved step 4" in out and "preempted=True" in out, out
+  with RunCheckpointer(tmp_path / "checkpoints", save_every=6, max_to_keep=3) as ck:
+    assert ck.latest_step() == 4  # off the save interval: the preemption save is forced
+
+
 def run_balancing(data, mode: str, steps: int):
   cfg = ZayaConfig.tiny(vocab_size=512)
   model = ZayaForCausalLM(cfg, rngs=nnx.Rngs(0))

@@ -2,6 +2,7 @@
 
   python tests/train_driver.py WORKDIR CORPUS STEPS CHECKPOINT_EVERY [kill_after=S] [kill_in_save=S] [set=k=v ...]
 
+sigterm_after=S: SIGTERM once step S is logged (a preemption notice).
 kill_after=S: SIGKILL once step S is logged, after waiting for the checkpoint at CHECKPOINT_EVERY's last multiple
 below S to be committed (so the resume point is known). kill_in_save=S: SIGKILL right after the asynchronous save of
 step S has started, while Orbax is still writing it. A finished run writes WORKDIR/final_params.npz.
@@ -34,10 +35,13 @@ def main(argv):
   cfg = small_config(corpus, steps, every, extra)
 
   kill_after = int(options.get("kill_after", 0))
+  sigterm_after = int(options.get("sigterm_after", 0))
   kill_in_save = int(options.get("kill_in_save", 0))
 
   def log(line: str):
     print(line, flush=True)
+    if sigterm_after and line.startswith(f"step {sigterm_after:>6}/"):
+      os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's preemption notice would
     if kill_after and line.startswith(f"step {kill_after:>6}/"):
       committed = os.path.join(workdir, "checkpoints", str(kill_after // every * every), "commit_success.txt")
       deadline = time.time() + 30
