@@ -164,16 +164,7 @@ def main(argv):
   if any(mismatches.values()):
     raise SystemExit(f"TOKEN MISMATCH: {mismatches}; timings would compare different generations")
 
-  for fn in runners.values():
-    for _ in range(FLAGS.warmup):
-      fn()
-  # Interleave candidates within each repetition so slow drifts of the machine hit all of them alike.
-  times = {name: [] for name in runners}
-  others_cpu_share = bf.cpu_share_of_other_processes()
-  for _ in range(FLAGS.reps):
-    for name, fn in runners.items():
-      times[name].append(bf.timed(fn))
-  others = others_cpu_share()
+  times, others = bf.interleaved_times(runners)
   median = {name: statistics.median(ts) for name, ts in times.items()}
 
   rows = {name: dict(median_s=median[name], min_s=min(times[name]), tokens_per_s=B * N / median[name],

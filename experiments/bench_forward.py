@@ -162,6 +162,22 @@ def timed(fn) -> float:
   return time.perf_counter() - start
 
 
+def interleaved_times(runners: dict) -> tuple[dict[str, list[float]], float]:
+  """({name: seconds per rep}, other processes' CPU share) after FLAGS.warmup untimed calls of each runner.
+
+  Candidates are interleaved within each of FLAGS.reps repetitions so slow drifts of the machine hit all alike.
+  """
+  for fn in runners.values():
+    for _ in range(FLAGS.warmup):
+      fn()
+  times = {name: [] for name in runners}
+  others_cpu_share = cpu_share_of_other_processes()
+  for _ in range(FLAGS.reps):
+    for name, fn in runners.items():
+      times[name].append(timed(fn))
+  return times, others_cpu_share()
+
+
 def main(argv):
   del argv
   apply_quick()
@@ -235,17 +251,8 @@ def main(argv):
   dot(a_NN, b_NN).block_until_ready()
   runners["matmul"] = lambda: dot(a_NN, b_NN).block_until_ready()
 
-  for fn in runners.values():
-    for _ in range(FLAGS.warmup):
-      fn()
-  # Interleave candidates within each repetition so slow drifts of the machine hit all of them alike.
-  times = {name: [] for name in runners}
-  others_cpu_share = cpu_share_of_other_processes()
-  for _ in range(FLAGS.reps):
-    for name, fn in runners.items():
-      times[name].append(timed(fn))
+  times, others = interleaved_times(runners)
   median = {name: statistics.median(ts) for name, ts in times.items()}
-  others = others_cpu_share()
 
   flops = forward_flops(cfg, B, T, routed_L)
   matmul_gflops = 2 * n**3 / median["matmul"] / 1e9

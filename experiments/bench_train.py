@@ -123,15 +123,7 @@ def main(argv):
   if bad:
     raise SystemExit(f"LOSS MISMATCH {bad} vs ours {first_losses['ours']}: timings would compare different models")
 
-  for fn in runners.values():
-    for _ in range(FLAGS.warmup):
-      fn()
-  times = {name: [] for name in runners}
-  others_cpu_share = bf.cpu_share_of_other_processes()
-  for _ in range(FLAGS.reps):
-    for name, fn in runners.items():  # interleaved: slow drifts of the machine hit every candidate alike
-      times[name].append(bf.timed(fn))
-  others = others_cpu_share()
+  times, others = bf.interleaved_times(runners)
   median = {name: statistics.median(ts) for name, ts in times.items()}
   rows = {name: dict(median_ms=1e3 * m, min_ms=1e3 * min(times[name]), tokens_per_s=B * T / m)
           for name, m in median.items()}
