@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments.codesign import plot, run, task
+from experiments.common import read_jsonl
 from zaya_jax.infer import answers, rsa
 from zaya_jax.tokenizer import train_bpe
 from zaya_jax.train.data import text_documents
@@ -129,7 +130,7 @@ def test_the_study_end_to_end_and_resumes(tmp_path):
   out = str(tmp_path / "study")
   lines = []
   comparison = run.run(TOY, out, log=lines.append)
-  results = run._read_jsonl(os.path.join(out, "results.jsonl"))
+  results = read_jsonl(os.path.join(out, "results.jsonl"))
   points = {(r["model"], r["point"]) for r in results}
   for model in run.MODELS:
     assert {(model, p) for p in ("single", "majority@1", "majority@4", "rsa T=0", "rsa T=1", "markovian T=1",
@@ -150,7 +151,7 @@ def test_the_study_end_to_end_and_resumes(tmp_path):
   assert "| markovian T=1 |" in table and f"{100 * r['accuracy']:.1f} [{100 * r['ci95'][0]:.1f}" in table
   assert run.write_table(out) == table  # the table is a function of the JSON files only
   for model in run.MODELS:
-    rows = run._read_jsonl(os.path.join(out, "evals", model, "markovian.jsonl"))
+    rows = read_jsonl(os.path.join(out, "evals", model, "markovian.jsonl"))
     assert [row["problem"] for row in rows] == list(range(TOY.problems))
     assert len(rows[0]["rounds"]) == TOY.t + 1 and len(rows[0]["rounds"][0]["answers"]) == TOY.n
   info = json.load(open(os.path.join(out, "run.json")))
@@ -165,6 +166,6 @@ def test_the_study_end_to_end_and_resumes(tmp_path):
   run.run(TOY, out, log=lines.append)
   assert any("done already" in line for line in lines) and not any(line.startswith("eval ") for line in lines)
   assert {m: open(os.path.join(out, "evals", m, "sample.jsonl")).read() for m in run.MODELS} == before
-  assert run._read_jsonl(os.path.join(out, "results.jsonl")) == results
+  assert read_jsonl(os.path.join(out, "results.jsonl")) == results
   with pytest.raises(ValueError, match="other settings"):
     run.run(dataclasses.replace(TOY, temperature=0.5), out, log=lines.append)

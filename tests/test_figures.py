@@ -14,5 +14,6 @@ def test_zaya1_8b_figures_computed_abstractly():
   # bf16 KV cache: 40 layers x (K + V) x 2 kv heads x 128 x 2 bytes = 40 KiB per token, 8x below 16-head MHA.
   assert figures.kv_cache_bytes_per_token == 40 * 2 * 2 * 128 * 2 == 40960
   assert figures.kv_compression == 8.0
-  # Constant per-sequence state: raw [q|k] context (1280 channels x 2) + delayed value (128), per layer.
-  assert figures.recurrent_state_bytes_per_sequence == 40 * (1280 * 2 + 128) * 2
+  # Constant per-sequence state, as the decode state stores it: raw [q|k] context (1280 channels x 2, fp32) + the
+  # delayed value (128, bf16), per layer.
+  assert figures.recurrent_state_bytes_per_sequence == 40 * (1280 * 2 * 4 + 128 * 2)

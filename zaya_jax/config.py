@@ -18,6 +18,11 @@ LayerType = Literal["hybrid", "hybrid_sliding"]
 _LAYER_TYPES = ("hybrid", "hybrid_sliding")
 _DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
+# "cca" is ZAYA1's. The others exist for ablations (experiments/ablate.py) and share the model's code around them:
+# "gqa" plain grouped-query attention (multi-head when num_kv_heads == num_heads), "mla" multi-head latent attention
+# (DeepSeek-V2: keys and values from a cached per-token latent, plus one shared RoPE key).
+ATTENTION_KINDS = ("cca", "gqa", "mla")
+ROUTER_KINDS = ("mlp", "linear")
 EXPERT_BACKENDS = ("auto", "tiled", "ragged_dot", "dense", "pallas")
 
 
@@ -34,8 +39,9 @@ def _positive(cfg: Any, prefix: str, *names: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """Compressed Convolutional Attention (CCA) with GQA and partial NeoX RoPE."""
+  """Compressed Convolutional Attention (CCA) with GQA and partial NeoX RoPE (or an ablation's `kind`)."""
 
+  kind: str = "cca"  # see ATTENTION_KINDS; only "cca" is in ZAYA1 checkpoints
   num_heads: int = 8
   num_kv_heads: int = 2
   head_dim: int = 128
@@ -47,10 +53,12 @@ class AttentionConfig:
   sliding_partial_rotary_factor: float = 0.5
   sliding_window: int | None = None  # keys k with q - k < window are visible (includes the current token)
   use_bias: bool = False
+  mla_kv_rank: int = 64  # kind="mla": width of the cached key/value latent (its RoPE key adds the rotary dim)
   backend: str = "auto"  # see zaya_jax.ops.attention.resolve_backend
 
   def __post_init__(self):
-    _positive(self, "attention.", "num_heads", "num_kv_heads", "head_dim", "cca_time0", "cca_time1")
+    _require(self.kind in ATTENTION_KINDS, "attention.kind", f"{self.kind!r} is not one of {ATTENTION_KINDS}")
+    _positive(self, "attention.", "num_heads", "num_kv_heads", "head_dim", "cca_time0", "cca_time1", "mla_kv_rank")
     _require(self.num_heads % self.num_kv_heads == 0, "attention.num_heads",
              f"{self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     _require(self.num_kv_heads * self.head_dim % 2 == 0, "attention.head_dim",
@@ -64,6 +72,10 @@ class AttentionConfig:
       _require(getattr(self, name) > 0, f"attention.{name}", "must be positive")
     _require(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window > 0),
              "attention.sliding_window", f"must be None or a positive int, got {self.sliding_window!r}")
+    if self.kind == "mla":
+      _require(self.partial_rotary_factor < 1.0 and self.sliding_partial_rotary_factor == self.partial_rotary_factor,
+               "attention.partial_rotary_factor", "kind='mla' needs one factor below 1 for both layer types (the "
+               "rotary dims share a cache row with the latent)")
     _require(self.backend in ATTENTION_BACKENDS, "attention.backend",
              f"{self.backend!r} is not one of {ATTENTION_BACKENDS}")
 
@@ -77,8 +89,8 @@ class AttentionConfig:
 
   @property
   def conv_context(self) -> int:
-    """Raw left context the two causal convolutions see: the conv state length of a decode step."""
-    return (self.cca_time0 - 1) + (self.cca_time1 - 1)
+    """Raw left context the two causal convolutions see: the conv state length of a decode step (0 unless CCA)."""
+    return (self.cca_time0 - 1) + (self.cca_time1 - 1) if self.kind == "cca" else 0
 
   def rope(self, layer_type: str) -> tuple[float, int]:
     """(theta, rotary_dim) for a layer type."""
@@ -94,10 +106,12 @@ class MoEConfig:
   num_experts: int = 16
   intermediate_size: int = 2048
   router_hidden_size: int = 256
+  router: str = "mlp"  # ZAYA1's MLP router with EDA; "linear": one D -> X1 projection, no depth mixing (ablations)
   backend: str = "auto"  # see zaya_jax.ops.gmm.resolve_backend
 
   def __post_init__(self):
     _positive(self, "moe.", "num_experts", "intermediate_size", "router_hidden_size")
+    _require(self.router in ROUTER_KINDS, "moe.router", f"{self.router!r} is not one of {ROUTER_KINDS}")
     _require(self.backend in EXPERT_BACKENDS, "moe.backend", f"{self.backend!r} is not one of {EXPERT_BACKENDS}")
 
   @property
@@ -122,6 +136,7 @@ class ZayaConfig:
   pad_token_id: int | None = 0
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "bfloat16"
+  residual_scaling: bool = True  # False: plain residual adds instead of the learned merges (ablations)
 
   def __post_init__(self):
     _positive(self, "", "vocab_size", "hidden_size", "num_layers", "max_position_embeddings")
@@ -194,8 +209,17 @@ class ZayaConfig:
       raw = _legacy_to_native_config(raw)
     return cls(**{**_native_hf_to_fields(raw), **overrides})
 
+  @property
+  def is_zaya1_architecture(self) -> bool:
+    """False for the ablation variants (another attention or router, no residual scaling): not in HF's format."""
+    return self.attention.kind == "cca" and self.moe.router == "mlp" and self.residual_scaling
+
   def to_hf(self) -> dict[str, Any]:
     """The native Hugging Face `config.json` contents of this config."""
+    if not self.is_zaya1_architecture:
+      raise ValueError(f"ZayaConfig: an ablation variant (attention.kind={self.attention.kind!r}, "
+                       f"moe.router={self.moe.router!r}, residual_scaling={self.residual_scaling}) has no Hugging "
+                       "Face `zaya` equivalent")
     att, moe = self.attention, self.moe
     eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
     return {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -23,9 +24,9 @@ class ModelFigures:
   expert_params: int  # all experts of all layers
   active_params: int  # per token, excluding the embedding: one expert per layer (top-1)
   active_params_with_embedding: int
-  kv_cache_bytes_per_token: int  # all layers, keys and values, compute dtype
+  kv_cache_bytes_per_token: int  # all layers, what the decode cache grows by per token (CCA: keys and values)
   mha_kv_cache_bytes_per_token: int  # the same for full multi-head attention with hidden/head_dim heads
-  recurrent_state_bytes_per_sequence: int  # conv state (raw q|k context) + delayed value, all layers
+  recurrent_state_bytes_per_sequence: int  # the part that does not grow (CCA: conv state + delayed value), all layers
 
   @property
   def kv_compression(self) -> float:
@@ -41,10 +42,20 @@ def model_figures(cfg: ZayaConfig) -> ModelFigures:
   experts = sum(n for key, n in sizes.items() if ".mlp.experts." in key)
   X = cfg.moe.num_experts
   active = total - embedding - experts + experts // X
-  att = cfg.attention
-  itemsize = jnp.dtype(cfg.dtype).itemsize
-  kv = cfg.num_layers * 2 * att.num_kv_heads * att.head_dim * itemsize
-  mha_heads = cfg.hidden_size // att.head_dim
-  mha = cfg.num_layers * 2 * mha_heads * att.head_dim * itemsize
-  state = cfg.num_layers * (att.conv_channels * att.conv_context + att.num_kv_heads * att.head_dim // 2) * itemsize
+  kv, state = decode_state_bytes(cfg)
+  mha_heads = cfg.hidden_size // cfg.attention.head_dim
+  mha = cfg.num_layers * 2 * mha_heads * cfg.attention.head_dim * jnp.dtype(cfg.dtype).itemsize
   return ModelFigures(total, embedding, experts, active, active + sizes["model.embed_tokens.weight"], kv, mha, state)
+
+
+def decode_state_bytes(cfg: ZayaConfig) -> tuple[int, int]:
+  """(bytes per cached token, bytes per sequence that do not grow) of one row's decode state, all layers, from the
+  state's own structure (abstractly), so that every attention kind's cache is counted as it is stored."""
+  from zaya_jax.infer.decode import init_state  # decode imports the model; figures is imported by the model's users
+
+  def layer_bytes(max_len: int) -> int:
+    state = jax.eval_shape(lambda: init_state(cfg, 1, max_len))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.layers))
+
+  one, two = layer_bytes(1), layer_bytes(2)
+  return two - one, 2 * one - two

@@ -116,8 +116,9 @@ def make_mesh(mesh: str | dict[str, int], dcn_mesh: str | dict[str, int] | None 
 # -- rules -------------------------------------------------------------------------------------------------------
 
 # Logical names that never split: small or awkward to split (the CCA convs mix the q and k channels of a head;
-# the router is a few MB in ZAYA1-8B and every token needs all of it).
-REPLICATED_NAMES = frozenset({"conv", "conv_in", "taps", "kv_heads", "router", "router_in", "classes", "seq"})
+# the router is a few MB in ZAYA1-8B and every token needs all of it; an MLA latent is every kv head's input).
+REPLICATED_NAMES = frozenset({"conv", "conv_in", "taps", "kv_heads", "router", "router_in", "classes", "seq",
+                              "latent"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,12 +28,10 @@ Steps (each skipped when its output is already there, so a rerun resumes):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +40,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.codesign import task
+from experiments.common import changed_settings, git_commit, jsonable, read_jsonl, settings_key, write_json
 
 FLAGS = flags.FLAGS
 MODELS = ("plain", "aggregation")
@@ -95,57 +94,6 @@ MODES = {
 # Small helpers
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          break  # a line cut by a kill: everything before it is whole
-  return rows
-
-
-def _jsonable(obj):
-  """obj as it reads back from JSON (tuples become lists), so saved and live settings compare equal."""
-  return json.loads(json.dumps(obj))
-
-
-def _changed(saved, now, path: str = "") -> list[str]:
-  """Dotted names of the settings that differ between a saved config and the current one. Fields only one side has
-  are ignored: the library may add config sections (with defaults) between a run and its resumption."""
-  if isinstance(saved, dict) and isinstance(now, dict):
-    return [c for k in saved.keys() & now.keys() for c in _changed(saved[k], now[k], f"{path}.{k}" if path else k)]
-  return [] if saved == now else [path]
-
-
-def _key(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _commit() -> str:
-  try:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
-
-
 def bootstrap_ci(values_P: np.ndarray, rounds: int, seed: int, level: float = 0.95) -> tuple[float, float]:
   """Percentile bootstrap CI of the mean over problems (resampling problems with replacement)."""
   values_P = np.asarray(values_P, np.float64)
@@ -181,7 +129,7 @@ def build_corpora(mode: Mode, out: str, log: Callable[[str], None]) -> dict[str,
   folder = os.path.join(out, "corpora")
   os.makedirs(folder, exist_ok=True)
   meta_path = os.path.join(folder, "meta.json")
-  meta = {"task": _jsonable(dataclasses.asdict(mode.task)), "corpus_docs": mode.corpus_docs,
+  meta = {"task": jsonable(dataclasses.asdict(mode.task)), "corpus_docs": mode.corpus_docs,
           "data_seed": mode.data_seed, "aggregation_fraction": mode.aggregation_fraction, "eval_seed": mode.eval_seed,
           "problems": mode.problems}
   paths = {m: os.path.join(folder, f"{m}.txt") for m in MODELS}
@@ -210,8 +158,8 @@ def build_corpora(mode: Mode, out: str, log: Callable[[str], None]) -> dict[str,
     meta[f"{m}_chars"] = chars
     log(f"corpus {m}: {len(docs[m])} documents, {chars:,} characters")
   meta["seconds"] = round(time.perf_counter() - t0, 2)
-  _write_json(meta_path, {k: v for k, v in meta.items() if not k.endswith(("_chars", "seconds"))})
-  _write_json(os.path.join(folder, "stats.json"), meta)
+  write_json(meta_path, {k: v for k, v in meta.items() if not k.endswith(("_chars", "seconds"))})
+  write_json(os.path.join(folder, "stats.json"), meta)
   return {**paths, "tokenizer": tokenizer_path}
 
 
@@ -249,7 +197,7 @@ def train_model(mode: Mode, name: str, corpora: dict[str, str], out: str, log) -
     with open(done_path) as f:
       done = json.load(f)
     with open(os.path.join(workdir, "experiment.json")) as f:
-      changed = _changed(json.load(f), _jsonable(to_dict(cfg)))
+      changed = changed_settings(json.load(f), jsonable(to_dict(cfg)))
     if changed:
       raise ValueError(f"{workdir} was trained with another config ({', '.join(changed)}); use another --out or "
                        "delete it")
@@ -264,7 +212,7 @@ def train_model(mode: Mode, name: str, corpora: dict[str, str], out: str, log) -
           "eval_loss": result.eval_loss, "sample": result.sample, "resumed_from": result.resumed_from,
           "seconds": time.perf_counter() - t0}
   save_json(cfg, os.path.join(workdir, "experiment.json"))
-  _write_json(done_path, done)
+  write_json(done_path, done)
   return done
 
 
@@ -311,7 +259,7 @@ def evaluate_model(mode: Mode, name: str, out: str, log) -> dict[str, float]:
 
   folder = os.path.join(out, "evals", name)
   wanted = set(range(mode.problems))
-  if all(wanted <= {r["problem"] for r in _read_jsonl(os.path.join(folder, f"{m}.jsonl"))} for m in METHODS):
+  if all(wanted <= {r["problem"] for r in read_jsonl(os.path.join(folder, f"{m}.jsonl"))} for m in METHODS):
     return {}  # nothing to do: skip restoring the model (run.json already guards the settings)
   model, tokenizer, _ = load_run(os.path.join(out, "runs", name))
   eos = tokenizer.eos_id
@@ -327,8 +275,8 @@ def evaluate_model(mode: Mode, name: str, out: str, log) -> dict[str, float]:
     meta = {"method": method, "rsa": dataclasses.asdict(cfg), "pieces": dataclasses.asdict(pieces),
             "temperature": mode.temperature, "eval_seed": mode.eval_seed, "problems_seed": mode.eval_seed}
     path = os.path.join(folder, f"{method}.jsonl")
-    rows = [r for r in _read_jsonl(path)]
-    if rows and rows[0].get("meta_key") != _key(meta):
+    rows = [r for r in read_jsonl(path)]
+    if rows and rows[0].get("meta_key") != settings_key(meta):
       raise ValueError(f"{path} was written with other settings; use another --out or delete it")
     done = {r["problem"] for r in rows}
     todo = [i for i in range(len(probs)) if i not in done]
@@ -343,7 +291,7 @@ def evaluate_model(mode: Mode, name: str, out: str, log) -> dict[str, float]:
         rounds = []
         rsa.run_loop(cfg, pieces, decode_fn, encode(problem.question), jax.random.fold_in(base, i),
                      on_round=lambda r, s, p=problem, out=rounds: out.append(_round_record(r, s, tokenizer, p)))
-        f.write(json.dumps({"meta_key": _key(meta), "meta": meta if i == todo[0] else None, "problem": i,
+        f.write(json.dumps({"meta_key": settings_key(meta), "meta": meta if i == todo[0] else None, "problem": i,
                             "question": problem.question, "answer": problem.answer, "rounds": rounds}) + "\n")
         f.flush()
         if count in (0, len(todo) - 1) or (count + 1) % max(1, len(todo) // 4) == 0:
@@ -394,14 +342,14 @@ def summarize(mode: Mode, out: str, extra: dict) -> tuple[list[dict], dict]:
   lines, per_problem = [], {}
   for name in MODELS:
     for method in METHODS:
-      rows = sorted(_read_jsonl(os.path.join(out, "evals", name, f"{method}.jsonl")), key=lambda r: r["problem"])
+      rows = sorted(read_jsonl(os.path.join(out, "evals", name, f"{method}.jsonl")), key=lambda r: r["problem"])
       rows = [r for r in rows if r["problem"] < mode.problems]
       if not rows:
         continue
       meta = next((r["meta"] for r in rows if r.get("meta")), None)
       for point, (acc_P, tok_P, desc) in per_problem_points(rows, method, mode).items():
         per_problem[(name, point)] = (acc_P, tok_P)
-        seed = int(_key([name, point])[:8], 16)
+        seed = int(settings_key([name, point])[:8], 16)
         binary = bool(np.all((acc_P == 0) | (acc_P == 1)))
         line = {"model": name, "point": point, **desc, "problems": len(acc_P),
                 "accuracy": float(acc_P.mean()), "ci95": bootstrap_ci(acc_P, mode.bootstrap, seed),
@@ -441,7 +389,7 @@ def summarize(mode: Mode, out: str, extra: dict) -> tuple[list[dict], dict]:
       d_P = gains[("aggregation", label)] - gains[("plain", label)]  # same problems, paired
       comparison["difference_aggregation_minus_plain"][label] = {
           "difference": float(d_P.mean()), "ci95": bootstrap_ci(d_P, mode.bootstrap, 11)}
-  _write_json(os.path.join(out, "comparison.json"), comparison)
+  write_json(os.path.join(out, "comparison.json"), comparison)
   write_table(out)
   return lines, comparison
 
@@ -452,7 +400,7 @@ def _fmt(acc, ci) -> str:
 
 def write_table(out: str) -> str:
   """table.md from results.jsonl and comparison.json only (every number in it is in those files)."""
-  lines = _read_jsonl(os.path.join(out, "results.jsonl"))
+  lines = read_jsonl(os.path.join(out, "results.jsonl"))
   with open(os.path.join(out, "comparison.json")) as f:
     comparison = json.load(f)
   by = {(r["model"], r["point"]): r for r in lines}
@@ -500,7 +448,7 @@ def run(mode: Mode, out: str, log=print) -> dict:
   t_start = time.perf_counter()
   run_path = os.path.join(out, "run.json")
   previous = json.load(open(run_path)) if os.path.exists(run_path) else {}
-  if previous and previous.get("mode") != _jsonable(dataclasses.asdict(mode)):
+  if previous and previous.get("mode") != jsonable(dataclasses.asdict(mode)):
     raise ValueError(f"{out} holds a run of other settings (run.json); use another --out or delete it")
   timings = dict(previous.get("seconds", {}))
   t0 = time.perf_counter()
@@ -515,11 +463,11 @@ def run(mode: Mode, out: str, log=print) -> dict:
       timings[f"eval_{name}_{method}"] = timings.get(f"eval_{name}_{method}", 0.0) + s
   # Every launch's wall time (after imports), so a resumed run still shows what the first launch cost.
   timings["launches"] = [*timings.get("launches", []), round(time.perf_counter() - t_start, 2)]
-  info = {"mode": dataclasses.asdict(mode), "seconds": timings, "commit": _commit(),
+  info = {"mode": dataclasses.asdict(mode), "seconds": timings, "commit": git_commit(),
           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                       "jax": jax.__version__, "load_average": os.getloadavg()},
           "trainings": trainings}
-  _write_json(run_path, info)
+  write_json(run_path, info)
   _, comparison = summarize(mode, out, {"seeds": {"data": mode.data_seed, "train": mode.train_seed,
                                                   "eval": mode.eval_seed}})
   log(open(os.path.join(out, "table.md")).read())

@@ -20,24 +20,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from zaya_jax.config import ZayaConfig
-from zaya_jax.model.cca import CCACache
+from zaya_jax.model.attention_kinds import empty_cache
 from zaya_jax.model.decoder import EXACT_ROUNDING, ZayaForCausalLM, check_token_ids
 
 
 class DecodeState(NamedTuple):
-  layers: tuple[CCACache, ...]  # one per layer
+  layers: tuple  # one cache per layer, of its attention kind (CCACache for ZAYA1; see model/attention_kinds.py)
   lengths_B: jax.Array  # int32 tokens seen per row (the next token's position)
 
   @property
   def max_len(self) -> int:
-    return self.layers[0].k_BSKE.shape[1]
+    return self.layers[0].max_len
 
 
 def init_state(cfg: ZayaConfig, batch: int, max_len: int) -> DecodeState:
   """An empty state: zero caches (a fresh row's conv context is zeros, as the reference pads it), lengths 0."""
   if not (isinstance(batch, int) and batch > 0 and isinstance(max_len, int) and max_len > 0):
     raise ValueError(f"batch and max_len must be positive ints, got {batch!r}, {max_len!r}")
-  layers = tuple(CCACache.zeros(cfg.attention, batch, max_len, cfg.compute_dtype) for _ in range(cfg.num_layers))
+  layers = tuple(empty_cache(cfg.attention, batch, max_len, cfg.compute_dtype) for _ in range(cfg.num_layers))
   return DecodeState(layers, jnp.zeros((batch,), jnp.int32))
 
 

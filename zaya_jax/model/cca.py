@@ -50,6 +50,27 @@ class Conv1d(nnx.Module):
     self.bias = const_param((channels,), 0.0, param_dtype, ("conv",))
 
 
+def write_rows(cache_BS_, new_BT_, positions_BT, num_new_B):
+  """Row b's first num_new_B[b] new entries written at their positions in a [B, S, ...] cache.
+
+  Padding tokens aim past the cache and are dropped, so entries past a row's length stay finite (zeros or real keys)
+  and a masked-out key can never turn p @ v into NaN.
+  """
+  B, T = positions_BT.shape
+  real_BT = jnp.arange(T)[None] < num_new_B[:, None]
+  write_BT = jnp.where(real_BT, positions_BT, cache_BS_.shape[1])
+  return cache_BS_.at[jnp.arange(B)[:, None], write_BT].set(new_BT_.astype(cache_BS_.dtype), mode="drop")
+
+
+def cache_mask(positions_BT, cache_len: int, sliding_window: int | None):
+  """[B, T, S]: query t sees cache entries s <= its position (within the window), its row's past and this chunk."""
+  s_S = jnp.arange(cache_len)
+  mask_BTS = s_S[None, None] <= positions_BT[..., None]
+  if sliding_window is not None:
+    mask_BTS &= (positions_BT[..., None] - s_S[None, None]) < sliding_window
+  return mask_BTS
+
+
 class CCACache(NamedTuple):
   """One layer's decode state (static shapes). S cache length. The row lengths live with the whole model's state."""
 
@@ -57,6 +78,10 @@ class CCACache(NamedTuple):
   v_BSKE: jax.Array  # values [v_cur | v_del]; compute dtype
   qk_BPC: jax.Array  # the last P = conv_context raw pre-conv [q|k] columns (zeros before the start); fp32
   v_prev_BV: jax.Array  # [B, K*E/2] v_proj_delayed of the row's last processed token; compute dtype
+
+  @property
+  def max_len(self) -> int:
+    return self.k_BSKE.shape[1]
 
   @classmethod
   def zeros(cls, cfg: AttentionConfig, batch: int, max_len: int, dtype) -> CCACache:
@@ -194,28 +219,16 @@ class QKNorm(nnx.Module):
     return l2_normalize_to_sqrt_dim(q_BTHE), k_BTKE
 
 
-class CCAttention(nnx.Module):
+class AttentionBlock(nnx.Module):
+  """What every attention kind shares: the training-path call and the output projection.
 
-  def __init__(self, cfg: AttentionConfig, hidden_size: int, layer_type: str, *, std: float, param_dtype,
-               rngs: nnx.Rngs):
-    self.qkv_proj = CCAProjection(cfg, hidden_size, std=std, param_dtype=param_dtype, rngs=rngs)
-    self.qk_norm = QKNorm(cfg.num_kv_heads, param_dtype=param_dtype)
-    self.o_proj = Linear(cfg.num_heads * cfg.head_dim, hidden_size, bias=cfg.use_bias, std=std,
-                         param_dtype=param_dtype, rngs=rngs, axes=("embed", "heads"))
-    self.cfg = cfg
-    self.layer_type = layer_type
+  A kind defines `queries_keys_values(h_BTD, segment_ids_BT, positions_BT)` -> (q [B, T, H, E], k and v [B, T, K, E],
+  anything) and `extend(h_BTD, positions_BT, num_new_B, cache)` -> (output, cache), and sets o_proj, cfg, layer_type.
+  """
 
   @property
   def sliding_window(self) -> int | None:
     return self.cfg.sliding_window if self.layer_type == "hybrid_sliding" else None
-
-  def queries_keys_values(self, h_BTD, segment_ids_BT, positions_BT, context=None):
-    """Normalised, scaled and rotated q and k, v, and the raw columns for a decode state (see CCAProjection)."""
-    (q_BTHE, k_BTKE, v_BTKE), raw = self.qkv_proj(h_BTD, segment_ids_BT, context)
-    q_BTHE, k_BTKE = self.qk_norm(q_BTHE, k_BTKE)
-    theta, rotary_dim = self.cfg.rope(self.layer_type)
-    cos, sin = rope_tables(positions_BT, theta, rotary_dim, h_BTD.dtype)
-    return apply_rope(q_BTHE, cos, sin), apply_rope(k_BTKE, cos, sin), v_BTKE, raw
 
   def output(self, out_BTHE):
     B, T = out_BTHE.shape[:2]
@@ -227,35 +240,42 @@ class CCAttention(nnx.Module):
                          backend=self.cfg.backend)
     return self.output(out_BTHE)
 
+
+class CCAttention(AttentionBlock):
+
+  def __init__(self, cfg: AttentionConfig, hidden_size: int, layer_type: str, *, std: float, param_dtype,
+               rngs: nnx.Rngs):
+    self.qkv_proj = CCAProjection(cfg, hidden_size, std=std, param_dtype=param_dtype, rngs=rngs)
+    self.qk_norm = QKNorm(cfg.num_kv_heads, param_dtype=param_dtype)
+    self.o_proj = Linear(cfg.num_heads * cfg.head_dim, hidden_size, bias=cfg.use_bias, std=std,
+                         param_dtype=param_dtype, rngs=rngs, axes=("embed", "heads"))
+    self.cfg = cfg
+    self.layer_type = layer_type
+
+  def queries_keys_values(self, h_BTD, segment_ids_BT, positions_BT, context=None):
+    """Normalised, scaled and rotated q and k, v, and the raw columns for a decode state (see CCAProjection)."""
+    (q_BTHE, k_BTKE, v_BTKE), raw = self.qkv_proj(h_BTD, segment_ids_BT, context)
+    q_BTHE, k_BTKE = self.qk_norm(q_BTHE, k_BTKE)
+    theta, rotary_dim = self.cfg.rope(self.layer_type)
+    cos, sin = rope_tables(positions_BT, theta, rotary_dim, h_BTD.dtype)
+    return apply_rope(q_BTHE, cos, sin), apply_rope(k_BTKE, cos, sin), v_BTKE, raw
+
   def extend(self, h_BTD, positions_BT, num_new_B, cache: CCACache):
     """The cached path: row b appends its first num_new_B[b] tokens of h at positions_BT[b] (= its length + t).
 
     Tokens past num_new_B[b] are right padding: their outputs are garbage, they write nothing to the cache and the
     state is taken after the last real token. Returns (output [B, T, D], updated cache).
     """
-    B, T, _ = h_BTD.shape
     S = cache.k_BSKE.shape[1]
-    t_T = jnp.arange(T)
     # A row that has seen nothing starts a document: zero conv context (as stored) and the zero-input delayed value.
     v_prev_BV = jnp.where((positions_BT[:, 0] == 0)[:, None], self.qkv_proj.start_value(h_BTD.dtype),
                           cache.v_prev_BV)
     context = (cache.qk_BPC, v_prev_BV)
     q_BTHE, k_BTKE, v_BTKE, (qk_BTC, v_now_BTV) = self.queries_keys_values(h_BTD, None, positions_BT, context)
 
-    # Per-row writes; padding tokens aim past the cache and are dropped, so entries past a row's length stay finite
-    # (zeros or real keys) and a masked-out key can never turn p @ v into NaN.
-    real_BT = t_T[None] < num_new_B[:, None]
-    write_BT = jnp.where(real_BT, positions_BT, S)
-    b_B1 = jnp.arange(B)[:, None]
-    k_BSKE = cache.k_BSKE.at[b_B1, write_BT].set(k_BTKE.astype(cache.k_BSKE.dtype), mode="drop")
-    v_BSKE = cache.v_BSKE.at[b_B1, write_BT].set(v_BTKE.astype(cache.v_BSKE.dtype), mode="drop")
-
-    # Query t sees cache entries s <= its position (within the window): its row's past and this chunk's earlier tokens.
-    s_S = jnp.arange(S)
-    mask_BTS = s_S[None, None] <= positions_BT[..., None]
-    if self.sliding_window is not None:
-      mask_BTS &= (positions_BT[..., None] - s_S[None, None]) < self.sliding_window
-    out_BTHE = cached_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
+    k_BSKE = write_rows(cache.k_BSKE, k_BTKE, positions_BT, num_new_B)
+    v_BSKE = write_rows(cache.v_BSKE, v_BTKE, positions_BT, num_new_B)
+    out_BTHE = cached_attention(q_BTHE, k_BSKE, v_BSKE, cache_mask(positions_BT, S, self.sliding_window))
 
     # State after each row's last real token: the last P raw columns of [context | real new columns] and the delayed
     # projection of that token (the old state where a row adds nothing).

@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 
 from zaya_jax.config import ZayaConfig
-from zaya_jax.model.cca import CCAttention
-from zaya_jax.model.layers import F32, Linear, ResidualScaling, RMSNorm, const_param, linear, normal_param
+from zaya_jax.model.attention_kinds import attention_module
+from zaya_jax.model.layers import F32, Linear, ResidualAdd, ResidualScaling, RMSNorm, const_param, linear, normal_param
 from zaya_jax.model.moe import SparseMoeBlock
 from zaya_jax.sharding import constrain
 
@@ -40,11 +40,13 @@ class DecoderLayer(nnx.Module):
   def __init__(self, cfg: ZayaConfig, layer_idx: int, rngs: nnx.Rngs):
     D, pd, std, eps = cfg.hidden_size, cfg.params_dtype, cfg.initializer_range, cfg.rms_norm_eps
     self.input_layernorm = RMSNorm(D, eps=eps, param_dtype=pd)
-    self.self_attn = CCAttention(cfg.attention, D, cfg.layer_type(layer_idx), std=std, param_dtype=pd, rngs=rngs)
-    self.post_attention_residual_scale = ResidualScaling(D, param_dtype=pd)
+    self.self_attn = attention_module(cfg.attention, D, cfg.layer_type(layer_idx), std=std, param_dtype=pd,
+                                      rngs=rngs)
+    merge = ResidualScaling if cfg.residual_scaling else ResidualAdd
+    self.post_attention_residual_scale = merge(D, param_dtype=pd)
     self.post_attention_layernorm = RMSNorm(D, eps=eps, param_dtype=pd)
     self.mlp = SparseMoeBlock(cfg.moe, D, layer_idx, eps=eps, std=std, param_dtype=pd, rngs=rngs)
-    self.post_mlp_residual_scale = ResidualScaling(D, param_dtype=pd)
+    self.post_mlp_residual_scale = merge(D, param_dtype=pd)
     self.dtype = cfg.compute_dtype
 
   def __call__(self, x_BTD, router_state_BTR, segment_ids_BT, positions_BT):
@@ -52,7 +54,7 @@ class DecoderLayer(nnx.Module):
     return self.after_attention(a_BTD, x_BTD, router_state_BTR)
 
   def extend(self, x_BTD, router_state_BTR, positions_BT, num_new_B, cache):
-    """The cached path (see CCAttention.extend): (x, router state, routing, updated cache)."""
+    """The cached path (see model/attention_kinds.py): (x, router state, routing, updated cache)."""
     a_BTD, cache = self.self_attn.extend(self.input_layernorm(x_BTD.astype(self.dtype)), positions_BT, num_new_B,
                                          cache)
     return *self.after_attention(a_BTD, x_BTD, router_state_BTR), cache

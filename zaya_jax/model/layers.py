@@ -94,6 +94,16 @@ class RMSNorm(nnx.Module):
     return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
+class ResidualAdd(nnx.Module):
+  """`branch + residual` on the fp32 stream: the merge without ResidualScaling's parameters (ablations)."""
+
+  def __init__(self, size: int, *, param_dtype):
+    del size, param_dtype
+
+  def __call__(self, branch_BTD, residual_BTD):
+    return branch_BTD.astype(F32) + residual_BTD
+
+
 class ResidualScaling(nnx.Module):
   """Learned per-channel merge: `(branch + hb) * hs + (residual + rb) * rs`.
 

@@ -36,6 +36,21 @@ class RouterMLP(nnx.Module):
     return self.out_proj(u)
 
 
+def _init_biases(num_classes: int) -> BalancingBiases:
+  biases = jnp.zeros((num_classes,), F32).at[-1].set(-1.0)
+  return param(biases, ("classes",), BalancingBiases)
+
+
+def select(logits_BTX1, biases_X1, num_experts: int):
+  """Top-1 over experts and the skip slot: (probs, choice, weight). The biases steer the choice only; the output is
+  weighted by the unbiased probability, and a skipped token's weight is zero."""
+  probs_BTX1 = in_f32(lambda x: jax.nn.softmax(x, axis=-1), logits_BTX1)
+  choice_BT = jnp.argmax(probs_BTX1.astype(F32) + biases_X1, axis=-1).astype(jnp.int32)
+  weight_BT = jnp.take_along_axis(probs_BTX1, choice_BT[..., None], axis=-1)[..., 0]
+  weight_BT = jnp.where(choice_BT == num_experts, jnp.zeros_like(weight_BT), weight_BT)
+  return probs_BTX1, choice_BT, weight_BT
+
+
 class Router(nnx.Module):
 
   def __init__(self, cfg: MoEConfig, hidden_size: int, layer_idx: int, *, eps: float, std: float, param_dtype,
@@ -46,8 +61,7 @@ class Router(nnx.Module):
     # EDA: layer 0 has no previous router state and so no scale (absent from checkpoints too).
     self.router_states_scale = const_param((R,), 1.0, param_dtype, ("router",)) if layer_idx > 0 else None
     self.router_mlp = RouterMLP(R, cfg.num_router_classes, eps=eps, std=std, param_dtype=param_dtype, rngs=rngs)
-    biases = jnp.zeros((cfg.num_router_classes,), F32).at[-1].set(-1.0)
-    self.balancing_biases = param(biases, ("classes",), BalancingBiases)
+    self.balancing_biases = _init_biases(cfg.num_router_classes)
     self.num_experts = cfg.num_experts
 
   def __call__(self, h_BTD, prev_router_state_BTR):
@@ -55,12 +69,21 @@ class Router(nnx.Module):
     if self.router_states_scale is not None:
       r_BTR = r_BTR + prev_router_state_BTR * self.router_states_scale[...].astype(r_BTR.dtype)
     logits_BTX1 = self.router_mlp(r_BTR)
-    probs_BTX1 = in_f32(lambda x: jax.nn.softmax(x, axis=-1), logits_BTX1)
-    # The biases steer the choice only; the output is weighted by the unbiased probability.
-    choice_BT = jnp.argmax(probs_BTX1.astype(F32) + self.balancing_biases[...], axis=-1).astype(jnp.int32)
-    weight_BT = jnp.take_along_axis(probs_BTX1, choice_BT[..., None], axis=-1)[..., 0]
-    weight_BT = jnp.where(choice_BT == self.num_experts, jnp.zeros_like(weight_BT), weight_BT)
-    return probs_BTX1, choice_BT, weight_BT, r_BTR
+    return *select(logits_BTX1, self.balancing_biases[...], self.num_experts), r_BTR
+
+
+class LinearRouter(nnx.Module):
+  """The ablation baseline: logits = W h (one D -> X1 projection), no depth mixing; same top-1 with a skip slot."""
+
+  def __init__(self, cfg: MoEConfig, hidden_size: int, *, std: float, param_dtype, rngs: nnx.Rngs):
+    self.out_proj = Linear(hidden_size, cfg.num_router_classes, bias=False, std=std, param_dtype=param_dtype,
+                           rngs=rngs, axes=("classes", "embed"))
+    self.balancing_biases = _init_biases(cfg.num_router_classes)
+    self.num_experts = cfg.num_experts
+
+  def __call__(self, h_BTD, prev_router_state_BTR):
+    del prev_router_state_BTR  # no EDA: nothing flows between layers
+    return *select(self.out_proj(h_BTD), self.balancing_biases[...], self.num_experts), None
 
 
 class Experts(nnx.Module):
@@ -97,7 +120,10 @@ class SparseMoeBlock(nnx.Module):
 
   def __init__(self, cfg: MoEConfig, hidden_size: int, layer_idx: int, *, eps: float, std: float, param_dtype,
                rngs: nnx.Rngs):
-    self.gate = Router(cfg, hidden_size, layer_idx, eps=eps, std=std, param_dtype=param_dtype, rngs=rngs)
+    if cfg.router == "linear":
+      self.gate = LinearRouter(cfg, hidden_size, std=std, param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.gate = Router(cfg, hidden_size, layer_idx, eps=eps, std=std, param_dtype=param_dtype, rngs=rngs)
     self.experts = Experts(cfg, hidden_size, std=std, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, h_BTD, prev_router_state_BTR):

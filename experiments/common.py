@@ -1,0 +1,62 @@
+"""What every study script here shares: atomic JSON files, JSON-lines logs that survive a kill, the settings a
+saved run differs in, and the commit a result came from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+
+
+def write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          break  # a line cut by a kill: everything before it is whole
+  return rows
+
+
+def jsonable(obj):
+  """obj as it reads back from JSON (tuples become lists), so saved and live settings compare equal."""
+  return json.loads(json.dumps(obj))
+
+
+def changed_settings(saved, now, path: str = "") -> list[str]:
+  """Dotted names of the settings that differ between a saved config and the current one. Fields only one side has
+  are ignored: the library may add config sections (with defaults) between a run and its resumption."""
+  if isinstance(saved, dict) and isinstance(now, dict):
+    return [c for k in saved.keys() & now.keys()
+            for c in changed_settings(saved[k], now[k], f"{path}.{k}" if path else k)]
+  return [] if saved == now else [path]
+
+
+def settings_key(obj) -> str:
+  """A short stable hash of JSON-able settings."""
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str:
+  try:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"

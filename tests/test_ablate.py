@@ -1,0 +1,62 @@
+"""The ablation studies' driver (experiments/ablate.py): one command, results on disk, resumable, report from JSON."""
+
+import dataclasses
+import os
+
+import pytest
+
+from experiments import ablate, ablate_report
+from experiments.common import read_jsonl
+from zaya_jax.figures import model_figures
+
+
+def test_every_study_variant_builds_to_the_parameter_count_of_the_first():
+  mode = ablate.MODES["quick"]
+  for study, variants in ablate.STUDIES.items():
+    configs = [ablate.variant_config(mode, o, 0, None, None) for o in variants.values()]
+    target = model_figures(configs[0].model).total_params
+    for name, overrides in variants.items():
+      cfg = ablate.variant_config(mode, overrides, 0, None, target)
+      one_column = 3 * cfg.model.hidden_size * cfg.model.moe.num_experts * cfg.model.num_layers
+      assert abs(model_figures(cfg.model).total_params - target) <= one_column / 2, (study, name)
+      assert cfg.loop.steps == mode.steps and cfg.data.batch_size == configs[0].data.batch_size
+
+
+def test_a_study_runs_resumes_and_reports_from_json(tmp_path):
+  """The quick pipeline with fewer steps and a smaller corpus (the real quick mode takes minutes per study)."""
+  mode = dataclasses.replace(ablate.MODES["quick"], steps=8, corpus_bytes=2**18, eval_batches=1)
+  out = str(tmp_path / "router")
+  logs = []
+  rows = ablate.run_study("router", mode, out, seeds=1, log=logs.append)
+  assert [(r["variant"], r["seed"], r["steps"]) for r in rows] == [("mlp_eda", 0, 8), ("linear", 0, 8)]
+  for row in rows:
+    assert row["eval_loss"] > 0 and row["tokens_per_s"] > 0 and len(row["curve"]) == 8
+    assert row["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # tiny: 2 layers, k and v of 2 heads x 16, fp32
+  assert rows[1]["config"]["model"]["moe"]["router"] == "linear"
+
+  # The table's numbers are the JSON's; the report is rebuilt from runs.jsonl alone.
+  table = open(os.path.join(out, "table.md")).read()
+  assert f"{rows[0]['eval_loss']:.4f}" in table and f"{rows[1]['eval_loss']:.4f}" in table
+  os.remove(os.path.join(out, "table.md"))
+  os.remove(os.path.join(out, "router.png"))
+  assert ablate_report.write_report(out) == table and os.path.getsize(os.path.join(out, "router.png")) > 10_000
+
+  # A rerun trains nothing; other settings in the same folder are refused, naming what differs.
+  logs.clear()
+  assert ablate.run_study("router", mode, out, seeds=1, log=logs.append) == rows
+  assert "mlp_eda-s0: done already" in logs and "linear-s0: done already" in logs
+  with pytest.raises(ValueError, match="other settings"):
+    ablate.run_study("router", dataclasses.replace(mode, steps=9), out, seeds=1, log=logs.append)
+  assert read_jsonl(os.path.join(out, "runs.jsonl")) == rows
+
+
+def test_report_gives_mean_and_sample_std_over_seeds():
+  base = {"study": "balancing", "params": 10, "params_non_embedding": 5, "kv_cache_bytes_per_token": 64,
+          "steps": 4, "tokens": 64, "cache_dtype": "float32", "commit": "abc", "tokens_per_s": 100.0,
+          "skip_rate": 0.1, "curve": [[1, 5.0], [2, 4.0]]}
+  rows = [dict(base, variant="pid", seed=0, eval_loss=3.0, load_max_over_min=2.0),
+          dict(base, variant="pid", seed=1, eval_loss=4.0, load_max_over_min=4.0),
+          dict(base, variant="none", seed=0, eval_loss=5.0, load_max_over_min=9.0)]
+  text = ablate_report.table(rows)
+  assert "| pid | 0,1 |" in text and "3.5000 ± 0.7071" in text and "3.00 ± 1.41" in text
+  assert "| none | 0 |" in text and "5.0000 |" in text
