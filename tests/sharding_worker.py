@@ -116,6 +116,7 @@ def strategies(out_path: str) -> None:
     print(name, results[name], flush=True)
   if not os.environ.get("ZAYA_SKIP_DISPATCH"):
     results["dispatch"] = dispatch_checks()
+    results["ragged"] = ragged_checks()
     results["errors"] = error_checks()
   with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
@@ -167,6 +168,44 @@ def dispatch_checks() -> dict:
     out[mesh].update(capacity=cap, dropped_with_capacity=int(dropped_cap), expected_dropped=expected,
                      kept_max_abs_err=float(np.abs(y_cap[kept] - ref[kept]).max()),
                      dropped_rows_zero=bool((y_cap[~kept] == 0).all()))
+  return out
+
+
+def ragged_checks() -> dict:
+  """The ragged exchange (CPU: its all-gather emulation) against the padded one, values and gradients; and the real
+  `ragged_all_to_all` as the GPU programs contain it (lowered for cuda and rocm from here, values and gradients)."""
+  from zaya_jax.parallel import expert
+
+  X, D, M = 8, 16, 256
+  rng = np.random.default_rng(3)
+  h = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  choice = jnp.asarray(np.where(rng.random(M) < 0.6, 2, rng.integers(0, X + 1, M)).astype(np.int32))
+  weight = jnp.asarray(rng.random(M), jnp.float32)
+  gate_up = jnp.asarray(rng.normal(size=(X, 16, D)) * 0.3, jnp.float32)
+  down = jnp.asarray(rng.normal(size=(X, D, 8)) * 0.3, jnp.float32)
+
+  def loss(plan, exchange):
+    return lambda h, gu, dn: jnp.sum(jnp.sin(expert.dispatch_combine(plan, h, choice, weight, gu, dn,
+                                                                     exchange=exchange)[0]))
+
+  out = {}
+  for mesh in ("expert:8", "data:2,expert:2,tensor:2"):
+    plan = ShardingPlan.from_config(ParallelConfig(mesh=mesh))
+    runs = {ex: jax.jit(jax.value_and_grad(loss(plan, ex), argnums=(0, 1, 2)))(h, gate_up, down)
+            for ex in ("padded", "ragged")}
+    (v_pad, g_pad), (v_rag, g_rag) = runs["padded"], runs["ragged"]
+    out[mesh] = dict(value_diff=float(abs(v_pad - v_rag)), value=float(v_pad),
+                     grad_max_diff=max(float(jnp.abs(a - b).max()) for a, b in zip(g_pad, g_rag)))
+  plan = ShardingPlan.from_config(ParallelConfig(mesh="expert:8"))
+  real = expert.jax.default_backend
+  expert.jax.default_backend = lambda: "gpu"  # pick the real op (and "auto" -> ragged) while lowering
+  try:
+    for platform in ("cuda", "rocm"):
+      text = jax.jit(jax.value_and_grad(loss(plan, "auto"), argnums=(0, 1, 2))).trace(h, gate_up, down).lower(
+          lowering_platforms=(platform,)).as_text()
+      out[f"ops_{platform}"] = text.count("ragged_all_to_all")
+  finally:
+    expert.jax.default_backend = real
   return out
 
 

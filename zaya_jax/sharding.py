@@ -153,6 +153,9 @@ class ShardingRules:
 # -- strategies --------------------------------------------------------------------------------------------------
 
 
+EXPERT_EXCHANGES = ("auto", "padded", "ragged")
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
   """How a run spreads over devices. `mesh=""` is the single-device path (no mesh, nothing changes)."""
@@ -160,8 +163,11 @@ class ParallelConfig:
   mesh: str = ""  # e.g. "data:2,fsdp:2,expert:2,tensor:1"; one axis may be -1 (all remaining devices)
   dcn_mesh: str = ""  # the cross-host part of each axis, e.g. "data:16" for 16 nodes
   zero1: bool = False  # split the optimizer state over `data` too (parameters stay replicated there)
+  expert_exchange: str = "auto"  # how tokens reach their experts' owners: see zaya_jax.parallel.expert
 
   def __post_init__(self):
+    if self.expert_exchange not in EXPERT_EXCHANGES:
+      raise ValueError(f"ParallelConfig.expert_exchange: {self.expert_exchange!r} is not one of {EXPERT_EXCHANGES}")
     for name in ("mesh", "dcn_mesh"):
       try:
         parse_mesh(getattr(self, name))
@@ -219,10 +225,11 @@ class ShardingPlan:
   mesh: Mesh
   rules: ShardingRules = ShardingRules()
   zero1: bool = False
+  expert_exchange: str = "auto"
 
   @classmethod
   def from_config(cls, cfg: ParallelConfig, *, devices=None, rules: ShardingRules = ShardingRules()) -> ShardingPlan:
-    return cls(make_mesh(cfg.mesh, cfg.dcn_mesh or None, devices=devices), rules, cfg.zero1)
+    return cls(make_mesh(cfg.mesh, cfg.dcn_mesh or None, devices=devices), rules, cfg.zero1, cfg.expert_exchange)
 
   def size(self, axis: str) -> int:
     return self.mesh.shape[axis]

@@ -5,13 +5,17 @@ device reserves per destination, F expert width (Fl = F / t per device, t the `t
 
 Inside one `jax.shard_map` over the whole mesh, each device:
   1. gives each routed token a slot in the bucket of the device that owns its expert (skip-slot tokens go nowhere);
-  2. exchanges the buckets with an all-to-all over `expert` (padded: every bucket has C rows; XLA:CPU has no
-     ragged all-to-all);
+  2. exchanges the buckets over `expert`: a padded `all_to_all` (every bucket has C rows) or a ragged one (only the
+     routed rows travel; `jax.lax.ragged_all_to_all`, which XLA:CPU lacks: there an all-gather emulation with the
+     same semantics stands in, to test the path);
   3. runs its Xl experts on what it received (sort by local expert, two grouped matmuls on its F/t slice, a psum
      over `tensor` for the down projection's partial sums);
   4. sends the results back with the reverse all-to-all and weights each token by its router probability.
 Dropless by default: C = M, room for every local token in any one bucket. A capacity (`capacity_factor`) bounds C;
-the tokens that find their bucket full are dropped (output zero) and counted.
+the tokens that find their bucket full are dropped (output zero) and counted. The ragged exchange is dropless only
+(its receive buffer holds e x M rows, the worst case, but only routed rows are sent).
+
+`exchange`: "padded", "ragged", or "auto" (ragged where the backend has the op, GPU and TPU; padded on CPU).
 
 Gradients: shard_map's transpose sums the weight gradients over the axes a weight is replicated on (data, fsdp)
 and reverses the all-to-alls; `check_vma=False` because the grouped matmul's loops carry unvarying zeros.
@@ -36,6 +40,35 @@ def capacity(tokens_per_device: int, experts_axis_size: int, capacity_factor: fl
   return max(1, min(tokens_per_device, math.ceil(capacity_factor * tokens_per_device / experts_axis_size)))
 
 
+EXCHANGES = ("auto", "padded", "ragged")
+
+
+def resolve_exchange(exchange: str) -> str:
+  if exchange not in EXCHANGES:
+    raise ValueError(f"expert exchange {exchange!r} is not one of {EXCHANGES}")
+  if exchange == "auto":
+    return "padded" if jax.default_backend() == "cpu" else "ragged"
+  return exchange
+
+
+def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name: str):
+  """`jax.lax.ragged_all_to_all` (same arguments, sender-side output offsets); on CPU, which lacks the op, the same
+  result from an all-gather of every peer's rows and a scatter."""
+  if jax.default_backend() != "cpu":
+    return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                     axis_name=axis_name)
+  del recv_sizes  # implied by the peers' send sizes
+  me = jax.lax.axis_index(axis_name)
+  rows_ER = jax.lax.all_gather(operand, axis_name)  # every peer's rows [e, R, ...]
+  from_E, sizes_E, to_E = (jax.lax.all_gather(a, axis_name)[:, me] for a in (input_offsets, send_sizes,
+                                                                                output_offsets))
+  r_R = jnp.arange(operand.shape[0])
+  src_ER = jnp.minimum(from_E[:, None] + r_R, operand.shape[0] - 1)
+  dst_ER = jnp.where(r_R < sizes_E[:, None], to_E[:, None] + r_R, output.shape[0])  # past the end: not written
+  rows = rows_ER[jnp.arange(rows_ER.shape[0])[:, None], src_ER]
+  return output.at[dst_ER.reshape(-1)].set(rows.reshape(-1, *operand.shape[1:]), mode="drop")
+
+
 def _local_experts(x_RD, ids_R, gate_up_XI2FD, down_XIDF, backend: str, tensor_axis: str | None):
   """Rows x_RD through local expert ids_R (ids_R == Xl: an empty slot, output zero)."""
   Xl = gate_up_XI2FD.shape[0]
@@ -53,12 +86,15 @@ def _local_experts(x_RD, ids_R, gate_up_XI2FD, down_XIDF, backend: str, tensor_a
 
 
 def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, backend: str = "auto",
-                     capacity_factor: float | None = None):
+                     capacity_factor: float | None = None, exchange: str | None = None):
   """(y_MD, dropped): the experts' output for every token of the global [M, D] batch, and the dropped tokens.
 
   `choice_M` == X is the skip slot (output zero). Tokens are split over the plan's batch axes, experts over
-  `expert`, the FFN width over `tensor`.
+  `expert`, the FFN width over `tensor`. `exchange` defaults to the plan's.
   """
+  exchange = resolve_exchange(exchange or plan.expert_exchange)
+  if exchange == "ragged" and capacity_factor is not None:
+    raise ValueError("the ragged expert exchange is dropless: capacity_factor needs exchange='padded'")
   X, F2, D = gate_up_X2FD.shape
   F = F2 // 2
   e = plan.size("expert")
@@ -68,6 +104,35 @@ def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, 
   token_spec = P(batch, None)
   # Split gate and up before the width is: each device then holds the gate and the up rows of its F/t columns.
   gate_up_X2FD = gate_up_X2FD.reshape(X, 2, F, D)
+
+  def local_ragged(h_MD, choice_M, weight_M, gate_up_XI2FD, down_XIDF):
+    M = h_MD.shape[0]
+    Xl = gate_up_XI2FD.shape[0]
+    routed_M = choice_M < X
+    dest_M = jnp.where(routed_M, choice_M // Xl, e)  # skip-slot tokens sort after every destination, unsent
+    order_M = jnp.argsort(dest_M, stable=True)
+    send_E = jnp.bincount(dest_M, length=e + 1)[:e]
+    sizes_EE = jax.lax.all_gather(send_E, expert_axis)  # [source, destination] rows
+    me = jax.lax.axis_index(expert_axis)
+    exclusive = lambda a, axis: jnp.cumsum(a, axis=axis) - a
+    send_from_E = exclusive(send_E, 0)  # where each destination's rows start in my sorted rows
+    recv_E = sizes_EE[:, me]
+    recv_from_E = exclusive(recv_E, 0)  # where each source's rows start in my receive buffer
+    lands_at_E = exclusive(sizes_EE, 0)[me]  # where my rows start in each destination's buffer
+    back_at_E = exclusive(sizes_EE, 1)[:, me]  # where each source's rows start in its own sorted rows
+    R = e * M  # the worst case: every device's tokens to me
+
+    def forward(x, fill):
+      return ragged_all_to_all(x, jnp.full((R, *x.shape[1:]), fill, x.dtype), send_from_E, send_E, lands_at_E,
+                               recv_E, axis_name=expert_axis)
+
+    recv_RD = forward(jnp.take(h_MD, order_M, axis=0), 0)
+    recv_ids_R = forward(jnp.take(choice_M % Xl, order_M), Xl)  # unfilled rows: no local expert
+    y_RD = _local_experts(recv_RD, recv_ids_R, gate_up_XI2FD, down_XIDF, backend, tensor_axis)
+    back_MD = ragged_all_to_all(y_RD, jnp.zeros((M, D), y_RD.dtype), recv_from_E, recv_E, back_at_E, send_E,
+                                axis_name=expert_axis)
+    y_MD = jnp.take(back_MD, jnp.argsort(order_M), axis=0) * weight_M[:, None]
+    return jnp.where(routed_M[:, None], y_MD, jnp.zeros_like(y_MD)), jnp.zeros((), jnp.int32)
 
   def local(h_MD, choice_M, weight_M, gate_up_XI2FD, down_XIDF):
     M = h_MD.shape[0]
@@ -103,7 +168,7 @@ def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, 
     return y_MD, dropped
 
   fn = jax.shard_map(
-      local, mesh=plan.mesh,
+      local_ragged if exchange == "ragged" and expert_axis is not None else local, mesh=plan.mesh,
       in_specs=(token_spec, P(batch), P(batch), P(expert_axis, None, tensor_axis, None),
                 P(expert_axis, None, tensor_axis)),
       out_specs=(token_spec, P()), check_vma=False)
