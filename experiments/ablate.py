@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import platform
 import shutil
@@ -37,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import ablate_report
-from experiments.common import changed_settings, git_commit, jsonable, read_jsonl, settings_key
+from experiments.common import append_jsonl, changed_settings, git_commit, jsonable, read_jsonl
 
 FLAGS = flags.FLAGS
 
@@ -101,11 +102,24 @@ def prepare_shared_data(cfg, out: str, log) -> str:
 
   shared = os.path.join(out, "shared")
   path = os.path.join(shared, "tokenizer.json")
-  if not os.path.exists(path):
+  if not (os.path.exists(path) and _token_caches(shared)):  # a kill mid-tokenisation leaves no cache: redo it
     t0 = time.perf_counter()
     make_data(cfg.data, shared, model_vocab_size=cfg.model.vocab_size)
     log(f"shared data: tokenizer and token cache in {shared} ({time.perf_counter() - t0:.0f} s)")
   return path
+
+
+def _token_caches(folder: str) -> list[str]:
+  return [p for p in glob.glob(os.path.join(folder, "tokens-*.npz")) if ".tmp." not in os.path.basename(p)]
+
+
+def differences(saved_config: dict, cfg) -> list[str]:
+  """The settings in which a saved run's config differs from `cfg`. Fields only one side has are ignored (the
+  library may add config fields, with defaults, between a run and its rerun), and so is the shared tokenizer's path
+  (the same file, however the output folder was named)."""
+  from zaya_jax.train.experiment import to_dict
+
+  return [name for name in changed_settings(jsonable(saved_config), jsonable(to_dict(cfg))) if name != "data.tokenizer"]
 
 
 def _mean_last(rows: list[dict], key: str, fraction: float = 0.2) -> float | None:
@@ -125,19 +139,20 @@ def loss_curve(rows: list[dict], points: int = 60) -> list[list[float]]:
 def run_one(study: str, variant: str, seed: int, cfg, out: str, log) -> dict:
   """Trains runs/<variant>-s<seed> (or resumes it) and returns its runs.jsonl line."""
   from zaya_jax.figures import decode_state_bytes, model_figures
-  from zaya_jax.train.experiment import load_json, to_dict
+  from zaya_jax.train.experiment import to_dict
   from zaya_jax.train.loop import train
 
   name = f"{variant}-s{seed}"
   workdir = os.path.join(out, "runs", name)
   saved = os.path.join(workdir, "config.json")
   if os.path.exists(saved):
-    changed = changed_settings(jsonable(to_dict(load_json(saved))), jsonable(to_dict(cfg)))
+    with open(saved) as f:
+      changed = differences(json.load(f), cfg)
     if changed:
       raise ValueError(f"{workdir} was started with other settings ({', '.join(changed)}); use another --out or "
                        "delete it")
   os.makedirs(workdir, exist_ok=True)
-  for cache in glob.glob(os.path.join(out, "shared", "tokens-*.npz")):  # the same key: make_data finds it
+  for cache in _token_caches(os.path.join(out, "shared")):  # the same key: make_data finds it
     if not os.path.exists(os.path.join(workdir, os.path.basename(cache))):
       shutil.copy(cache, workdir)
   t0 = time.perf_counter()
@@ -149,7 +164,7 @@ def run_one(study: str, variant: str, seed: int, cfg, out: str, log) -> dict:
   figures = model_figures(cfg.model)
   kv_bytes, state_bytes = decode_state_bytes(cfg.model)
   return {
-      "study": study, "variant": variant, "seed": seed, "settings_key": settings_key(jsonable(to_dict(cfg))),
+      "study": study, "variant": variant, "seed": seed,
       "steps": result.final_step, "tokens": result.final_step * cfg.data.batch_size * cfg.data.seq_len,
       "eval_loss": result.eval_loss, "final_train_loss": _mean_last(train_rows, "loss", 0.05),
       "tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
@@ -185,16 +200,16 @@ def run_study(study: str, mode: Mode, out: str, seeds: int | None = None, log=pr
   for seed in range(seeds):
     for variant, overrides in variants.items():
       cfg = variant_config(mode, overrides, seed, tokenizer, target)
-      key = settings_key(jsonable(dataclasses.asdict(cfg)))
       done = [r for r in read_jsonl(results_path) if r["variant"] == variant and r["seed"] == seed]
-      if any(r["settings_key"] == key for r in done):
+      if done:
+        changed = differences(done[0]["config"], cfg)
+        if changed:
+          raise ValueError(f"{results_path} holds {variant}-s{seed} with other settings ({', '.join(changed)}); "
+                           "use another --out")
         log(f"{variant}-s{seed}: done already")
         continue
-      if done:
-        raise ValueError(f"{results_path} holds {variant}-s{seed} with other settings; use another --out")
-      line = run_one(study, variant, seed, cfg, out, log)
-      with open(results_path, "a") as f:  # one whole line per run: a kill leaves at most a cut last line
-        f.write(ablate_report.dumps_line(line))
+      append_jsonl(results_path, run_one(study, variant, seed, cfg, out, log))
+      line = read_jsonl(results_path)[-1]
       log(f"{variant}-s{seed}: eval loss {line['eval_loss']:.4f}, {line['tokens_per_s']:,.0f} tok/s, "
           f"{line['params']:,} params ({line['seconds']:.0f} s)")
   table = ablate_report.write_report(out)

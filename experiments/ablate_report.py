@@ -9,7 +9,6 @@ KV-cache bytes per token (attention), expert-load imbalance (balancing), or toke
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -18,10 +17,6 @@ from absl import app, flags
 from experiments.common import read_jsonl
 
 FLAGS = flags.FLAGS
-
-
-def dumps_line(row: dict) -> str:
-  return json.dumps(row, sort_keys=True) + "\n"
 
 
 def summarize(rows: list[dict]) -> list[dict]:

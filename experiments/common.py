@@ -28,8 +28,25 @@ def read_jsonl(path: str) -> list[dict]:
         try:
           rows.append(json.loads(line))
         except json.JSONDecodeError:
-          break  # a line cut by a kill: everything before it is whole
+          continue  # a line cut by a kill (append_jsonl removes it before writing again)
   return rows
+
+
+def drop_cut_last_line(path: str) -> None:
+  """Truncates a JSON-lines file after its last newline: a kill mid-write leaves a partial last line, and the next
+  append would otherwise continue it into one unreadable line."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
+
+
+def append_jsonl(path: str, row: dict) -> None:
+  drop_cut_last_line(path)
+  with open(path, "a") as f:
+    f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 def jsonable(obj):

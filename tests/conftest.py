@@ -9,7 +9,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 # One persistent XLA compilation cache per test session, shared with the subprocesses tests start (they inherit the
 # environment): identical programs (the same train step in a driver process and in-process) compile once. Fresh per
 # session, so nothing stale crosses runs.
-_CACHE = tempfile.mkdtemp(prefix="zaya_jax_xla_cache_")
+# Under pytest-xdist the workers of one run share it too (keyed by the run's id).
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN_ID:
+  _CACHE = os.path.join(tempfile.gettempdir(), f"zaya_jax_xla_cache_{_RUN_ID}")
+  os.makedirs(_CACHE, exist_ok=True)
+else:
+  _CACHE = tempfile.mkdtemp(prefix="zaya_jax_xla_cache_")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

@@ -2,12 +2,15 @@
 cached decoding equals the full forward, packed rows equal their documents, and each variant differs from ZAYA1
 exactly where it should."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from zaya_jax import save_hf
 from zaya_jax.config import AttentionConfig, MoEConfig, ZayaConfig
 from zaya_jax.figures import decode_state_bytes
 from zaya_jax.infer import decode
@@ -112,11 +115,22 @@ def test_linear_router_has_no_depth_mixing():
   names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   gate = sorted(n.split("mlp.gate.")[1] for n in names if ".layers.1.mlp.gate." in n)
   assert gate == ["out_proj.weight"]
-  out = forward(model, np.random.default_rng(3).integers(3, 512, (2, 7)))
-  assert out.router.counts_LX1.sum(axis=1).tolist() == [14, 14]
+  # Its choice is the argmax of softmax(W h) + biases, weighted by the unbiased probability (zero for the skip slot).
+  router = model.model.layers[1].mlp.gate
+  router.out_proj.weight[...] = 0.3 * jax.random.normal(jax.random.key(8), router.out_proj.weight.shape)
+  router.balancing_biases[...] = jnp.array([0.0, 0.05, -0.05, 0.02, 0.0])
+  h = jax.random.normal(jax.random.key(7), (2, 16, 64))
+  probs, choice, weight, state = router(h, jnp.ones((2, 16, 16)))
+  expected_probs = jax.nn.softmax(h @ router.out_proj.weight[...].T, axis=-1)
+  expected_choice = jnp.argmax(expected_probs + router.balancing_biases[...], axis=-1)
+  np.testing.assert_allclose(probs, expected_probs, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(choice, expected_choice)
+  taken = jnp.take_along_axis(expected_probs, expected_choice[..., None], -1)[..., 0]
+  np.testing.assert_allclose(weight, jnp.where(expected_choice == 4, 0.0, taken), rtol=1e-5)
+  assert state is None and len(set(np.asarray(choice).ravel().tolist())) > 1
 
 
-def test_variant_configs_are_checked_and_not_exported():
+def test_variant_configs_are_checked_and_not_exported(tmp_path):
   with pytest.raises(ValueError, match=r"attention\.kind"):
     AttentionConfig(kind="linear")
   with pytest.raises(ValueError, match=r"moe\.router"):
@@ -125,4 +139,7 @@ def test_variant_configs_are_checked_and_not_exported():
     AttentionConfig(kind="mla", partial_rotary_factor=1.0)
   with pytest.raises(ValueError, match="no Hugging Face"):
     VARIANTS["gqa"].to_hf()
+  with pytest.raises(ValueError, match="no Hugging Face"):  # before anything is written
+    save_hf(ZayaForCausalLM(VARIANTS["mla"], rngs=nnx.Rngs(0)), tmp_path / "export")
+  assert os.listdir(tmp_path) == []
   assert variant().to_hf()["model_type"] == "zaya"

@@ -73,9 +73,10 @@ class AttentionConfig:
     _require(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window > 0),
              "attention.sliding_window", f"must be None or a positive int, got {self.sliding_window!r}")
     if self.kind == "mla":
-      _require(self.partial_rotary_factor < 1.0 and self.sliding_partial_rotary_factor == self.partial_rotary_factor,
-               "attention.partial_rotary_factor", "kind='mla' needs one factor below 1 for both layer types (the "
-               "rotary dims share a cache row with the latent)")
+      _require(self.partial_rotary_factor < 1.0 and self.sliding_partial_rotary_factor == self.partial_rotary_factor
+               and int(self.head_dim * self.partial_rotary_factor) > 0,
+               "attention.partial_rotary_factor", "kind='mla' needs one factor giving 0 < rotary dim < head_dim for "
+               "both layer types (the rotary dims share a cache row with the latent)")
     _require(self.backend in ATTENTION_BACKENDS, "attention.backend",
              f"{self.backend!r} is not one of {ATTENTION_BACKENDS}")
 

@@ -163,7 +163,9 @@ class ParallelConfig:
   mesh: str = ""  # e.g. "data:2,fsdp:2,expert:2,tensor:1"; one axis may be -1 (all remaining devices)
   dcn_mesh: str = ""  # the cross-host part of each axis, e.g. "data:16" for 16 nodes
   zero1: bool = False  # split the optimizer state over `data` too (parameters stay replicated there)
-  expert_exchange: str = "auto"  # how tokens reach their experts' owners: see zaya_jax.parallel.expert
+  # How tokens reach their experts' owners (zaya_jax.parallel.expert). "padded" until the ragged exchange has run on
+  # a GPU: so far it is checked on CPU (emulated) and lowered for cuda/rocm only. "auto": ragged on GPU/TPU.
+  expert_exchange: str = "padded"
 
   def __post_init__(self):
     if self.expert_exchange not in EXPERT_EXCHANGES:
@@ -225,7 +227,7 @@ class ShardingPlan:
   mesh: Mesh
   rules: ShardingRules = ShardingRules()
   zero1: bool = False
-  expert_exchange: str = "auto"
+  expert_exchange: str = "padded"
 
   @classmethod
   def from_config(cls, cfg: ParallelConfig, *, devices=None, rules: ShardingRules = ShardingRules()) -> ShardingPlan:

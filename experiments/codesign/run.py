@@ -40,7 +40,15 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.codesign import task
-from experiments.common import changed_settings, git_commit, jsonable, read_jsonl, settings_key, write_json
+from experiments.common import (
+  changed_settings,
+  drop_cut_last_line,
+  git_commit,
+  jsonable,
+  read_jsonl,
+  settings_key,
+  write_json,
+)
 
 FLAGS = flags.FLAGS
 MODELS = ("plain", "aggregation")
@@ -285,6 +293,7 @@ def evaluate_model(mode: Mode, name: str, out: str, log) -> dict[str, float]:
     decode_fn = make_decode_fn(model, sampling=sampling, stop_token_ids=(eos,), max_len=rsa.context_bound(cfg, pieces))
     base = jax.random.fold_in(jax.random.key(mode.eval_seed), m_index)
     t0 = time.perf_counter()
+    drop_cut_last_line(path)
     with open(path, "a") as f:
       for count, i in enumerate(todo):
         problem = probs[i]

@@ -324,6 +324,7 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and os.listdir(path) and not overwrite:
     raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
+  hf_config = model.config.to_hf()  # raises for an ablation variant, before anything is written
   arrays = {k: np.asarray(jax.device_get(v[...])) for k, v in flat_params(model).items()}
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
@@ -342,7 +343,7 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
       with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(model.config.to_hf(), f, indent=2)
+      json.dump(hf_config, f, indent=2)
     if os.path.exists(path):
       shutil.rmtree(path)
     os.replace(tmp, path)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from zaya_jax.config import AttentionConfig
 from zaya_jax.model.cca import AttentionBlock, CCACache, CCAttention, cache_mask, write_rows
-from zaya_jax.model.layers import Linear, RMSNorm, linear
+from zaya_jax.model.layers import Linear, RMSNorm
 from zaya_jax.model.rope import apply_rope, rope_tables
 from zaya_jax.ops.attention import cached_attention
 
@@ -99,8 +99,10 @@ class MLAttention(AttentionBlock):
     kw = dict(std=std, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = Linear(hidden_size, H * E, bias=cfg.use_bias, axes=("heads", "embed"), **kw)
     self.kv_a_proj = Linear(hidden_size, R + Er, bias=cfg.use_bias, axes=("latent", "embed"), **kw)
-    self.kv_a_norm = RMSNorm(R, eps=1e-6, param_dtype=param_dtype, axis="latent")
-    self.kv_b_proj = Linear(R, K * (E - Er) + K * E, bias=False, axes=("kv", "latent"), **kw)
+    self.kv_a_norm = RMSNorm(R, eps=1e-6, param_dtype=param_dtype, axis="latent")  # DeepSeek-V2's epsilon
+    # Keys and values from the latent as two projections, so that a tensor split of their rows splits whole heads.
+    self.k_b_proj = Linear(R, K * (E - Er), bias=False, axes=("kv", "latent"), **kw)
+    self.v_b_proj = Linear(R, K * E, bias=False, axes=("kv", "latent"), **kw)
     self.o_proj = Linear(H * E, hidden_size, bias=cfg.use_bias, axes=("embed", "heads"), **kw)
     self.cfg = cfg
     self.layer_type = layer_type
@@ -124,10 +126,10 @@ class MLAttention(AttentionBlock):
     B, S, _ = latent_BSN.shape
     K, E, R = self.cfg.num_kv_heads, self.cfg.head_dim, self.cfg.mla_kv_rank
     Er = latent_BSN.shape[-1] - R
-    kv_BSN = linear(latent_BSN[..., :R], self.kv_b_proj.weight[...])
-    k_nope_BSKE = kv_BSN[..., :K * (E - Er)].reshape(B, S, K, E - Er)
+    latent_BSR = latent_BSN[..., :R]
+    k_nope_BSKE = self.k_b_proj(latent_BSR).reshape(B, S, K, E - Er)
     k_rope_BSKE = jnp.broadcast_to(latent_BSN[:, :, None, R:], (B, S, K, Er))
-    return jnp.concatenate([k_rope_BSKE, k_nope_BSKE], axis=-1), kv_BSN[..., K * (E - Er):].reshape(B, S, K, E)
+    return jnp.concatenate([k_rope_BSKE, k_nope_BSKE], axis=-1), self.v_b_proj(latent_BSR).reshape(B, S, K, E)
 
   def queries_keys_values(self, h_BTD, segment_ids_BT, positions_BT):
     q_BTHE, latent_BTN = self.queries_and_latent(h_BTD, positions_BT)

@@ -15,7 +15,8 @@ Dropless by default: C = M, room for every local token in any one bucket. A capa
 the tokens that find their bucket full are dropped (output zero) and counted. The ragged exchange is dropless only
 (its receive buffer holds e x M rows, the worst case, but only routed rows are sent).
 
-`exchange`: "padded", "ragged", or "auto" (ragged where the backend has the op, GPU and TPU; padded on CPU).
+`exchange`: "padded" (the default of ParallelConfig.expert_exchange), "ragged", or "auto" (ragged where the backend
+has the op, GPU and TPU, and no capacity is set; padded otherwise).
 
 Gradients: shard_map's transpose sums the weight gradients over the axes a weight is replicated on (data, fsdp)
 and reverses the all-to-alls; `check_vma=False` because the grouped matmul's loops carry unvarying zeros.
@@ -43,11 +44,12 @@ def capacity(tokens_per_device: int, experts_axis_size: int, capacity_factor: fl
 EXCHANGES = ("auto", "padded", "ragged")
 
 
-def resolve_exchange(exchange: str) -> str:
+def resolve_exchange(exchange: str, capacity_factor: float | None = None) -> str:
+  """"auto": ragged where the backend has the op (GPU, TPU) and no capacity is asked for; padded otherwise."""
   if exchange not in EXCHANGES:
     raise ValueError(f"expert exchange {exchange!r} is not one of {EXCHANGES}")
   if exchange == "auto":
-    return "padded" if jax.default_backend() == "cpu" else "ragged"
+    return "padded" if jax.default_backend() == "cpu" or capacity_factor is not None else "ragged"
   return exchange
 
 
@@ -92,7 +94,7 @@ def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, 
   `choice_M` == X is the skip slot (output zero). Tokens are split over the plan's batch axes, experts over
   `expert`, the FFN width over `tensor`. `exchange` defaults to the plan's.
   """
-  exchange = resolve_exchange(exchange or plan.expert_exchange)
+  exchange = resolve_exchange(exchange or plan.expert_exchange, capacity_factor)
   if exchange == "ragged" and capacity_factor is not None:
     raise ValueError("the ragged expert exchange is dropless: capacity_factor needs exchange='padded'")
   X, F2, D = gate_up_X2FD.shape
