@@ -39,26 +39,35 @@ def summarize(rows: list[dict]) -> list[dict]:
       entry[key] = runs[0][key]
     entry["commit"] = sorted({r["commit"] for r in runs})
     out.append(entry)
+  # Paired by seed against the first variant (every variant sees the same batches in the same order for a seed, so
+  # the difference removes what the seed does to both).
+  first = {r["seed"]: r["eval_loss"] for r in by_variant[out[0]["variant"]]}
+  for entry in out:
+    deltas = [r["eval_loss"] - first[r["seed"]] for r in by_variant[entry["variant"]] if r["seed"] in first]
+    entry["delta_vs_first"] = float(np.mean(deltas)) if deltas else None
+    entry["delta_vs_first_std"] = float(np.std(deltas, ddof=1)) if len(deltas) > 1 else None
   return out
 
 
 def _pm(mean, std, fmt: str) -> str:
   if mean is None:
     return "–"
-  return format(mean, fmt) + ("" if std is None else f" ± {format(std, fmt)}")
+  return format(mean, fmt) + ("" if std is None else f" ± {format(std, fmt.lstrip('+'))}")
 
 
 def table(rows: list[dict]) -> str:
   study = rows[0]["study"]
   entries = summarize(rows)
   routing = study == "balancing"
-  head = ["variant", "seeds", "params (non-emb.)", "tokens", "eval loss", "tokens/s", "KV B/token"]
+  head = ["variant", "seeds", "params (non-emb.)", "tokens", "eval loss", f"Δ vs {entries[0]['variant']} (paired)",
+          "tokens/s", "KV B/token"]
   if routing:
     head += ["load max/min", "skip rate"]
   lines = [f"### {study}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for e in entries:
     cells = [e["variant"], ",".join(map(str, e["seeds"])), f"{e['params']:,} ({e['params_non_embedding']:,})",
              f"{e['tokens']:,}", _pm(e["eval_loss"], e["eval_loss_std"], ".4f"),
+             _pm(e["delta_vs_first"], e["delta_vs_first_std"], "+.4f"),
              _pm(e["tokens_per_s"], e["tokens_per_s_std"], ",.0f"), f"{e['kv_cache_bytes_per_token']:,}"]
     if routing:
       cells += [_pm(e["load_max_over_min"], e["load_max_over_min_std"], ".2f"),
@@ -66,6 +75,7 @@ def table(rows: list[dict]) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   commits = sorted({c for e in entries for c in e["commit"]})
   lines += ["", f"Mean ± sample std over seeds; eval loss = held-out cross entropy (nats/token) after the last step; "
+            f"Δ = eval loss minus {entries[0]['variant']}'s for the same seed (same data order), mean ± std; "
             f"KV bytes per token over all layers in {entries[0]['cache_dtype']}; tokens/s on the machine that ran it "
             f"(noisy). From runs.jsonl, commit(s) {', '.join(commits)}."]
   return "\n".join(lines) + "\n"

@@ -74,4 +74,4 @@ def test_report_gives_mean_and_sample_std_over_seeds():
           dict(base, variant="none", seed=0, eval_loss=5.0, load_max_over_min=9.0)]
   text = ablate_report.table(rows)
   assert "| pid | 0,1 |" in text and "3.5000 ± 0.7071" in text and "3.00 ± 1.41" in text
-  assert "| none | 0 |" in text and "5.0000 |" in text
+  assert "| none | 0 |" in text and "5.0000 | +2.0000 |" in text  # paired with pid's seed 0 only
