@@ -34,7 +34,8 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+# "mha" is "gqa" with as many kv heads as heads: the same code, left to the cheaper tests below.
+@pytest.mark.parametrize("name", ["gqa", "mla", "linear_router_no_residual_scaling"])
 def test_variant_decode_and_packing_match_the_full_forward(name):
   cfg = VARIANTS[name]
   model = ZayaForCausalLM(cfg, rngs=nnx.Rngs(1))
