@@ -26,7 +26,6 @@ Goal (project issue): ours >= 5x the reference's tokens/s.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -199,13 +198,7 @@ def main(argv):
                   experts_variants=dict(zip(ours_names, variants, strict=True))),
       rows_with_token_mismatch=mismatches, compile_s=first_call_s - median["ours"], first_call_s=first_call_s,
       results=rows, times_s=times, speedup=speedups, speedup_by_variant=variant_speedups, goal={goal: met})
-  out_path = FLAGS.out or os.path.join(
-      "experiments", "results",
-      "bench_decode" + ("_bf16" if FLAGS.dtype == "bfloat16" else "") + ("_quick" if FLAGS.quick else "") + ".json")
-  os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-  with open(out_path, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {out_path}")
+  bf.write_results(results, "bench_decode")
 
 
 if __name__ == "__main__":

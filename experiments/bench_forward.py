@@ -292,9 +292,14 @@ def main(argv):
       compile_s=first_call_s - median["ours"], first_call_s=first_call_s, results=rows,
       matmul=dict(size=n, median_ms=1e3 * median["matmul"], gflops=matmul_gflops),
       times_s=times, speedup_vs_ref_eager=speedup, fraction_of_matmul=matmul_fraction, goals=goals)
+  write_results(results, "bench_forward")
+
+
+def write_results(results: dict, stem: str) -> None:
+  """To --out, or experiments/results/<stem>[_bf16][_quick].json after the --dtype and --quick flags."""
   out_path = FLAGS.out or os.path.join(
       "experiments", "results",
-      "bench_forward" + ("_bf16" if FLAGS.dtype == "bfloat16" else "") + ("_quick" if FLAGS.quick else "") + ".json")
+      stem + ("_bf16" if FLAGS.dtype == "bfloat16" else "") + ("_quick" if FLAGS.quick else "") + ".json")
   os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
   with open(out_path, "w") as f:
     json.dump(results, f, indent=2)
