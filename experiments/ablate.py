@@ -136,7 +136,7 @@ def loss_curve(rows: list[dict], points: int = 60) -> list[list[float]]:
   return [[float(steps[w[-1]]["step"]), float(np.mean([steps[i]["loss"] for i in w]))] for w in windows if len(w)]
 
 
-def run_one(study: str, variant: str, seed: int, cfg, out: str, log) -> dict:
+def run_one(study: str, variant: str, seed: int, cfg, out: str, log, commit: str) -> dict:
   """Trains runs/<variant>-s<seed> (or resumes it) and returns its runs.jsonl line."""
   from zaya_jax.figures import decode_state_bytes, model_figures
   from zaya_jax.train.experiment import to_dict
@@ -177,7 +177,7 @@ def run_one(study: str, variant: str, seed: int, cfg, out: str, log) -> dict:
       "skip_rate": _mean_last(train_rows, "skip_rate"),
       "curve": loss_curve(train_rows),
       "seconds": time.perf_counter() - t0, "resumed_from": result.resumed_from,
-      "config": to_dict(cfg), "commit": git_commit(),
+      "config": to_dict(cfg), "commit": commit,  # the code this process loaded (taken when the study started)
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
   }
 
@@ -194,6 +194,7 @@ def run_study(study: str, mode: Mode, out: str, seeds: int | None = None, log=pr
   os.makedirs(out, exist_ok=True)
   results_path = os.path.join(out, "runs.jsonl")
   variants = STUDIES[study]
+  commit = git_commit()
   first = variant_config(mode, next(iter(variants.values())), 0, None, None)
   tokenizer = prepare_shared_data(first, out, log)
   target = model_figures(first.model).total_params
@@ -208,7 +209,7 @@ def run_study(study: str, mode: Mode, out: str, seeds: int | None = None, log=pr
                            "use another --out")
         log(f"{variant}-s{seed}: done already")
         continue
-      append_jsonl(results_path, run_one(study, variant, seed, cfg, out, log))
+      append_jsonl(results_path, run_one(study, variant, seed, cfg, out, log, commit))
       line = read_jsonl(results_path)[-1]
       log(f"{variant}-s{seed}: eval loss {line['eval_loss']:.4f}, {line['tokens_per_s']:,.0f} tok/s, "
           f"{line['params']:,} params ({line['seconds']:.0f} s)")
