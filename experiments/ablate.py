@@ -35,10 +35,10 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import ablate_report
-from experiments.common import append_jsonl, changed_settings, git_commit, jsonable, read_jsonl
+from experiments.common import append_jsonl, changed_settings, git_commit, jsonable, quiet_library_logging, read_jsonl
 
 FLAGS = flags.FLAGS
 
@@ -209,8 +209,8 @@ def run_study(study: str, mode: Mode, out: str, seeds: int | None = None, log=pr
                            "use another --out")
         log(f"{variant}-s{seed}: done already")
         continue
-      append_jsonl(results_path, run_one(study, variant, seed, cfg, out, log, commit))
-      line = read_jsonl(results_path)[-1]
+      line = run_one(study, variant, seed, cfg, out, log, commit)
+      append_jsonl(results_path, line)
       log(f"{variant}-s{seed}: eval loss {line['eval_loss']:.4f}, {line['tokens_per_s']:,.0f} tok/s, "
           f"{line['params']:,} params ({line['seconds']:.0f} s)")
   table = ablate_report.write_report(out)
@@ -229,8 +229,7 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  if not FLAGS["verbosity"].present:  # Orbax and grain log every save at INFO: keep the progress lines readable
-    logging.set_verbosity(logging.WARNING)
+  quiet_library_logging()
   mode = MODES[FLAGS.mode]
   if FLAGS.steps is not None:
     mode = dataclasses.replace(mode, steps=FLAGS.steps)

@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 
+from absl import flags, logging
+
 
 def write_json(path: str, obj) -> None:
   tmp = f"{path}.tmp"
@@ -77,3 +79,9 @@ def git_commit() -> str:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
   except (OSError, subprocess.SubprocessError):
     return "unknown"
+
+
+def quiet_library_logging() -> None:
+  """Orbax and grain log every save at INFO: a study shows only its progress lines unless --verbosity is given."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

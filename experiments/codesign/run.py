@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments.codesign import task
 from experiments.common import (
@@ -45,6 +45,7 @@ from experiments.common import (
   drop_cut_last_line,
   git_commit,
   jsonable,
+  quiet_library_logging,
   read_jsonl,
   settings_key,
   write_json,
@@ -494,8 +495,7 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  if not FLAGS["verbosity"].present:  # Orbax and grain log every save at INFO: keep the progress lines readable
-    logging.set_verbosity(logging.WARNING)
+  quiet_library_logging()
   mode = MODES[FLAGS.mode]
   if FLAGS.problems is not None:
     mode = dataclasses.replace(mode, problems=FLAGS.problems)
