@@ -32,10 +32,15 @@ def xla_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, causal: bool = False):
   `causal=True` promises that the mask hides every key after its query (S == T): query blocks then skip the
   keys after their last query. Those keys' probabilities are exactly zero, so the result is the same.
   """
+  return heads_major_attention(q_BTHE, k_BSKE.transpose(0, 2, 1, 3), v_BSKE.transpose(0, 2, 1, 3), mask_BTS,
+                               causal=causal)
+
+
+def heads_major_attention(q_BTHE, k_BKSE, v_BKSE, mask_BTS, *, causal: bool = False):
+  """`xla_attention` with keys and values already heads-major [B, K, S, E]."""
   B, T, H, E = q_BTHE.shape
-  K = k_BSKE.shape[2]
+  K = k_BKSE.shape[1]
   q_BKGTE = q_BTHE.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)
-  k_BKSE, v_BKSE = k_BSKE.transpose(0, 2, 1, 3), v_BSKE.transpose(0, 2, 1, 3)
   if causal:
     # Up to QUERY_BLOCKS blocks whose lengths are multiples of 64 rows (vector-friendly reductions); 4 blocks skip
     # 3/8 of the T x T square.
@@ -49,12 +54,13 @@ def xla_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, causal: bool = False):
   return out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
 
 
-def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
-  """T new queries over a whole decode cache (S >= T keys, visibility given by the mask), eager-reference numerics.
+def cached_attention(q_BTHE, k_BKSE, v_BKSE, mask_BTS):
+  """T new queries over a whole heads-major decode cache [B, K, S, E] (S >= T keys, visibility given by the mask),
+  eager-reference numerics.
 
   Masked entries get probability exactly zero, so they must only be finite (the cache writes keep them so).
   """
-  return xla_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, causal=False)
+  return heads_major_attention(q_BTHE, k_BKSE, v_BKSE, mask_BTS, causal=False)
 
 
 def _attend(q_BKGTE, k_BKSE, v_BKSE, mask_BTS):
