@@ -136,7 +136,7 @@ class CCAProjection(nnx.Module):
     # (in fp32); rows before the document take the product of the bias-only value. Heads lead ([G, B*T, I]): one
     # batched matmul over contiguous heads, and the taps are summed before the one transpose back. Per-head matmuls on
     # strided slices cost XLA:CPU a layout copy per head and tap in the backward (forward + backward 105 vs 76 ms at
-    # B=8, T=256, 6 heads of 64 on the 2-core CPU).
+    # B=8, T=256, 6 heads of 64 on the 2-core CPU, while another job ran).
     N = B * T
     y_GNI = y_BTC.reshape(N, groups, C // groups).transpose(1, 0, 2)
     w1_GIPO = w1_GOIP.transpose(0, 2, 3, 1)
