@@ -7,7 +7,7 @@
 Studies (variant: overrides of the base, the registered `tiny` preset; the first variant is ZAYA1's):
   attention  cca | gqa (same kv heads, no convolutions) | mha (kv heads = heads) | mla (latent kv, shared RoPE key)
   router     mlp_eda (ZAYA1's MLP router with depth mixing) | linear (one projection, no EDA)
-  balancing  pid | aux_loss | none (also reports expert-load imbalance and skip rate)
+  balancing  pid | pid_kp1e-4 | aux_loss | none (also reports expert-load imbalance and skip rate)
   residual   on | off (learned residual scaling against plain adds)
 
 Every variant trains on the embedded corpus for the same steps and batch (the same token budget) and, by moving its
@@ -50,7 +50,9 @@ STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
         "mla": ("model.attention.kind='mla'", "model.attention.num_kv_heads=4", "model.attention.mla_kv_rank=24"),
     },
     "router": {"mlp_eda": (), "linear": ("model.moe.router='linear'",)},
-    "balancing": {"pid": (), "aux_loss": ("balancing.mode='aux_loss'",), "none": ("balancing.mode='none'",)},
+    # pid_kp1e-4: the controller's gain before experiments/pid_gain_sweep.py chose 1e-3.
+    "balancing": {"pid": (), "pid_kp1e-4": ("balancing.kp=1e-4",), "aux_loss": ("balancing.mode='aux_loss'",),
+                  "none": ("balancing.mode='none'",)},
     "residual": {"on": (), "off": ("model.residual_scaling=False",)},
 }
 

@@ -32,9 +32,12 @@ BALANCING_MODES = ("pid", "aux_loss", "none")
 class BalancingConfig:
   mode: str = "pid"
   # The bias accumulates kp·error, so kp alone already acts as an integrator on the bias (the aux-loss-free rule of
-  # DeepSeek-V3 with a proportional step). Larger gains turn routing bang-bang while router probabilities are near
-  # uniform (early training): the whole batch flips between experts (see tests/test_train.py for the measured case).
-  kp: float = 1e-4
+  # DeepSeek-V3 with a proportional step). Chosen with experiments/pid_gain_sweep.py (tiny model, 800 steps of 256
+  # tokens; WORKSPACE.md): 1e-4 balances briefly around step 100 and then falls behind the routers as they learn
+  # (the busiest of 4 experts holds ~60% of a layer's tokens from step 150 on); 3e-3 flips the whole batch between
+  # experts for hundreds of steps while router probabilities are near uniform; 1e-3 holds the busiest share at
+  # 31-35% (25% is even) over the last 200 steps.
+  kp: float = 1e-3
   ki: float = 0.0
   kd: float = 0.0
   integral_limit: float = 100.0  # anti-windup bound on the accumulated error
