@@ -238,6 +238,13 @@ def test_main_job_trains_checkpoints_evaluates_and_samples(tmp_path, env):
                                                                                   "loop.eval_batches=1",
                                                                                   "loop.sample_tokens=8"])
   assert os.path.exists(tmp_path / "tokenizer.json") and os.listdir(tmp_path / "tb")
+  from experiments.plot_run import plot_runs  # the run's curves, drawn from its metrics.jsonl
+
+  png = plot_runs([str(tmp_path)], str(tmp_path / "run.png"))
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(FileNotFoundError, match=r"is .* a run directory"):
+    plot_runs([str(tmp_path / "tb")], str(tmp_path / "no.png"))
 
 
 def test_overrides_and_json_round_trip(tmp_path):
