@@ -10,6 +10,8 @@ import subprocess
 
 from absl import flags, logging
 
+from zaya_jax.train.experiment import changed_settings, jsonable  # noqa: F401  (the studies' imports)
+
 
 def write_json(path: str, obj) -> None:
   tmp = f"{path}.tmp"
@@ -49,20 +51,6 @@ def append_jsonl(path: str, row: dict) -> None:
   drop_cut_last_line(path)
   with open(path, "a") as f:
     f.write(json.dumps(row, sort_keys=True) + "\n")
-
-
-def jsonable(obj):
-  """obj as it reads back from JSON (tuples become lists), so saved and live settings compare equal."""
-  return json.loads(json.dumps(obj))
-
-
-def changed_settings(saved, now, path: str = "") -> list[str]:
-  """Dotted names of the settings that differ between a saved config and the current one. Fields only one side has
-  are ignored: the library may add config sections (with defaults) between a run and its resumption."""
-  if isinstance(saved, dict) and isinstance(now, dict):
-    return [c for k in saved.keys() & now.keys()
-            for c in changed_settings(saved[k], now[k], f"{path}.{k}" if path else k)]
-  return [] if saved == now else [path]
 
 
 def settings_key(obj) -> str:

@@ -197,6 +197,10 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus):
   other = override(cfg, ["model.hidden_size=32"])
   with pytest.raises(CheckpointError, match=r"another model \(hidden_size: checkpoint 64 vs run 32\)"):
     train(other, tmp_path, log=lambda _: None)
+  assert load_json(tmp_path / "config.json") == cfg  # the refused launch left the workdir's config alone
+  logs = []
+  train(override(cfg, ["loop.log_every=5"]), tmp_path, log=logs.append)  # resumes at its last step: nothing to do
+  assert f"settings changed since the last launch in this workdir: loop.log_every: {cfg.loop.log_every} -> 5" in logs
   state_dir = tmp_path / "checkpoints" / "12" / "state"
   for root, _, files in os.walk(state_dir):
     for name in files:

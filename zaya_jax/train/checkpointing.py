@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.config import ZayaConfig
+from zaya_jax.train.experiment import jsonable
 
 
 class RunCheckpointer:
@@ -67,7 +68,7 @@ class RunCheckpointer:
       raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from e
     saved = meta.get("model_config", {})
     current = dataclasses.asdict(model_config)
-    differing = {k: (saved.get(k), v) for k, v in current.items() if _jsonable(saved.get(k)) != _jsonable(v)}
+    differing = {k: (saved.get(k), v) for k, v in current.items() if jsonable(saved.get(k)) != jsonable(v)}
     if differing:
       described = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(differing.items()))
       raise CheckpointError(f"checkpoint {where} was written for another model ({described}); start a new workdir "
@@ -79,15 +80,6 @@ class RunCheckpointer:
       raise CheckpointError(f"checkpoint {where} cannot be restored into this run's state: "
                             f"{type(e).__name__}: {e}") from e
     return restored["state"]
-
-
-def _jsonable(value):
-  """Config values as JSON stores them (tuples become lists)."""
-  if isinstance(value, (tuple, list)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _jsonable(v) for k, v in value.items()}
-  return value
 
 
 def abstract_like(state):

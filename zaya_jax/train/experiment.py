@@ -210,6 +210,21 @@ def to_dict(cfg) -> dict:
   return dataclasses.asdict(cfg)
 
 
+def jsonable(obj):
+  """obj as it reads back from JSON (tuples become lists), so saved and live settings compare equal."""
+  return json.loads(json.dumps(obj))
+
+
+def changed_settings(saved, now, path: str = "") -> list[str]:
+  """Dotted names of the settings that differ between a saved config and the current one (both as JSON reads them
+  back). Fields only one side has are ignored: the library may add config sections (with defaults) between a run
+  and its resumption."""
+  if isinstance(saved, dict) and isinstance(now, dict):
+    return [c for k in saved.keys() & now.keys()
+            for c in changed_settings(saved[k], now[k], f"{path}.{k}" if path else k)]
+  return [] if saved == now else [path]
+
+
 def from_dict(cls, raw: dict):
   types_ = _field_types(cls)
   known = {f.name for f in dataclasses.fields(cls)}

@@ -1,7 +1,7 @@
 """The pretraining loop: data -> jitted step -> metrics, checkpoints, eval; resumes a run directory exactly.
 
 Run directory (`workdir`):
-  config.json        the resolved ExperimentConfig of the latest launch
+  config.json        the resolved ExperimentConfig of the latest launch (a resume logs what changed since the last)
   tokenizer.json     trained on the corpus at first use, or a copy of DataConfig.tokenizer's
   tokens-*.npz       cached token ids of the corpus
   checkpoints/<step> Orbax: train state + data iterator position + model config (see checkpointing.py)
@@ -38,7 +38,7 @@ from zaya_jax.train import sharded
 from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.checkpointing import RunCheckpointer
 from zaya_jax.train.data import make_data
-from zaya_jax.train.experiment import ExperimentConfig, save_json
+from zaya_jax.train.experiment import ExperimentConfig, changed_settings, jsonable, save_json, to_dict
 
 
 class TrainingError(RuntimeError):
@@ -174,14 +174,29 @@ def sample_text(trainer, state, tokenizer, prompt: str, num_tokens: int, tempera
   return prompt + tokenizer.decode(np.asarray(out.tokens_BN[0, :n]).tolist(), skip_special_tokens=True)
 
 
+def _changed_since_last_launch(config_path: str, cfg: ExperimentConfig) -> list[str]:
+  """'name: old -> new' for each setting that differs from the config.json the previous launch left, if any."""
+  if not os.path.exists(config_path):
+    return []
+  with open(config_path) as f:
+    old = json.load(f)
+  new = jsonable(to_dict(cfg))
+
+  def at(tree, name):
+    for key in name.split("."):
+      tree = tree[key]
+    return tree
+  return [f"{name}: {at(old, name)!r} -> {at(new, name)!r}" for name in changed_settings(old, new)]
+
+
 def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> RunResult:
   """Trains (or resumes) the run in `workdir` up to cfg.loop.steps. SIGTERM saves and returns `preempted=True`."""
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
   loop = cfg.loop
   data = make_data(cfg.data, workdir, model_vocab_size=cfg.model.vocab_size)
-  if jax.process_index() == 0:
-    save_json(cfg, os.path.join(workdir, "config.json"))
+  config_path = os.path.join(workdir, "config.json")
+  changed = _changed_since_last_launch(config_path, cfg)
   log(f"data: {data.info.description}")
 
   data_iter = iter(data.train)
@@ -207,6 +222,10 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
       checkpointer.close()
       raise
     log(f"resumed from {os.path.join(checkpointer.directory, str(resumed_from))}")
+    if changed:  # a resume repeats the straight run exactly only with the same settings
+      log("settings changed since the last launch in this workdir: " + "; ".join(changed))
+  if jax.process_index() == 0:  # only now: a launch refused by the checkpoint leaves the workdir's config as it was
+    save_json(cfg, config_path)
   start = int(state.step)
   if plan is None:
     step_fn = functools.partial(train_step_lib.jit_train_step, trainer)
