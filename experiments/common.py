@@ -62,8 +62,9 @@ def git_commit() -> str:
   try:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
+    # Tracked files only: the studies write their results into the tree, and untracked files are not code that ran.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
   except (OSError, subprocess.SubprocessError):
     return "unknown"
