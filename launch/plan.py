@@ -127,5 +127,15 @@ def plan(argv) -> int:
   return 0
 
 
+def main(argv) -> int:
+  from zaya_jax.sharding import ShardingError
+
+  try:
+    return plan(argv)
+  except (ValueError, ShardingError) as e:  # a mesh, batch or override that cannot work: one line, no traceback
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(plan(argv)))
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -5,6 +5,7 @@
       --steps=500 --data=/path/to/texts --tokenizer=/path/to/tokenizer.json
   python launch/train.py --list_configs
 
+Multi-host: launch/cluster/ (SLURM or one command per node), or --coordinator_address/--num_processes/--process_id.
 A workdir that holds checkpoints is resumed from its latest complete one. SIGTERM saves and exits 0. Errors in the
 input (paths, configs, checkpoints, a non-finite loss) print one message and exit 1.
 """
@@ -33,6 +34,11 @@ _MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,fsdp:2,exper
                             "shorthand for --set=parallel.mesh=... Default: one device, no mesh.")
 _DCN_MESH = flags.DEFINE_string("dcn_mesh", None, "The cross-host part of each axis, e.g. data:16 for 16 nodes.")
 _ZERO1 = flags.DEFINE_bool("zero1", None, "Shard the optimizer state over the data axis (ZeRO-1).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0. Default: the "
+                                   "ZAYA_* variables of launch/cluster/launch_multinode.sh, or SLURM's.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: processes in the run (with "
+                                      "--coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (with --coordinator_address).")
 _LIST = flags.DEFINE_bool("list_configs", False, "Print the registered configs and exit.")
 
 
@@ -59,8 +65,9 @@ def main(argv):
     if value is not None:
       assignments.append(f"parallel.{field}={value!r}")
   try:
-    # Multi-host: join the other processes (ZAYA_COORDINATOR_ADDRESS/... or SLURM) before any device is touched.
-    source = distributed.initialize()
+    # Multi-host: join the other processes (flags, ZAYA_* or SLURM) before any device is touched.
+    given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    source = distributed.initialize(None if given == (None, None, None) else distributed.DistributedConfig(*given))
     if jax.process_count() > 1:
       print(f"process {jax.process_index()} of {jax.process_count()} ({source})")
     cfg = override(get_experiment(_CONFIG.value), assignments)

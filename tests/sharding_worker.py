@@ -229,7 +229,9 @@ def error_checks() -> dict:
   return out
 
 
-TWO_PROCESS_MESH = ("data:2,expert:2,tensor:2", True)  # what the two processes train on (4 devices each)
+# What the two processes train on (4 devices each): data spans the processes through --dcn_mesh, the hybrid-mesh
+# path of a multi-node launch (each process is a granule), expert and tensor inside each.
+TWO_PROCESS_MESH = ("expert:2,tensor:2", "data:2", True)
 RESTORE_MESH = ("fsdp:4,tensor:2", False)  # where the single process restores it
 STEPS = 3
 
@@ -244,7 +246,8 @@ def train_two_process(rank: int, workdir: str, port: int) -> None:
   initialize(DistributedConfig(f"localhost:{port}", 2, rank, initialization_timeout=60))
   assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(), jax.device_count())
   trainer, host0 = make_trainer()
-  plan = ShardingPlan.from_config(ParallelConfig(mesh=TWO_PROCESS_MESH[0], zero1=TWO_PROCESS_MESH[1]))
+  mesh, dcn_mesh, zero1 = TWO_PROCESS_MESH
+  plan = ShardingPlan.from_config(ParallelConfig(mesh=mesh, dcn_mesh=dcn_mesh, zero1=zero1))
   state = sharded.place(plan, host0)
   train = sharded.jit_sharded_train_step(plan, trainer, state)
   rows = B // 2
@@ -263,7 +266,9 @@ def train_two_process(rank: int, workdir: str, port: int) -> None:
   if rank == 0:
     np.savez(os.path.join(workdir, "params.npz"), **{".".join(map(str, k)): np.asarray(v) for k, v in params.items()})
     with open(os.path.join(workdir, "train.json"), "w") as f:
-      json.dump({"losses": losses, "process_count": jax.process_count(), "mesh": plan.describe()}, f)
+      data_owners = [sorted({d.process_index for d in row.flat}) for row in plan.mesh.devices]  # per data index
+      json.dump({"losses": losses, "process_count": jax.process_count(), "mesh": plan.describe(),
+                 "data_owners": data_owners}, f)
   multihost_utils.sync_global_devices("done")
 
 

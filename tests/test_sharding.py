@@ -163,6 +163,7 @@ def test_two_processes_train_save_and_one_process_restores_on_another_mesh(tmp_p
   assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
   trained = json.loads((tmp_path / "train.json").read_text())
   assert trained["process_count"] == 2
+  assert trained["data_owners"] == [[0], [1]]  # the dcn part of `data` runs across the processes, nothing else does
   run_worker("restore", str(tmp_path), str(tmp_path / "restore.json"), timeout=240)
   restored = json.loads((tmp_path / "restore.json").read_text())
   assert restored["mesh"] != trained["mesh"] and restored["on_new_mesh"]

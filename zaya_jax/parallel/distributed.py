@@ -5,6 +5,11 @@ variables of launch/cluster/launch_multinode.sh (ZAYA_COORDINATOR_ADDRESS, ZAYA_
 then SLURM (SLURM_NTASKS > 1: JAX reads SLURM_* itself and takes the first node of the job as coordinator). With
 none of these, a run is a single process and nothing is initialised.
 
+Devices per process: JAX's SLURM detection assumes one task per GPU and gives each process only the GPU of its
+SLURM_LOCALID. launch/cluster/sbatch_mi300x.sh runs one task per node (a process is a host, the granule of
+--dcn_mesh), so with one task per node every visible GPU (HIP_/ROCR_/CUDA_VISIBLE_DEVICES, else SLURM_GPUS_ON_NODE)
+is the process's. With several tasks per node JAX's one-GPU-per-task rule stands.
+
 Call `initialize` before anything touches a device. On CPU the processes talk through gloo (JAX's default CPU
 collectives), which is what the two-process test uses.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import jax
 
@@ -36,21 +42,40 @@ def from_env(env=None) -> tuple[DistributedConfig | None, str]:
     return DistributedConfig(env["ZAYA_COORDINATOR_ADDRESS"], int(env["ZAYA_NUM_PROCESSES"]),
                              int(env["ZAYA_PROCESS_ID"])), "ZAYA_* environment"
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
-    return DistributedConfig(), "SLURM"
+    tasks_per_node = re.match(r"\d+", env.get("SLURM_TASKS_PER_NODE", "") or env.get("SLURM_NTASKS_PER_NODE", ""))
+    if tasks_per_node is None or int(tasks_per_node.group()) != 1:
+      return DistributedConfig(), "SLURM"
+    return DistributedConfig(local_device_ids=_visible_gpus(env)), "SLURM, one task per node"
   return None, "single process"
+
+
+def _visible_gpus(env) -> tuple[int, ...]:
+  """Indices of the GPUs a one-task-per-node process drives: all that are visible to it."""
+  for name in ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+    if env.get(name):
+      return tuple(range(len(env[name].split(","))))
+  if env.get("SLURM_GPUS_ON_NODE", "").isdigit():
+    return tuple(range(int(env["SLURM_GPUS_ON_NODE"])))
+  raise ValueError("SLURM runs one task per node, but no GPU count is visible: set HIP_VISIBLE_DEVICES (or "
+                   "--gpus-per-node, which sets SLURM_GPUS_ON_NODE) so the process drives every GPU of its node")
 
 
 def initialize(cfg: DistributedConfig | None = None) -> str:
   """Joins the run's processes (see the module docstring); returns how the setup was found."""
   source = "arguments"
-  if cfg is None or (cfg.coordinator_address is None and cfg.num_processes is None):
+  if cfg is not None:
+    given = {"coordinator_address": cfg.coordinator_address, "num_processes": cfg.num_processes,
+             "process_id": cfg.process_id}
+    missing = [k for k, v in given.items() if v is None]
+    if 0 < len(missing) < 3:
+      raise ValueError(f"multi-host arguments go together: {missing} missing "
+                       f"(given {[k for k in given if k not in missing]})")
+  if cfg is None or cfg.coordinator_address is None:
     found, source = from_env()
     cfg = found if cfg is None or found is None else dataclasses.replace(
         found, initialization_timeout=cfg.initialization_timeout)
   if cfg is None:
     return source
-  if cfg.coordinator_address is not None and (cfg.num_processes is None or cfg.process_id is None):
-    raise ValueError(f"a coordinator address ({cfg.coordinator_address}) needs num_processes and process_id too")
   jax.distributed.initialize(
       coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id,
       local_device_ids=None if cfg.local_device_ids is None else list(cfg.local_device_ids),

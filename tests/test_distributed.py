@@ -1,0 +1,71 @@
+"""Multi-host set-up without a cluster: where each process's settings come from (flags, ZAYA_*, SLURM), and the
+dry-run planner's per-device bytes for ZAYA1-8B (fresh processes: it fakes one CPU device per mesh position)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from zaya_jax.parallel import distributed
+from zaya_jax.parallel.distributed import DistributedConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLURM = {"SLURM_NTASKS": "32", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "mi300x-[001-004]"}
+
+
+def test_settings_come_from_zaya_variables_then_slurm_then_nothing():
+  cfg, source = distributed.from_env({"ZAYA_COORDINATOR_ADDRESS": "10.0.0.1:12355", "ZAYA_NUM_PROCESSES": "4",
+                                      "ZAYA_PROCESS_ID": "3", **SLURM})
+  assert (cfg, source) == (DistributedConfig("10.0.0.1:12355", 4, 3), "ZAYA_* environment")
+  with pytest.raises(ValueError, match=r"\['ZAYA_PROCESS_ID'\] are not"):
+    distributed.from_env({"ZAYA_COORDINATOR_ADDRESS": "10.0.0.1:12355", "ZAYA_NUM_PROCESSES": "4"})
+  assert distributed.from_env({}) == (None, "single process")
+  assert distributed.from_env({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == (None, "single process")
+
+
+def test_slurm_with_one_task_per_node_drives_every_visible_gpu():
+  # sbatch_mi300x.sh's layout: JAX's own SLURM detection would give the process only GPU SLURM_LOCALID.
+  one_per_node = {**SLURM, "SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "1(x4)"}
+  cfg, source = distributed.from_env({**one_per_node, "HIP_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"})
+  assert cfg.local_device_ids == tuple(range(8)) and cfg.coordinator_address is None and "one task per node" in source
+  assert distributed.from_env({**one_per_node, "SLURM_GPUS_ON_NODE": "4"})[0].local_device_ids == (0, 1, 2, 3)
+  with pytest.raises(ValueError, match="no GPU count is visible"):
+    distributed.from_env(one_per_node)
+  # A task per GPU: JAX's rule (the task's SLURM_LOCALID) stands.
+  cfg, source = distributed.from_env({**SLURM, "SLURM_TASKS_PER_NODE": "8(x4)", "HIP_VISIBLE_DEVICES": "0,1"})
+  assert (cfg, source) == (DistributedConfig(), "SLURM")
+
+
+def test_partial_multihost_arguments_are_refused_before_joining():
+  with pytest.raises(ValueError, match=r"\['process_id'\] missing"):
+    distributed.initialize(DistributedConfig("10.0.0.1:12355", 2, None))
+  with pytest.raises(ValueError, match=r"\['coordinator_address', 'process_id'\] missing"):
+    distributed.initialize(DistributedConfig(None, 2, None))
+
+
+def plan(*args):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), "--config=zaya1_8b",
+                         "--compile_layers=0", *args], capture_output=True, text=True, timeout=240,
+                        env={**os.environ, "PYTHONPATH": ROOT})
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def gib(out: str, row: str) -> float:
+  return float(re.search(rf"^  {row}\s+([\d.]+) GiB", out, re.M).group(1))
+
+
+def test_planner_zero1_on_one_and_sixteen_mi300x_nodes():
+  rc, one_node, err = plan("--mesh=data:8", "--zero1")
+  assert rc == 0, err
+  rc, sixteen, err = plan("--mesh=data:8", "--dcn_mesh=data:16", "--zero1")
+  assert rc == 0, err
+  assert "8,840,488,784 parameters" in one_node and "= 128 devices" in sixteen
+  for out in (one_node, sixteen):
+    assert gib(out, "parameters") == pytest.approx(8_840_488_784 * 4 / 2**30, abs=0.01)  # fp32 masters, replicated
+    assert "FITS" in out and "DOES NOT FIT" not in out
+  # ZeRO-1 splits the optimizer state over the data axis: 16x more ways across 16 nodes.
+  assert gib(sixteen, "optimizer state") * 16 == pytest.approx(gib(one_node, "optimizer state"), rel=0.05)
+  rc, out, err = plan("--mesh=data:3")
+  assert rc == 1 and err.startswith("error: batch size 1024") and "does not split" in err and "Traceback" not in err
