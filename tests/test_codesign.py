@@ -126,6 +126,15 @@ TOY = run.Mode(
     bootstrap=200)
 
 
+def test_majority_held_to_another_methods_tokens_per_problem():
+  row = {"answer": "2", "rounds": [{"lengths": [10, 20, 30, 40], "answers": ["1", "2", "2", "3"]}]}
+  acc, tokens, k = run.majority_at_matched_tokens([row] * 3, np.array([65.0, 5.0, 1000.0]), TOY)
+  # 65 tokens: the first 3 samples (60) vote 2; 5: never fewer than one sample (10, voting 1); 1000: all 4 (100).
+  np.testing.assert_array_equal(k, [3, 1, 4])
+  np.testing.assert_array_equal(tokens, [60.0, 10.0, 100.0])
+  np.testing.assert_array_equal(acc, [1.0, 0.0, 1.0])
+
+
 def test_the_study_end_to_end_and_resumes(tmp_path):
   out = str(tmp_path / "study")
   lines = []
@@ -144,7 +153,10 @@ def test_the_study_end_to_end_and_resumes(tmp_path):
     assert by[(model, "markovian T=1")]["tokens_per_problem"] > by[(model, "markovian T=0")]["tokens_per_problem"]
     assert by[(model, "majority@4")]["tokens_per_problem"] > by[(model, "majority@1")]["tokens_per_problem"]
     assert by[(model, "markovian T=1")]["sampler"]["tau"] == 8 and by[(model, "rsa T=1")]["sampler"]["tau"] == 32
+    matched = by[(model, "majority at markovian T=1 tokens")]
+    assert 1 <= matched["n"] <= TOY.n_sample and matched["matched_to"] == "markovian T=1"
   assert set(comparison["models"]) == set(run.MODELS)
+  assert {"markovian_vs_majority_same_calls", "markovian_vs_majority_same_tokens"} <= set(comparison["models"]["plain"])
   assert "markovian_vs_single" in comparison["difference_aggregation_minus_plain"]
   table = open(os.path.join(out, "table.md")).read()
   r = by[("aggregation", "markovian T=1")]

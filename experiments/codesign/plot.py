@@ -16,9 +16,10 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 STYLE = {"plain": "--", "aggregation": "-"}
-COLOURS = {"single": "black", "majority": "tab:blue", "rsa": "tab:orange", "markovian": "tab:green"}
+COLOURS = {"single": "black", "majority": "tab:blue", "rsa": "tab:orange", "markovian": "tab:green",
+           "majority_matched": "tab:purple"}
 LABELS = {"single": "single sample", "majority": "majority@k", "rsa": "RSA (full candidates)",
-          "markovian": "Markovian RSA (tails)"}
+          "markovian": "Markovian RSA (tails)", "majority_matched": "majority on Markovian RSA's tokens"}
 
 
 def load(path: str) -> list[dict]:

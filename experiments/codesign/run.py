@@ -355,17 +355,43 @@ def per_problem_points(rows: list[dict], method: str, mode: Mode) -> dict[str, t
   return points
 
 
+def majority_at_matched_tokens(sample_rows: list[dict], budget_P: np.ndarray, mode: Mode):
+  """Majority voting held to a per-problem token budget (another method's generated tokens on that problem): the
+  first k samples whose lengths sum to at most the budget (k >= 1, k <= n_sample). (accuracy, tokens, k) per problem."""
+  acc, tokens, ks = [], [], []
+  for row, budget in zip(sample_rows, budget_P, strict=True):
+    r0 = row["rounds"][0]
+    spent = np.cumsum(r0["lengths"][:mode.n_sample])
+    k = max(1, int(np.searchsorted(spent, budget, side="right")))
+    acc.append(_majority(r0["answers"][:k], row["answer"]))
+    tokens.append(float(spent[k - 1]))
+    ks.append(k)
+  return np.array(acc), np.array(tokens), np.array(ks)
+
+
 def summarize(mode: Mode, out: str, extra: dict) -> tuple[list[dict], dict]:
   """results.jsonl, comparison.json and table.md from the per-problem files."""
   lines, per_problem = [], {}
+  final = f"markovian T={mode.t}"
   for name in MODELS:
+    sample_rows = None
     for method in METHODS:
       rows = sorted(read_jsonl(os.path.join(out, "evals", name, f"{method}.jsonl")), key=lambda r: r["problem"])
       rows = [r for r in rows if r["problem"] < mode.problems]
       if not rows:
         continue
       meta = next((r["meta"] for r in rows if r.get("meta")), None)
-      for point, (acc_P, tok_P, desc) in per_problem_points(rows, method, mode).items():
+      points = per_problem_points(rows, method, mode)
+      if method == "sample":
+        sample_rows = rows
+      elif method == "markovian" and final in points and sample_rows is not None and len(sample_rows) == len(rows):
+        # Majority voting on the same per-problem tokens as the final Markovian round (METHODS puts samples first).
+        acc_P, tok_P, k_P = majority_at_matched_tokens(sample_rows, points[final][1], mode)
+        points[f"majority at {final} tokens"] = (acc_P, tok_P, {
+            "method": "majority_matched", "n": float(k_P.mean()), "metric": "majority vote correct",
+            "matched_to": final, "samples_min_max": [int(k_P.min()), int(k_P.max())],
+            "budget_over_all_samples": float(np.mean(k_P == mode.n_sample))})
+      for point, (acc_P, tok_P, desc) in points.items():
         per_problem[(name, point)] = (acc_P, tok_P)
         seed = int(settings_key([name, point])[:8], 16)
         binary = bool(np.all((acc_P == 0) | (acc_P == 1)))
@@ -383,9 +409,11 @@ def summarize(mode: Mode, out: str, extra: dict) -> tuple[list[dict], dict]:
   os.replace(os.path.join(out, "results.jsonl.tmp"), os.path.join(out, "results.jsonl"))
 
   comparison = {"mode": mode.name, "bootstrap": mode.bootstrap, "models": {}, **extra}
-  final = f"markovian T={mode.t}"
   pairs = {"markovian_vs_single": (final, "single"),
-           "markovian_vs_majority_same_budget": (final, f"majority@{mode.n_sample}"),
+           # The same generation calls (N per round, T + 1 rounds) as majority over that many samples; the tokens
+           # differ with the outputs' lengths. Then majority on the same tokens, problem by problem.
+           "markovian_vs_majority_same_calls": (final, f"majority@{mode.n_sample}"),
+           "markovian_vs_majority_same_tokens": (final, f"majority at {final} tokens"),
            "rsa_vs_single": (f"rsa T={mode.t}", "single"),
            "markovian_T2_vs_single": ("markovian T=2", "single")}
   if mode.t == 2:
@@ -435,8 +463,8 @@ def write_table(out: str) -> str:
     md.append(f"| {p} | " + " | ".join(cells) + " |")
   md += ["", "Gains in accuracy points [95% paired bootstrap CI] (from comparison.json):", "",
          "| comparison | plain | aggregation-trained | difference (aggregation - plain) |", "|---|---|---|---|"]
-  for label in ("markovian_vs_single", "markovian_T2_vs_single", "markovian_vs_majority_same_budget",
-                "rsa_vs_single"):
+  for label in ("markovian_vs_single", "markovian_T2_vs_single", "markovian_vs_majority_same_calls",
+                "markovian_vs_majority_same_tokens", "rsa_vs_single"):
     cells = []
     for name in MODELS:
       g = comparison["models"].get(name, {}).get(label)
@@ -456,6 +484,10 @@ def write_table(out: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
+
+
+def seeds_of(mode: Mode) -> dict:
+  return {"seeds": {"data": mode.data_seed, "train": mode.train_seed, "eval": mode.eval_seed}}
 
 
 def run(mode: Mode, out: str, log=print) -> dict:
@@ -488,8 +520,7 @@ def run(mode: Mode, out: str, log=print) -> dict:
                       "jax": jax.__version__, "load_average": os.getloadavg()},
           "trainings": trainings}
   write_json(run_path, info)
-  _, comparison = summarize(mode, out, {"seeds": {"data": mode.data_seed, "train": mode.train_seed,
-                                                  "eval": mode.eval_seed}})
+  _, comparison = summarize(mode, out, seeds_of(mode))
   log(open(os.path.join(out, "table.md")).read())
   return comparison
 
@@ -502,6 +533,8 @@ def define_flags() -> None:
                       "Default: experiments/results/codesign_<mode>.")
   flags.DEFINE_integer("problems", None, "Override the number of evaluation problems of the mode.")
   flags.DEFINE_integer("steps", None, "Override the training steps of the mode.")
+  flags.DEFINE_bool("summarize_only", False, "Rebuild results.jsonl, comparison.json and table.md from the folder's "
+                    "evals/ (nothing trained or evaluated, run.json untouched).")
 
 
 def main(argv):
@@ -514,6 +547,10 @@ def main(argv):
     mode = dataclasses.replace(mode, steps=FLAGS.steps)
   out = FLAGS.out or os.path.join("experiments", "results", f"codesign_{mode.name}")
   random.seed(0)  # nothing here should depend on it; pinned so an accidental use is at least reproducible
+  if FLAGS.summarize_only:
+    summarize(mode, out, seeds_of(mode))
+    print(open(os.path.join(out, "table.md")).read())
+    return
   run(mode, out)
 
 
