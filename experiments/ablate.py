@@ -108,7 +108,8 @@ def prepare_shared_data(cfg, out: str, log) -> str:
     t0 = time.perf_counter()
     make_data(cfg.data, shared, model_vocab_size=cfg.model.vocab_size)
     log(f"shared data: tokenizer and token cache in {shared} ({time.perf_counter() - t0:.0f} s)")
-  return path
+  relative = os.path.relpath(path)  # recorded in every run's config: no machine's absolute path in the results
+  return path if relative.startswith("..") else relative
 
 
 def _token_caches(folder: str) -> list[str]:
