@@ -225,7 +225,7 @@ def test_decode_fn_under_jit_and_scan_equals_generate(case, prompts_BL):
 
 
 def kv_bytes(state) -> int:
-  return sum(leaf.size * leaf.dtype.itemsize for layer in state.layers for leaf in (layer.k_BKSE, layer.v_BKSE))
+  return sum(leaf.size * leaf.dtype.itemsize for layer in state.layers for leaf in (layer.k_BKES, layer.v_BKSE))
 
 
 def test_kv_cache_bytes_per_token_equal_the_figures(case):

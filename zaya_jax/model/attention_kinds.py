@@ -6,8 +6,8 @@ cache row (R latent width, Er rotary dim).
 All kinds share the layer around them (norms, residual merges, the MoE), the attention core (`ops.attention`, so
 the same backends and masks), RoPE, and the decode-cache writes; only how q, k and v are made and what a decode
 step caches differ:
-  cca  CCACache: post-RoPE k and v [B, K, S, E] plus a constant conv/delayed-value state (zaya_jax.model.cca)
-  gqa  KVCache:  post-RoPE k and v [B, K, S, E]; multi-head attention when num_kv_heads == num_heads
+  cca  CCACache: post-RoPE k [B, K, E, S] and v [B, K, S, E], a constant conv and delayed-value state (model.cca)
+  gqa  KVCache:  post-RoPE k [B, K, E, S] and v [B, K, S, E]; multi-head attention when num_kv_heads == num_heads
   mla  MLACache: the normalised latent and the shared post-RoPE key [B, S, R + Er]; k and v are re-expanded from it
        at every step (the "absorbed" form that skips the expansion is a speed optimisation left out).
 """
@@ -28,17 +28,17 @@ from zaya_jax.ops.attention import cached_attention
 
 
 class KVCache(NamedTuple):
-  k_BKSE: jax.Array  # post-RoPE keys, compute dtype; heads-major as CCACache's
+  k_BKES: jax.Array  # post-RoPE keys, compute dtype; laid out as CCACache's
   v_BKSE: jax.Array
 
   @property
   def max_len(self) -> int:
-    return self.k_BKSE.shape[2]
+    return self.v_BKSE.shape[2]
 
   @classmethod
   def zeros(cls, cfg: AttentionConfig, batch: int, max_len: int, dtype) -> KVCache:
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    K, E = cfg.num_kv_heads, cfg.head_dim
+    return cls(jnp.zeros((batch, K, E, max_len), dtype), jnp.zeros((batch, K, max_len, E), dtype))
 
 
 class GQAttention(AttentionBlock):
@@ -66,10 +66,10 @@ class GQAttention(AttentionBlock):
 
   def extend(self, h_BTD, positions_BT, num_new_B, cache: KVCache):
     q_BTHE, k_BTKE, v_BTKE, _ = self.queries_keys_values(h_BTD, None, positions_BT)
-    k_BKSE = write_rows(cache.k_BKSE, k_BTKE, positions_BT, num_new_B, seq_axis=2)
+    k_BKES = write_rows(cache.k_BKES, k_BTKE, positions_BT, num_new_B, seq_axis=3)
     v_BKSE = write_rows(cache.v_BKSE, v_BTKE, positions_BT, num_new_B, seq_axis=2)
-    out_BTHE = cached_attention(q_BTHE, k_BKSE, v_BKSE, cache_mask(positions_BT, cache.max_len, self.sliding_window))
-    return self.output(out_BTHE), KVCache(k_BKSE, v_BKSE)
+    out_BTHE = cached_attention(q_BTHE, k_BKES, v_BKSE, cache_mask(positions_BT, cache.max_len, self.sliding_window))
+    return self.output(out_BTHE), KVCache(k_BKES, v_BKSE)
 
 
 class MLACache(NamedTuple):
@@ -138,8 +138,9 @@ class MLAttention(AttentionBlock):
   def extend(self, h_BTD, positions_BT, num_new_B, cache: MLACache):
     q_BTHE, latent_BTN = self.queries_and_latent(h_BTD, positions_BT)
     latent_BSN = write_rows(cache.latent_BSN, latent_BTN, positions_BT, num_new_B)
-    k_BKSE, v_BKSE = (x_BSKE.transpose(0, 2, 1, 3) for x_BSKE in self.expand(latent_BSN))
-    out_BTHE = cached_attention(q_BTHE, k_BKSE, v_BKSE, cache_mask(positions_BT, cache.max_len, self.sliding_window))
+    k_BSKE, v_BSKE = self.expand(latent_BSN)
+    mask_BTS = cache_mask(positions_BT, cache.max_len, self.sliding_window)
+    out_BTHE = cached_attention(q_BTHE, k_BSKE.transpose(0, 2, 3, 1), v_BSKE.transpose(0, 2, 1, 3), mask_BTS)
     return self.output(out_BTHE), MLACache(latent_BSN)
 
 

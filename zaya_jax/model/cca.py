@@ -51,8 +51,9 @@ class Conv1d(nnx.Module):
 
 
 def write_rows(cache, new_BT_, positions_BT, num_new_B, *, seq_axis: int = 1):
-  """Row b's first num_new_B[b] new entries written at their positions in a cache [B, S, ...] (seq_axis=1) or
-  [B, K, S, ...] (seq_axis=2, heads-major; new_BT_ is still [B, T, K, ...]).
+  """Row b's first num_new_B[b] new entries written at their positions in a cache [B, S, ...] (seq_axis=1),
+  [B, K, S, E] (seq_axis=2, heads-major) or [B, K, E, S] (seq_axis=3, transposed keys); new_BT_ is [B, T, ...] in
+  every case.
 
   Padding tokens aim past the cache and are dropped, so entries past a row's length stay finite (zeros or real keys)
   and a masked-out key can never turn p @ v into NaN.
@@ -77,21 +78,21 @@ def cache_mask(positions_BT, cache_len: int, sliding_window: int | None):
 class CCACache(NamedTuple):
   """One layer's decode state (static shapes). S cache length. The row lengths live with the whole model's state."""
 
-  # Heads-major, so that a decode step's attention reads them as batched matmuls: [B, S, K, E] made XLA:CPU copy
-  # both whole caches into that layout at every step (half of a small model's attention time).
-  k_BKSE: jax.Array  # keys after qk-norm, temperature and RoPE; compute dtype
-  v_BKSE: jax.Array  # values [v_cur | v_del]; compute dtype
+  # Laid out for a decode step's two matmuls (ops.attention.cached_attention): [B, S, K, E] made XLA:CPU copy both
+  # whole caches into another layout at every step (half of a small model's attention time).
+  k_BKES: jax.Array  # keys after qk-norm, temperature and RoPE, transposed; compute dtype
+  v_BKSE: jax.Array  # values [v_cur | v_del], heads-major; compute dtype
   qk_BPC: jax.Array  # the last P = conv_context raw pre-conv [q|k] columns (zeros before the start); fp32
   v_prev_BV: jax.Array  # [B, K*E/2] v_proj_delayed of the row's last processed token; compute dtype
 
   @property
   def max_len(self) -> int:
-    return self.k_BKSE.shape[2]
+    return self.v_BKSE.shape[2]
 
   @classmethod
   def zeros(cls, cfg: AttentionConfig, batch: int, max_len: int, dtype) -> CCACache:
     K, E = cfg.num_kv_heads, cfg.head_dim
-    return cls(jnp.zeros((batch, K, max_len, E), dtype), jnp.zeros((batch, K, max_len, E), dtype),
+    return cls(jnp.zeros((batch, K, E, max_len), dtype), jnp.zeros((batch, K, max_len, E), dtype),
                jnp.zeros((batch, cfg.conv_context, cfg.conv_channels), F32), jnp.zeros((batch, K * E // 2), dtype))
 
 
@@ -283,9 +284,9 @@ class CCAttention(AttentionBlock):
     context = (cache.qk_BPC, v_prev_BV)
     q_BTHE, k_BTKE, v_BTKE, (qk_BTC, v_now_BTV) = self.queries_keys_values(h_BTD, None, positions_BT, context)
 
-    k_BKSE = write_rows(cache.k_BKSE, k_BTKE, positions_BT, num_new_B, seq_axis=2)
+    k_BKES = write_rows(cache.k_BKES, k_BTKE, positions_BT, num_new_B, seq_axis=3)
     v_BKSE = write_rows(cache.v_BKSE, v_BTKE, positions_BT, num_new_B, seq_axis=2)
-    out_BTHE = cached_attention(q_BTHE, k_BKSE, v_BKSE, cache_mask(positions_BT, S, self.sliding_window))
+    out_BTHE = cached_attention(q_BTHE, k_BKES, v_BKSE, cache_mask(positions_BT, S, self.sliding_window))
 
     # State after each row's last real token: the last P raw columns of [context | real new columns] and the delayed
     # projection of that token (the old state where a row adds nothing).
@@ -294,4 +295,4 @@ class CCAttention(AttentionBlock):
     qk_BPC = jnp.take_along_axis(qk_all_BJC, (num_new_B[:, None] + jnp.arange(P)[None])[..., None], axis=1)
     v_all_BTV = jnp.concatenate([v_prev_BV[:, None], v_now_BTV], axis=1)  # [B, 1 + T, V]
     v_prev_BV = jnp.take_along_axis(v_all_BTV, num_new_B[:, None, None], axis=1)[:, 0]
-    return self.output(out_BTHE), CCACache(k_BKSE, v_BKSE, qk_BPC, v_prev_BV.astype(cache.v_prev_BV.dtype))
+    return self.output(out_BTHE), CCACache(k_BKES, v_BKSE, qk_BPC, v_prev_BV.astype(cache.v_prev_BV.dtype))
