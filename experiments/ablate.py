@@ -233,6 +233,9 @@ def define_flags() -> None:
 def main(argv):
   del argv
   quiet_library_logging()
+  from zaya_jax import host_memory
+
+  host_memory.retain_freed_memory()  # the runs' step temporaries stay mapped (zaya_jax/host_memory.py)
   mode = MODES[FLAGS.mode]
   if FLAGS.steps is not None:
     mode = dataclasses.replace(mode, steps=FLAGS.steps)

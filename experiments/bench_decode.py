@@ -92,6 +92,7 @@ def apply_defaults() -> None:
 
 def main(argv):
   del argv
+  retained = bf.apply_host_memory()
   apply_defaults()
   transformers.utils.logging.disable_progress_bar()
   B, P, N = FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens
@@ -99,6 +100,7 @@ def main(argv):
              platform.processor())
   print(f"machine: {cpu}, nproc={os.cpu_count()}, jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}")
+  print(f"freed host memory kept mapped (--retain_host_memory): {retained}")
 
   hf_kwargs = dict(
       vocab_size=FLAGS.vocab, hidden_size=FLAGS.hidden, num_hidden_layers=FLAGS.layers,
@@ -190,7 +192,7 @@ def main(argv):
         + (": timings are inflated and noisy, compare min s too or rerun on a quiet machine" if others > 0.1 else ""))
 
   results = dict(
-      machine=dict(cpu=cpu, nproc=os.cpu_count(), other_processes_cpu_share=others,
+      machine=dict(cpu=cpu, nproc=os.cpu_count(), other_processes_cpu_share=others, retain_host_memory=retained,
                    torch_threads=torch.get_num_threads(), jax=jax.__version__, torch=torch.__version__,
                    transformers=transformers.__version__),
       config=dict(batch=B, prompt_len=P, new_tokens=N, dtype=FLAGS.dtype, reps=FLAGS.reps, warmup=FLAGS.warmup,

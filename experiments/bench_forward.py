@@ -32,6 +32,7 @@ from absl import app, flags
 from flax import nnx
 
 import zaya_jax
+from zaya_jax import host_memory
 from zaya_jax.model.decoder import EXACT_ROUNDING
 
 FLAGS = flags.FLAGS
@@ -54,6 +55,8 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and para
 flags.DEFINE_float("atol", None, "Max |logits diff| allowed (default 1e-4 for float32, 5e-2 for bfloat16).")
 flags.DEFINE_bool("sdpa", True, "Also time the reference with sdpa attention and its default experts path.")
 flags.DEFINE_integer("seed", 0, "Seed of weights and token ids.")
+flags.DEFINE_bool("retain_host_memory", True, "Keep freed host memory mapped (zaya_jax.host_memory) in this "
+                  "process, which runs ours and the reference alike; false: glibc's defaults.")
 flags.DEFINE_string("out", None, "Where to write the JSON results (default: experiments/results/"
                     "bench_forward[_bf16][_quick].json).")
 
@@ -62,6 +65,11 @@ QUICK = dict(batch=2, seq=32, hidden=64, layers=2, heads=4, kv_heads=2, head_dim
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GOAL_REF_SPEEDUP = 1.5
 GOAL_MATMUL_FRACTION = 0.5
+
+
+def apply_host_memory() -> bool:
+  """The process-wide allocator setting of --retain_host_memory, before anything allocates; whether it applied."""
+  return FLAGS.retain_host_memory and host_memory.retain_freed_memory()
 
 
 def apply_quick() -> None:
@@ -180,6 +188,7 @@ def interleaved_times(runners: dict) -> tuple[dict[str, list[float]], float]:
 
 def main(argv):
   del argv
+  retained = apply_host_memory()
   apply_quick()
   transformers.utils.logging.disable_progress_bar()
   B, T = FLAGS.batch, FLAGS.seq
@@ -188,6 +197,7 @@ def main(argv):
              platform.processor())
   print(f"machine: {cpu}, nproc={os.cpu_count()}, jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}")
+  print(f"freed host memory kept mapped (--retain_host_memory): {retained}")
 
   with tempfile.TemporaryDirectory() as path:
     build_reference(path)
@@ -283,7 +293,7 @@ def main(argv):
         + (": timings are inflated and noisy, compare min ms too or rerun on a quiet machine" if others > 0.1 else ""))
 
   results = dict(
-      machine=dict(cpu=cpu, nproc=os.cpu_count(), other_processes_cpu_share=others,
+      machine=dict(cpu=cpu, nproc=os.cpu_count(), other_processes_cpu_share=others, retain_host_memory=retained,
                    torch_threads=torch.get_num_threads(), jax=jax.__version__,
                    torch=torch.__version__, transformers=transformers.__version__),
       config=dict(batch=B, seq=T, dtype=FLAGS.dtype, reps=FLAGS.reps, params_ours=n_ours, params_ref=n_ref,

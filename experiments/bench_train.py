@@ -61,6 +61,7 @@ def apply_defaults() -> None:
 
 def main(argv):
   del argv
+  retained = bf.apply_host_memory()
   apply_defaults()
   transformers.utils.logging.disable_progress_bar()
   B, T = FLAGS.batch, FLAGS.seq
@@ -68,6 +69,7 @@ def main(argv):
              platform.processor())
   print(f"machine: {cpu}, nproc={os.cpu_count()}, jax {jax.__version__}, torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads, transformers {transformers.__version__}")
+  print(f"freed host memory kept mapped (--retain_host_memory): {retained}")
 
   with tempfile.TemporaryDirectory() as path:
     bf.build_reference(path)
@@ -140,7 +142,7 @@ def main(argv):
         + (": timings are inflated and noisy, compare min ms too or rerun on a quiet machine" if others > 0.1 else ""))
 
   results = dict(
-      machine=dict(cpu=cpu, nproc=os.cpu_count(), other_processes_cpu_share=others,
+      machine=dict(cpu=cpu, nproc=os.cpu_count(), other_processes_cpu_share=others, retain_host_memory=retained,
                    torch_threads=torch.get_num_threads(), jax=jax.__version__, torch=torch.__version__,
                    transformers=transformers.__version__),
       config=dict(preset="quick" if FLAGS.quick else FLAGS.preset, batch=B, seq=T, dtype=FLAGS.dtype,

@@ -27,6 +27,7 @@ from absl import app, flags
 from flax import nnx
 
 from experiments.common import git_commit, quiet_library_logging, write_json
+from zaya_jax import host_memory
 from zaya_jax.config import ZayaConfig
 from zaya_jax.model.decoder import ZayaForCausalLM
 from zaya_jax.train import step as train_step_lib
@@ -70,6 +71,7 @@ def run(data, balancing: BalancingConfig) -> list[dict]:
 def main(argv):
   del argv
   quiet_library_logging()
+  host_memory.retain_freed_memory()  # the runs' step temporaries stay mapped (zaya_jax/host_memory.py)
   runs = [("pid", float(g)) for g in FLAGS.gains] + ([("none", 0.0)] if FLAGS.off else [])
   commit = git_commit()
   results = []

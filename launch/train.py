@@ -17,6 +17,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
+from zaya_jax import host_memory
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.parallel import distributed
 from zaya_jax.sharding import ShardingError
@@ -44,6 +45,7 @@ _LIST = flags.DEFINE_bool("list_configs", False, "Print the registered configs a
 
 def main(argv):
   del argv
+  host_memory.retain_freed_memory()  # XLA:CPU's step temporaries stay mapped between steps (zaya_jax/host_memory.py)
   if not flags.FLAGS["verbosity"].present:  # Orbax and grain log every save at INFO: keep the progress lines readable
     logging.set_verbosity(logging.WARNING)
   if _LIST.value:

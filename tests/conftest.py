@@ -6,6 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(__file__))
 
+from zaya_jax import host_memory
+
+# As the entry points do: XLA:CPU's per-call temporaries stay mapped, not page-faulted in again at every call.
+host_memory.retain_freed_memory()
+
 # One persistent XLA compilation cache per test session, shared with the subprocesses tests start (they inherit the
 # environment): identical programs (the same train step in a driver process and in-process) compile once. Fresh per
 # session, so nothing stale crosses runs.

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from zaya_jax import host_memory
 from zaya_jax.checkpoint.hf import CheckpointError, load_hf
 from zaya_jax.infer import answers as ans
 from zaya_jax.infer import prompts as P
@@ -475,6 +476,7 @@ def main_wrapper(main: Callable[[list[str]], int]) -> Callable[[list[str]], None
     from absl import flags, logging
     from jinja2.exceptions import TemplateError
 
+    host_memory.retain_freed_memory()  # decode temporaries stay mapped between calls (zaya_jax/host_memory.py)
     # Generated text may hold any character (a random model's bytes): never fail printing it on a narrow terminal.
     sys.stdout.reconfigure(errors="backslashreplace")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs INFO/WARNING lines on every restore: keep stdout readable
