@@ -12,10 +12,12 @@ Workloads (the registered experiment configs' models and batches, random weights
 
   python -m experiments.host_memory                       # all workloads, 3 rounds
   python -m experiments.host_memory --workloads=train_tiny --rounds=2
+  python -m experiments.host_memory --arena_max=2 --out=experiments/results/host_memory_arena2.json
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import resource
@@ -34,6 +36,7 @@ flags.DEFINE_integer("calls", 10, "Timed calls per child after 3 warm-up calls."
 flags.DEFINE_string("out", "experiments/results/host_memory.json", "Where to write the results.")
 flags.DEFINE_string("child", None, "Internal: run this workload once and print its JSON line.")
 flags.DEFINE_bool("retain", False, "Internal: the child applies retain_freed_memory() first.")
+flags.DEFINE_integer("arena_max", None, "retain_freed_memory's arena_max in the retained children (default: glibc's).")
 
 
 def build_workload(name: str):
@@ -73,11 +76,11 @@ def build_workload(name: str):
   raise ValueError(f"unknown workload {name!r}; known: {WORKLOADS}")
 
 
-def run_child(name: str, retain: bool, calls: int) -> dict:
+def run_child(name: str, retain: bool, calls: int, arena_max: int | None) -> dict:
   applied = False
   if retain:
     from zaya_jax import host_memory
-    applied = host_memory.retain_freed_memory()
+    applied = host_memory.retain_freed_memory(arena_max=arena_max)
   call = build_workload(name)
   for _ in range(3):
     call()
@@ -95,7 +98,7 @@ def run_child(name: str, retain: bool, calls: int) -> dict:
 def main(argv):
   del argv
   if FLAGS.child:
-    print("RESULT " + json.dumps(run_child(FLAGS.child, FLAGS.retain, FLAGS.calls)), flush=True)
+    print("RESULT " + json.dumps(run_child(FLAGS.child, FLAGS.retain, FLAGS.calls, FLAGS.arena_max)), flush=True)
     return
   unknown = sorted(set(FLAGS.workloads) - set(WORKLOADS))
   if unknown:
@@ -108,7 +111,7 @@ def main(argv):
     for _ in range(FLAGS.rounds):
       for retain in (False, True):
         cmd = [sys.executable, "-m", "experiments.host_memory", f"--child={name}", f"--retain={retain}",
-               f"--calls={FLAGS.calls}"]
+               f"--calls={FLAGS.calls}"] + ([f"--arena_max={FLAGS.arena_max}"] if FLAGS.arena_max else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if out.returncode or line is None:
@@ -128,8 +131,12 @@ def main(argv):
           f"speedup {summary['speedup']:.2f}x", flush=True)
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as f:
+    from zaya_jax import host_memory
+    settings = {name: param.default for name, param in
+                inspect.signature(host_memory.retain_freed_memory).parameters.items()}
+    settings["arena_max"] = FLAGS.arena_max
     json.dump(dict(machine=dict(cpu=cpu, nproc=os.cpu_count()), calls=FLAGS.calls, rounds=FLAGS.rounds,
-                   results=results), f, indent=1)
+                   settings=settings, results=results), f, indent=1)
   print(f"wrote {FLAGS.out}")
 
 
