@@ -9,7 +9,7 @@ B prompts of P tokens greedily with both, checks that the tokens are identical, 
 `generate(use_cache=True, do_sample=False)` with eager attention and experts, and with its default fast paths (sdpa
 attention, default experts implementation). No stop tokens: every row generates exactly N tokens in both.
 
-  python -m experiments.bench_decode            # from the repo root; B=16, P=32, N=128, ~2.6M-parameter fp32 model
+  python -m experiments.bench_decode            # from the repo root; B=16, P=32, N=128, ~14M-parameter fp32 model
   python -m experiments.bench_decode --quick    # tiny smoke test, seconds
   python -m experiments.bench_decode --experts_variants=auto,tiled64,dense   # expert-matmul paths side by side
 
@@ -19,8 +19,8 @@ the "tiled" backend as it was before the shape-dependent strategies (64-row tile
 
 The model shape flags (--hidden, --layers, --heads, --kv_heads, --head_dim, --experts, --moe_intermediate,
 --router_hidden, --vocab, --dtype, --seed, --reps, --warmup, --batch, --sdpa, --out) are experiments/bench_forward.py's,
-with the defaults below: hidden 256, 4 layers, 4:2 heads of 64, 8 experts of width 512, vocab 1024, fp32 — small
-enough that a decode step is dominated by per-step overheads, the regime a CPU batch decode of 16 rows is in.
+with the defaults below: hidden 256, 4 layers, 4:2 heads of 64, 8 experts of width 512, vocab 1024, fp32. At this
+size a step of ours is bound by reading the ~50 MB of expert weights, not by per-step overheads (WORKSPACE.md).
 Goal (project issue): ours >= 5x the reference's tokens/s.
 """
 
