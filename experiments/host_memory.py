@@ -124,7 +124,7 @@ def main(argv):
           page_faults_per_call=statistics.median(r["page_faults_per_call"] for r in rows),
           applied=all(r["applied"] for r in rows) if retain else None)
     summary["speedup"] = summary["default"]["median_ms"] / summary["retained"]["median_ms"]
-    results[name] = dict(summary=summary, runs={k: v for k, v in (("default", runs[False]), ("retained", runs[True]))})
+    results[name] = dict(summary=summary, runs=dict(default=runs[False], retained=runs[True]))
     d, r = summary["default"], summary["retained"]
     print(f"{name:<18} default {d['median_ms']:8.1f} ms/call {d['page_faults_per_call']:8.0f} faults/call | "
           f"retained {r['median_ms']:8.1f} ms/call {r['page_faults_per_call']:8.0f} faults/call | "

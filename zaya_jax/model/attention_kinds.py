@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zaya_jax.config import AttentionConfig
-from zaya_jax.model.cca import AttentionBlock, CCACache, CCAttention, cache_mask, write_rows
+from zaya_jax.model.cca import AttentionBlock, CCACache, CCAttention, cache_mask, key_value_zeros, write_rows
 from zaya_jax.model.layers import Linear, RMSNorm
 from zaya_jax.model.rope import apply_rope, rope_tables
 from zaya_jax.ops.attention import cached_attention
@@ -37,8 +37,7 @@ class KVCache(NamedTuple):
 
   @classmethod
   def zeros(cls, cfg: AttentionConfig, batch: int, max_len: int, dtype) -> KVCache:
-    K, E = cfg.num_kv_heads, cfg.head_dim
-    return cls(jnp.zeros((batch, K, E, max_len), dtype), jnp.zeros((batch, K, max_len, E), dtype))
+    return cls(*key_value_zeros(cfg, batch, max_len, dtype))
 
 
 class GQAttention(AttentionBlock):

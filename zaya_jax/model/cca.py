@@ -75,6 +75,12 @@ def cache_mask(positions_BT, cache_len: int, sliding_window: int | None):
   return mask_BTS
 
 
+def key_value_zeros(cfg: AttentionConfig, batch: int, max_len: int, dtype) -> tuple[jax.Array, jax.Array]:
+  """Empty decode-cache keys [B, K, E, S] and values [B, K, S, E]: the layout ops.attention.cached_attention reads."""
+  K, E = cfg.num_kv_heads, cfg.head_dim
+  return jnp.zeros((batch, K, E, max_len), dtype), jnp.zeros((batch, K, max_len, E), dtype)
+
+
 class CCACache(NamedTuple):
   """One layer's decode state (static shapes). S cache length. The row lengths live with the whole model's state."""
 
@@ -91,9 +97,9 @@ class CCACache(NamedTuple):
 
   @classmethod
   def zeros(cls, cfg: AttentionConfig, batch: int, max_len: int, dtype) -> CCACache:
-    K, E = cfg.num_kv_heads, cfg.head_dim
-    return cls(jnp.zeros((batch, K, E, max_len), dtype), jnp.zeros((batch, K, max_len, E), dtype),
-               jnp.zeros((batch, cfg.conv_context, cfg.conv_channels), F32), jnp.zeros((batch, K * E // 2), dtype))
+    conv_BPC = jnp.zeros((batch, cfg.conv_context, cfg.conv_channels), F32)
+    return cls(*key_value_zeros(cfg, batch, max_len, dtype), conv_BPC,
+               jnp.zeros((batch, cfg.num_kv_heads * cfg.head_dim // 2), dtype))
 
 
 class CCAProjection(nnx.Module):
