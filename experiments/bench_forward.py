@@ -55,8 +55,9 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and para
 flags.DEFINE_float("atol", None, "Max |logits diff| allowed (default 1e-4 for float32, 5e-2 for bfloat16).")
 flags.DEFINE_bool("sdpa", True, "Also time the reference with sdpa attention and its default experts path.")
 flags.DEFINE_integer("seed", 0, "Seed of weights and token ids.")
-flags.DEFINE_bool("retain_host_memory", True, "Keep freed host memory mapped (zaya_jax.host_memory) in this "
-                  "process, which runs ours and the reference alike; false: glibc's defaults.")
+flags.DEFINE_bool("retain_host_memory", True, "Keep freed host memory mapped and run JAX's CPU calls on the "
+                  "calling thread (zaya_jax.host_memory) in this process, which runs ours and the reference alike; "
+                  "false: glibc's defaults and JAX's asynchronous dispatch.")
 flags.DEFINE_string("out", None, "Where to write the JSON results (default: experiments/results/"
                     "bench_forward[_bf16][_quick].json).")
 

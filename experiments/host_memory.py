@@ -13,6 +13,7 @@ Workloads (the registered experiment configs' models and batches, random weights
   python -m experiments.host_memory                       # all workloads, 3 rounds
   python -m experiments.host_memory --workloads=train_tiny --rounds=2
   python -m experiments.host_memory --arena_max=2 --out=experiments/results/host_memory_arena2.json
+  python -m experiments.host_memory --calls_on_caller_thread=false --out=...   # thresholds only, async dispatch
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ flags.DEFINE_string("out", "experiments/results/host_memory.json", "Where to wri
 flags.DEFINE_string("child", None, "Internal: run this workload once and print its JSON line.")
 flags.DEFINE_bool("retain", False, "Internal: the child applies retain_freed_memory() first.")
 flags.DEFINE_integer("arena_max", None, "retain_freed_memory's arena_max in the retained children (default: glibc's).")
+flags.DEFINE_bool("calls_on_caller_thread", True, "retain_freed_memory's calls_on_caller_thread in the retained "
+                  "children (false: JAX's asynchronous CPU dispatch, as before session 7).")
 
 
 def build_workload(name: str):
@@ -76,11 +79,11 @@ def build_workload(name: str):
   raise ValueError(f"unknown workload {name!r}; known: {WORKLOADS}")
 
 
-def run_child(name: str, retain: bool, calls: int, arena_max: int | None) -> dict:
+def run_child(name: str, retain: bool, calls: int, arena_max: int | None, caller_thread: bool) -> dict:
   applied = False
   if retain:
     from zaya_jax import host_memory
-    applied = host_memory.retain_freed_memory(arena_max=arena_max)
+    applied = host_memory.retain_freed_memory(arena_max=arena_max, calls_on_caller_thread=caller_thread)
   call = build_workload(name)
   for _ in range(3):
     call()
@@ -98,7 +101,8 @@ def run_child(name: str, retain: bool, calls: int, arena_max: int | None) -> dic
 def main(argv):
   del argv
   if FLAGS.child:
-    print("RESULT " + json.dumps(run_child(FLAGS.child, FLAGS.retain, FLAGS.calls, FLAGS.arena_max)), flush=True)
+    print("RESULT " + json.dumps(run_child(FLAGS.child, FLAGS.retain, FLAGS.calls, FLAGS.arena_max,
+                                             FLAGS.calls_on_caller_thread)), flush=True)
     return
   unknown = sorted(set(FLAGS.workloads) - set(WORKLOADS))
   if unknown:
@@ -111,7 +115,8 @@ def main(argv):
     for _ in range(FLAGS.rounds):
       for retain in (False, True):
         cmd = [sys.executable, "-m", "experiments.host_memory", f"--child={name}", f"--retain={retain}",
-               f"--calls={FLAGS.calls}"] + ([f"--arena_max={FLAGS.arena_max}"] if FLAGS.arena_max else [])
+               f"--calls={FLAGS.calls}", f"--calls_on_caller_thread={FLAGS.calls_on_caller_thread}"]
+        cmd += [f"--arena_max={FLAGS.arena_max}"] if FLAGS.arena_max else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if out.returncode or line is None:
@@ -134,7 +139,7 @@ def main(argv):
     from zaya_jax import host_memory
     settings = {name: param.default for name, param in
                 inspect.signature(host_memory.retain_freed_memory).parameters.items()}
-    settings["arena_max"] = FLAGS.arena_max
+    settings.update(arena_max=FLAGS.arena_max, calls_on_caller_thread=FLAGS.calls_on_caller_thread)
     json.dump(dict(machine=dict(cpu=cpu, nproc=os.cpu_count()), calls=FLAGS.calls, rounds=FLAGS.rounds,
                    settings=settings, results=results), f, indent=1)
   print(f"wrote {FLAGS.out}")

@@ -6,34 +6,53 @@ free heap past the trim threshold is released), so the next call faults every pa
 step took ~9,300 minor page faults per step. Raising the thresholds and padding the heap keeps those pages mapped
 (measured in WORKSPACE.md, "Host memory": 0.97-1.44x per workload and run on a noisy 2-core host).
 
-The cost is resident memory: up to `trim_threshold` of freed heap stays with the process instead of going back to
-the system. Entry points (launch/, the benchmarks) call `retain_freed_memory()` once at start-up, before JAX
-allocates; the library itself never changes process-wide allocator settings on import.
+The thresholds are not enough on their own. JAX dispatches XLA:CPU calls asynchronously to worker threads,
+and a worker thread's arena holds at most 64 MiB, so larger temporaries (the small20m step's [2048, 8192] logits)
+were still mmap'd and faulted in at every call: 149k faults per step. Running each call on the calling (main)
+thread instead (`jax_cpu_enable_async_dispatch=False`) puts its temporaries in the main arena: 15-80 faults per step.
+The cost is that Python waits for each CPU call instead of queueing the next one, which the training loop and the
+benchmarks do not rely on (they read each step's loss).
+
+The cost of the thresholds is resident memory: up to `trim_threshold` of freed heap stays with the process instead
+of going back to the system. Entry points (launch/, the benchmarks) call `retain_freed_memory()` once at start-up,
+before JAX allocates; the library itself never changes process-wide allocator settings on import.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import platform
+
+import jax
+from jax._src import xla_bridge
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
 
 
 def retain_freed_memory(*, mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30,
-                        top_pad: int = 64 << 20, arena_max: int | None = None) -> bool:
+                        top_pad: int = 64 << 20, arena_max: int | None = None,
+                        calls_on_caller_thread: bool = True) -> bool:
   """Sets glibc malloc to serve blocks below `mmap_threshold` bytes from its heap, keep up to `trim_threshold`
-  bytes of free heap, grow the heap `top_pad` bytes at a time, and, if given, use at most `arena_max` arenas.
+  bytes of free heap, grow the heap `top_pad` bytes at a time, and, if given, use at most `arena_max` arenas;
+  with `calls_on_caller_thread`, JAX runs each CPU call on the thread that makes it (see the module docstring).
 
-  Arenas, measured on the 2-core host (WORKSPACE.md): with glibc's default (8 per core) XLA:CPU's worker threads get
-  arenas of their own, whose heaps hold at most 64 MiB, so larger temporaries (the small20m step's [2048, 8192]
-  logits) are still mmap'd and page-faulted in at every call (149k faults per step). `arena_max=2` removed them
-  (that step 1.14x faster) but slowed batched decoding 1.2x and the tiny step's gain shrank; one arena serialised
-  the tiny step's two compute threads (+20%). So the default leaves the arenas alone. Call it before threads start
-  allocating (first thing in main). Returns whether it applied: False where the C library is not
-  glibc (macOS, musl), where nothing changes."""
+  Call it first thing in main, before the first JAX computation: the dispatch setting only takes effect before JAX
+  creates its CPU client (a warning says so otherwise). Returns whether the allocator settings applied: False where
+  the C library is not glibc (macOS, musl), where nothing changes.
+
+  Arenas, measured on the 2-core host (WORKSPACE.md): limiting them (`arena_max=2`) was the other way to keep the
+  worker threads' large temporaries mapped (the small20m step 1.14x faster) but slowed batched decoding 1.2x, and one
+  arena serialised the tiny step's two compute threads (+20%). So the default leaves the arenas alone."""
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
+  if calls_on_caller_thread:
+    if xla_bridge.backends_are_initialized():
+      logging.warning("retain_freed_memory: JAX's CPU client already exists, so its calls stay on worker threads, "
+                      "whose temporaries above 64 MiB are page-faulted in at every call; call it before the first "
+                      "JAX computation.")
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   mallopt = ctypes.CDLL(None).mallopt
   settings = ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold), (M_TOP_PAD, top_pad))
   if arena_max is not None:
