@@ -96,21 +96,22 @@ def _tiled_gmm(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool, tile: int):
 
 def _tiled_tgmm(lhs_MK, dout_MN, group_sizes_G, rhs_shape, rhs_dtype, transpose_rhs: bool, tile: int):
   """Weight gradient: per group, the sum over its rows of lhs^T @ dout, accumulated in fp32."""
-  K, N = lhs_MK.shape[1], dout_MN.shape[1]
   starts_G, ends_G = _group_bounds(group_sizes_G)
   lhs_PK = jnp.pad(lhs_MK, ((0, tile), (0, 0)))
   dout_PN = jnp.pad(dout_MN, ((0, tile), (0, 0)))
 
   def group(g, grad):
-    def row_tile(t, acc_KN):
+    def row_tile(t, acc):
       r0 = starts_G[g] + t * tile
       mine_T = r0 + jnp.arange(tile) < ends_G[g]
       x_TK = jnp.where(mine_T[:, None], jax.lax.dynamic_slice_in_dim(lhs_PK, r0, tile, 0), 0)
       dy_TN = jax.lax.dynamic_slice_in_dim(dout_PN, r0, tile, 0)
-      return acc_KN + jax.lax.dot_general(x_TK, dy_TN, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+      # Accumulated in rhs's own orientation ([N, K] for transpose_rhs), so no transposed copy is written.
+      a, b = (dy_TN, x_TK) if transpose_rhs else (x_TK, dy_TN)
+      return acc + jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
 
-    acc_KN = jax.lax.fori_loop(0, (group_sizes_G[g] + tile - 1) // tile, row_tile, jnp.zeros((K, N), F32))
-    return grad.at[g].set(acc_KN.T if transpose_rhs else acc_KN)
+    acc = jax.lax.fori_loop(0, (group_sizes_G[g] + tile - 1) // tile, row_tile, jnp.zeros(rhs_shape[1:], F32))
+    return jax.lax.dynamic_update_index_in_dim(grad, acc, g, 0)
 
   return jax.lax.fori_loop(0, rhs_shape[0], group, jnp.zeros(rhs_shape, F32)).astype(rhs_dtype)
 
