@@ -8,8 +8,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from zaya_jax import host_memory
 
-# As the entry points do: XLA:CPU's per-call temporaries stay mapped, not page-faulted in again at every call.
-host_memory.retain_freed_memory()
+# As the entry points do: XLA:CPU's per-call temporaries stay mapped, not page-faulted in again at every call. But with
+# JAX's asynchronous dispatch kept: the tests run steps of a few hundred tokens, whose temporaries fit a worker
+# thread's arena anyway, and such steps ran 10-35% slower on the caller thread (a tiny-model train step of 8x32
+# tokens: 12.6-15.1 vs 9.7-13.6 ms, alternating child processes; the PID and accumulation tests 79-80 vs 67-74 s).
+# tests/test_host_memory.py checks the caller-thread default in processes of its own.
+host_memory.retain_freed_memory(calls_on_caller_thread=False)
 
 # One persistent XLA compilation cache per test session, shared with the subprocesses tests start (they inherit the
 # environment): identical programs (the same train step in a driver process and in-process) compile once. Fresh per

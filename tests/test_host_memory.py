@@ -58,3 +58,18 @@ def test_retained_memory_stops_per_call_page_faults():
   # arena keeps it; on JAX's asynchronous worker threads it was mmap'd afresh at every call whatever the thresholds.
   assert default_large >= 10_000, f"only {default_large} faults per call by default: the premise no longer holds"
   assert retained_large <= default_large / 10, (default_large, retained_large)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings: Linux only")
+def test_late_call_warns_that_dispatch_is_unchanged(caplog):
+  import jax
+
+  from zaya_jax import host_memory
+
+  jax.devices()  # the CPU client exists from here on
+  try:
+    with caplog.at_level("WARNING"):
+      assert host_memory.retain_freed_memory()  # the allocator settings are conftest's; dispatch cannot change now
+  finally:
+    jax.config.update("jax_cpu_enable_async_dispatch", True)  # conftest's value, for the tests after this one
+  assert "before the first JAX computation" in caplog.text
