@@ -71,7 +71,8 @@ def run(data, balancing: BalancingConfig) -> list[dict]:
 def main(argv):
   del argv
   quiet_library_logging()
-  host_memory.retain_freed_memory()  # the runs' step temporaries stay mapped (zaya_jax/host_memory.py)
+  # The runs' step temporaries stay mapped; 8x32-token steps keep asynchronous dispatch (zaya_jax/host_memory.py).
+  host_memory.retain_freed_memory(calls_on_caller_thread=False)
   runs = [("pid", float(g)) for g in FLAGS.gains] + ([("none", 0.0)] if FLAGS.off else [])
   commit = git_commit()
   results = []
