@@ -12,6 +12,7 @@ attention, default experts implementation). No stop tokens: every row generates 
   python -m experiments.bench_decode            # from the repo root; B=16, P=32, N=128, ~14M-parameter fp32 model
   python -m experiments.bench_decode --quick    # tiny smoke test, seconds
   python -m experiments.bench_decode --experts_variants=auto,tiled64,dense   # expert-matmul paths side by side
+  python -m experiments.bench_decode --routing=balanced   # biases as PID balancing leaves them; _balanced.json
 
 --experts_variants times ours once per expert backend, interleaved with the references in the same repetitions (the
 first is the "ours" row; speedups are given for each): a name from zaya_jax.config.EXPERT_BACKENDS, or "tiled64" —
@@ -20,7 +21,8 @@ the "tiled" backend as it was before the shape-dependent strategies (64-row tile
 The model shape flags (--hidden, --layers, --heads, --kv_heads, --head_dim, --experts, --moe_intermediate,
 --router_hidden, --vocab, --dtype, --seed, --reps, --warmup, --batch, --sdpa, --out) are experiments/bench_forward.py's,
 with the defaults below: hidden 256, 4 layers, 4:2 heads of 64, 8 experts of width 512, vocab 1024, fp32. At this
-size a step of ours is bound by reading the ~50 MB of expert weights, not by per-step overheads (WORKSPACE.md).
+size a step of ours is bound by the expert matmuls: their ~50 MB of weights stay in cache, but XLA:CPU's small-M
+dots read them at ~21 GB/s (WORKSPACE.md, "CPU speed ceilings").
 Goal (project issue): ours >= 5x the reference's tokens/s.
 """
 
@@ -36,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -47,6 +50,7 @@ from experiments import bench_forward as bf  # its model-shape flags, reference 
 from zaya_jax.config import EXPERT_BACKENDS
 from zaya_jax.infer import GREEDY, generate
 from zaya_jax.ops import gmm as gmm_ops
+from zaya_jax.train import balancing
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from reference import make_reference
@@ -55,6 +59,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens P per row (every row the same length, as the reference's "
                      "batched generate needs without padding).")
 flags.DEFINE_integer("new_tokens", 128, "New tokens N per row.")
+flags.DEFINE_enum("routing", "drawn", ["drawn", "balanced"], "drawn: the random checkpoint's own balancing biases "
+                  "(its untrained routers send most rows to one or two experts); balanced: biases first moved by the "
+                  "training's PID rule until the benchmark's own tokens spread evenly over the experts, as in a "
+                  "checkpoint trained with PID balancing. Both sides load the same biases.")
 flags.DEFINE_list("experts_variants", ["auto"], "Expert backends to time ours with (the first is the 'ours' row): "
                   f"{', '.join(EXPERT_BACKENDS)} or tiled64 (the old fixed 64-row tiles).")
 
@@ -84,6 +92,32 @@ def with_experts_backend(model, backend: str):
   return model
 
 
+def routing_balance(model, tokens_BT) -> list[float]:
+  """Per layer, the busiest expert's share of `tokens_BT`'s tokens divided by the even share (1.0 = even)."""
+  counts_LX = np.asarray(zaya_jax.forward(model, tokens_BT).router.counts_LX1)[:, :-1]
+  return [round(float(c.max() / max(c.sum(), 1) * len(c)), 2) for c in counts_LX]
+
+
+def balance_routing(model, prompts_BP, lens_B, new_tokens: int, rounds: int = 3, steps: int = 100) -> None:
+  """Sets `model`'s balancing biases as PID balancing would have in training, for this benchmark's tokens: each round
+  generates greedily, then takes `steps` steps of the training's controller (zaya_jax.train.balancing, kp 1e-2)
+  on the forward over prompts + generated tokens (the generation changes as the routing does, hence the rounds)."""
+  routers = [node for _, node in nnx.iter_graph(model) if hasattr(node, "balancing_biases")]
+  rule = balancing.BalancingConfig(mode="pid", kp=1e-2)
+  pid = balancing.init_pid(len(routers), model.config.moe.num_experts)
+  for _ in range(rounds):
+    out = generate(model, prompts_BP, lens_B, key=jax.random.key(0), max_new_tokens=new_tokens, sampling=GREEDY)
+    tokens_BT = np.concatenate([prompts_BP, np.asarray(out.tokens_BN)], axis=1)
+    for _ in range(steps):
+      counts_LX1 = zaya_jax.forward(model, tokens_BT).router.counts_LX1
+      biases_LX1, pid = balancing.pid_update(rule, pid, jnp.stack([r.balancing_biases[...] for r in routers]),
+                                             counts_LX1)
+      for router, biases_X1 in zip(routers, biases_LX1, strict=True):
+        router.balancing_biases[...] = biases_X1
+  print(f"routing balanced on the benchmark's tokens: busiest expert / even share per layer "
+        f"{routing_balance(model, tokens_BT)}")
+
+
 def apply_defaults() -> None:
   for name, value in {**DEFAULTS, **(QUICK if FLAGS.quick else {})}.items():
     if not FLAGS[name].present:
@@ -107,12 +141,18 @@ def main(argv):
       num_attention_heads=FLAGS.heads, num_key_value_heads=FLAGS.kv_heads, head_dim=FLAGS.head_dim,
       num_experts=FLAGS.experts, moe_intermediate_size=FLAGS.moe_intermediate, router_hidden_size=FLAGS.router_hidden,
       max_position_embeddings=max(P + N, 256), bos_token_id=2, eos_token_id=1, pad_token_id=0)
+  prompts_BP = np.random.default_rng(FLAGS.seed).integers(3, FLAGS.vocab, (B, P)).astype(np.int32)
+  lens_B = np.full((B,), P, np.int32)
   with tempfile.TemporaryDirectory() as path:
     make_reference(path, seed=FLAGS.seed, dtype=bf.TORCH_DTYPES[FLAGS.dtype], **hf_kwargs)
+    model = zaya_jax.load_hf(path, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
+    if FLAGS.routing == "balanced":
+      balance_routing(model, prompts_BP, lens_B, N)
+      path = os.path.join(path, "balanced")
+      zaya_jax.save_hf(model, path)  # the references load the same biases
     refs = {"ref_eager": bf.load_reference(path, fast=False)}
     if FLAGS.sdpa:
       refs["ref_sdpa"] = bf.load_reference(path, fast=True)
-    model = zaya_jax.load_hf(path, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
   cfg = model.config
   n_ours = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
   impls = {name: (r.config._attn_implementation, r.config._experts_implementation) for name, r in refs.items()}
@@ -121,8 +161,6 @@ def main(argv):
         f"F={cfg.moe.intermediate_size} R={cfg.moe.router_hidden_size} V={cfg.vocab_size} dtype={FLAGS.dtype}; "
         f"params {n_ours / 1e6:.2f}M; experts backend={cfg.moe.backend}; reference (attention, experts): {impls}")
 
-  prompts_BP = np.random.default_rng(FLAGS.seed).integers(3, cfg.vocab_size, (B, P)).astype(np.int32)
-  lens_B = np.full((B,), P, np.int32)
   prompts_t = torch.as_tensor(prompts_BP, dtype=torch.long)
   key = jax.random.key(0)
 
@@ -183,7 +221,8 @@ def main(argv):
     print(f"{name:<16} {row['median_s']:>9.3f} {row['min_s']:>8.3f} {row['tokens_per_s']:>10.0f} "
           f"{row['ms_per_step']:>8.2f} {ratio:>10}")
   print("\n(tokens/s = B*N / time of the whole call, prefill of B*P prompt tokens included; ms/step = time / N)")
-  print(f"ours compile ~{first_call_s - median['ours']:.2f} s (first call {first_call_s:.2f} s)")
+  print(f"ours compile ~{first_call_s - median['ours']:.2f} s (first call {first_call_s:.2f} s)"
+        + (" — compiled already by the routing calibration" if FLAGS.routing == "balanced" else ""))
   print(f"goal {goal}: {'MET' if met else 'NOT MET'} ({speedups[fastest_ref]:.2f}x)")
   for o in ours_names[1:]:
     print(f"{o} / references: " + ", ".join(f"{name} {r:.2f}x" for name, r in variant_speedups[o].items())
@@ -196,11 +235,12 @@ def main(argv):
                    torch_threads=torch.get_num_threads(), jax=jax.__version__, torch=torch.__version__,
                    transformers=transformers.__version__),
       config=dict(batch=B, prompt_len=P, new_tokens=N, dtype=FLAGS.dtype, reps=FLAGS.reps, warmup=FLAGS.warmup,
+                  routing=FLAGS.routing, routing_balance=routing_balance(model, np.concatenate([prompts_BP, ours], 1)),
                   params_ours=n_ours, zaya=cfg.to_hf(), experts_backend=cfg.moe.backend, reference_impls=impls,
                   experts_variants=dict(zip(ours_names, variants, strict=True))),
       rows_with_token_mismatch=mismatches, compile_s=first_call_s - median["ours"], first_call_s=first_call_s,
       results=rows, times_s=times, speedup=speedups, speedup_by_variant=variant_speedups, goal={goal: met})
-  bf.write_results(results, "bench_decode")
+  bf.write_results(results, "bench_decode" + ("_balanced" if FLAGS.routing == "balanced" else ""))
 
 
 if __name__ == "__main__":
