@@ -10,10 +10,11 @@ The thresholds are not enough on their own. JAX dispatches XLA:CPU calls asynchr
 and a worker thread's arena holds at most 64 MiB, so larger temporaries (the small20m step's [2048, 8192] logits)
 were still mmap'd and faulted in at every call: 149k faults per step. Running each call on the calling (main)
 thread instead (`jax_cpu_enable_async_dispatch=False`) puts its temporaries in the main arena: 15-80 faults per step.
-The cost is that Python waits for each CPU call instead of queueing the next one, which the training loop and the
-benchmarks do not rely on (they read each step's loss); but very small calls ran slower that way (a tiny-model step
-of 8x32 tokens 10-35%; at 8x128 tokens the same within noise), so a program made of such calls may pass
-`calls_on_caller_thread=False` (the test suite does).
+JAX applies it to computations on one device only: sharded CPU runs (a `--mesh` over forced CPU devices) still
+dispatch to worker threads. The cost is that Python waits for each CPU call instead of queueing the next one, which
+the training loop and the benchmarks do not rely on (they read each step's loss); but very small calls ran slower
+that way (a tiny-model step of 8x32 tokens 10-35%; at 8x128 tokens the same within noise), so a program made of
+such calls may pass `calls_on_caller_thread=False` (the test suite does).
 
 The cost of the thresholds is resident memory: up to `trim_threshold` of freed heap stays with the process instead
 of going back to the system. Entry points (launch/, the benchmarks) call `retain_freed_memory()` once at start-up,
@@ -60,7 +61,8 @@ def retain_freed_memory(*, mmap_threshold: int = 1 << 30, trim_threshold: int = 
       logging.warning("retain_freed_memory: JAX's CPU client already exists, so its calls stay on worker threads, "
                       "whose temporaries above 64 MiB are page-faulted in at every call; call it before the first "
                       "JAX computation.")
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    else:
+      jax.config.update("jax_cpu_enable_async_dispatch", False)
   mallopt = ctypes.CDLL(None).mallopt
   settings = ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold), (M_TOP_PAD, top_pad))
   if arena_max is not None:
