@@ -103,7 +103,7 @@ def balance_routing(model, prompts_BP, lens_B, new_tokens: int, rounds: int = 6,
   """Sets `model`'s balancing biases as PID balancing would have in training, for this benchmark's tokens: each round
   generates greedily, then takes `steps` steps of the training's controller (zaya_jax.train.balancing, kp 1e-2)
   on the forward over prompts + generated tokens (the generation changes as the routing does, hence the rounds).
-  The balance printed is measured on a fresh generation with the final biases: the tokens the benchmark times."""
+  main() reports the balance on the generation it times, made with the final biases."""
   routers = [node for _, node in nnx.iter_graph(model) if hasattr(node, "balancing_biases")]
   rule = balancing.BalancingConfig(mode="pid", kp=1e-2)
   pid = balancing.init_pid(len(routers), model.config.moe.num_experts)
@@ -116,10 +116,6 @@ def balance_routing(model, prompts_BP, lens_B, new_tokens: int, rounds: int = 6,
                                              counts_LX1)
       for router, biases_X1 in zip(routers, biases_LX1, strict=True):
         router.balancing_biases[...] = biases_X1
-  out = generate(model, prompts_BP, lens_B, key=jax.random.key(0), max_new_tokens=new_tokens, sampling=GREEDY)
-  tokens_BT = np.concatenate([prompts_BP, np.asarray(out.tokens_BN)], axis=1)
-  print(f"routing after calibration, on the generation with the final biases: busiest expert / even share per "
-        f"layer {routing_balance(model, tokens_BT)}")
 
 
 def apply_defaults() -> None:
@@ -202,8 +198,9 @@ def main(argv):
       b = int(np.flatnonzero(~rows_equal)[0])
       t = int(np.flatnonzero(theirs[b] != ours[b])[0])
       print(f"{name}: row {b} first differs at new token {t}: ours {ours[b, t:t + 5]}, theirs {theirs[b, t:t + 5]}")
+  balance = routing_balance(model, np.concatenate([prompts_BP, ours], axis=1))
   print(f"rows whose {N} greedy tokens differ from ours: {mismatches} (of {B}); distinct tokens generated: "
-        f"{len(np.unique(ours))}")
+        f"{len(np.unique(ours))}; routing ({FLAGS.routing}), busiest expert / even share per layer: {balance}")
   if any(mismatches.values()):
     raise SystemExit(f"TOKEN MISMATCH: {mismatches}; timings would compare different generations")
 
@@ -239,7 +236,7 @@ def main(argv):
                    torch_threads=torch.get_num_threads(), jax=jax.__version__, torch=torch.__version__,
                    transformers=transformers.__version__),
       config=dict(batch=B, prompt_len=P, new_tokens=N, dtype=FLAGS.dtype, reps=FLAGS.reps, warmup=FLAGS.warmup,
-                  routing=FLAGS.routing, routing_balance=routing_balance(model, np.concatenate([prompts_BP, ours], 1)),
+                  routing=FLAGS.routing, routing_balance=balance,
                   params_ours=n_ours, zaya=cfg.to_hf(), experts_backend=cfg.moe.backend, reference_impls=impls,
                   experts_variants=dict(zip(ours_names, variants, strict=True))),
       rows_with_token_mismatch=mismatches, first_call_s=first_call_s,
