@@ -87,6 +87,12 @@ def test_strategies_hold_the_promised_bytes_per_device(results):
   assert r["ep"]["params_device"] < params / 2
   experts = results["expert_bytes"]
   assert r["ep"]["params_device"] == params - experts + experts // 8
+  # Without ZeRO-1 the AdamW moments (two per parameter) are split exactly as the parameters are; the remainder is
+  # the step counters, whole on every device.
+  counters = opt - 2 * params
+  assert 0 < counters <= 64
+  for name in ("dp", "fsdp", "tp", "ep"):
+    assert r[name]["opt_device"] == 2 * r[name]["params_device"] + counters, name
   # data 2 x expert 2 x tensor 2 with ZeRO-1: the optimizer state splits once more, over data.
   combo = r["data2_expert2_tensor2_zero1"]
   assert combo["opt_device"] <= 1.05 * combo["params_device"] < 2 * combo["params_device"]
