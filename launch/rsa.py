@@ -67,6 +67,8 @@ def _problems() -> list[cli.Problem]:
     return cli.read_problems(_PROBLEMS.value)
   if not _PROBLEM.value.strip():
     raise cli.CLIError("--problem is empty")
+  if _ANSWER.value is not None and not _ANSWER.value.strip():
+    raise cli.CLIError("--answer is empty (no answer could match it); leave it out for an unscored problem")
   return [cli.Problem(0, 0, _PROBLEM.value, _ANSWER.value)]
 
 
@@ -101,7 +103,8 @@ def main(argv) -> int:
     # which also bound make_decode_fn's cache (prompt capacity + budget - 1 per call).
     cfg = cli.rsa_config(n=_N.value, c=_C.value, t=_T.value, tau=_TAU.value, beta=_BETA.value,
                          beta_final=_BETA_FINAL.value, tail_source=_TAIL_SOURCE.value, end_think=end_think,
-                         q_max=q_max, max_context=loaded.context, pad_id=pad_id(loaded.model), seed=_SEED.value)
+                         q_max=q_max, max_context=loaded.context, pad_id=pad_id(loaded.model), seed=_SEED.value,
+                         stop_ids=loaded.stop_ids)  # tails end before a final stop token; it marks a trace finished
     cli.check_rsa_context(cfg, pieces, loaded.context, longest)
     # One decode function for every problem and round: the generate program compiles once per budget.
     decode_fn = make_decode_fn(loaded.model, sampling=sampling, stop_token_ids=loaded.stop_ids)

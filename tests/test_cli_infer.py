@@ -205,6 +205,7 @@ def test_prompt_and_problem_files(tmp_path):
     ('{"problem": "one"}\n["two"]\n', "problems.jsonl:2: expected a JSON object"),
     ('{"answer": "1"}\n', "problems.jsonl:1: needs a non-empty string field \"problem\""),
     ('{"problem": "one", "answer": [1]}\n', "problems.jsonl:1: \"answer\" must be a string or a number"),
+    ('{"problem": "one", "answer": " "}\n', "problems.jsonl:1: \"answer\" is empty"),
     ("\n  \n", "is empty"),
   ]:
     problems.write_text(text)
@@ -276,7 +277,7 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
   problems_file.write_text('{"problem": "P-one: 3+4?", "answer": "7"}\n{"question": "P-two: 2+3?", "answer": 5}\n'
                            '{"problem": "P-three: 1+4?", "answer": "5.0"}\n{"problem": "P-four"}\n')
   problems = cli.read_problems(str(problems_file))
-  cfg, pieces = rsa_cfg(), P.encode_pieces(tok.hf, P.RSA_REFERENCE, 2, None)
+  cfg, pieces = rsa_cfg(stop_ids=hf.stop_ids), P.encode_pieces(tok.hf, P.RSA_REFERENCE, 2, None)  # as launch/rsa.py
   calls = []  # (problem, prompt lengths, output lengths) per decode call
 
   def decode_fn(key, prompts_BL, lens_B, max_new):
@@ -332,6 +333,9 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
   assert not failed.exists() and sorted(os.listdir(tmp_path)) == ["problems.jsonl", "report.jsonl"]
   with pytest.raises(cli.CLIError, match=r"folder .* does not exist"):
     cli.AtomicJsonl(str(tmp_path / "no" / "x.jsonl")).__enter__()
+  with pytest.raises(cli.CLIError, match="is a folder; give the path of the JSON-lines file"):
+    cli.AtomicJsonl(str(tmp_path)).__enter__()
+  assert sorted(os.listdir(tmp_path)) == ["problems.jsonl", "report.jsonl"]
   with pytest.raises(cli.CLIError, match="do not fit the model's context of 300"):
     cli.check_rsa_context(cfg, pieces, 300, 10)
 
@@ -349,7 +353,7 @@ def test_rsa_cli_report_is_reproducible_in_process(tmp_path, hf_dir, hf):
   assert out.count("round 1:") == 2 and out.count("vote:") == 2
 
   # The same problems through the library: same seed plumbing (problem i: fold_in(key(seed), i)), same reports.
-  cfg = rsa_cfg(seed=5)
+  cfg = rsa_cfg(seed=5, stop_ids=hf.stop_ids)  # as launch/rsa.py builds it
   pieces = P.encode_pieces(hf.tokenizer.hf, P.RSA_REFERENCE, 2, None)
   decode_fn = make_decode_fn(hf.model, sampling=SamplingConfig(temperature=1.0), stop_token_ids=hf.stop_ids)
   reports = [cli.solve_problem(cfg, pieces, decode_fn, hf.tokenizer, p, jax.random.fold_in(jax.random.key(5), p.index),

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 from jinja2.exceptions import SecurityError, TemplateError
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from zaya_jax.infer import prompts as P
 from zaya_jax.infer import rsa
@@ -96,6 +96,24 @@ def test_device_prompt_equals_tokenised_host_string(tok, template, c, chat):
   q = P.encode_question(tok, QUESTION)
   out, length = _build_initial(pieces, np.array(q + [0] * 4, np.int32), np.int32(len(q)), len(q) + 4 + 40, 0)
   assert np.asarray(out)[: int(length)].tolist() == ids(tok, P.prompt_text(template, QUESTION, None, chat))
+
+
+def test_plain_prompts_start_as_the_tokenizer_starts_a_text(tok):
+  """A Gemma-style post-processor puts <bos> before every encoded text: plain-text RSA prompts start with it, as
+  `Tokenizer.encode` (and launch/generate.py) start a prompt; a rendered chat template brings its own, once."""
+  with_bos = Tokenizer.from_str(tok.to_str())
+  bos = tok.token_to_id("<|bos|>")
+  with_bos.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", bos)])
+  assert P.leading_special_ids(with_bos) == (bos,) and P.leading_special_ids(tok) == ()
+  pieces = P.encode_pieces(with_bos, P.RSA_REFERENCE, 2)
+  host = P.prompt_text(P.RSA_REFERENCE, QUESTION, TAILS[:2])
+  assert device_prompt(with_bos, pieces, QUESTION, TAILS[:2]) == with_bos.encode(host).ids
+  q = P.encode_question(with_bos, QUESTION)
+  out, length = _build_initial(pieces, np.array(q, np.int32), np.int32(len(q)), len(q) + 8, 0)
+  assert np.asarray(out)[: int(length)].tolist() == with_bos.encode(P.prompt_text(P.RSA_REFERENCE, QUESTION, None)).ids
+  chat_pieces = P.encode_pieces(with_bos, P.RSA_REFERENCE, 2, CHAT)
+  assert chat_pieces.prefix == P.encode_pieces(tok, P.RSA_REFERENCE, 2, CHAT).prefix
+  assert chat_pieces.prefix.count(bos) == 1
 
 
 def test_pieces_are_tokenised_in_context(tok):

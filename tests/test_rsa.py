@@ -3,7 +3,8 @@
 N population, C candidates per prompt, T tail tokens (τ), M new tokens per call, L prompt capacity, K trials,
 B decoder batch (= N), A answer values. Scripted decoders are pure JAX functions of (key, prompts, lengths, max_new).
 Token ids: 0 pad, 1..8 chat/template pieces, 200+i candidate headers, 20..29 question, 50..96 filler output,
-60/61 a toy end-of-thinking marker, 99 "no answer", 100+a answer a, >= 1000 counting tokens (Delethink test).
+60/61 a toy end-of-thinking marker, 98 a stop token (EOS), 99 "no answer", 100+a answer a, >= 1000 counting tokens
+(Delethink test).
 Module-level configs and jitted decoders so that every program compiles once and is reused across tests; many
 independent rounds run under `lax.map` (vmapping over keys compiles the random-bit generation several times slower).
 """
@@ -22,7 +23,7 @@ from zaya_jax.infer import answers as ans
 from zaya_jax.infer import rsa
 from zaya_jax.infer.rsa import PromptPieces, RSAConfig
 
-PAD, NONE, ANS, FILLER = 0, 99, 100, 50
+PAD, EOS, NONE, ANS, FILLER = 0, 98, 99, 100, 50
 QUESTION = [21, 22, 23]
 
 
@@ -367,6 +368,53 @@ def test_delethink_continues_its_own_trace():
   pool = np.asarray(state.pool_NG)
   for b in range(DELETHINK.n):  # row b counts on from where its own previous chunk stopped
     np.testing.assert_array_equal(pool[b], 1000 * (b + 1) + DELETHINK.t * DELETHINK.beta + np.arange(6))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def stop_row0_decoder(key, prompts_BL, plen_B, max_new):
+  """count_decoder, except that row 0 writes EOS as its third token and stops there."""
+  tokens_BM, len_B = count_decoder(key, prompts_BL, plen_B, max_new)
+  return tokens_BM.at[0, 2].set(EOS), len_B.at[0].set(3)
+
+
+def test_delethink_keeps_a_finished_trace_and_counts_only_live_ones():
+  cfg = dataclasses.replace(DELETHINK, stop_ids=(EOS,))
+  state = rsa.run(cfg, CONTINUE_PIECES, stop_row0_decoder, QUESTION, KEY)
+  assert_states_equal(state, rsa.run_loop(cfg, CONTINUE_PIECES, stop_row0_decoder, QUESTION, KEY))
+  pool = np.asarray(state.pool_NG)
+  np.testing.assert_array_equal(pool[0], [1000, 1001, EOS, PAD, PAD, PAD])  # round 0's trace: not continued past EOS
+  for b in (1, 2):
+    np.testing.assert_array_equal(pool[b], 1000 * (b + 1) + cfg.t * cfg.beta + np.arange(6))
+  assert state.finished_N.tolist() == [True, False, False]
+  np.testing.assert_array_equal(state.pool_len_N, [3, 6, 6])
+  # The kept trace's later decodes are discarded: not generated, not prefilled, not in the context witness.
+  np.testing.assert_array_equal(state.generated_R, [3 + 2 * 6] + [2 * 6] * cfg.t)
+  prompt = len(CONTINUE_PIECES.prefix) + len(QUESTION) + len(CONTINUE_PIECES.heads[0]) + cfg.tau
+  np.testing.assert_array_equal(state.prefilled_R[1:], [2 * prompt] * cfg.t)
+
+
+def test_a_final_stop_token_is_not_in_the_tail_and_marks_the_trace_finished():
+  cfg = RSAConfig(n=3, c=2, t=1, tau=3, beta=5, q_max=4, stop_ids=EOS)
+  assert cfg.stop_ids == (EOS,)
+  tokens = np.array([[50, 51, 107, EOS, PAD],  # stopped early
+                     [50, 51, 52, 107, EOS],  # the stop token in its last allowed slot: finished, not cut
+                     [50, 51, 52, 53, EOS + 1]], np.int32)  # cut at the budget
+  lens = np.array([4, 5, 5])
+  for stop_ids, finished, tails in [
+      ((EOS,), [True, True, False], [[50, 51, 107], [51, 52, 107], [52, 53, EOS + 1]]),
+      ((), [True, False, False], [[51, 107, EOS], [52, 107, EOS], [52, 53, EOS + 1]])]:  # without: EOS carried
+    state = rsa.state_from_population(dataclasses.replace(cfg, stop_ids=stop_ids), KEY, tokens, lens)
+    assert state.finished_N.tolist() == finished
+    np.testing.assert_array_equal(state.pool_len_N, lens)  # the stop token was generated: it stays counted
+    tails_NT, _ = rsa.extract_tails(state.pool_NG, state.tail_end_N, cfg.tau, PAD)
+    np.testing.assert_array_equal(tails_NT, tails)
+
+
+def test_parallel_sampling_ignores_the_aggregation_settings():
+  cfg = RSAConfig(n=2, c=4, t=0, tau=9, beta=4, q_max=4)  # c > n and tau > beta: nothing aggregates when t = 0
+  assert rsa.prompt_capacity(cfg, pieces_for(1)) == pieces_for(1).initial_len + cfg.q_max
+  state = rsa.run(cfg, pieces_for(1), full_decoder, QUESTION, KEY)
+  assert int(state.generated) == cfg.n * cfg.beta
 
 
 def test_full_chain_rsa_carries_whole_outputs():

@@ -289,7 +289,9 @@ def evaluate_model(mode: Mode, name: str, out: str, log) -> dict[str, float]:
   for m_index, method in enumerate(METHODS):
     cfg = configs[method]
     pieces = task.prompt_pieces(encode, cfg.c)
-    meta = {"method": method, "rsa": dataclasses.asdict(cfg), "pieces": dataclasses.asdict(pieces),
+    # RSAConfig.stop_ids came after the first studies: left out at its default, so their recorded settings match.
+    rsa_meta = {k: v for k, v in dataclasses.asdict(cfg).items() if (k, v) != ("stop_ids", ())}
+    meta = {"method": method, "rsa": rsa_meta, "pieces": dataclasses.asdict(pieces),
             "temperature": mode.temperature, "eval_seed": mode.eval_seed, "problems_seed": mode.eval_seed}
     path = os.path.join(folder, f"{method}.jsonl")
     rows = [r for r in read_jsonl(path)]

@@ -239,6 +239,9 @@ def read_problems(path: str) -> list[Problem]:
     answer = row.get("answer")
     if isinstance(answer, bool) or (answer is not None and not isinstance(answer, str | int | float)):
       raise CLIError(f"{path}:{number}: \"answer\" must be a string or a number, got {answer!r}")
+    if isinstance(answer, str) and not answer.strip():
+      raise CLIError(f"{path}:{number}: \"answer\" is empty (no answer could match it); leave the field out for "
+                     "an unscored problem")
     out.append(Problem(len(out), number, text, None if answer is None else str(answer)))
   return out
 
@@ -252,6 +255,8 @@ class AtomicJsonl:
 
   def __enter__(self):
     if self.path:
+      if os.path.isdir(self.path):
+        raise CLIError(f"--output={self.path} is a folder; give the path of the JSON-lines file to write")
       folder = os.path.dirname(os.path.abspath(self.path))
       if not os.path.isdir(folder):
         raise CLIError(f"--output={self.path}: folder {folder} does not exist")
@@ -270,10 +275,14 @@ class AtomicJsonl:
     if self._file is None:
       return
     self._file.close()
-    if exc_type is None:
-      os.replace(self._file.name, self.path)
-    else:
+    if exc_type is not None:
       os.unlink(self._file.name)
+      return
+    try:
+      os.replace(self._file.name, self.path)
+    except OSError as e:  # e.g. a folder created at the path meanwhile: nothing half-written is left behind
+      os.unlink(self._file.name)
+      raise CLIError(f"--output={self.path} cannot be written: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,11 +357,13 @@ def generate_completions(loaded: LoadedModel, prompts: Sequence[str], *, chat: P
 
 
 def rsa_config(*, n: int, c: int, t: int, tau: int, beta: int, beta_final: int | None, tail_source: str,
-               end_think: Sequence[int], q_max: int, max_context: int, pad_id: int, seed: int) -> rsa.RSAConfig:
+               end_think: Sequence[int], q_max: int, max_context: int, pad_id: int, seed: int,
+               stop_ids: Sequence[int] = ()) -> rsa.RSAConfig:
   """RSAConfig from the flags; its validation message (C > N, τ > β, ...) with the flag names."""
   try:
     return rsa.RSAConfig(n=n, c=c, t=t, tau=tau, beta=beta, beta_final=beta_final, tail_source=tail_source,
-                         end_think=tuple(end_think), q_max=q_max, max_context=max_context, pad_id=pad_id, seed=seed)
+                         end_think=tuple(end_think), stop_ids=tuple(stop_ids), q_max=q_max, max_context=max_context,
+                         pad_id=pad_id, seed=seed)
   except ValueError as e:
     raise CLIError(str(e).replace("RSAConfig.", "--")) from None
 

@@ -18,6 +18,8 @@ spliced form is canonical, and it equals the tokenised host string when the tail
 that start and end with non-whitespace (the reference strips them; a token tail cannot be stripped).
 
 The question is stripped once (`encode_question`) and shared by round 0 and the aggregation prompts.
+Without a chat template, a prompt starts as the tokenizer's post-processor starts a text (Gemma's <bos>; nothing for
+the project's trained BPE), as `launch/generate.py`'s plain prompts do; a rendered chat template holds its own.
 Template text is filled by concatenation, never `str.format`: questions and tails contain `{}` (spec P9).
 """
 
@@ -300,16 +302,28 @@ def encode_pieces(tokenizer, template: AggregationTemplate, c: int, chat: ChatFo
   if template.continuation and c != 1:
     raise ValueError(f"continuation template {template.name!r} carries one tail: c must be 1, got {c}")
   before, after = _split(prompt_text(template, _Q, None, chat), [_Q])
+  start = () if chat is not None else leading_special_ids(tokenizer)  # a rendered chat template holds its own
   initial = (
-    _encode_in_context(tokenizer, before, "initial[0]", False, True),
+    start + _encode_in_context(tokenizer, before, "initial[0]", False, True),
     _encode_in_context(tokenizer, after, "initial[1]", True, False),
   )
   tails = [_tail_sentinel(i) for i in range(c)]
   texts = _split(prompt_text(template, _Q, tails, chat), [_Q, *tails])
-  prefix = _encode_in_context(tokenizer, texts[0], "prefix", False, True)
+  prefix = start + _encode_in_context(tokenizer, texts[0], "prefix", False, True)
   heads = tuple(_encode_in_context(tokenizer, texts[1 + i], f"heads[{i}]", True, True) for i in range(c))
   suffix = _encode_in_context(tokenizer, texts[-1], "suffix", True, False)
   return PromptPieces(initial=initial, prefix=prefix, heads=heads, suffix=suffix)
+
+
+def leading_special_ids(tokenizer) -> tuple[int, ...]:
+  """The ids the tokenizer's post-processor puts before a text (Gemma's <bos>), () when it adds none; ids it
+  appends after a text (an <eos>) are not a prompt's business."""
+  plain = _encode(tokenizer, "x")
+  full = tokenizer.encode("x", add_special_tokens=True).ids
+  for k in range(len(full) - len(plain) + 1):
+    if full[k : k + len(plain)] == plain:
+      return tuple(full[:k])
+  raise ValueError(f"the tokenizer's post-processor changes the text's own ids ({plain} -> {full})")
 
 
 def encode_question(tokenizer, question: str) -> list[int]:

@@ -13,8 +13,12 @@ t = 0 is plain parallel sampling.
 
 The model enters only through `decode_fn(key, prompts[B, L] int32, prompt_lens[B] int32, max_new: int) ->
 (tokens[B, max_new] int32, lengths[B] int32)`, B = N, prompts right-padded with `pad_id`. Tokens past a row's length
-are ignored (scrubbed to pad_id); lengths are clipped to [0, max_new]. A row shorter than max_new counts as finished
-(EOS seen) rather than cut at the budget.
+are ignored (scrubbed to pad_id); lengths are clipped to [0, max_new]. A row counts as finished (rather than cut at
+the budget) when it is shorter than max_new or ends in one of `RSAConfig.stop_ids`; a final stop token stays in the
+pool and in the token counts (the decoder generated it) but is no part of the trace's text, so tails end before it.
+In self-continuation (c = 1, Delethink), a finished trace is done: later rounds keep it as it is (its row is still
+decoded, for static shapes, and the result discarded and left out of the accounting), as Delethink stops a trace
+at EOS. Aggregation (c > 1) builds every new trace from candidates, finished or not.
 
 Two drivers give identical states for the same key: `run` (one jit: round 0, `lax.scan` over the middle rounds,
 final round) and `run_loop` (a host loop over jitted prompt building and state updates, calling decode_fn on the
@@ -59,6 +63,7 @@ class RSAConfig:
   beta_final: int | None = None  # budget of the last round (None: beta); the report uses 40,960
   tail_source: str = "all"  # "reasoning": tails end at the end-of-thinking marker when present; "all": whole output
   end_think: tuple[int, ...] = ()  # token ids of the end-of-thinking marker (a sequence, e.g. (id of </think>,))
+  stop_ids: tuple[int, ...] = ()  # the decoder's stop tokens (EOS, end of turn): a trace ending in one is finished
   self_continue: bool = True  # with c == 1, trace i aggregates its own previous trace i (no draw)
   q_max: int = 2048  # question capacity Q (static shape of the question buffer)
   max_context: int | None = None  # if set, prompt capacity + max budget must fit (the decoder's cache length)
@@ -80,12 +85,12 @@ class RSAConfig:
       raise ValueError(f"RSAConfig.pad_id must be an int >= 0, got {self.pad_id!r}")
     if not _is_int(self.seed):
       raise ValueError(f"RSAConfig.seed must be an int, got {self.seed!r}")
-    if self.c > self.n:
+    if self.t > 0 and self.c > self.n:  # t = 0 (parallel sampling) never aggregates: c and tau are unused
       raise ValueError(
         f"RSAConfig.c = {self.c} > RSAConfig.n = {self.n}: each aggregation draws c distinct candidates from the "
         "previous round's n traces (without replacement)"
       )
-    if self.tau > self.beta:
+    if self.t > 0 and self.tau > self.beta:
       raise ValueError(
         f"RSAConfig.tau = {self.tau} > RSAConfig.beta = {self.beta}: a tail is at most one call's output "
         "(tau = beta is full-chain RSA)"
@@ -96,6 +101,10 @@ class RSAConfig:
     if not all(_is_int(i) and i >= 0 for i in end_think):
       raise ValueError(f"RSAConfig.end_think must be token ids >= 0, got {self.end_think!r}")
     object.__setattr__(self, "end_think", tuple(int(i) for i in end_think))  # a list would break hashing
+    stop_ids = tuple(self.stop_ids) if not _is_int(self.stop_ids) else (self.stop_ids,)
+    if not all(_is_int(i) and i >= 0 for i in stop_ids):
+      raise ValueError(f"RSAConfig.stop_ids must be token ids >= 0, got {self.stop_ids!r}")
+    object.__setattr__(self, "stop_ids", tuple(int(i) for i in stop_ids))
     if self.tail_source == "reasoning" and not self.end_think:
       raise ValueError(
         "RSAConfig.tail_source = 'reasoning' needs the end-of-thinking marker ids in RSAConfig.end_think; "
@@ -188,8 +197,9 @@ class PromptPieces:
 
 def prompt_capacity(cfg: RSAConfig, pieces: PromptPieces) -> int:
   """L: the static prompt length, large enough for round 0 and for any aggregation prompt, so that one compiled
-  decoder serves every round and no splice index is ever clamped."""
-  return max(pieces.initial_len + cfg.q_max, pieces.template_len + cfg.q_max + cfg.c * cfg.tau)
+  decoder serves every round and no splice index is ever clamped (round 0 alone when t = 0)."""
+  initial = pieces.initial_len + cfg.q_max
+  return initial if cfg.t == 0 else max(initial, pieces.template_len + cfg.q_max + cfg.c * cfg.tau)
 
 
 def context_bound(cfg: RSAConfig, pieces: PromptPieces) -> int:
@@ -201,7 +211,7 @@ def check_pieces(cfg: RSAConfig, pieces: PromptPieces) -> None:
   """Raises ValueError when pieces and config disagree or the prompts cannot fit `cfg.max_context`."""
   if not isinstance(pieces, PromptPieces):
     raise TypeError(f"pieces must be a PromptPieces, got {type(pieces).__name__}")
-  if pieces.c != cfg.c:
+  if cfg.t > 0 and pieces.c != cfg.c:
     raise ValueError(f"PromptPieces were built for {pieces.c} candidates, RSAConfig.c = {cfg.c}")
   if cfg.max_context is not None and context_bound(cfg, pieces) > cfg.max_context:
     raise ValueError(
@@ -218,8 +228,8 @@ class RSAState(NamedTuple):
   rounds_done: jax.Array  # int32[]: rounds decoded so far; the pool is round rounds_done - 1's output
   pool_NG: jax.Array  # int32 [N, G] current population, right-padded with pad_id
   pool_len_N: jax.Array  # int32 [N]
-  tail_end_N: jax.Array  # int32 [N] where each trace's tail ends (the end-of-thinking marker, or pool_len)
-  finished_N: jax.Array  # bool [N] the decoder stopped before the budget (EOS)
+  tail_end_N: jax.Array  # int32 [N] where each trace's tail ends (the end-of-thinking marker, or its text's end)
+  finished_N: jax.Array  # bool [N] the decoder stopped (a stop token, or short of the budget) rather than cut at it
   generated_R: jax.Array  # int32 [R] new tokens per round (sum of output lengths): D(q) = generated_R.sum()
   prefilled_R: jax.Array  # int32 [R] prompt tokens sent per round (sum of prompt lengths)
   max_prompt_R: jax.Array  # int32 [R] longest prompt per round
@@ -374,9 +384,27 @@ def prepare_aggregation(cfg: RSAConfig, pieces: PromptPieces, state: RSAState, q
   return k_dec, prompts_NL, prompt_len_N
 
 
-def absorb(cfg: RSAConfig, state: RSAState, prompt_len_N, tokens_NM, len_N, max_new: int) -> RSAState:
+def frozen_rows(cfg: RSAConfig, state: RSAState) -> jax.Array:
+  """bool [N]: the traces an aggregation round keeps as they are: in self-continuation (c = 1), those already
+  finished (Delethink stops a trace at EOS); none when traces aggregate candidates."""
+  if cfg.c == 1 and cfg.self_continue:
+    return state.finished_N
+  return jnp.zeros((cfg.n,), bool)
+
+
+def ends_in_stop(tokens_NM: jax.Array, len_N: jax.Array, stop_ids: Sequence[int]) -> jax.Array:
+  """bool [N]: whether each row's last token (of its first len) is one of stop_ids."""
+  if not stop_ids:
+    return jnp.zeros(len_N.shape, bool)
+  last_N = jnp.take_along_axis(tokens_NM, jnp.maximum(len_N - 1, 0)[:, None], axis=1)[:, 0]
+  return (len_N > 0) & jnp.isin(last_N, jnp.asarray(stop_ids, jnp.int32))
+
+
+def absorb(cfg: RSAConfig, state: RSAState, prompt_len_N, tokens_NM, len_N, max_new: int,
+           frozen_N: jax.Array | None = None) -> RSAState:
   """The state after a round whose prompts had prompt_len_N tokens and whose decoder, asked for max_new tokens,
-  returned (tokens_NM, len_N)."""
+  returned (tokens_NM, len_N). Rows where frozen_N is True keep their previous trace; their decode is discarded
+  and counted nowhere."""
   shape, len_shape = tuple(getattr(tokens_NM, "shape", ())), tuple(getattr(len_N, "shape", ()))
   if shape != (cfg.n, max_new) or len_shape != (cfg.n,):
     raise ValueError(
@@ -389,20 +417,31 @@ def absorb(cfg: RSAConfig, state: RSAState, prompt_len_N, tokens_NM, len_N, max_
   len_N = jnp.clip(len_N.astype(jnp.int32), 0, m)
   tokens_NM = jnp.where(jnp.arange(m)[None, :] < len_N[:, None], tokens_NM.astype(jnp.int32), cfg.pad_id)
   pool_NG = jnp.pad(tokens_NM, ((0, 0), (0, cfg.pool_width - m)), constant_values=cfg.pad_id)
-  tail_end_N = reasoning_end(tokens_NM, len_N, cfg.end_think) if cfg.tail_source == "reasoning" else len_N
-  r = state.rounds_done
+  stopped_N = ends_in_stop(tokens_NM, len_N, cfg.stop_ids)
+  text_len_N = len_N - stopped_N.astype(jnp.int32)  # a final stop token is no part of the text: tails end before it
+  tail_end_N = reasoning_end(tokens_NM, text_len_N, cfg.end_think) if cfg.tail_source == "reasoning" else text_len_N
+  finished_N = stopped_N | (len_N < m)
   prompt_len_N = prompt_len_N.astype(jnp.int32)
+  counted_N = jnp.ones((cfg.n,), bool)
+  if frozen_N is not None:
+    pool_NG = jnp.where(frozen_N[:, None], state.pool_NG, pool_NG)
+    tail_end_N = jnp.where(frozen_N, state.tail_end_N, tail_end_N)
+    finished_N = finished_N | frozen_N
+    counted_N = ~frozen_N
+  r = state.rounds_done
+  new_len_N = jnp.where(counted_N, len_N, 0)
+  new_prompt_N = jnp.where(counted_N, prompt_len_N, 0)
   return RSAState(
     key=state.key,
     rounds_done=r + 1,
     pool_NG=pool_NG,
-    pool_len_N=len_N,
+    pool_len_N=jnp.where(counted_N, len_N, state.pool_len_N),
     tail_end_N=tail_end_N,
-    finished_N=len_N < m,
-    generated_R=state.generated_R.at[r].set(len_N.sum()),
-    prefilled_R=state.prefilled_R.at[r].set(prompt_len_N.sum()),
-    max_prompt_R=state.max_prompt_R.at[r].set(prompt_len_N.max()),
-    max_context_R=state.max_context_R.at[r].set((prompt_len_N + len_N).max()),
+    finished_N=finished_N,
+    generated_R=state.generated_R.at[r].set(new_len_N.sum()),
+    prefilled_R=state.prefilled_R.at[r].set(new_prompt_N.sum()),
+    max_prompt_R=state.max_prompt_R.at[r].set(new_prompt_N.max()),
+    max_context_R=state.max_context_R.at[r].set((new_prompt_N + new_len_N).max()),
   )
 
 
@@ -416,7 +455,7 @@ def aggregation_round(cfg, pieces, decode_fn: DecodeFn, state: RSAState, q_Q, q_
   """One Markovian round: tails of the current pool -> subsets -> prompts -> decode -> the new pool."""
   k_dec, prompts_NL, prompt_len_N = prepare_aggregation(cfg, pieces, state, q_Q, q_len)
   tokens_NM, len_N = decode_fn(k_dec, prompts_NL, prompt_len_N, max_new)
-  return absorb(cfg, state, prompt_len_N, tokens_NM, len_N, max_new)
+  return absorb(cfg, state, prompt_len_N, tokens_NM, len_N, max_new, frozen_rows(cfg, state))
 
 
 def state_from_population(cfg: RSAConfig, key: jax.Array, tokens_NM, len_N, rounds_done: int = 1) -> RSAState:
@@ -515,7 +554,9 @@ def run_loop(
     k_dec, prompts_NL, prompt_len_N = prepare(static, pieces, state, q_Q, q_len)
     fn = final_decode_fn if r == cfg.t else decode_fn
     tokens_NM, len_N = fn(k_dec, prompts_NL, prompt_len_N, cfg.budget(r))
-    state = _absorb_jit(static, state, prompt_len_N, jnp.asarray(tokens_NM), jnp.asarray(len_N), cfg.budget(r))
+    frozen_N = None if r == 0 else frozen_rows(static, state)
+    state = _absorb_jit(static, state, prompt_len_N, jnp.asarray(tokens_NM), jnp.asarray(len_N), cfg.budget(r),
+                        frozen_N)
     if on_round is not None:
       on_round(r, state)
   return state
