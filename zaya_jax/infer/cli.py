@@ -372,11 +372,13 @@ def check_rsa_context(cfg: rsa.RSAConfig, pieces: rsa.PromptPieces, context: int
   """Every decode call's prompt capacity + budget must fit the model's context: named in flags, not in fields."""
   bound = rsa.context_bound(cfg, pieces)
   if bound > context:
+    prompt = (f"template {pieces.template_len} + question {cfg.q_max} (longest {longest_question} tokens) + --c × "
+              f"--tau = {cfg.c} × {cfg.tau}" if cfg.t else
+              f"round-0 template {pieces.initial_len} + question {cfg.q_max} (longest {longest_question} tokens)")
     raise CLIError(
-      f"the RSA prompts do not fit the model's context of {context} (max_position_embeddings): template "
-      f"{pieces.template_len} + question {cfg.q_max} (longest {longest_question} tokens) + --c × --tau = {cfg.c} × "
-      f"{cfg.tau} + max(--beta, --beta_final) = {cfg.pool_width} makes {bound}; lower --tau, --c, --beta or "
-      "--beta_final")
+      f"the RSA prompts do not fit the model's context of {context} (max_position_embeddings): {prompt} + "
+      f"max(--beta, --beta_final) = {cfg.pool_width} makes {bound}; lower "
+      + ("--tau, --c, --beta or --beta_final" if cfg.t else "--beta or --beta_final"))
 
 
 @dataclass(frozen=True)
