@@ -28,7 +28,8 @@ _DCN = flags.DEFINE_string("dcn_mesh", "", "Across nodes, e.g. data:16 (each axi
 _ZERO1 = flags.DEFINE_bool("zero1", False, "Split the optimizer state over the data axis (ZeRO-1).")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch in sequences (default: the config's).")
 _SEQ = flags.DEFINE_integer("seq_len", None, "Sequence length (default: the config's).")
-_ACCUM = flags.DEFINE_integer("grad_accum", None, "Micro-batches per step (default: 1 sequence per device).")
+_ACCUM = flags.DEFINE_integer("grad_accum", None, "Micro-batches per step (default: the config's step.grad_accum when "
+                              "it is set, by --set or in the config; else 1 sequence per device).")
 _MEMORY = flags.DEFINE_float("device_memory_gb", 192.0, "Memory per device in GB (MI300X: 192).")
 _LAYERS = flags.DEFINE_integer("compile_layers", 2, "Compile 1..N layers to measure activations (0: skip).")
 
@@ -70,7 +71,9 @@ def plan(argv) -> int:
   seq = _SEQ.value or cfg.data.seq_len
   sharding_plan = ShardingPlan(make_mesh(sizes), zero1=_ZERO1.value)
   parts = math.prod(sharding_plan.size(a) for a in sharding_plan.batch_axes)
-  accum = _ACCUM.value or max(1, batch // parts)
+  configured = cfg.step.grad_accum
+  chosen = any(s.split("=", 1)[0].strip() == "step.grad_accum" for s in _SET.value) or configured != 1
+  accum = _ACCUM.value or (configured if chosen else max(1, batch // parts))
   sharding_plan.check_batch(batch, accum)
   micro_per_device = batch // (parts * accum)
 
@@ -91,6 +94,9 @@ def plan(argv) -> int:
   print(f"mesh {format_mesh(sizes)} = {devices} devices (per node {_MESH.value}"
         f"{', across nodes ' + _DCN.value if _DCN.value else ''}){', ZeRO-1' if _ZERO1.value else ''}")
   print(f"batch {batch} x {seq} tokens, grad_accum {accum}: {micro_per_device} sequence(s) per device per micro-batch")
+  if accum != configured:  # launch/train.py runs the config's value: say how to run what is planned here
+    print(f"note: the config trains with grad_accum {configured}; launch with --set=step.grad_accum={accum} to "
+          "train as planned")
 
   activations = None
   if _LAYERS.value > 0:

@@ -251,6 +251,17 @@ def test_tokenizer_cache_round_trip(corpus, tmp_path):
     other = train_bpe(list(texts.values()), 280, tmp_path / "other" / "tokenizer.json").path
     make_data(dataclasses.replace(cfg, tokenizer=other), tmp_path / "run2", process_index=0,
               process_count=1)
+  # A tokenizer that fails (unreadable, or larger than the model) is refused before it is copied: the run directory
+  # stays usable for the right one.
+  not_json = tmp_path / "bad" / "tokenizer.json"
+  not_json.parent.mkdir()
+  not_json.write_text("no json")
+  for bad, words, vocab in [(str(not_json), "cannot read tokenizer", None),
+                            (str(folder), "> the model's vocab_size 64", 64)]:
+    with pytest.raises(ValueError, match=words):
+      make_data(dataclasses.replace(cfg, tokenizer=bad), tmp_path / "run3", model_vocab_size=vocab, process_index=0,
+                process_count=1)
+    assert not (tmp_path / "run3" / "tokenizer.json").exists()
 
 
 def test_array_record_input(tmp_path):

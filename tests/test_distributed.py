@@ -62,6 +62,10 @@ def test_planner_zero1_on_one_and_sixteen_mi300x_nodes():
   rc, sixteen, err = plan("--mesh=data:8", "--dcn_mesh=data:16", "--zero1")
   assert rc == 0, err
   assert "8,840,488,784 parameters" in one_node and "= 128 devices" in sixteen
+  # The planner's default (1 sequence per device) is not what the config trains with: it says how to launch it.
+  assert "grad_accum 128: 1 sequence(s) per device" in one_node and "--set=step.grad_accum=128" in one_node
+  rc, configured, err = plan("--mesh=data:8", "--set=step.grad_accum=1")  # an override is planned as given
+  assert rc == 0 and "grad_accum 1: 128 sequence(s) per device" in configured and "note:" not in configured, err
   for out in (one_node, sixteen):
     assert gib(out, "parameters") == pytest.approx(8_840_488_784 * 4 / 2**30, abs=0.01)  # fp32 masters, replicated
     assert "FITS" in out and "DOES NOT FIT" not in out

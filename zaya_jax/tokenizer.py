@@ -160,12 +160,17 @@ def load_or_train(run_dir: str | os.PathLike, texts: Callable[[], Iterable[str]]
   return train_bpe(texts(), vocab_size, path)
 
 
-def copy_into(path: str | os.PathLike, run_dir: str | os.PathLike) -> Tokenizer:
+def copy_into(path: str | os.PathLike, run_dir: str | os.PathLike, model_vocab_size: int | None = None) -> Tokenizer:
   """Copies tokenizer.json (+ tokenizer_config.json, which names eos/pad) into `run_dir` and loads the copy.
 
-  A different tokenizer.json already in `run_dir` is an error: the run's checkpoints were trained on its ids.
+  The source is read (and checked against `model_vocab_size`) first: a file that fails is never copied, so it
+  cannot block later launches in the run directory. A different tokenizer.json already in `run_dir` is an error:
+  the run's checkpoints were trained on its ids.
   """
   src = _tokenizer_file(path)
+  source = load_tokenizer(src)
+  if model_vocab_size is not None:
+    source.check_fits(model_vocab_size)
   dst = os.path.join(os.fspath(run_dir), TOKENIZER_FILE)
   if os.path.isfile(dst) and not os.path.samefile(src, dst):
     with open(src, "rb") as a, open(dst, "rb") as b:

@@ -510,7 +510,7 @@ def make_data(cfg: DataConfig, run_dir: str | os.PathLike, *, model_vocab_size: 
     docs = text_documents(paths, cfg.doc_separator)
   t_read = time.perf_counter() - t0
   if cfg.tokenizer is not None:
-    tokenizer = copy_into(cfg.tokenizer, run_dir)
+    tokenizer = copy_into(cfg.tokenizer, run_dir, model_vocab_size)
   else:
     tokenizer = load_or_train(run_dir, lambda: (text for _, text in docs), cfg.vocab_size)
   if model_vocab_size is not None:
@@ -534,9 +534,7 @@ def make_data(cfg: DataConfig, run_dir: str | os.PathLike, *, model_vocab_size: 
 def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, process_index: int,
                  process_count: int) -> Data:
   t0 = time.perf_counter()
-  tokenizer = copy_into(cfg.tokenizer, run_dir) if cfg.tokenizer is not None else None
-  if tokenizer is not None and model_vocab_size is not None:
-    tokenizer.check_fits(model_vocab_size)
+  tokenizer = copy_into(cfg.tokenizer, run_dir, model_vocab_size) if cfg.tokenizer is not None else None
   t1 = time.perf_counter()
   files = _expand_record_paths(cfg.paths)
   what = f"ArrayRecord {', '.join(files)}"
