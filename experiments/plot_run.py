@@ -8,8 +8,8 @@ rate and router entropy per layer. Runs overlay in one figure, labelled by their
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 
 import matplotlib
 
@@ -17,6 +17,9 @@ matplotlib.use("Agg")  # files only: no display on the cluster or in CI
 import matplotlib.pyplot as plt
 import numpy as np
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+from experiments.common import read_jsonl
 
 _WORKDIR = flags.DEFINE_multi_string("workdir", None, "Run directory holding metrics.jsonl (repeatable).",
                                      required=True)
@@ -28,8 +31,7 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: is {workdir} a run directory?")
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = read_jsonl(path)  # a line cut by a crash mid-write is skipped
   return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 
@@ -67,7 +69,10 @@ def plot_runs(workdirs: list[str], out: str) -> str:
 def main(argv):
   del argv
   out = _OUT.value or os.path.join(_WORKDIR.value[0], "run.png")
-  print(plot_runs(_WORKDIR.value, out))
+  try:
+    print(plot_runs(_WORKDIR.value, out))
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from zaya_jax.train.checkpointing import RunCheckpointer
 from zaya_jax.train.data import DataConfig, make_data
 from zaya_jax.train.experiment import ExperimentConfig, get_experiment, load_json, override, save_json
 from zaya_jax.train.loop import TrainingError, train
-from zaya_jax.train.optim import OptimizerConfig
+from zaya_jax.train.optim import OptimizerConfig, learning_rate_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "train_driver.py")
@@ -198,9 +198,25 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus):
   with pytest.raises(CheckpointError, match=r"another model \(hidden_size: checkpoint 64 vs run 32\)"):
     train(other, tmp_path, log=lambda _: None)
   assert load_json(tmp_path / "config.json") == cfg  # the refused launch left the workdir's config alone
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  schedule = learning_rate_schedule(cfg.optimizer, cfg.loop.steps)
+  assert [r["lr"] for r in rows if "loss" in r] == [float(schedule(i)) for i in range(cfg.loop.steps)]
+  throughput = [r["tokens_per_s"] for r in rows if "loss" in r]
+  assert throughput[0] is None and None not in throughput[1:]  # the compiling step reports none
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 13, "loss": 1.')  # a line cut by a crash mid-write
   logs = []
   train(override(cfg, ["loop.log_every=5"]), tmp_path, log=logs.append)  # resumes at its last step: nothing to do
   assert f"settings changed since the last launch in this workdir: loop.log_every: {cfg.loop.log_every} -> 5" in logs
+  again = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]  # the cut line dropped, no second eval row
+  assert again == rows
+  with pytest.raises(TrainingError, match=r"already at step 12, past loop.steps = 6"):
+    train(override(cfg, ["loop.steps=6"]), tmp_path, log=lambda _: None)
+  with pytest.raises(ValueError, match=r"data.seq_len = 2048 is longer than .* model.max_position_embeddings = 1024"):
+    train(override(cfg, ["data.seq_len=2048"]), tmp_path, log=lambda _: None)
+  with pytest.raises(CheckpointError, match=r"optimizer.name: 'adamw' -> 'muon'") as e:
+    train(override(cfg, ["optimizer.name=muon"]), tmp_path, log=lambda _: None)
+  assert len(str(e.value)) < 2000  # not Orbax's whole tree diff
   state_dir = tmp_path / "checkpoints" / "12" / "state"
   for root, _, files in os.walk(state_dir):
     for name in files:
@@ -256,6 +272,8 @@ def test_overrides_and_json_round_trip(tmp_path):
                                           "balancing.mode=aux_loss", "step.grad_accum=2", "loop.steps=7"])
   assert cfg.optimizer.lr == 1e-3 and cfg.model.attention.num_heads == 8 and cfg.data.paths == ("a", "b")
   assert override(cfg, ["optimizer.lr=1"]).optimizer.lr == 1.0  # an int is a float
+  shell = override(cfg, ["loop.async_checkpointing=false", "data.paths=/my/corpus"])  # as typed in a shell
+  assert shell.loop.async_checkpointing is False and shell.data.paths == ("/my/corpus",)
   save_json(cfg, tmp_path / "c.json")
   assert load_json(tmp_path / "c.json") == cfg
   with pytest.raises(ValueError, match=r"BalancingConfig\.mode"):

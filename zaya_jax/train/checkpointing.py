@@ -77,8 +77,9 @@ class RunCheckpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
     except Exception as e:
-      raise CheckpointError(f"checkpoint {where} cannot be restored into this run's state: "
-                            f"{type(e).__name__}: {e}") from e
+      detail = str(e) if len(str(e)) <= 600 else str(e)[:600] + " ..."  # Orbax dumps whole tree diffs
+      raise CheckpointError(f"checkpoint {where} cannot be restored into this run's state (another optimizer or "
+                            f"train-state layout?): {type(e).__name__}: {detail}") from e
     return restored["state"]
 
 

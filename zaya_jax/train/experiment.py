@@ -165,6 +165,10 @@ def _coerce(value: Any, annotation: Any) -> Any:
     return value
   if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
     return from_dict(annotation, value)
+  if annotation is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+    return value.lower() == "true"  # --set=...=true, as shells and YAML spell it
+  if origin is tuple and isinstance(value, str) and typing.get_args(annotation)[:1] == (str,):
+    return (value,)  # --set=data.paths=/my/corpus: one item
   if (origin is tuple or annotation is tuple) and isinstance(value, list):
     args = typing.get_args(annotation)
     inner = args[0] if len(args) == 2 and args[1] is Ellipsis else Any

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from zaya_jax.checkpoint.hf import CheckpointError
@@ -39,6 +40,7 @@ from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.checkpointing import RunCheckpointer
 from zaya_jax.train.data import make_data
 from zaya_jax.train.experiment import ExperimentConfig, changed_settings, jsonable, save_json, to_dict
+from zaya_jax.train.optim import learning_rate_schedule
 
 
 class TrainingError(RuntimeError):
@@ -91,8 +93,9 @@ class _Metrics:
 
   def __init__(self, workdir: str, resume_step: int | None):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.eval_steps: set[int] = set()  # steps whose eval row is already in the file
     if resume_step is not None and os.path.exists(self.path):
-      _truncate_jsonl(self.path, resume_step)
+      self.eval_steps = {r["step"] for r in _truncate_jsonl(self.path, resume_step) if "eval_loss" in r}
     elif resume_step is None and os.path.exists(self.path):
       os.remove(self.path)  # a fresh run in a directory without checkpoints
     self.file = open(self.path, "a")  # closed by close()
@@ -117,6 +120,8 @@ class _Metrics:
 
 
 class _NoMetrics:
+  eval_steps: frozenset[int] = frozenset()
+
   def write(self, row: dict[str, Any]) -> None:
     pass
 
@@ -124,13 +129,27 @@ class _NoMetrics:
     pass
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
+def _truncate_jsonl(path: str, last_step: int) -> list[dict]:
+  """Keeps the rows up to `last_step` (returned parsed); a line that does not parse (cut by a crash mid-write) is
+  dropped, loudly."""
+  rows, kept = [], []
   with open(path) as f:
-    rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        logging.warning("%s:%d: dropped a line that is not valid JSON (cut by a crash?): %.80r", path, number, line)
+        continue
+      if row.get("step", 0) <= last_step:
+        rows.append(line if line.endswith("\n") else line + "\n")
+        kept.append(row)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.writelines(rows)
   os.replace(tmp, path)
+  return kept
 
 
 def _host_metrics(metrics: dict) -> dict[str, Any]:
@@ -194,9 +213,16 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
   loop = cfg.loop
+  if cfg.data.seq_len > cfg.model.max_position_embeddings:
+    raise ValueError(f"data.seq_len = {cfg.data.seq_len} is longer than the model's context "
+                     f"model.max_position_embeddings = {cfg.model.max_position_embeddings}")
   data = make_data(cfg.data, workdir, model_vocab_size=cfg.model.vocab_size)
   config_path = os.path.join(workdir, "config.json")
   changed = _changed_since_last_launch(config_path, cfg)
+  previous_steps = None
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      previous_steps = json.load(f).get("loop", {}).get("steps")
   log(f"data: {data.info.description}")
 
   data_iter = iter(data.train)
@@ -216,14 +242,27 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
     if plan is not None:
       sharded.validate(plan, abstract_state, cfg.data.batch_size)
       abstract_state = sharded.abstract_state(plan, abstract_state)
+    if resumed_from > loop.steps:
+      checkpointer.close()
+      raise TrainingError(f"{workdir} is already at step {resumed_from}, past loop.steps = {loop.steps}; ask for "
+                          f"--steps >= {resumed_from} or use another workdir")
     try:
       state = checkpointer.restore(resumed_from, abstract_state, data_iter, cfg.model)
-    except CheckpointError:
+    except CheckpointError as e:
       checkpointer.close()
+      if changed:
+        raise CheckpointError(f"{e}\nsettings changed since the last launch in this workdir: "
+                              + "; ".join(changed)) from None
       raise
     log(f"resumed from {os.path.join(checkpointer.directory, str(resumed_from))}")
     if changed:  # a resume repeats the straight run exactly only with the same settings
       log("settings changed since the last launch in this workdir: " + "; ".join(changed))
+    if previous_steps not in (None, loop.steps) and resumed_from < loop.steps:
+      # The schedule is a function of the total length: a longer (or shorter) run moves the rate at this step.
+      before = float(learning_rate_schedule(cfg.optimizer, previous_steps)(resumed_from))
+      after = float(learning_rate_schedule(cfg.optimizer, loop.steps)(resumed_from))
+      log(f"note: loop.steps {previous_steps} -> {loop.steps} reshapes the {cfg.optimizer.schedule} learning-rate "
+          f"schedule: at step {resumed_from} it goes from {before:.3g} to {after:.3g} (logged per step as lr)")
   if jax.process_index() == 0:  # only now: a launch refused by the checkpoint leaves the workdir's config as it was
     save_json(cfg, config_path)
   start = int(state.step)
@@ -245,6 +284,7 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
   peak *= jax.device_count()
   last_loss = eval_loss = None
   step_times: list[float] = []
+  lr_at = learning_rate_schedule(cfg.optimizer, loop.steps)  # the step's AdamW rate (Muon's has the same shape)
   try:
     for step in range(start, loop.steps):
       batch = next(data_iter)
@@ -262,14 +302,16 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
                             f"{'none' if kept is None else os.path.join(checkpointer.directory, str(kept))}")
       done = step + 1
       last_loss = row["loss"]
-      seconds = float(np.median(step_times[1:][-20:] or step_times))  # the first step of a process compiles
-      row.update(step=done, tokens_per_s=tokens_per_step / seconds,
-                 mfu=tokens_per_step / seconds * flops_per_token / peak)
+      timed = step_times[1:][-20:]  # the first step of a process compiles: no throughput from it
+      seconds = float(np.median(timed)) if timed else None
+      row.update(step=done, lr=float(lr_at(step)), tokens_per_s=tokens_per_step / seconds if timed else None,
+                 mfu=tokens_per_step / seconds * flops_per_token / peak if timed else None)
       metrics_out.write(row)
       if done % loop.log_every == 0 or done == loop.steps or done == start + 1:
-        eta = seconds * (loop.steps - done)
-        log(f"step {done:>6}/{loop.steps}  loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s  "
-            f"MFU {100 * row['mfu']:.1f}% (of {peak_source})  ETA {eta / 60:.1f} min")
+        speed = (f"{row['tokens_per_s']:,.0f} tok/s  MFU {100 * row['mfu']:.1f}% (of {peak_source})  "
+                 f"ETA {seconds * (loop.steps - done) / 60:.1f} min" if timed else
+                 f"compiled in {step_times[0]:.1f} s (throughput from the next step)")
+        log(f"step {done:>6}/{loop.steps}  loss {row['loss']:.4f}  {speed}")
       checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or bool(preempted))
       if loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
         eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
@@ -281,7 +323,8 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
         return RunResult(done, resumed_from, True, last_loss, eval_loss, None, trainer, state)
     checkpointer.wait()
     eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
-    metrics_out.write({"step": int(state.step), "eval_loss": eval_loss, "eval_tokens": n})
+    if int(state.step) not in metrics_out.eval_steps:  # a finished run launched again has its eval row already
+      metrics_out.write({"step": int(state.step), "eval_loss": eval_loss, "eval_tokens": n})
     log(f"final eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens")
     sample = None
     if loop.sample_tokens and data.tokenizer is not None and jax.process_count() == 1:
