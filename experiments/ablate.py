@@ -170,7 +170,8 @@ def run_one(study: str, variant: str, seed: int, cfg, out: str, log, commit: str
       "study": study, "variant": variant, "seed": seed,
       "steps": result.final_step, "tokens": result.final_step * cfg.data.batch_size * cfg.data.seq_len,
       "eval_loss": result.eval_loss, "final_train_loss": _mean_last(train_rows, "loss", 0.05),
-      "tokens_per_s": train_rows[-1]["tokens_per_s"] if train_rows else None,
+      # The last timed step (a launch's compiling first step reports none).
+      "tokens_per_s": next((r["tokens_per_s"] for r in reversed(train_rows) if r.get("tokens_per_s")), None),
       "params": figures.total_params, "params_non_embedding": figures.total_params - figures.embedding_params,
       "active_params": figures.active_params,
       "kv_cache_bytes_per_token": kv_bytes, "decode_state_bytes_per_sequence": state_bytes,
@@ -214,7 +215,7 @@ def run_study(study: str, mode: Mode, out: str, seeds: int | None = None, log=pr
         continue
       line = run_one(study, variant, seed, cfg, out, log, commit)
       append_jsonl(results_path, line)
-      log(f"{variant}-s{seed}: eval loss {line['eval_loss']:.4f}, {line['tokens_per_s']:,.0f} tok/s, "
+      log(f"{variant}-s{seed}: eval loss {line['eval_loss']:.4f}, {line['tokens_per_s'] or 0:,.0f} tok/s, "
           f"{line['params']:,} params ({line['seconds']:.0f} s)")
   table = ablate_report.write_report(out)
   log(table)
