@@ -124,11 +124,12 @@ def run_balancing(data, mode: str, steps: int, last: int):
 def test_pid_controller_balances_expert_load(tmp_path, corpus):
   data = make_data(DataConfig(paths=(corpus,), seq_len=32, batch_size=8, vocab_size=512, eval_fraction=0.0),
                    tmp_path, model_vocab_size=512)
-  steps, last = 400, 100
+  steps, last = 250, 60
   ratio_off, _ = run_balancing(data, "none", steps, last)
   ratio_pid, skip_pid = run_balancing(data, "pid", steps, last)
   print(f"max/min expert load, median of the last {last} of {steps} steps, per layer: off {ratio_off}, PID {ratio_pid}")
-  # Measured (CPU, seed 0, kp = 1e-3): off [287, 310] (one expert takes most tokens), PID [2.4, 2.9].
+  # Measured (CPU, seed 0, kp = 1e-3): off [375, 455] (one expert takes most tokens), PID [3.2, 3.4] (at 400 steps:
+  # [287, 310] and [2.4, 2.9]).
   # How the gain was chosen: experiments/pid_gain_sweep.py.
   assert ratio_off.min() > 100
   assert ratio_pid.max() < 10
@@ -297,7 +298,7 @@ def test_gradient_accumulation_matches_one_batch():
   results = []
   for accum in (1, 2):
     trainer, state = train_step_lib.create(model, OptimizerConfig(lr=3e-3, warmup_steps=10),
-                                           train_step_lib.StepConfig(accum), BalancingConfig(mode="none"), 150, 0)
+                                           train_step_lib.StepConfig(accum), BalancingConfig(mode="none"), 250, 0)
     state, m = train_step_lib.jit_train_step(trainer, state, batch)
     results.append((state, m))
   (s1, m1), (s2, m2) = results
