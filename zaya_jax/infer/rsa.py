@@ -97,14 +97,12 @@ class RSAConfig:
       )
     if self.tail_source not in TAIL_SOURCES:
       raise ValueError(f"RSAConfig.tail_source must be one of {TAIL_SOURCES}, got {self.tail_source!r}")
-    end_think = tuple(self.end_think) if not _is_int(self.end_think) else (self.end_think,)
-    if not all(_is_int(i) and i >= 0 for i in end_think):
-      raise ValueError(f"RSAConfig.end_think must be token ids >= 0, got {self.end_think!r}")
-    object.__setattr__(self, "end_think", tuple(int(i) for i in end_think))  # a list would break hashing
-    stop_ids = tuple(self.stop_ids) if not _is_int(self.stop_ids) else (self.stop_ids,)
-    if not all(_is_int(i) and i >= 0 for i in stop_ids):
-      raise ValueError(f"RSAConfig.stop_ids must be token ids >= 0, got {self.stop_ids!r}")
-    object.__setattr__(self, "stop_ids", tuple(int(i) for i in stop_ids))
+    for name in ("end_think", "stop_ids"):  # one id or a sequence; a tuple of ints (a list would break hashing)
+      value = getattr(self, name)
+      ids = (value,) if _is_int(value) else tuple(value)
+      if not all(_is_int(i) and i >= 0 for i in ids):
+        raise ValueError(f"RSAConfig.{name} must be token ids >= 0, got {value!r}")
+      object.__setattr__(self, name, tuple(int(i) for i in ids))
     if self.tail_source == "reasoning" and not self.end_think:
       raise ValueError(
         "RSAConfig.tail_source = 'reasoning' needs the end-of-thinking marker ids in RSAConfig.end_think; "
@@ -422,22 +420,17 @@ def absorb(cfg: RSAConfig, state: RSAState, prompt_len_N, tokens_NM, len_N, max_
   tail_end_N = reasoning_end(tokens_NM, text_len_N, cfg.end_think) if cfg.tail_source == "reasoning" else text_len_N
   finished_N = stopped_N | (len_N < m)
   prompt_len_N = prompt_len_N.astype(jnp.int32)
-  counted_N = jnp.ones((cfg.n,), bool)
-  if frozen_N is not None:
-    pool_NG = jnp.where(frozen_N[:, None], state.pool_NG, pool_NG)
-    tail_end_N = jnp.where(frozen_N, state.tail_end_N, tail_end_N)
-    finished_N = finished_N | frozen_N
-    counted_N = ~frozen_N
+  frozen_N = jnp.zeros((cfg.n,), bool) if frozen_N is None else frozen_N
   r = state.rounds_done
-  new_len_N = jnp.where(counted_N, len_N, 0)
-  new_prompt_N = jnp.where(counted_N, prompt_len_N, 0)
+  new_len_N = jnp.where(frozen_N, 0, len_N)
+  new_prompt_N = jnp.where(frozen_N, 0, prompt_len_N)
   return RSAState(
     key=state.key,
     rounds_done=r + 1,
-    pool_NG=pool_NG,
-    pool_len_N=jnp.where(counted_N, len_N, state.pool_len_N),
-    tail_end_N=tail_end_N,
-    finished_N=finished_N,
+    pool_NG=jnp.where(frozen_N[:, None], state.pool_NG, pool_NG),
+    pool_len_N=jnp.where(frozen_N, state.pool_len_N, len_N),
+    tail_end_N=jnp.where(frozen_N, state.tail_end_N, tail_end_N),
+    finished_N=finished_N | frozen_N,
     generated_R=state.generated_R.at[r].set(new_len_N.sum()),
     prefilled_R=state.prefilled_R.at[r].set(new_prompt_N.sum()),
     max_prompt_R=state.max_prompt_R.at[r].set(new_prompt_N.max()),

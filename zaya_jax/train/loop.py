@@ -132,7 +132,7 @@ class _NoMetrics:
 def _truncate_jsonl(path: str, last_step: int) -> list[dict]:
   """Keeps the rows up to `last_step` (returned parsed); a line that does not parse (cut by a crash mid-write) is
   dropped, loudly."""
-  rows, kept = [], []
+  kept = []
   with open(path) as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
@@ -143,11 +143,10 @@ def _truncate_jsonl(path: str, last_step: int) -> list[dict]:
         logging.warning("%s:%d: dropped a line that is not valid JSON (cut by a crash?): %.80r", path, number, line)
         continue
       if row.get("step", 0) <= last_step:
-        rows.append(line if line.endswith("\n") else line + "\n")
         kept.append(row)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    f.writelines(rows)
+    f.writelines(json.dumps(row) + "\n" for row in kept)  # as _Metrics.write wrote them
   os.replace(tmp, path)
   return kept
 
@@ -193,12 +192,18 @@ def sample_text(trainer, state, tokenizer, prompt: str, num_tokens: int, tempera
   return prompt + tokenizer.decode(np.asarray(out.tokens_BN[0, :n]).tolist(), skip_special_tokens=True)
 
 
-def _changed_since_last_launch(config_path: str, cfg: ExperimentConfig) -> list[str]:
-  """'name: old -> new' for each setting that differs from the config.json the previous launch left, if any."""
+def _last_launch(config_path: str) -> dict | None:
+  """The config.json the previous launch in this workdir left, as JSON; None for a new workdir."""
   if not os.path.exists(config_path):
-    return []
+    return None
   with open(config_path) as f:
-    old = json.load(f)
+    return json.load(f)
+
+
+def _changed_since(old: dict | None, cfg: ExperimentConfig) -> list[str]:
+  """'name: old -> new' for each setting that differs from the previous launch's config, if any."""
+  if old is None:
+    return []
   new = jsonable(to_dict(cfg))
 
   def at(tree, name):
@@ -218,11 +223,9 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
                      f"model.max_position_embeddings = {cfg.model.max_position_embeddings}")
   data = make_data(cfg.data, workdir, model_vocab_size=cfg.model.vocab_size)
   config_path = os.path.join(workdir, "config.json")
-  changed = _changed_since_last_launch(config_path, cfg)
-  previous_steps = None
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      previous_steps = json.load(f).get("loop", {}).get("steps")
+  previous = _last_launch(config_path)
+  changed = _changed_since(previous, cfg)
+  previous_steps = None if previous is None else previous.get("loop", {}).get("steps")
   log(f"data: {data.info.description}")
 
   data_iter = iter(data.train)
