@@ -8,6 +8,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from zaya_jax import host_memory
 
+# Compiling dominates this suite on a 2-core machine, and LLVM's optimisations are most of a compile: without them the
+# model tests run in half the time (tests/test_variants.py, test_parity.py and test_gmm.py together: 72 against 156 s).
+# The numerics do not depend on them (XLA:CPU does not use fast-math), so parity holds alike; the benchmarks under
+# experiments/ compile at the default level. Set before JAX creates its CPU client, and inherited by the processes
+# tests start.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):  # xdist's workers inherit the controller's
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 # As the entry points do: XLA:CPU's per-call temporaries stay mapped, not page-faulted in again at every call. But with
 # JAX's asynchronous dispatch kept: the tests run steps of a few hundred tokens, whose temporaries fit a worker
 # thread's arena anyway, and such steps ran 10-35% slower on the caller thread (a tiny-model train step of 8x32

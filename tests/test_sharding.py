@@ -2,8 +2,7 @@
 nothing, two processes train and save what one process restores onto another mesh, and bad meshes fail early.
 
 The multi-device checks run in subprocesses (tests/sharding_worker.py) with forced CPU devices: the device count is
-fixed when JAX starts. XLA's backend optimisations are switched off there: compiling dominates on CPU, and the
-comparisons are between programs compiled alike.
+fixed when JAX starts. They inherit conftest.py's fast-compile XLA flags.
 """
 
 from __future__ import annotations
@@ -35,13 +34,14 @@ from zaya_jax.train.optim import OptimizerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-# Each strategy alone and one combination (each compile costs ~15 s of a 2-core CI machine).
+# Each strategy alone and one combination (each compile costs ~15 s of a 2-core CI machine). Plain data parallelism
+# is only placed (its bytes are checked): its step is ZeRO-1's with the optimizer state whole.
 STRATEGIES = ("dp", "zero1", "fsdp", "tp", "ep", "data2_expert2_tensor2_zero1")
+STEPPED = STRATEGIES[1:]
 
 
 def worker_env():
-  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # XLA_FLAGS: conftest.py's fast compiles
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   return env
 
@@ -59,7 +59,7 @@ def results(tmp_path_factory):
   return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", STEPPED)
 def test_strategy_step_equals_single_device(results, name):
   r = results[name]
   assert results["devices"] == 8

@@ -68,13 +68,22 @@ def metrics(workdir):
   return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows]
 
 
-def test_resume_after_kill_is_bitwise_identical(tmp_path, corpus, env):
-  N = 6
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  # The straight run goes in-process: it fills the compilation cache the killed run's processes then read.
-  result = train(small_config(corpus, 2 * N, N), straight, log=lambda _: None)
-  final_a = {k: np.asarray(v[...]) for k, v in flat_params(result.trainer.merge(result.state.params,
-                                                                                result.state.biases)).items()}
+N = 6  # the straight run: 2N steps, a checkpoint every N
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus):
+  """(run directory, final parameters) of 2N uninterrupted steps, in-process: it fills the compilation cache that the
+  driver processes of the resume, SIGTERM and mesh tests then read. Tests that change the directory copy it."""
+  workdir = tmp_path_factory.mktemp("straight")
+  result = train(small_config(corpus, 2 * N, N), workdir, log=lambda _: None)
+  model = result.trainer.merge(result.state.params, result.state.biases)
+  return workdir, {k: np.asarray(v[...]) for k, v in flat_params(model).items()}
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path, corpus, env, straight):
+  killed = tmp_path / "killed"
+  straight, final_a = straight
   rc, out = finish(start(env, killed, corpus, 2 * N, N, f"kill_after={N + 2}"))
   assert rc == -9, out  # really killed, mid-run
   assert RunCheckpointer(killed / "checkpoints", save_every=N, max_to_keep=3).latest_step() == N
@@ -100,8 +109,8 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, corpus, env):
   assert rows_a[-2]["loss"] < rows_a[0]["loss"]  # it trains
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus, env):
-  rc, out = finish(start(env, tmp_path, corpus, 12, 6, "sigterm_after=4"))
+def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus, env, straight):
+  rc, out = finish(start(env, tmp_path, corpus, 2 * N, N, "sigterm_after=4"))
   assert rc == 0 and "SIGTERM: saved step 4" in out and "preempted=True" in out, out
   with RunCheckpointer(tmp_path / "checkpoints", save_every=6, max_to_keep=3) as ck:
     assert ck.latest_step() == 4  # off the save interval: the preemption save is forced
@@ -192,9 +201,10 @@ def test_non_finite_loss_stops_without_saving(tmp_path, corpus):
     assert all(np.isfinite(json.loads(line)["loss"]) for line in f)
 
 
-def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus):
-  cfg = small_config(corpus, 12, 6)  # the resume test's program: compiled already
-  train(cfg, tmp_path, log=lambda _: None)
+def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straight):
+  cfg = small_config(corpus, 2 * N, N)
+  tmp_path = tmp_path / "run"
+  shutil.copytree(straight[0], tmp_path)  # a finished run of `cfg`
   other = override(cfg, ["model.hidden_size=32"])
   with pytest.raises(CheckpointError, match=r"another model \(hidden_size: checkpoint 64 vs run 32\)"):
     train(other, tmp_path, log=lambda _: None)
@@ -309,19 +319,16 @@ def test_gradient_accumulation_matches_one_batch():
   np.testing.assert_array_equal(m1["expert_load"], m2["expert_load"])  # the controller sees the whole batch
 
 
-def test_launch_with_a_mesh_trains_like_one_device(tmp_path, corpus, env):
-  """`parallel.mesh` reaches the loop: ZeRO-1 over 2 forced CPU devices follows the one-device losses (every
-  strategy's step against one device is tests/test_sharding.py's business)."""
-  mesh_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}
-  one = start(env, tmp_path / "one", corpus, 4, 4)
-  four = subprocess.Popen([sys.executable, DRIVER, str(tmp_path / "mesh"), corpus, "4", "4",
-                           "set=parallel.mesh=data:2", "set=parallel.zero1=True"], env=mesh_env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  (rc_one, out_one), (rc_four, out_four) = finish(one), finish(four)
-  assert rc_one == 0, out_one
-  assert rc_four == 0 and "mesh data:2,fsdp:1,expert:1,tensor:1 + zero1 over 2 devices" in out_four, out_four
-  rows_one, rows_four = metrics(tmp_path / "one"), metrics(tmp_path / "mesh")
-  assert len(rows_one) == len(rows_four) == 5
-  for a, b in zip(rows_one, rows_four):
+def test_launch_with_a_mesh_trains_like_one_device(tmp_path, corpus, env, straight):
+  """`parallel.mesh` reaches the loop: ZeRO-1 over 2 forced CPU devices follows the one-device losses of the straight
+  run (every strategy's step against one device is tests/test_sharding.py's business)."""
+  mesh_env = {**env, "XLA_FLAGS": env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}
+  rc, out = finish(subprocess.Popen([sys.executable, DRIVER, str(tmp_path), corpus, str(2 * N), str(N),
+                                     "set=parallel.mesh=data:2", "set=parallel.zero1=True"], env=mesh_env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  assert rc == 0 and "mesh data:2,fsdp:1,expert:1,tensor:1 + zero1 over 2 devices" in out, out
+  rows_one, rows_mesh = metrics(straight[0]), metrics(tmp_path)
+  assert len(rows_one) == len(rows_mesh) == 2 * N + 1
+  for a, b in zip(rows_one, rows_mesh):
     key = "loss" if "loss" in a else "eval_loss"
     assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a, b)

@@ -97,3 +97,24 @@ def test_schedules():
   assert float(wsd(90)) == pytest.approx(0.5) and float(wsd(100)) == pytest.approx(0.0)
   with pytest.raises(ValueError, match=r"OptimizerConfig\.schedule"):
     OptimizerConfig(schedule="linear")
+
+
+def test_compiled_initialisation_equals_the_eager_model():
+  """`create_initialised` (one compiled program, shardable) starts from the parameters that
+  `ZayaForCausalLM(cfg, rngs=nnx.Rngs(seed))` draws eagerly, up to float32 rounding: compiled together, the
+  initialisers' arithmetic is fused differently (measured: at most 1.2e-7 relative, a quarter of the elements)."""
+  from flax import nnx
+
+  from zaya_jax.model.decoder import ZayaForCausalLM
+  from zaya_jax.train.step import StepConfig, create_initialised
+
+  cfg = ZayaConfig.tiny(num_layers=1)
+  args = (OptimizerConfig(), StepConfig(), BalancingConfig(), 10, 3)
+  _, state = create_initialised(cfg, *args)
+  _, params, biases = split_model(ZayaForCausalLM(cfg, rngs=nnx.Rngs(3)))
+  for got, want in ((state.params, params), (state.biases, biases)):
+    got, want = nnx.to_flat_state(got), nnx.to_flat_state(want)
+    assert [path for path, _ in got] == [path for path, _ in want]
+    for (path, a), (_, b) in zip(got, want):
+      np.testing.assert_allclose(a[...], b[...], rtol=3e-7, atol=1e-9, err_msg=str(path))
+  assert int(state.step) == 0 and all(not np.any(x) for x in jax.tree.leaves(state.opt_state) if x.ndim)

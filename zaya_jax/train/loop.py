@@ -29,11 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.figures import model_figures
-from zaya_jax.model.decoder import ZayaForCausalLM
 from zaya_jax.sharding import ShardingPlan
 from zaya_jax.train import sharded
 from zaya_jax.train import step as train_step_lib
@@ -236,10 +234,11 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
   # With a mesh the step runs sharded (zaya_jax.sharding decides every array's placement); without, on one device.
   plan = ShardingPlan.from_config(cfg.parallel) if cfg.parallel.enabled else None
   if resumed_from is None:
-    trainer, state = train_step_lib.create(ZayaForCausalLM(cfg.model, rngs=nnx.Rngs(loop.seed)), *args)
     if plan is not None:
-      sharded.validate(plan, state, cfg.data.batch_size)
-      state = sharded.place(plan, state)
+      plan.check_batch(cfg.data.batch_size)
+    # Built sharded: resolving the plan's shardings (which names any dimension the mesh does not divide) comes first.
+    trainer, state = train_step_lib.create_initialised(
+        cfg.model, *args, state_shardings=None if plan is None else plan.state_shardings)
   else:  # no random initialisation to throw away: restore straight into the state's shapes
     trainer, abstract_state = train_step_lib.create_abstract(cfg.model, *args)
     if plan is not None:

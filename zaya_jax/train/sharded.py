@@ -1,8 +1,8 @@
 """The train step on a mesh: `step.train_step` (the one definition of the math) jitted with the plan's shardings.
 
   plan = ShardingPlan.from_config(ParallelConfig(mesh="data:2,expert:2,tensor:2"))
-  trainer, state = step.create(model, ...)             # or create_abstract + a checkpoint restore
-  state = place(plan, state)                           # every array onto its devices
+  trainer, state = step.create_initialised(..., state_shardings=plan.state_shardings)  # built sharded
+  # (or step.create(model, ...) + place(plan, state) for a built model; create_abstract + a checkpoint restore)
   train = jit_sharded_train_step(plan, trainer, state)
   state, metrics = train(state, global_batch(plan, local_rows))
 

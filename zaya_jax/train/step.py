@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -106,6 +107,25 @@ def create_abstract(model_config: ZayaConfig, opt_cfg: OptimizerConfig, step_cfg
   graphdef, params, biases = split_model(abstract_model(model_config))
   trainer = make_trainer(model_config, graphdef, params, opt_cfg, step_cfg, bal_cfg, total_steps)
   return trainer, jax.eval_shape(lambda p, b: init_state(trainer, p, b, seed), params, biases)
+
+
+def create_initialised(model_config: ZayaConfig, opt_cfg: OptimizerConfig, step_cfg: StepConfig,
+                       bal_cfg: BalancingConfig, total_steps: int, seed: int, *,
+                       state_shardings: Callable[[TrainState], Any] | None = None) -> tuple[Trainer, TrainState]:
+  """The trainer and a freshly initialised state, built by one compiled program.
+
+  Eagerly, every initialiser is a program of its own (a tiny model's start-up: ~90 of them). With `state_shardings`
+  (e.g. `ShardingPlan.state_shardings`, given the abstract state) the program's outputs are sharded, so each device
+  creates only its own shards: no process ever holds the whole model, which ZAYA1-8B's 35 GB of fp32 masters need.
+  """
+  trainer, abstract = create_abstract(model_config, opt_cfg, step_cfg, bal_cfg, total_steps, seed)
+
+  def build() -> TrainState:
+    _, params, biases = split_model(ZayaForCausalLM(model_config, rngs=nnx.Rngs(seed)))
+    return init_state(trainer, params, biases, seed)
+
+  out_shardings = None if state_shardings is None else state_shardings(abstract)
+  return trainer, jax.jit(build, out_shardings=out_shardings)()
 
 
 def check_batch(batch: dict, model_config: ZayaConfig, step_cfg: StepConfig) -> None:
