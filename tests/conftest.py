@@ -8,11 +8,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from zaya_jax import host_memory
 
-# Compiling dominates this suite on a 2-core machine, and LLVM's optimisations are most of a compile: without them the
-# model tests run in half the time (tests/test_variants.py, test_parity.py and test_gmm.py together: 72 against 156 s).
-# The numerics do not depend on them (XLA:CPU does not use fast-math), so parity holds alike; the benchmarks under
-# experiments/ compile at the default level. Set before JAX creates its CPU client, and inherited by the processes
-# tests start.
+# Compiling is a large part of this suite on a 2-core machine, and LLVM's optimisations a large part of a compile:
+# without them tests/test_variants.py, test_parity.py and test_gmm.py together took 72 and 119 s against 156 s, and the
+# whole suite 10-11.8 min against 12.9 (session 9). Compiled steps run ~3.5x slower, which only long loops notice.
+# XLA:CPU keeps fast-math off at every level, and every parity test passes alike; the benchmarks under experiments/
+# compile at the default level. Set before JAX creates its CPU client, and inherited by the processes tests start.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):  # xdist's workers inherit the controller's
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
