@@ -131,7 +131,11 @@ KEY = jax.random.key(7)
 @pytest.fixture(scope="module")
 def loop_run():
   rec = Recorder(random_decoder)
-  return rsa.run_loop(CFG, PIECES, rec, QUESTION, KEY), rec.calls
+  compiled = rsa._absorb_jit._cache_size()
+  state = rsa.run_loop(CFG, PIECES, rec, QUESTION, KEY)
+  # One state-update program per budget (beta, beta_final), round 0's included.
+  assert rsa._absorb_jit._cache_size() - compiled <= len({CFG.beta, CFG.beta_final})
+  return state, rec.calls
 
 
 def test_scan_and_host_loop_agree_and_count_every_token(loop_run):

@@ -547,9 +547,10 @@ def run_loop(
     k_dec, prompts_NL, prompt_len_N = prepare(static, pieces, state, q_Q, q_len)
     fn = final_decode_fn if r == cfg.t else decode_fn
     tokens_NM, len_N = fn(k_dec, prompts_NL, prompt_len_N, cfg.budget(r))
-    frozen_N = None if r == 0 else frozen_rows(static, state)
+    # Round 0 freezes nothing (no trace has finished yet); passing the array there too keeps one absorb program
+    # per budget, where None would compile a second one.
     state = _absorb_jit(static, state, prompt_len_N, jnp.asarray(tokens_NM), jnp.asarray(len_N), cfg.budget(r),
-                        frozen_N)
+                        frozen_rows(static, state))
     if on_round is not None:
       on_round(r, state)
   return state
