@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -149,15 +148,9 @@ def test_mesh_parsing_and_validation_before_compiling():
   assert device_bytes(sharded.params) == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.params))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_train_save_and_one_process_restores_on_another_mesh(tmp_path):
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, WORKER, "train", str(rank), str(tmp_path), str(port)], env=worker_env(),
+def test_two_processes_train_save_and_one_process_restores_on_another_mesh(tmp_path, free_port):
+  procs = [subprocess.Popen([sys.executable, WORKER, "train", str(rank), str(tmp_path), str(free_port)],
+                            env=worker_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
   try:
     logs = [p.communicate(timeout=240)[0] for p in procs]

@@ -1,5 +1,5 @@
-"""The pretraining loop: exact resume after kill -9 (also mid-checkpoint), PID balancing, the main job, bad input,
-Muon with bf16 compute.
+"""The pretraining loop: exact resume after kill -9 (also mid-checkpoint), preemption of a two-process run, PID
+balancing, the main job, bad input, Muon with bf16 compute.
 
 Runs that must die are separate processes (tests/train_driver.py) sharing the session's persistent JAX compilation
 cache (conftest.py), so only the first compiles. The corpus is a handful of standard-library files, except for the
@@ -319,16 +319,36 @@ def test_gradient_accumulation_matches_one_batch():
   np.testing.assert_array_equal(m1["expert_load"], m2["expert_load"])  # the controller sees the whole batch
 
 
-def test_launch_with_a_mesh_trains_like_one_device(tmp_path, corpus, env, straight):
-  """`parallel.mesh` reaches the loop: ZeRO-1 over 2 forced CPU devices follows the one-device losses of the straight
-  run (every strategy's step against one device is tests/test_sharding.py's business)."""
-  mesh_env = {**env, "XLA_FLAGS": env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}
-  rc, out = finish(subprocess.Popen([sys.executable, DRIVER, str(tmp_path), corpus, str(2 * N), str(N),
-                                     "set=parallel.mesh=data:2", "set=parallel.zero1=True"], env=mesh_env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  assert rc == 0 and "mesh data:2,fsdp:1,expert:1,tensor:1 + zero1 over 2 devices" in out, out
+def run_two_processes(env, workdir, corpus, port, rank1_options=(), timeout=240) -> list[str]:
+  """One launch of a two-process run (each with 2 CPU devices): data:2 within a process x data:2 across the two, with
+  ZeRO-1. Returns the two logs; a process still running when the other failed is killed."""
+  env = {**env, "XLA_FLAGS": env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}
+  options = ["set=parallel.mesh=data:2", "set=parallel.dcn_mesh=data:2", "set=parallel.zero1=True"]
+  procs = [start(env, workdir, corpus, 2 * N, N, f"process={rank}/2@{port}", *options,
+                 *(rank1_options if rank == 1 else ())) for rank in range(2)]
+  try:
+    logs = [finish(p, timeout)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  return logs
+
+
+def test_two_processes_preempt_together_resume_and_train_like_one_device(tmp_path, corpus, env, straight, free_port):
+  """A multi-host launch through the loop (jax.distributed over localhost): SIGTERM reaches only process 1, yet both
+  save the same step and exit cleanly (before, process 1 saved alone and the next collective aborted both); the
+  relaunch resumes both, and every loss follows the one-device straight run. Process 0 alone writes the metrics."""
+  logs = run_two_processes(env, tmp_path, corpus, free_port, ["sigterm_after=3"])
+  assert all("mesh data:4,fsdp:1,expert:1,tensor:1 + zero1 over 4 devices in 2 process(es)" in log for log in logs)
+  saved = [int(line.split()[3]) for log in logs for line in log.splitlines() if line.startswith("SIGTERM: saved step")]
+  assert len(saved) == 2 and saved[0] == saved[1] and 3 < saved[0] < 2 * N, logs[1][-2000:]
+  logs = run_two_processes(env, tmp_path, corpus, free_port)
+  assert all(f"resumed from {tmp_path / 'checkpoints' / str(saved[0])}" in log for log in logs), logs[0][-2000:]
   rows_one, rows_mesh = metrics(straight[0]), metrics(tmp_path)
-  assert len(rows_one) == len(rows_mesh) == 2 * N + 1
+  assert [r["step"] for r in rows_mesh] == [*range(1, 2 * N + 1), 2 * N]  # one writer; every step once, then eval
   for a, b in zip(rows_one, rows_mesh):
     key = "loss" if "loss" in a else "eval_loss"
     assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a, b)

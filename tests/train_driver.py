@@ -5,7 +5,8 @@
 sigterm_after=S: SIGTERM once step S is logged (a preemption notice).
 kill_after=S: SIGKILL once step S is logged, after waiting for the checkpoint at CHECKPOINT_EVERY's last multiple
 below S to be committed (so the resume point is known). kill_in_save=S: SIGKILL right after the asynchronous save of
-step S has started, while Orbax is still writing it. A finished run writes WORKDIR/final_params.npz.
+step S has started, while Orbax is still writing it. process=RANK/COUNT@PORT: one process of a multi-process run
+(jax.distributed, coordinator on localhost:PORT). A finished run writes WORKDIR/final_params.npz (process 0).
 """
 
 import os
@@ -13,9 +14,11 @@ import signal
 import sys
 import time
 
+import jax
 import numpy as np
 
 from zaya_jax.checkpoint.hf import flat_params
+from zaya_jax.parallel import distributed
 from zaya_jax.train import checkpointing, loop
 from zaya_jax.train.experiment import get_experiment, override
 
@@ -37,11 +40,18 @@ def main(argv):
   kill_after = int(options.get("kill_after", 0))
   sigterm_after = int(options.get("sigterm_after", 0))
   kill_in_save = int(options.get("kill_in_save", 0))
+  if "process" in options:
+    rank, rest = options["process"].split("/")
+    count, port = rest.split("@")
+    distributed.initialize(distributed.DistributedConfig(f"localhost:{port}", int(count), int(rank),
+                                                         initialization_timeout=60))
 
   def log(line: str):
     print(line, flush=True)
     if sigterm_after and line.startswith(f"step {sigterm_after:>6}/"):
       os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's preemption notice would
+      if jax.process_count() > 1:  # jax.distributed's notifier polls for the signal once a second: hold this host
+        time.sleep(2)  # (and so the others, at the next step) until the notice is out, so it lands mid-run
     if kill_after and line.startswith(f"step {kill_after:>6}/"):
       committed = os.path.join(workdir, "checkpoints", str(kill_after // every * every), "commit_success.txt")
       deadline = time.time() + 30
@@ -61,7 +71,7 @@ def main(argv):
     checkpointing.RunCheckpointer.save = save_then_die
 
   result = loop.train(cfg, workdir, log=log)
-  if not result.preempted:
+  if not result.preempted and jax.process_index() == 0:
     model = result.trainer.merge(result.state.params, result.state.biases)
     params = {k: np.asarray(v[...]) for k, v in flat_params(model).items()}
     np.savez(os.path.join(workdir, "final_params.npz"), **params)

@@ -211,6 +211,35 @@ def _changed_since(old: dict | None, cfg: ExperimentConfig) -> list[str]:
   return [f"{name}: {at(old, name)!r} -> {at(new, name)!r}" for name in changed_settings(old, new)]
 
 
+class _PreemptionNotice:
+  """SIGTERM as a preemption notice, answered at the same step by every process of the run.
+
+  One process: a Python handler records the signal and the loop saves after the step in flight. Several: a scheduler
+  signals the hosts at slightly different times, and a host that saved and left alone would leave the others waiting
+  in the next step's collectives. jax.distributed's preemption service catches SIGTERM on any host and agrees on a
+  step every host has yet to reach (`multihost_utils.reached_preemption_sync_point`, polled once per step), so all
+  save that step and stop together. Our own handler would replace the service's, so none is installed then.
+  """
+
+  def __init__(self):
+    self.multi_process = jax.process_count() > 1
+    self._received: list[bool] = []
+    if not self.multi_process:
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._received.append(True))
+
+  def reached(self, step: int) -> bool:
+    """Whether to save `step` (just finished) and stop; called once per step, on every process."""
+    if self.multi_process:
+      from jax.experimental import multihost_utils
+
+      return multihost_utils.reached_preemption_sync_point(step)
+    return bool(self._received)
+
+  def close(self) -> None:
+    if not self.multi_process:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> RunResult:
   """Trains (or resumes) the run in `workdir` up to cfg.loop.steps. SIGTERM saves and returns `preempted=True`."""
   workdir = os.path.abspath(os.fspath(workdir))
@@ -278,8 +307,7 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
   # One writer per run: process 0 (the others compute the same replicated metrics).
   metrics_out = _Metrics(workdir, resumed_from) if jax.process_index() == 0 else _NoMetrics()
 
-  preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  preemption = _PreemptionNotice()
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   flops_per_token = train_flops_per_token(cfg)
   peak, peak_source = peak_flops_per_device()
@@ -314,7 +342,8 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
                  f"ETA {seconds * (loop.steps - done) / 60:.1f} min" if timed else
                  f"compiled in {step_times[0]:.1f} s (throughput from the next step)")
         log(f"step {done:>6}/{loop.steps}  loss {row['loss']:.4f}  {speed}")
-      checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or bool(preempted))
+      preempted = preemption.reached(done)
+      checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or preempted)
       if loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
         eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
         metrics_out.write({"step": done, "eval_loss": eval_loss, "eval_tokens": n})
@@ -335,7 +364,7 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
       log(f"sample (temperature {loop.sample_temperature}):\n{sample}")
     return RunResult(int(state.step), resumed_from, False, last_loss, eval_loss, sample, trainer, state)
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    preemption.close()
     metrics_out.close()
     checkpointer.close()
 
