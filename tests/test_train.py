@@ -228,13 +228,25 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
   with pytest.raises(CheckpointError, match=r"optimizer.name: 'adamw' -> 'muon'") as e:
     train(override(cfg, ["optimizer.name=muon"]), tmp_path, log=lambda _: None)
   assert len(str(e.value)) < 2000  # not Orbax's whole tree diff
-  state_dir = tmp_path / "checkpoints" / "12" / "state"
+  # Extending the run: the schedule is a function of the total length, so the rate at the resumed step moves (noted).
+  logs = []
+  longer = override(cfg, ["loop.steps=14"])
+  train(longer, tmp_path, log=logs.append)
+  before, after = (float(learning_rate_schedule(cfg.optimizer, steps)(12)) for steps in (12, 14))
+  assert before != after
+  assert (f"note: loop.steps 12 -> 14 reshapes the cosine learning-rate schedule: at step 12 it goes from "
+          f"{before:.3g} to {after:.3g} (logged per step as lr)") in logs, logs
+  extended = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert extended[:len(rows)] == rows and [r["step"] for r in extended[len(rows):]] == [13, 14, 14]
+  assert [r["lr"] for r in extended[len(rows):-1]] == [float(learning_rate_schedule(cfg.optimizer, 14)(i))
+                                                        for i in (12, 13)]
+  state_dir = tmp_path / "checkpoints" / "14" / "state"
   for root, _, files in os.walk(state_dir):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   with pytest.raises(CheckpointError, match="cannot be restored"):
-    train(cfg, tmp_path, log=lambda _: None)
+    train(longer, tmp_path, log=lambda _: None)
 
 
 @pytest.mark.parametrize("args, message", [
