@@ -3,6 +3,7 @@ dry-run planner's per-device bytes for ZAYA1-8B (fresh processes: it fakes one C
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -43,6 +44,22 @@ def test_partial_multihost_arguments_are_refused_before_joining():
     distributed.initialize(DistributedConfig("10.0.0.1:12355", 2, None))
   with pytest.raises(ValueError, match=r"\['coordinator_address', 'process_id'\] missing"):
     distributed.initialize(DistributedConfig(None, 2, None))
+
+  with pytest.raises(ValueError, match=r"'10.0.0.1' is not host:port"):
+    distributed.initialize(DistributedConfig("10.0.0.1", 2, 1))
+
+
+def test_an_unreachable_coordinator_or_a_taken_port_is_named_instead_of_an_abort(free_port):
+  # Without the check, JAX's client aborts the process from C++ (DEADLINE_EXCEEDED on RegisterTask).
+  with pytest.raises(ValueError, match=rf"process 1 of 2: nothing answers at the coordinator localhost:{free_port} "
+                                       r"after 1 s .* is process 0 running"):
+    distributed.initialize(DistributedConfig(f"localhost:{free_port}", 2, 1, initialization_timeout=1))
+  with socket.socket() as taken:
+    taken.bind(("", free_port))
+    taken.listen()
+    with pytest.raises(ValueError, match=rf"process 0 runs the coordinator on port {free_port} .* the port is taken"):
+      distributed.initialize(DistributedConfig(f"localhost:{free_port}", 2, 0))
+    distributed.check_coordinator(DistributedConfig(f"localhost:{free_port}", 2, 1))  # process 1 finds it listening
 
 
 def plan(*args):

@@ -10,8 +10,9 @@ SLURM_LOCALID. launch/cluster/sbatch_mi300x.sh runs one task per node (a process
 --dcn_mesh), so with one task per node every visible GPU (HIP_/ROCR_/CUDA_VISIBLE_DEVICES, else SLURM_GPUS_ON_NODE)
 is the process's. With several tasks per node JAX's one-GPU-per-task rule stands.
 
-Call `initialize` before anything touches a device. On CPU the processes talk through gloo (JAX's default CPU
-collectives), which is what the two-process test uses.
+Call `initialize` before anything touches a device. With an explicit coordinator address it first checks that the
+run can form (`check_coordinator`), since JAX's client aborts the process from C++ when it cannot. On CPU the
+processes talk through gloo (JAX's default CPU collectives), which is what the two-process tests use.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
+import time
 
 import jax
 
@@ -76,8 +79,40 @@ def initialize(cfg: DistributedConfig | None = None) -> str:
         found, initialization_timeout=cfg.initialization_timeout)
   if cfg is None:
     return source
+  if cfg.coordinator_address is not None:
+    check_coordinator(cfg)
   jax.distributed.initialize(
       coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id,
       local_device_ids=None if cfg.local_device_ids is None else list(cfg.local_device_ids),
       initialization_timeout=cfg.initialization_timeout)
   return source
+
+
+def check_coordinator(cfg: DistributedConfig, *, retry_seconds: float = 1.0) -> None:
+  """Raises ValueError naming the address when the run cannot form, before JAX's client would abort the process
+  from C++ (a DEADLINE_EXCEEDED check failure on RegisterTask): process 0 needs the coordinator's port free; every
+  other process needs something listening there within `initialization_timeout` (process 0 may start later)."""
+  host, _, port = cfg.coordinator_address.rpartition(":")
+  host = host.strip("[]")  # [::1]:1234
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"coordinator_address {cfg.coordinator_address!r} is not host:port")
+  if cfg.process_id == 0:
+    with socket.socket() as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a relaunch may reuse a TIME_WAIT port
+      try:
+        s.bind(("", int(port)))  # where JAX's coordinator binds: every interface
+      except OSError as e:
+        raise ValueError(f"process 0 runs the coordinator on port {port} ({cfg.coordinator_address}), but the port "
+                         f"is taken ({e.strerror}): pick another port for the whole run") from None
+    return
+  deadline = time.monotonic() + cfg.initialization_timeout
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=max(retry_seconds, 0.1)):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ValueError(f"process {cfg.process_id} of {cfg.num_processes}: nothing answers at the coordinator "
+                         f"{cfg.coordinator_address} after {cfg.initialization_timeout} s ({e.strerror or e}); is "
+                         f"process 0 running, and is {host} reachable from this host?") from None
+      time.sleep(retry_seconds)
