@@ -559,6 +559,10 @@ def test_normalize_answer():
   assert n("x = 12") == "12" and n("1,000") == "1000" and n("5.00") == "5" and n(r"90^\circ") == "90"
   assert n("   ") is None and n(None) is None
   assert n("12") != n("13")
+  for raw in ("x = y = 3", r"$\text{\textbf{\mathrm{\text{5}}}}$", "5.00 .", "1,000", r"\dfrac{1}{2}"):
+    assert n(n(raw)) == n(raw), raw  # a vote's winner comes normalised and is normalised again when scored
+  # ... else majority@N could exceed pass@N ("x = y = 3" voted as "y=3", then scored as "3").
+  assert ans.majority_at_n(["x = y = 3"] * 3, "3") == ans.pass_at_n(["x = y = 3"] * 3, "3") == 1.0
 
 
 def test_majority_vote_rules():

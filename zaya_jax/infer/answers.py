@@ -74,6 +74,17 @@ def normalize_answer(answer: str | None) -> str | None:
   """
   if answer is None:
     return None
+  # To a fixed point: a vote's winner (already normalised) is compared with the gold answer by normalising both, so
+  # normalising twice must change nothing ("x = y = 3" -> "y=3" once, "3" twice, before this loop).
+  s = answer
+  for _ in range(8):
+    previous, s = s, _normalize_once(s)
+    if s is None or s == previous:
+      return s
+  return s
+
+
+def _normalize_once(answer: str) -> str | None:
   s = answer.strip().rstrip(".").strip().strip("$").strip()
   s = s.replace("\\left", "").replace("\\right", "")
   s = _SPACING.sub("", s)
