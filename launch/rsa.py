@@ -7,12 +7,12 @@
 
 Round 0 samples --n answers of the problem; each of --t aggregation rounds gives every new trace --c distinct
 candidates of the previous round, of which it sees the last --tau tokens, and decodes --beta new tokens (the last round
---beta_final). The final population's answers (the last \\boxed{}) are printed with their plurality vote. A problem
-file holds one JSON object per line with "problem" (or "question") and optionally "answer"; with answers the run
-reports the mean correctness over the final candidates (the report's metric), majority@N and pass@N. --output gets
-one JSON line per problem (answers, vote, correctness, generated/prefilled tokens, largest context) and a summary
-line, written only when every problem is done. Sampling flags apply to every round. Bad input prints one `error:`
-line and exits 1.
+--beta_final, round 0 --beta_first if given). The final population's answers (the last \\boxed{}) are printed with
+their plurality vote. A problem file holds one JSON object per line with "problem" (or "question") and optionally
+"answer"; with answers the run reports the mean correctness over the final candidates (the report's metric), majority@N
+and pass@N. --output gets one JSON line per problem (answers, vote, correctness, generated/prefilled tokens, largest
+context) and a summary line, written only when every problem is done. Sampling flags apply to every round. Bad input
+prints one `error:` line and exits 1.
 
 --model is a run directory (launch/train.py) or a Hugging Face folder, as for launch/generate.py. Templates:
 rsa (the RSA authors' prompt), rsa-harness (its typo fixed), markovian-zaya (Zyphra's proxy prompt), delethink (C = 1:
@@ -44,6 +44,8 @@ _T = flags.DEFINE_integer("t", 2, "Aggregation rounds after round 0 (0 = plain p
 _TAU = flags.DEFINE_integer("tau", 4096, "Tail length in tokens carried from each candidate (<= beta).")
 _BETA = flags.DEFINE_integer("beta", 16384, "New-token budget of rounds 0..t-1.")
 _BETA_FINAL = flags.DEFINE_integer("beta_final", None, "New-token budget of the last round (default: beta).")
+_BETA_FIRST = flags.DEFINE_integer("beta_first", None, "New-token budget of round 0 (default: beta); true Delethink's "
+                                   "first chunk: --template=delethink --c=1 --beta=C-m --tau=m --beta_first=C.")
 _TAIL_SOURCE = flags.DEFINE_enum("tail_source", "all", TAIL_SOURCES,
                                  "'all': tails end at the end of the output; 'reasoning': at --end_think if present.")
 _END_THINK = flags.DEFINE_string("end_think", "</think>", "End-of-thinking marker text (for --tail_source=reasoning).")
@@ -72,6 +74,12 @@ def _problems() -> list[cli.Problem]:
   return [cli.Problem(0, 0, _PROBLEM.value, _ANSWER.value)]
 
 
+def rsa_config_from_flags(**settings):
+  """The sampler's config from the population and budget flags, plus `settings` known only later."""
+  return cli.rsa_config(n=_N.value, c=_C.value, t=_T.value, tau=_TAU.value, beta=_BETA.value,
+                        beta_final=_BETA_FINAL.value, beta_first=_BETA_FIRST.value, seed=_SEED.value, **settings)
+
+
 def main(argv) -> int:
   del argv
   if not _MODEL.value:
@@ -79,8 +87,7 @@ def main(argv) -> int:
   problems = _problems()
   sampling = cli.sampling_config(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   # Checked before the model loads: flag errors (C > N, τ > β, ...) should not wait for the weights.
-  cli.rsa_config(n=_N.value, c=_C.value, t=_T.value, tau=_TAU.value, beta=_BETA.value, beta_final=_BETA_FINAL.value,
-                 tail_source="all", end_think=(), q_max=1, max_context=None, pad_id=0, seed=_SEED.value)
+  rsa_config_from_flags(tail_source="all", end_think=(), q_max=1, max_context=None, pad_id=0)
   with cli.AtomicJsonl(_OUTPUT.value) as out:
     loaded = cli.load_model(_MODEL.value, tokenizer_path=_TOKENIZER.value, step=_STEP.value)
     tokenizer = loaded.tokenizer
@@ -100,11 +107,10 @@ def main(argv) -> int:
       if not end_think:
         raise cli.CLIError("--end_think is empty: --tail_source=reasoning needs the end-of-thinking marker text")
     # pad_id must be generate's (rows are compared and scrubbed with it); max_context is the model's positions,
-    # which also bound make_decode_fn's cache (prompt capacity + budget - 1 per call).
-    cfg = cli.rsa_config(n=_N.value, c=_C.value, t=_T.value, tau=_TAU.value, beta=_BETA.value,
-                         beta_final=_BETA_FINAL.value, tail_source=_TAIL_SOURCE.value, end_think=end_think,
-                         q_max=q_max, max_context=loaded.context, pad_id=pad_id(loaded.model), seed=_SEED.value,
-                         stop_ids=loaded.stop_ids)  # tails end before a final stop token; it marks a trace finished
+    # which also bound make_decode_fn's cache (prompt capacity + budget - 1 per call). Tails end before a final stop
+    # token, which marks a trace finished.
+    cfg = rsa_config_from_flags(tail_source=_TAIL_SOURCE.value, end_think=end_think, q_max=q_max,
+                                max_context=loaded.context, pad_id=pad_id(loaded.model), stop_ids=loaded.stop_ids)
     cli.check_rsa_context(cfg, pieces, loaded.context, longest)
     # One decode function for every problem and round: the generate program compiles once per budget.
     decode_fn = make_decode_fn(loaded.model, sampling=sampling, stop_token_ids=loaded.stop_ids)

@@ -13,6 +13,7 @@ session's persistent compilation cache (conftest.py), so they compile nothing th
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -326,6 +327,9 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
     out.write(s)
   lines = [json.loads(line) for line in path.read_text().splitlines()]
   assert lines[-1] == s and lines[0]["correct"] == [True, True, False, False] and lines[3]["correct"] is None
+  umask = os.umask(0)
+  os.umask(umask)
+  assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as open() would make it, not a temporary's 0600
   failed = tmp_path / "failed.jsonl"
   with pytest.raises(RuntimeError), cli.AtomicJsonl(str(failed)) as out:
     out.write({"half": True})

@@ -374,6 +374,22 @@ def test_delethink_continues_its_own_trace():
     np.testing.assert_array_equal(pool[b], 1000 * (b + 1) + DELETHINK.t * DELETHINK.beta + np.arange(6))
 
 
+def test_true_delethink_gives_the_first_chunk_its_own_budget():
+  # Delethink (spec §2.1, P12): chunk 1 gets C new tokens, later chunks C - m after a carry of m: beta_first = C.
+  cfg = dataclasses.replace(DELETHINK, beta_first=DELETHINK.beta + DELETHINK.tau)
+  assert [cfg.budget(r) for r in range(cfg.rounds)] == [10, 6, 6, 6] and cfg.pool_width == 10
+  recorder = Recorder(count_decoder)
+  state = rsa.run_loop(cfg, CONTINUE_PIECES, recorder, QUESTION, KEY)
+  assert_states_equal(state, rsa.run(cfg, CONTINUE_PIECES, count_decoder, QUESTION, KEY))
+  assert [call["max_new"] for call in recorder.calls] == [10, 6, 6, 6]
+  np.testing.assert_array_equal(state.generated_R, [cfg.n * 10] + [cfg.n * 6] * cfg.t)
+  # Every chunk sees the same context, C + the fixed pieces (a later one: carry m + C - m new tokens).
+  np.testing.assert_array_equal(state.max_context_R, [len(QUESTION) + 3 + 10] * cfg.rounds)
+  pool = np.asarray(state.pool_NG)
+  for b in range(cfg.n):  # chunk after chunk, each continuing where its own previous one stopped
+    np.testing.assert_array_equal(pool[b, :6], 1000 * (b + 1) + 10 + cfg.t * 6 - 6 + np.arange(6))
+
+
 @functools.partial(jax.jit, static_argnums=3)
 def stop_row0_decoder(key, prompts_BL, plen_B, max_new):
   """count_decoder, except that row 0 writes EOS as its third token and stops there."""

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -260,9 +260,10 @@ class AtomicJsonl:
       folder = os.path.dirname(os.path.abspath(self.path))
       if not os.path.isdir(folder):
         raise CLIError(f"--output={self.path}: folder {folder} does not exist")
+      # open(..., "x") creates it with the umask's permissions (a NamedTemporaryFile would be 0600, and stay so)
+      temporary = os.path.join(folder, f".{os.path.basename(self.path)}.{uuid.uuid4().hex}.tmp")
       try:
-        self._file = tempfile.NamedTemporaryFile(
-          "w", encoding="utf-8", dir=folder, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", delete=False)
+        self._file = open(temporary, "x", encoding="utf-8")  # closed in __exit__
       except OSError as e:
         raise CLIError(f"--output={self.path} cannot be written: {e}") from None
     return self
@@ -358,10 +359,11 @@ def generate_completions(loaded: LoadedModel, prompts: Sequence[str], *, chat: P
 
 def rsa_config(*, n: int, c: int, t: int, tau: int, beta: int, beta_final: int | None, tail_source: str,
                end_think: Sequence[int], q_max: int, max_context: int, pad_id: int, seed: int,
-               stop_ids: Sequence[int] = ()) -> rsa.RSAConfig:
+               stop_ids: Sequence[int] = (), beta_first: int | None = None) -> rsa.RSAConfig:
   """RSAConfig from the flags; its validation message (C > N, τ > β, ...) with the flag names."""
   try:
-    return rsa.RSAConfig(n=n, c=c, t=t, tau=tau, beta=beta, beta_final=beta_final, tail_source=tail_source,
+    return rsa.RSAConfig(n=n, c=c, t=t, tau=tau, beta=beta, beta_final=beta_final, beta_first=beta_first,
+                         tail_source=tail_source,
                          end_think=tuple(end_think), stop_ids=tuple(stop_ids), q_max=q_max, max_context=max_context,
                          pad_id=pad_id, seed=seed)
   except ValueError as e:
@@ -377,8 +379,8 @@ def check_rsa_context(cfg: rsa.RSAConfig, pieces: rsa.PromptPieces, context: int
               f"round-0 template {pieces.initial_len} + question {cfg.q_max} (longest {longest_question} tokens)")
     raise CLIError(
       f"the RSA prompts do not fit the model's context of {context} (max_position_embeddings): {prompt} + "
-      f"max(--beta, --beta_final) = {cfg.pool_width} makes {bound}; lower "
-      + ("--tau, --c, --beta or --beta_final" if cfg.t else "--beta or --beta_final"))
+      f"the largest budget (of --beta_first, --beta, --beta_final) {cfg.pool_width} makes {bound}; lower "
+      + ("--tau, --c or the budgets" if cfg.t else "--beta or --beta_final"))
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class RSAConfig:
   tau: int = 4096  # tail length τ in tokens (<= beta)
   beta: int = 16384  # new-token budget of rounds 0..t-1
   beta_final: int | None = None  # budget of the last round (None: beta); the report uses 40,960
+  beta_first: int | None = None  # budget of round 0 (None: beta); Delethink's first chunk C = beta + tau
   tail_source: str = "all"  # "reasoning": tails end at the end-of-thinking marker when present; "all": whole output
   end_think: tuple[int, ...] = ()  # token ids of the end-of-thinking marker (a sequence, e.g. (id of </think>,))
   stop_ids: tuple[int, ...] = ()  # the decoder's stop tokens (EOS, end of turn): a trace ending in one is finished
@@ -77,8 +78,10 @@ class RSAConfig:
         raise ValueError(f"RSAConfig.{name} must be a positive int, got {v!r}")
     if not _is_int(self.t) or self.t < 0:
       raise ValueError(f"RSAConfig.t (aggregation rounds after round 0) must be an int >= 0, got {self.t!r}")
-    if self.beta_final is not None and (not _is_int(self.beta_final) or self.beta_final <= 0):
-      raise ValueError(f"RSAConfig.beta_final must be a positive int or None, got {self.beta_final!r}")
+    for name in ("beta_final", "beta_first"):
+      v = getattr(self, name)
+      if v is not None and (not _is_int(v) or v <= 0):
+        raise ValueError(f"RSAConfig.{name} must be a positive int or None, got {v!r}")
     if self.max_context is not None and (not _is_int(self.max_context) or self.max_context <= 0):
       raise ValueError(f"RSAConfig.max_context must be a positive int or None, got {self.max_context!r}")
     if not _is_int(self.pad_id) or self.pad_id < 0:
@@ -115,8 +118,8 @@ class RSAConfig:
 
   @property
   def pool_width(self) -> int:
-    """G: the pool holds any round's output."""
-    return max(self.beta, self.final_budget)
+    """G: the pool holds any round's output (the largest round budget)."""
+    return max(self.budget(r) for r in {0, min(1, self.t), self.t})
 
   @property
   def rounds(self) -> int:
@@ -124,8 +127,11 @@ class RSAConfig:
     return self.t + 1
 
   def budget(self, r: int) -> int:
-    """New-token budget of round r: beta_final in the last round (round 0 when t = 0), beta before."""
-    return self.final_budget if r == self.t else self.beta
+    """New-token budget of round r: beta_final in the last round (round 0 when t = 0), else beta_first in round 0,
+    beta in between."""
+    if r == self.t:
+      return self.final_budget
+    return self.beta if r or self.beta_first is None else self.beta_first
 
   @classmethod
   def markovian(cls, **kw) -> RSAConfig:
@@ -139,9 +145,12 @@ class RSAConfig:
 
   @classmethod
   def delethink(cls, n: int = 16, t: int = 4, beta: int = 8192, tau: int = 4096, **kw) -> RSAConfig:
-    """C = 1 self-continuation: trace i continues from the last τ tokens of its own previous chunk. With
-    `prompts.DELETHINK` the tail is the assistant's own prefix (true Delethink: new chunk budget C - m = β, carry
-    m = τ); with an aggregation template it is the report's parallel Delethink-like baseline."""
+    """C = 1 self-continuation: trace i continues from the last τ tokens of its own previous chunk. The defaults
+    are the ZAYA report's parallel Delethink-like baseline (β = 8K, τ = 4K, an aggregation template). True
+    Delethink (the Markovian Thinker, spec §2.1) uses `prompts.DELETHINK`, where the tail is the assistant's own
+    prefix, with chunk size C and carry m: the first chunk gets C new tokens, later ones C - m, so
+    `delethink(beta=C - m, tau=m, beta_first=C)`, e.g. C = 8192, m = 4096. (Its folding of chunk 1's first 100
+    tokens into the question is not modelled.)"""
     return cls(n=n, c=1, t=t, tau=tau, beta=beta, self_continue=True, **kw)
 
 
@@ -201,7 +210,7 @@ def prompt_capacity(cfg: RSAConfig, pieces: PromptPieces) -> int:
 
 
 def context_bound(cfg: RSAConfig, pieces: PromptPieces) -> int:
-  """Static bound on prompt + generated tokens of any decode call: L + max(β, β_final)."""
+  """Static bound on prompt + generated tokens of any decode call: L + the largest round budget."""
   return prompt_capacity(cfg, pieces) + cfg.pool_width
 
 
@@ -410,7 +419,7 @@ def absorb(cfg: RSAConfig, state: RSAState, prompt_len_N, tokens_NM, len_N, max_
       f"max_new = {max_new}, got shapes {shape} and {len_shape}"
     )
   if max_new > cfg.pool_width:
-    raise ValueError(f"max_new = {max_new} is more than the pool width {cfg.pool_width} = max(beta, beta_final)")
+    raise ValueError(f"max_new = {max_new} is more than the pool width {cfg.pool_width} (the largest round budget)")
   m = max_new
   len_N = jnp.clip(len_N.astype(jnp.int32), 0, m)
   tokens_NM = jnp.where(jnp.arange(m)[None, :] < len_N[:, None], tokens_NM.astype(jnp.int32), cfg.pad_id)
