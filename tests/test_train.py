@@ -24,7 +24,7 @@ from zaya_jax.config import ZayaConfig
 from zaya_jax.model.decoder import ZayaForCausalLM, forward
 from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.balancing import BalancingConfig
-from zaya_jax.train.checkpointing import RunCheckpointer
+from zaya_jax.train.checkpointing import RunCheckpointer, load_run
 from zaya_jax.train.data import DataConfig, make_data
 from zaya_jax.train.experiment import ExperimentConfig, get_experiment, load_json, override, save_json
 from zaya_jax.train.loop import TrainingError, train
@@ -352,7 +352,8 @@ def run_two_processes(env, workdir, corpus, port, rank1_options=(), timeout=240)
 def test_two_processes_preempt_together_resume_and_train_like_one_device(tmp_path, corpus, env, straight, free_port):
   """A multi-host launch through the loop (jax.distributed over localhost): SIGTERM reaches only process 1, yet both
   save the same step and exit cleanly (before, process 1 saved alone and the next collective aborted both); the
-  relaunch resumes both, and every loss follows the one-device straight run. Process 0 alone writes the metrics."""
+  relaunch resumes both, and every loss follows the one-device straight run. Process 0 alone writes the metrics. Then
+  the run is loaded for inference and resumed on one device (it was saved from four, by two processes)."""
   logs = run_two_processes(env, tmp_path, corpus, free_port, ["sigterm_after=3"])
   assert all("mesh data:4,fsdp:1,expert:1,tensor:1 + zero1 over 4 devices in 2 process(es)" in log for log in logs)
   saved = [int(line.split()[3]) for log in logs for line in log.splitlines() if line.startswith("SIGTERM: saved step")]
@@ -364,3 +365,29 @@ def test_two_processes_preempt_together_resume_and_train_like_one_device(tmp_pat
   for a, b in zip(rows_one, rows_mesh):
     key = "loss" if "loss" in a else "eval_loss"
     assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a, b)
+  # The cluster's run on one device: loaded for inference exactly as trained, and resumed (it was saved on 4).
+  model, _, _ = load_run(tmp_path)
+  trained = np.load(tmp_path / "final_params.npz")  # process 0's copy of the final state
+  loaded = {k: np.asarray(v[...]) for k, v in flat_params(model).items()}
+  assert sorted(loaded) == sorted(trained.files)
+  for key in trained.files:
+    np.testing.assert_array_equal(loaded[key], trained[key], err_msg=key)
+  # Resumed by one process: the data position of two hosts is that of any host count, so the next steps follow the
+  # straight run's own extension.
+  longer = small_config(corpus, 2 * N + 2, N)
+  result = train(longer, tmp_path, log=lambda _: None)
+  assert (result.resumed_from, result.final_step) == (2 * N, 2 * N + 2)
+  shutil.copytree(straight[0], tmp_path / "one")
+  train(longer, tmp_path / "one", log=lambda _: None)
+  extended = [metrics(d)[len(rows_one):] for d in (tmp_path / "one", tmp_path)]
+  assert [r["step"] for r in extended[1]] == [2 * N + 1, 2 * N + 2, 2 * N + 2]
+  for a, b in zip(*extended):
+    key = "loss" if "loss" in a else "eval_loss"
+    assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a, b)
+
+
+def test_several_processes_without_a_mesh_are_refused(tmp_path, corpus, monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 2)  # as after jax.distributed.initialize on two hosts
+  with pytest.raises(ValueError, match=r"2 processes but no mesh.* --mesh=data:-1 --dcn_mesh=data:2"):
+    train(small_config(corpus, 2, 2), tmp_path / "run")
+  assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -13,14 +13,18 @@ a message naming the differing fields rather than a shape error from deep inside
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import SingleDeviceSharding
 
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.config import ZayaConfig
+from zaya_jax.sharding import with_shardings
 from zaya_jax.train.experiment import jsonable
 
 
@@ -73,19 +77,50 @@ class RunCheckpointer:
       described = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(differing.items()))
       raise CheckpointError(f"checkpoint {where} was written for another model ({described}); start a new workdir "
                             "or run with the checkpoint's config")
+    saved_position = _data_position_of_another_process_count(where)
+    parts = {"state": ocp.args.StandardRestore(abstract_state)}
+    if saved_position is None:
+      parts["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
+      restored = self.manager.restore(step, args=ocp.args.Composite(**parts))
     except Exception as e:
       detail = str(e) if len(str(e)) <= 600 else str(e)[:600] + " ..."  # Orbax dumps whole tree diffs
       raise CheckpointError(f"checkpoint {where} cannot be restored into this run's state (another optimizer or "
                             f"train-state layout?): {type(e).__name__}: {detail}") from e
+    if saved_position is not None:
+      data_iter.set_state(saved_position)
     return restored["state"]
 
 
-def abstract_like(state):
-  """ShapeDtypeStructs (with shardings) of a state: the restore target."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+def _data_position_of_another_process_count(where: str) -> dict | None:
+  """The saved data-iterator state when the checkpoint was written by another number of processes, else None.
+
+  grain saves one file per process (process_<i>-of-<n>.json). Every host runs the same pipeline and keeps its own
+  block of each global batch (data.py), so all hosts' files hold one and the same position, and it is the position
+  of any host count: a run resumes exactly on more or fewer hosts, or on one.
+  """
+  folder = os.path.join(where, "data")
+  if os.path.exists(os.path.join(folder, f"process_{jax.process_index()}-of-{jax.process_count()}.json")):
+    return None
+  saved = sorted(glob.glob(os.path.join(folder, "process_*-of-*.json")))
+  if not saved:
+    raise CheckpointError(f"checkpoint {where} holds no data-iterator position ({folder} has no process_*.json)")
+  positions = []
+  for path in saved:
+    with open(path) as f:
+      positions.append(json.load(f))
+  if any(p != positions[0] for p in positions[1:]):
+    raise CheckpointError(f"checkpoint {where}: its {len(saved)} processes saved different data positions, so it "
+                          f"resumes only with {len(saved)} processes")
+  return positions[0]
+
+
+def on_one_device(abstract_state):
+  """The restore target of a run without a mesh: every array on this process's first device. Without a sharding,
+  Orbax restores onto the devices the checkpoint was saved from, and refuses ("Topology mismatch") a run saved on a
+  mesh of more devices than this process has."""
+  one = SingleDeviceSharding(jax.local_devices()[0])
+  return with_shardings(abstract_state, jax.tree.map(lambda _: one, abstract_state))
 
 
 def load_run(workdir: str | os.PathLike, step: int | None = None):
@@ -113,7 +148,8 @@ def load_run(workdir: str | os.PathLike, step: int | None = None):
     if step is None or step not in manager.all_steps():
       raise CheckpointError(f"{directory} holds no complete checkpoint" + ("" if step is None else f" at step {step}"))
     try:
-      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+      state = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(on_one_device(abstract_state))))["state"]
     except Exception as e:
       raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} cannot be restored: "
                             f"{type(e).__name__}: {e}") from e

@@ -35,7 +35,7 @@ from zaya_jax.figures import model_figures
 from zaya_jax.sharding import ShardingPlan
 from zaya_jax.train import sharded
 from zaya_jax.train import step as train_step_lib
-from zaya_jax.train.checkpointing import RunCheckpointer
+from zaya_jax.train.checkpointing import RunCheckpointer, on_one_device
 from zaya_jax.train.data import make_data
 from zaya_jax.train.experiment import ExperimentConfig, changed_settings, jsonable, save_json, to_dict
 from zaya_jax.train.optim import learning_rate_schedule
@@ -242,6 +242,9 @@ class _PreemptionNotice:
 
 def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> RunResult:
   """Trains (or resumes) the run in `workdir` up to cfg.loop.steps. SIGTERM saves and returns `preempted=True`."""
+  if jax.process_count() > 1 and not cfg.parallel.enabled:
+    raise ValueError(f"this run has {jax.process_count()} processes but no mesh, so each would train alone on its "
+                     f"own rows of the batch: give one, e.g. --mesh=data:-1 --dcn_mesh=data:{jax.process_count()}")
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
   loop = cfg.loop
@@ -273,6 +276,8 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
     if plan is not None:
       sharded.validate(plan, abstract_state, cfg.data.batch_size)
       abstract_state = sharded.abstract_state(plan, abstract_state)
+    else:  # also a run saved on a mesh, now resumed on one device
+      abstract_state = on_one_device(abstract_state)
     if resumed_from > loop.steps:
       checkpointer.close()
       raise TrainingError(f"{workdir} is already at step {resumed_from}, past loop.steps = {loop.steps}; ask for "

@@ -2,11 +2,12 @@
 
 B batch (global, per step), A gradient-accumulation micro-batches, T sequence, V vocab, L layers, X1 router classes.
 
-A batch is a dict of int32 [B, T] arrays: `input_ids`, `segment_ids` (documents are contiguous runs of equal ids;
-0 marks padding), `targets` (the next token) and `loss_mask` (1 where the target is scored). The loss is the mean
-cross entropy over scored tokens of the whole batch (the same whether or not it is split into micro-batches), plus
-an optional z-loss and, in `aux_loss` balancing mode, the balance loss. Master parameters keep `param_dtype` (fp32 for
-training); the model casts them to its compute dtype at use, so `dtype="bfloat16"` trains in bf16 with fp32 masters.
+A batch is a dict of int32 [B, T] arrays: `input_ids`, `segment_ids` (documents are contiguous runs of equal ids; 0
+marks padding), `targets` (the next token) and `loss_mask` (1 where the target is scored). The loss is the mean cross
+entropy over scored tokens of the whole batch (the same whether or not it is split into micro-batches), plus an
+optional z-loss and, in `aux_loss` balancing mode, the balance loss (per micro-batch, see `_micro_loss`). Master
+parameters keep `param_dtype` (fp32 for training); the model casts them to its compute dtype at use, so
+`dtype="bfloat16"` trains in bf16 with fp32 masters.
 
 A step whose loss or gradient norm is not finite changes nothing (the state passes through) and reports
 `finite = False`; the loop stops on it without saving.
@@ -167,7 +168,9 @@ def _micro_loss(trainer: Trainer, params, biases, micro: dict, num_scored):
   loss = (ce_sum + trainer.step_config.z_loss_weight * z_sum) / num_scored
   aux = jnp.zeros((), jnp.float32)
   if trainer.balancing.mode == "aux_loss":
-    # Per micro-batch, weighted by its share of the batch (exact for equal micro-batches).
+    # Per micro-batch, as Megatron-LM does: each micro-batch's load fractions times its mean probabilities,
+    # averaged. A product of means is not the mean of products, so with grad_accum > 1 this is not the one-batch
+    # loss (its router gradients differ), unlike the cross entropy; the whole batch's load would cost a routing pass.
     aux = balancing.aux_loss(probs_LMX1, out.router.choice_LBT.reshape(L, B * T), valid_BT.reshape(-1))
     loss = loss + trainer.balancing.aux_loss_weight * aux / trainer.step_config.grad_accum
   stats = dict(ce_sum=ce_sum, z_sum=z_sum, counts_LX1=counts_LX1, entropy_sum_L=entropy_sum_L,
