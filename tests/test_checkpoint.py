@@ -48,7 +48,7 @@ def native_to_legacy(native: dict, num_blocks: int) -> dict:
             "router_mlp.out_proj": "router_mlp.4"}
   legacy = {}
   for key, value in native.items():
-    if key == "model.embed_tokens.weight":
+    if key in ("model.embed_tokens.weight", "lm_head.weight"):
       legacy[key] = value
       continue
     if key == "model.norm.weight":
@@ -86,9 +86,17 @@ def native_to_legacy(native: dict, num_blocks: int) -> dict:
   return legacy
 
 
-def test_legacy_layout_loads_to_the_same_logits(reference_dir, tmp_path, ids):
-  path, ref = reference_dir
+@pytest.fixture(scope="module")
+def untied_reference_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("untied")
+  return path, make_reference(path, seed=12, **TINY, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_legacy_layout_loads_to_the_same_logits(reference_dir, untied_reference_dir, tmp_path, ids, tied):
+  path, ref = reference_dir if tied else untied_reference_dir
   native = load_file(path / "model.safetensors")
+  assert ("lm_head.weight" in native) != tied
   legacy = native_to_legacy(native, TINY["num_hidden_layers"])
   assert len(legacy) == len(native) + 2 * (TINY["num_experts"] - 1) * TINY["num_hidden_layers"]
   save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -98,7 +106,8 @@ def test_legacy_layout_loads_to_the_same_logits(reference_dir, tmp_path, ids):
                 "moe_router_topk": 1, "norm_epsilon": cfg["rms_norm_eps"], "kv_channels": cfg["head_dim"],
                 "rope_theta": 5e6, "partial_rotary_factor": 0.5, "swa_layers": None,
                 **{k: cfg[k] for k in ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
-                                       "num_experts", "max_position_embeddings", "eos_token_id", "dtype")}}
+                                       "num_experts", "max_position_embeddings", "eos_token_id", "dtype",
+                                       "tie_word_embeddings")}}
   (tmp_path / "config.json").write_text(json.dumps(legacy_cfg))
   model = zaya_jax.load_hf(tmp_path)
   assert np.abs(logits_of(model, ids) - reference_forward(ref, ids)[0]).max() <= 1e-5
@@ -127,6 +136,17 @@ def test_save_refuses_to_clobber_and_leaves_no_partial_folder(tmp_path):
     zaya_jax.save_hf(model, target)
   zaya_jax.save_hf(model, target, overwrite=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left behind
+
+
+def test_a_config_without_dtype_loads_the_stored_dtype(reference_dir, tmp_path, ids):
+  path, ref = reference_dir
+  shutil.copytree(path, tmp_path / "run")
+  cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert cfg.pop("dtype", None) == "float32" and "torch_dtype" not in cfg
+  (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+  model = zaya_jax.load_hf(tmp_path / "run")  # as transformers does, not the config's bf16 default
+  assert model.config.param_dtype == model.config.dtype == "float32"
+  assert np.abs(logits_of(model, ids) - reference_forward(ref, ids)[0]).max() <= 1e-5
 
 
 def test_bf16_params_load_as_bf16_and_upcast_on_request(tmp_path):

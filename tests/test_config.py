@@ -1,6 +1,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 
 from zaya_jax import AttentionConfig, MoEConfig, ZayaConfig
@@ -42,6 +43,37 @@ def test_from_hf_native_with_sliding_layers(tmp_path):
   assert cfg.layer_type(1) == "hybrid_sliding" and cfg.attention.sliding_window == 7
   assert cfg.attention.rope("hybrid_sliding") == (1e4, 8)
   assert ZayaConfig.from_hf(raw) == cfg
+
+
+@pytest.mark.parametrize("rope", [
+    None,  # transformers' built-in defaults
+    {"hybrid": {"rope_type": "default", "rope_theta": 1e3},  # no factor: the whole head rotates
+     "hybrid_sliding": {"rope_theta": 50.0, "partial_rotary_factor": 0.5}},
+    {"hybrid": {"rope_theta": 2e4, "partial_rotary_factor": 0.25}, "hybrid_sliding": {"rope_theta": 50.0}},
+    "rope_scaling",  # the older key
+], ids=["absent", "no-factor", "sliding-no-factor", "rope_scaling"])
+def test_rope_settings_are_read_as_transformers_reads_them(rope):
+  import torch
+  from transformers.models.zaya.configuration_zaya import ZayaConfig as HFConfig
+  from transformers.models.zaya.modeling_zaya import ZayaRotaryEmbedding
+
+  from zaya_jax.model.rope import inverse_frequencies
+
+  raw = ZayaConfig.tiny(layer_types=("hybrid", "hybrid_sliding"),
+                        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=24, sliding_window=7)).to_hf()
+  del raw["rope_parameters"]
+  if rope == "rope_scaling":
+    raw["rope_scaling"] = {"hybrid": {"rope_theta": 3e3, "partial_rotary_factor": 1.0},
+                           "hybrid_sliding": {"rope_theta": 7e3, "partial_rotary_factor": 0.5}}
+  elif rope is not None:
+    raw["rope_parameters"] = rope
+  ours = ZayaConfig.from_hf(raw).attention
+  reference = ZayaRotaryEmbedding(HFConfig(**json.loads(json.dumps(raw))))
+  for layer_type in ("hybrid", "hybrid_sliding"):
+    want = getattr(reference, f"{layer_type}_inv_freq").to(torch.float32).numpy()
+    got = inverse_frequencies(*ours.rope(layer_type))
+    assert got.shape == want.shape, (layer_type, got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=layer_type)
 
 
 def test_from_hf_legacy_keys_translate():

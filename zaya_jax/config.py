@@ -258,13 +258,16 @@ def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
       raise ValueError(f"config.json: {key}={raw[key]!r} is not supported (ZAYA1 uses {expected!r})")
   defaults = ZayaConfig()
   num_layers = raw.get("num_hidden_layers", defaults.num_layers)
-  rope = raw.get("rope_parameters") or {}
+  # As transformers reads them: `rope_scaling` (the older name) wins; without either, its built-in defaults (ours);
+  # a layer type's dict without a partial_rotary_factor rotates the whole head (compute_default_rope_parameters).
+  rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
   hybrid = rope.get("hybrid") or {}
   sliding = rope.get("hybrid_sliding") or {}
   for name, params in (("hybrid", hybrid), ("hybrid_sliding", sliding)):
     if params.get("rope_type", "default") != "default":
       raise ValueError(f"config.json: rope_parameters.{name}.rope_type={params['rope_type']!r} is not supported")
   att_defaults = AttentionConfig()
+  factor = lambda params, default: float(params.get("partial_rotary_factor", 1.0 if params else default))
   attention = AttentionConfig(
       num_heads=raw.get("num_attention_heads", att_defaults.num_heads),
       num_kv_heads=raw.get("num_key_value_heads", att_defaults.num_kv_heads),
@@ -272,10 +275,9 @@ def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
       cca_time0=raw.get("cca_time0", att_defaults.cca_time0),
       cca_time1=raw.get("cca_time1", att_defaults.cca_time1),
       rope_theta=float(hybrid.get("rope_theta", att_defaults.rope_theta)),
-      partial_rotary_factor=float(hybrid.get("partial_rotary_factor", att_defaults.partial_rotary_factor)),
+      partial_rotary_factor=factor(hybrid, att_defaults.partial_rotary_factor),
       sliding_rope_theta=float(sliding.get("rope_theta", att_defaults.sliding_rope_theta)),
-      sliding_partial_rotary_factor=float(
-          sliding.get("partial_rotary_factor", att_defaults.sliding_partial_rotary_factor)),
+      sliding_partial_rotary_factor=factor(sliding, att_defaults.sliding_partial_rotary_factor),
       sliding_window=raw.get("sliding_window"),
       use_bias=bool(raw.get("attention_bias", False)),
   )

@@ -145,7 +145,7 @@ def _rename_prefix(rest: str, table: dict[str, str]) -> str | None:
 
 def legacy_to_native(key: str, num_blocks: int) -> tuple[str, int | None] | None:
   """(native key, expert index or None) for a legacy key; None if the key has no native home."""
-  if key == "model.embed_tokens.weight":
+  if key in ("model.embed_tokens.weight", "lm_head.weight"):  # the head: an untied model's (same name in both)
     return key, None
   if key == "model.final_norm.weight":
     return "model.norm.weight", None
@@ -235,6 +235,13 @@ def skip_slot_reachable(biases_X1: np.ndarray) -> bool:
   return bool(1.0 + biases_X1[-1] > biases_X1[:-1].max())
 
 
+def _stored_float_dtype(entries: dict[str, _TensorEntry]) -> str | None:
+  """The dtype name of the checkpoint's embedding (else its first floating tensor), None without one."""
+  names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+  ordered = sorted(entries, key=lambda k: "embed_tokens" not in k)
+  return next((names[entries[k].code] for k in ordered if entries[k].code in names), None)
+
+
 def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
             **config_overrides) -> ZayaForCausalLM:
   """Loads a Hugging Face ZAYA1 folder (native or legacy layout) into a `ZayaForCausalLM`.
@@ -248,14 +255,18 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
     raise CheckpointError(f"{path}: no config.json")
   with open(config_file) as f:
     raw = json.load(f)
+  entries = _index_checkpoint(path)
   overrides = dict(config_overrides)
+  stored = _stored_float_dtype(entries)
+  if not (raw.get("dtype") or raw.get("torch_dtype")) and stored is not None:
+    overrides.setdefault("dtype", stored)  # what transformers loads; the config's default would round fp32 weights
+    overrides.setdefault("param_dtype", stored)
   if dtype is not None:
     overrides["dtype"] = dtype
   if param_dtype is not None:
     overrides["param_dtype"] = param_dtype
   cfg = ZayaConfig.from_hf(raw, **overrides)
 
-  entries = _index_checkpoint(path)
   legacy = is_legacy_hf_config(raw) or is_legacy_checkpoint(entries)
   plan, unused = _plan(entries, cfg.num_layers, legacy)
 
