@@ -74,7 +74,7 @@ def main(argv):
       print(f"process {jax.process_index()} of {jax.process_count()} ({source})")
     cfg = override(get_experiment(_CONFIG.value), assignments)
     result = train(cfg, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, CheckpointError, TrainingError, ShardingError) as e:
+  except (ValueError, OSError, CheckpointError, TrainingError, ShardingError) as e:  # OSError: e.g. a file as --workdir
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"done: step {result.final_step}" + (" (preempted; rerun to resume)" if result.preempted else ""))

@@ -162,7 +162,10 @@ def _read_text(path: str) -> str | None:
   with open(path, "rb") as f:
     data = f.read()
   if path.endswith(".gz"):
-    data = gzip.decompress(data)
+    try:
+      data = gzip.decompress(data)
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut file raises EOFError
+      raise ValueError(f"data file {path} is not a readable gzip file ({e}); remove it or fix it") from None
   if b"\0" in data[:8192]:
     return None
   return data.decode("utf-8", errors="replace")
@@ -540,7 +543,10 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
   what = f"ArrayRecord {', '.join(files)}"
   hashes = []
   for f in files:
-    n = len(grain.sources.ArrayRecordDataSource([f]))
+    try:
+      n = len(grain.sources.ArrayRecordDataSource([f]))
+    except (OSError, RuntimeError, ValueError) as e:  # array_record reports a corrupt file as a RuntimeError
+      raise ValueError(f"ArrayRecord file {f} cannot be read: {type(e).__name__}: {e}") from None
     if n == 0:
       raise ValueError(f"ArrayRecord file {f}: no records")
     hashes.append(_mix64(np.uint64(_name_hash(os.path.basename(f))) ^ np.arange(n, dtype=np.uint64)))

@@ -99,8 +99,9 @@ class _Metrics:
     self.file = open(self.path, "a")  # closed by close()
     from tensorboardX import SummaryWriter
 
-    # purge_step drops events a previous attempt logged past the checkpoint we resume from.
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=None if resume_step is None else resume_step + 1)
+    # purge_step drops events a previous attempt logged past the checkpoint we resume from (all of them for a fresh
+    # run in a used directory, as metrics.jsonl goes).
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=0 if resume_step is None else resume_step + 1)
 
   def write(self, row: dict[str, Any]) -> None:
     self.file.write(json.dumps(row) + "\n")
