@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
 from zaya_jax.config import AttentionConfig, MoEConfig, ZayaConfig  # noqa: E402
 from zaya_jax.model.decoder import ZayaForCausalLM  # noqa: E402
@@ -172,6 +173,15 @@ def dispatch_checks() -> dict:
     out[mesh].update(capacity=cap, dropped_with_capacity=int(dropped_cap), expected_dropped=expected,
                      kept_max_abs_err=float(np.abs(y_cap[kept] - ref[kept]).max()),
                      dropped_rows_zero=bool((y_cap[~kept] == 0).all()))
+  # Tensor parallelism with the weights split as the parameters declare them: nothing but the output's sum moves.
+  plan = ShardingPlan.from_config(ParallelConfig(mesh="tensor:8"))
+  weights = [jax.device_put(w[...], NamedSharding(plan.mesh, plan.spec(w.get_metadata()["out_sharding"], w.shape)))
+             for w in (experts.gate_up_proj, experts.down_proj)]
+  fn = jax.jit(lambda h, c, w, gu, dn, p=plan: dispatch_combine(p, h, c, w, gu, dn))
+  hlo = fn.lower(h, jnp.asarray(choice), weight, *weights).compile().as_text()
+  y = np.asarray(fn(h, jnp.asarray(choice), weight, *weights)[0])
+  out["tensor:8"] = dict(max_abs_err=float(np.abs(y - ref).max()), all_to_all=hlo.count("all-to-all("),
+                         all_gather=hlo.count("all-gather("))
   return out
 
 

@@ -108,6 +108,14 @@ def test_expert_dispatch_is_dropless_or_counts_every_drop(results, mesh):
   assert d["kept_max_abs_err"] <= 1e-5 and d["dropped_rows_zero"]
 
 
+def test_tensor_parallel_experts_move_no_weights(results):
+  d = results["dispatch"]["tensor:8"]
+  assert d["max_abs_err"] <= 1e-5
+  # gate_up_proj's rows are gate/up pairs, so its declared split over `tensor` is the one the SwiGLU needs. With the
+  # reference's halves, every call paired them up with an all-to-all of the expert weights.
+  assert d["all_to_all"] == 0, d
+
+
 def test_ragged_exchange_equals_padded_and_lowers_to_ragged_all_to_all(results):
   r = results["ragged"]
   for mesh in ("expert:8", "data:2,expert:2,tensor:2"):

@@ -240,6 +240,15 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
   assert extended[:len(rows)] == rows and [r["step"] for r in extended[len(rows):]] == [13, 14, 14]
   assert [r["lr"] for r in extended[len(rows):-1]] == [float(learning_rate_schedule(cfg.optimizer, 14)(i))
                                                         for i in (12, 13)]
+  # A run written before gate_up_proj's rows were interleaved (no "param_layout" in its meta) is refused, named.
+  meta_file = tmp_path / "checkpoints" / "14" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  assert meta.pop("param_layout") == 2
+  meta_file.write_text(json.dumps(meta))
+  for load in (lambda: train(longer, tmp_path, log=lambda _: None), lambda: load_run(tmp_path)):
+    with pytest.raises(CheckpointError, match=r"stores parameters in layout 1, this zaya_jax reads layout 2"):
+      load()
+  meta_file.write_text(json.dumps({**meta, "param_layout": 2}))
   state_dir = tmp_path / "checkpoints" / "14" / "state"
   for root, _, files in os.walk(state_dir):
     for name in files:

@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 from zaya_jax.config import ZayaConfig, is_legacy_hf_config
 from zaya_jax.model.decoder import ZayaForCausalLM, abstract_model
+from zaya_jax.model.moe import deinterleave_gate_up
 
 SAFE_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -32,6 +33,7 @@ SAFE_DTYPES = {
 }
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 BALANCING_SUFFIX = "mlp.gate.balancing_biases"
+GATE_UP_SUFFIX = "mlp.experts.gate_up_proj"
 
 
 class CheckpointError(ValueError):
@@ -294,7 +296,12 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
         reachable.append(key)
       if host[-1] != -1.0:
         unusual_skip.append(key)
-    if host.dtype != var.dtype:
+    if key.endswith(GATE_UP_SUFFIX):  # the model pairs gate and up rows (interleave_gate_up), in the same copy
+      X, F2, D = host.shape
+      host, stored = _aligned_empty(host.shape, np.dtype(var.dtype)), host
+      np.copyto(host.reshape(X, F2 // 2, 2, D), stored.reshape(X, 2, F2 // 2, D).swapaxes(1, 2), casting="unsafe")
+      del stored
+    elif host.dtype != var.dtype:
       host, stored = _aligned_empty(host.shape, np.dtype(var.dtype)), host
       np.copyto(host, stored, casting="unsafe")  # numpy's rounding, as jnp.asarray(host, dtype) did
       del stored
@@ -337,6 +344,8 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
     raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
   hf_config = model.config.to_hf()  # raises for an ablation variant, before anything is written
   arrays = {k: np.asarray(jax.device_get(v[...])) for k, v in flat_params(model).items()}
+  for key in [k for k in arrays if k.endswith(GATE_UP_SUFFIX)]:
+    arrays[key] = np.ascontiguousarray(deinterleave_gate_up(arrays[key]))  # the reference's gate, then up rows
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)

@@ -86,8 +86,29 @@ class LinearRouter(nnx.Module):
     return *select(self.out_proj(h_BTD), self.balancing_biases[...], self.num_experts), None
 
 
+def interleave_gate_up(w_X2FD):
+  """The reference's gate_up_proj [X, 2F, D] (gate rows, then up rows) in `Experts`' row order: gate and up of
+  column j at rows 2j and 2j + 1. Any contiguous split of the 2F rows (tensor parallelism's) then holds whole
+  gate/up pairs; with the halves, a 2-way split put every gate row on one device and every up row on the other,
+  and each call moved the weights with an all-to-all to pair them up. numpy or jax arrays."""
+  X, F2, D = w_X2FD.shape
+  return w_X2FD.reshape(X, 2, F2 // 2, D).swapaxes(1, 2).reshape(X, F2, D)
+
+
+def deinterleave_gate_up(w_X2FD):
+  """The inverse of `interleave_gate_up`: the reference's layout, for export."""
+  X, F2, D = w_X2FD.shape
+  return w_X2FD.reshape(X, F2 // 2, 2, D).swapaxes(1, 2).reshape(X, F2, D)
+
+
+def swiglu(gate_up_M2F):
+  """silu(gate) * up from a gmm output over `Experts`' interleaved gate_up rows."""
+  return silu(gate_up_M2F[..., 0::2]) * gate_up_M2F[..., 1::2]
+
+
 class Experts(nnx.Module):
-  """SwiGLU experts in the reference layout: gate_up_proj [X, 2F, D] (gate rows first), down_proj [X, D, F]."""
+  """SwiGLU experts: gate_up_proj [X, 2F, D] with gate and up rows interleaved (`interleave_gate_up`; the
+  reference stores the halves, load_hf/save_hf convert), down_proj [X, D, F] as the reference has it."""
 
   def __init__(self, cfg: MoEConfig, hidden_size: int, *, std: float, param_dtype, rngs: nnx.Rngs):
     X, F, D = cfg.num_experts, cfg.intermediate_size, hidden_size
@@ -109,8 +130,7 @@ class Experts(nnx.Module):
     group_sizes_X = jnp.bincount(choice_M, length=X + 1)[:X]
     h_sorted_MD = jnp.take(h_MD, order_M, axis=0)
     gate_up_M2F = gmm(h_sorted_MD, self.gate_up_proj[...], group_sizes_X, backend=self.backend, transpose_rhs=True)
-    gate_MF, up_MF = jnp.split(gate_up_M2F, 2, axis=-1)
-    y_MD = gmm(silu(gate_MF) * up_MF, self.down_proj[...], group_sizes_X, backend=self.backend, transpose_rhs=True)
+    y_MD = gmm(swiglu(gate_up_M2F), self.down_proj[...], group_sizes_X, backend=self.backend, transpose_rhs=True)
     y_MD = y_MD * jnp.take(weight_M, order_M)[:, None]
     y_MD = jnp.where((jnp.take(choice_M, order_M) < X)[:, None], y_MD, jnp.zeros_like(y_MD))
     return jnp.take(y_MD, jnp.argsort(order_M), axis=0)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from zaya_jax.model.layers import silu
+from zaya_jax.model.moe import swiglu
 from zaya_jax.ops.gmm import gmm
 
 
@@ -71,17 +71,16 @@ def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
   return output.at[dst_ER.reshape(-1)].set(rows.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
-def _local_experts(x_RD, ids_R, gate_up_XI2FD, down_XIDF, backend: str, tensor_axis: str | None):
+def _local_experts(x_RD, ids_R, gate_up_XF2D, down_XIDF, backend: str, tensor_axis: str | None):
   """Rows x_RD through local expert ids_R (ids_R == Xl: an empty slot, output zero)."""
-  Xl = gate_up_XI2FD.shape[0]
+  Xl = gate_up_XF2D.shape[0]
   order_R = jnp.argsort(ids_R, stable=True)  # empty slots sort last and belong to no group
   group_sizes_X = jnp.bincount(ids_R, length=Xl + 1)[:Xl]
   xs_RD = jnp.take(x_RD, order_R, axis=0)
-  # [Xl, 2, Fl, D] -> [Xl, 2Fl, D]: this device's gate rows, then its up rows, as the full layout orders them.
-  gate_up = gate_up_XI2FD.reshape(Xl, -1, gate_up_XI2FD.shape[-1])
+  # [Xl, Fl, 2, D] -> [Xl, 2Fl, D]: this device's gate/up row pairs, interleaved as the full layout is.
+  gate_up = gate_up_XF2D.reshape(Xl, -1, gate_up_XF2D.shape[-1])
   gate_up_R2F = gmm(xs_RD, gate_up, group_sizes_X, backend=backend, transpose_rhs=True)
-  gate_RF, up_RF = jnp.split(gate_up_R2F, 2, axis=-1)
-  y_RD = gmm(silu(gate_RF) * up_RF, down_XIDF, group_sizes_X, backend=backend, transpose_rhs=True)
+  y_RD = gmm(swiglu(gate_up_R2F), down_XIDF, group_sizes_X, backend=backend, transpose_rhs=True)
   if tensor_axis is not None:
     y_RD = jax.lax.psum(y_RD, tensor_axis)  # each device holds the partial sum of its F/t columns
   return jnp.take(y_RD, jnp.argsort(order_R), axis=0)
@@ -104,12 +103,13 @@ def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, 
   tensor_axis = "tensor" if plan.size("tensor") > 1 else None
   batch = plan.batch_axes or None
   token_spec = P(batch, None)
-  # Split gate and up before the width is: each device then holds the gate and the up rows of its F/t columns.
-  gate_up_X2FD = gate_up_X2FD.reshape(X, 2, F, D)
+  # The rows are gate/up pairs (model/moe.py): splitting the pairs over `tensor` is the parameter's own split, so
+  # each device holds the gate and the up rows of its F/t columns and nothing moves.
+  gate_up_XF2D = gate_up_X2FD.reshape(X, F, 2, D)
 
-  def local_ragged(h_MD, choice_M, weight_M, gate_up_XI2FD, down_XIDF):
+  def local_ragged(h_MD, choice_M, weight_M, gate_up_XIF2D, down_XIDF):
     M = h_MD.shape[0]
-    Xl = gate_up_XI2FD.shape[0]
+    Xl = gate_up_XIF2D.shape[0]
     routed_M = choice_M < X
     dest_M = jnp.where(routed_M, choice_M // Xl, e)  # skip-slot tokens sort after every destination, unsent
     order_M = jnp.argsort(dest_M, stable=True)
@@ -130,15 +130,15 @@ def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, 
 
     recv_RD = forward(jnp.take(h_MD, order_M, axis=0), 0)
     recv_ids_R = forward(jnp.take(choice_M % Xl, order_M), Xl)  # unfilled rows: no local expert
-    y_RD = _local_experts(recv_RD, recv_ids_R, gate_up_XI2FD, down_XIDF, backend, tensor_axis)
+    y_RD = _local_experts(recv_RD, recv_ids_R, gate_up_XIF2D, down_XIDF, backend, tensor_axis)
     back_MD = ragged_all_to_all(y_RD, jnp.zeros((M, D), y_RD.dtype), recv_from_E, recv_E, back_at_E, send_E,
                                 axis_name=expert_axis)
     y_MD = jnp.take(back_MD, jnp.argsort(order_M), axis=0) * weight_M[:, None]
     return jnp.where(routed_M[:, None], y_MD, jnp.zeros_like(y_MD)), jnp.zeros((), jnp.int32)
 
-  def local(h_MD, choice_M, weight_M, gate_up_XI2FD, down_XIDF):
+  def local(h_MD, choice_M, weight_M, gate_up_XIF2D, down_XIDF):
     M = h_MD.shape[0]
-    Xl = gate_up_XI2FD.shape[0]
+    Xl = gate_up_XIF2D.shape[0]
     C = capacity(M, e, capacity_factor)
     routed_M = choice_M < X
     dest_M = jnp.where(routed_M, choice_M // Xl, 0)
@@ -157,7 +157,7 @@ def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, 
     else:
       exchange = None
       recv_RD, recv_ids_R = send_RD, send_ids_R
-    y_RD = _local_experts(recv_RD, recv_ids_R, gate_up_XI2FD, down_XIDF, backend, tensor_axis)
+    y_RD = _local_experts(recv_RD, recv_ids_R, gate_up_XIF2D, down_XIDF, backend, tensor_axis)
     back_RD = exchange(y_RD) if exchange is not None else y_RD
     y_MD = jnp.take(back_RD, jnp.minimum(index_M, e * C - 1), axis=0)
     # Weighted by the (unbiased) router probability as in the single-device path; skipped or dropped rows are zero.
@@ -171,10 +171,10 @@ def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, 
 
   fn = jax.shard_map(
       local_ragged if exchange == "ragged" and expert_axis is not None else local, mesh=plan.mesh,
-      in_specs=(token_spec, P(batch), P(batch), P(expert_axis, None, tensor_axis, None),
+      in_specs=(token_spec, P(batch), P(batch), P(expert_axis, tensor_axis, None, None),
                 P(expert_axis, None, tensor_axis)),
       out_specs=(token_spec, P()), check_vma=False)
-  return fn(h_MD, choice_M.astype(jnp.int32), weight_M, gate_up_X2FD, down_XDF)
+  return fn(h_MD, choice_M.astype(jnp.int32), weight_M, gate_up_XF2D, down_XDF)
 
 
 def sharded_experts(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, backend: str = "auto"):

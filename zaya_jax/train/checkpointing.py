@@ -6,8 +6,8 @@ finished steps, so a save interrupted by a crash (even `kill -9` mid-write) is n
 the previous complete step.
 
 Each step holds `state` (the TrainState pytree), `data` (the grain iterator's position, one file per process) and
-`meta` (JSON: the step and the model config), which is read first so that a checkpoint of another model fails with
-a message naming the differing fields rather than a shape error from deep inside Orbax.
+`meta` (JSON: the step, the model config and the parameter layout), which is read first so that a checkpoint of
+another model fails with a message naming the differing fields rather than a shape error from deep inside Orbax.
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.config import ZayaConfig
 from zaya_jax.sharding import with_shardings
 from zaya_jax.train.experiment import jsonable
+
+# Bumped when a parameter's stored layout changes. 2: gate_up_proj rows interleaved (model/moe.py); the runs before
+# (no "param_layout" in their meta) stored the reference's gate-then-up halves.
+PARAM_LAYOUT = 2
+
+
+def _check_layout(meta: dict, where: str) -> None:
+  if meta.get("param_layout", 1) != PARAM_LAYOUT:
+    raise CheckpointError(f"checkpoint {where} stores parameters in layout {meta.get('param_layout', 1)}, this "
+                          f"zaya_jax reads layout {PARAM_LAYOUT} (expert gate_up_proj rows interleaved since "
+                          "2026-11-28); restore it with the zaya_jax that wrote it and export it with save_hf")
 
 
 class RunCheckpointer:
@@ -57,7 +68,8 @@ class RunCheckpointer:
     """Starts saving (returns once the arrays are copied off the device); False when the interval skips the step."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-        meta=ocp.args.JsonSave({"step": int(step), "model_config": dataclasses.asdict(model_config)}))
+        meta=ocp.args.JsonSave({"step": int(step), "model_config": dataclasses.asdict(model_config),
+                                "param_layout": PARAM_LAYOUT}))
     return self.manager.save(step, args=args, force=force)
 
   def wait(self) -> None:
@@ -70,6 +82,7 @@ class RunCheckpointer:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # Orbax raises many types for unreadable folders
       raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from e
+    _check_layout(meta, where)
     saved = meta.get("model_config", {})
     current = dataclasses.asdict(model_config)
     differing = {k: (saved.get(k), v) for k, v in current.items() if jsonable(saved.get(k)) != jsonable(v)}
@@ -147,6 +160,12 @@ def load_run(workdir: str | os.PathLike, step: int | None = None):
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
       raise CheckpointError(f"{directory} holds no complete checkpoint" + ("" if step is None else f" at step {step}"))
+    where = os.path.join(directory, str(step))
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from e
+    _check_layout(meta, where)
     try:
       state = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(on_one_device(abstract_state))))["state"]
