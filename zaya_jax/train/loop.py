@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -169,9 +170,7 @@ def evaluate(trainer, state, data, max_batches: int, to_device=None) -> tuple[fl
   if data.eval is None:
     return math.nan, 0.0
   total, count = 0.0, 0.0
-  for i, batch in enumerate(data.eval):
-    if i >= max_batches:
-      break
+  for batch in itertools.islice(data.eval, max_batches):  # reads no batch past the last one used
     ce, n = train_step_lib.jit_eval_loss(trainer, state, to_device(batch))
     total, count = total + float(ce), count + float(n)
   return total / max(count, 1.0), count
@@ -262,66 +261,65 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
   data_iter = iter(data.train)
   checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), save_every=loop.checkpoint_every,
                                  max_to_keep=loop.max_to_keep, use_async=loop.async_checkpointing)
-  resumed_from = checkpointer.latest_step()
-  args = (cfg.optimizer, cfg.step, cfg.balancing, loop.steps, loop.seed)
-  # With a mesh the step runs sharded (zaya_jax.sharding decides every array's placement); without, on one device.
-  plan = ShardingPlan.from_config(cfg.parallel) if cfg.parallel.enabled else None
-  if resumed_from is None:
-    if plan is not None:
-      plan.check_batch(cfg.data.batch_size)
-    # Built sharded: resolving the plan's shardings (which names any dimension the mesh does not divide) comes first.
-    trainer, state = train_step_lib.create_initialised(
-        cfg.model, *args, state_shardings=None if plan is None else plan.state_shardings)
-  else:  # no random initialisation to throw away: restore straight into the state's shapes
-    trainer, abstract_state = train_step_lib.create_abstract(cfg.model, *args)
-    if plan is not None:
-      sharded.validate(plan, abstract_state, cfg.data.batch_size)
-      abstract_state = sharded.abstract_state(plan, abstract_state)
-    else:  # also a run saved on a mesh, now resumed on one device
-      abstract_state = on_one_device(abstract_state)
-    if resumed_from > loop.steps:
-      checkpointer.close()
-      raise TrainingError(f"{workdir} is already at step {resumed_from}, past loop.steps = {loop.steps}; ask for "
-                          f"--steps >= {resumed_from} or use another workdir")
-    try:
-      state = checkpointer.restore(resumed_from, abstract_state, data_iter, cfg.model)
-    except CheckpointError as e:
-      checkpointer.close()
-      if changed:
-        raise CheckpointError(f"{e}\nsettings changed since the last launch in this workdir: "
-                              + "; ".join(changed)) from None
-      raise
-    log(f"resumed from {os.path.join(checkpointer.directory, str(resumed_from))}")
-    if changed:  # a resume repeats the straight run exactly only with the same settings
-      log("settings changed since the last launch in this workdir: " + "; ".join(changed))
-    if previous_steps not in (None, loop.steps) and resumed_from < loop.steps:
-      # The schedule is a function of the total length: a longer (or shorter) run moves the rate at this step.
-      before = float(learning_rate_schedule(cfg.optimizer, previous_steps)(resumed_from))
-      after = float(learning_rate_schedule(cfg.optimizer, loop.steps)(resumed_from))
-      log(f"note: loop.steps {previous_steps} -> {loop.steps} reshapes the {cfg.optimizer.schedule} learning-rate "
-          f"schedule: at step {resumed_from} it goes from {before:.3g} to {after:.3g} (logged per step as lr)")
-  if jax.process_index() == 0:  # only now: a launch refused by the checkpoint leaves the workdir's config as it was
-    save_json(cfg, config_path)
-  start = int(state.step)
-  if plan is None:
-    step_fn = functools.partial(train_step_lib.jit_train_step, trainer)
-    to_device = lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}
-  else:
-    step_fn = sharded.jit_sharded_train_step(plan, trainer, state)
-    to_device = functools.partial(sharded.global_batch, plan)  # this process's rows -> global arrays
-    log(f"mesh {plan.describe()} over {jax.device_count()} devices in {jax.process_count()} process(es)")
-  # One writer per run: process 0 (the others compute the same replicated metrics).
-  metrics_out = _Metrics(workdir, resumed_from) if jax.process_index() == 0 else _NoMetrics()
-
-  preemption = _PreemptionNotice()
-  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-  flops_per_token = train_flops_per_token(cfg)
-  peak, peak_source = peak_flops_per_device()
-  peak *= jax.device_count()
-  last_loss = eval_loss = None
-  step_times: list[float] = []
-  lr_at = learning_rate_schedule(cfg.optimizer, loop.steps)  # the step's AdamW rate (Muon's has the same shape)
+  # Everything from here on closes the checkpointer (its writer threads) on the way out, an early error included.
+  metrics_out = preemption = None
   try:
+    resumed_from = checkpointer.latest_step()
+    args = (cfg.optimizer, cfg.step, cfg.balancing, loop.steps, loop.seed)
+    # With a mesh the step runs sharded (zaya_jax.sharding decides every array's placement); without, on one device.
+    plan = ShardingPlan.from_config(cfg.parallel) if cfg.parallel.enabled else None
+    if resumed_from is None:
+      if plan is not None:
+        plan.check_batch(cfg.data.batch_size)
+      # Built sharded: resolving the plan's shardings (which names any dimension the mesh does not divide) comes first.
+      trainer, state = train_step_lib.create_initialised(
+          cfg.model, *args, state_shardings=None if plan is None else plan.state_shardings)
+    else:  # no random initialisation to throw away: restore straight into the state's shapes
+      trainer, abstract_state = train_step_lib.create_abstract(cfg.model, *args)
+      if plan is not None:
+        sharded.validate(plan, abstract_state, cfg.data.batch_size)
+        abstract_state = sharded.abstract_state(plan, abstract_state)
+      else:  # also a run saved on a mesh, now resumed on one device
+        abstract_state = on_one_device(abstract_state)
+      if resumed_from > loop.steps:
+        raise TrainingError(f"{workdir} is already at step {resumed_from}, past loop.steps = {loop.steps}; ask for "
+                            f"--steps >= {resumed_from} or use another workdir")
+      try:
+        state = checkpointer.restore(resumed_from, abstract_state, data_iter, cfg.model)
+      except CheckpointError as e:
+        if changed:
+          raise CheckpointError(f"{e}\nsettings changed since the last launch in this workdir: "
+                                + "; ".join(changed)) from None
+        raise
+      log(f"resumed from {os.path.join(checkpointer.directory, str(resumed_from))}")
+      if changed:  # a resume repeats the straight run exactly only with the same settings
+        log("settings changed since the last launch in this workdir: " + "; ".join(changed))
+      if previous_steps not in (None, loop.steps) and resumed_from < loop.steps:
+        # The schedule is a function of the total length: a longer (or shorter) run moves the rate at this step.
+        before = float(learning_rate_schedule(cfg.optimizer, previous_steps)(resumed_from))
+        after = float(learning_rate_schedule(cfg.optimizer, loop.steps)(resumed_from))
+        log(f"note: loop.steps {previous_steps} -> {loop.steps} reshapes the {cfg.optimizer.schedule} learning-rate "
+            f"schedule: at step {resumed_from} it goes from {before:.3g} to {after:.3g} (logged per step as lr)")
+    if jax.process_index() == 0:  # only now: a launch refused by the checkpoint leaves the workdir's config as it was
+      save_json(cfg, config_path)
+    start = int(state.step)
+    if plan is None:
+      step_fn = functools.partial(train_step_lib.jit_train_step, trainer)
+      to_device = lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}
+    else:
+      step_fn = sharded.jit_sharded_train_step(plan, trainer, state)
+      to_device = functools.partial(sharded.global_batch, plan)  # this process's rows -> global arrays
+      log(f"mesh {plan.describe()} over {jax.device_count()} devices in {jax.process_count()} process(es)")
+    # One writer per run: process 0 (the others compute the same replicated metrics).
+    metrics_out = _Metrics(workdir, resumed_from) if jax.process_index() == 0 else _NoMetrics()
+    preemption = _PreemptionNotice()
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops_per_token = train_flops_per_token(cfg)
+    peak, peak_source = peak_flops_per_device()
+    peak *= jax.device_count()
+    last_loss = eval_loss = None
+    step_times: list[float] = []
+    lr_at = learning_rate_schedule(cfg.optimizer, loop.steps)  # the step's AdamW rate (Muon's has the same shape)
     for step in range(start, loop.steps):
       batch = next(data_iter)
       if step == start:
@@ -370,8 +368,10 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
       log(f"sample (temperature {loop.sample_temperature}):\n{sample}")
     return RunResult(int(state.step), resumed_from, False, last_loss, eval_loss, sample, trainer, state)
   finally:
-    preemption.close()
-    metrics_out.close()
+    if preemption is not None:
+      preemption.close()
+    if metrics_out is not None:
+      metrics_out.close()
     checkpointer.close()
 
 
