@@ -234,6 +234,8 @@ def error_checks() -> dict:
   for name, fn in (("vocab", lambda: sharded.validate(plan, state)),
                    ("batch", lambda: sharded.validate(ShardingPlan.from_config(ParallelConfig(mesh="data:8")),
                                                       make_trainer()[1], 12)),
+                   ("micro_batch", lambda: sharded.validate(ShardingPlan.from_config(ParallelConfig(mesh="data:8")),
+                                                            make_trainer()[1], 8, grad_accum=2)),
                    ("mesh", lambda: ShardingPlan.from_config(ParallelConfig(mesh="data:3")))):
     try:
       fn()

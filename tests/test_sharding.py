@@ -128,6 +128,8 @@ def test_unsplittable_shapes_fail_with_axis_and_sizes(results):
   e = results["errors"]
   assert "embed_tokens.weight" in e["vocab"] and "500" in e["vocab"] and "tensor=8" in e["vocab"]
   assert "batch size 12" in e["batch"] and "data=8" in e["batch"]
+  # 8 rows split over data=8, but two micro-batches of 4 do not: as the planner (launch/plan.py), the loop refuses.
+  assert "batch size 8 (grad_accum 2)" in e["micro_batch"] and "data=8" in e["micro_batch"]
   assert "data:3" in e["mesh"] and "3 devices" in e["mesh"] and "8 devices" in e["mesh"]
 
 

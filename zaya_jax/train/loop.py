@@ -270,14 +270,14 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
     plan = ShardingPlan.from_config(cfg.parallel) if cfg.parallel.enabled else None
     if resumed_from is None:
       if plan is not None:
-        plan.check_batch(cfg.data.batch_size)
+        plan.check_batch(cfg.data.batch_size, cfg.step.grad_accum)  # as launch/plan.py checks it
       # Built sharded: resolving the plan's shardings (which names any dimension the mesh does not divide) comes first.
       trainer, state = train_step_lib.create_initialised(
           cfg.model, *args, state_shardings=None if plan is None else plan.state_shardings)
     else:  # no random initialisation to throw away: restore straight into the state's shapes
       trainer, abstract_state = train_step_lib.create_abstract(cfg.model, *args)
       if plan is not None:
-        sharded.validate(plan, abstract_state, cfg.data.batch_size)
+        sharded.validate(plan, abstract_state, cfg.data.batch_size, cfg.step.grad_accum)
         abstract_state = sharded.abstract_state(plan, abstract_state)
       else:  # also a run saved on a mesh, now resumed on one device
         abstract_state = on_one_device(abstract_state)

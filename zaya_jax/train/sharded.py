@@ -24,11 +24,12 @@ from zaya_jax.sharding import ShardingError, ShardingPlan, with_shardings
 from zaya_jax.train.step import Trainer, TrainState, train_step
 
 
-def validate(plan: ShardingPlan, state: TrainState, global_batch_size: int | None = None) -> None:
-  """Every split dimension divides and the batch splits evenly; raises ShardingError naming axis and sizes."""
+def validate(plan: ShardingPlan, state: TrainState, global_batch_size: int | None = None, grad_accum: int = 1) -> None:
+  """Every split dimension divides and the batch (each micro-batch) splits evenly; raises ShardingError naming axis
+  and sizes."""
   plan.state_shardings(state)  # resolving the specs checks every parameter and optimizer-state dimension
   if global_batch_size is not None:
-    plan.check_batch(global_batch_size)
+    plan.check_batch(global_batch_size, grad_accum)
 
 
 def place(plan: ShardingPlan, state: TrainState) -> TrainState:
