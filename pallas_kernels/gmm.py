@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.tuning import GMM_TUNING, GmmBlocks, check_blocks, device_kind
+from pallas_kernels.tuning import GMM_TUNING, GmmBlocks, check_blocks, device_kind, dot_f32
 
 F32 = jnp.float32
 
@@ -81,9 +81,9 @@ def _gmm_kernel(group_ref, first_ref, end_ref, x_ref, w_ref, *rest, block_m, blo
       x = plt.load(x_ref.at[pl.ds(first, block_m), pl.ds(kk * block_k, block_k)])
       if transpose_rhs:
         w = plt.load(w_ref.at[g, pl.ds(j * block_n, block_n), pl.ds(kk * block_k, block_k)])
-        return acc + plt.dot(x, w, trans_b=True)
+        return acc + dot_f32(x, w, (1, 1))
       w = plt.load(w_ref.at[g, pl.ds(kk * block_k, block_k), pl.ds(j * block_n, block_n)])
-      return acc + plt.dot(x, w)
+      return acc + dot_f32(x, w)
 
     store(jax.lax.fori_loop(0, K // block_k, step, jnp.zeros((block_m, block_n), F32)))
 
@@ -139,7 +139,7 @@ def _tgmm_kernel(starts_ref, ends_ref, a_ref, b_ref, o_ref, *, block_m, block_p,
     mine = (rows < end)[:, None]
     a = plt.load(a_ref.at[pl.ds(first, block_m), pl.ds(i * block_p, block_p)], mask=mine, other=0)
     b = plt.load(b_ref.at[pl.ds(first, block_m), pl.ds(j * block_q, block_q)], mask=mine, other=0)
-    return acc + plt.dot(a, b, trans_a=True)
+    return acc + dot_f32(a, b, (0, 0))
 
   chunks = (end - start + block_m - 1) // block_m
   acc = jax.lax.fori_loop(0, chunks, step, jnp.zeros((block_p, block_q), F32))

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gmm import gmm
-from pallas_kernels.rocm_report import LDS_BYTES_PER_CU, format_report, report
+from pallas_kernels.rocm_report import LDS_BYTES_PER_CU, format_report, report, triton_modules
 from pallas_kernels.tuning import GMM_TUNING, GmmBlocks, GmmTuning
 
 SHAPES = (jax.ShapeDtypeStruct((512, 256), jnp.bfloat16), jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16),
@@ -24,6 +24,18 @@ def test_tuned_gfx942_gmm_kernels_fit_an_mi300x_cu():
     assert 0 < r.lds_bytes <= LDS_BYTES_PER_CU, r
     assert r.mfma_instructions > 0 and r.occupancy >= 1, r  # the matrix cores are used
     assert r.fits
+
+def test_fp32_gmm_dots_ask_for_full_precision():
+  # Triton lowers a DEFAULT-precision fp32 dot as TF32 (XF32 MFMA on gfx942): ~3e-4 relative error, 30x the fp32
+  # tolerance, unseen in interpret mode. Every in-kernel dot of the fp32 gmm and its gradients must ask for IEEE.
+  f32 = tuple(jax.ShapeDtypeStruct(s.shape, jnp.float32 if s.dtype == jnp.bfloat16 else s.dtype) for s in SHAPES)
+  fwd = lambda lhs, rhs, gs: gmm(lhs, rhs, gs, True, GMM_TUNING["gfx942"], False)
+  grad = jax.grad(lambda lhs, rhs, gs: jnp.sum(fwd(lhs, rhs, gs)), argnums=(0, 1))
+  modules = triton_modules(fwd, *f32) + triton_modules(grad, *f32)
+  assert sorted(name for name, *_ in modules) == ["zaya_gmm", "zaya_gmm", "zaya_tgmm"]
+  for name, module, *_ in modules:
+    assert "tt.dot" in module and "tf32" not in module, name
+
 
 def test_report_flags_a_kernel_over_the_lds_budget():
   huge = GmmBlocks(256, 128, 256, 8, 2)
