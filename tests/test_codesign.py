@@ -181,3 +181,14 @@ def test_the_study_end_to_end_and_resumes(tmp_path):
   assert read_jsonl(os.path.join(out, "results.jsonl")) == results
   with pytest.raises(ValueError, match="other settings"):
     run.run(dataclasses.replace(TOY, temperature=0.5), out, log=lines.append)
+  with pytest.raises(ValueError, match=r"other settings \(run.json: mode 'toy'"):  # --summarize_only checks it too
+    run.previous_run(out, dataclasses.replace(TOY, problems=TOY.problems + 1))
+
+  # One method evaluated on fewer problems (a summary mid-study): gains pair only the problems both points have.
+  path = os.path.join(out, "evals", "plain", "markovian.jsonl")
+  first = read_jsonl(path)[0]
+  with open(path, "w") as f:
+    f.write(json.dumps(first) + "\n")
+  _, partial = run.summarize(TOY, out, run.seeds_of(TOY))
+  assert partial["models"]["plain"]["markovian_vs_single"]["problems"] == 1
+  assert partial["models"]["aggregation"]["markovian_vs_single"]["problems"] == TOY.problems

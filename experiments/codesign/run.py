@@ -393,8 +393,9 @@ def summarize(mode: Mode, out: str, extra: dict) -> tuple[list[dict], dict]:
             "method": "majority_matched", "n": float(k_P.mean()), "metric": "majority vote correct",
             "matched_to": final, "samples_min_max": [int(k_P.min()), int(k_P.max())],
             "budget_over_all_samples": float(np.mean(k_P == mode.n_sample))})
+      ids_P = np.array([r["problem"] for r in rows])
       for point, (acc_P, tok_P, desc) in points.items():
-        per_problem[(name, point)] = (acc_P, tok_P)
+        per_problem[(name, point)] = (acc_P, tok_P, ids_P)
         seed = int(settings_key([name, point])[:8], 16)
         binary = bool(np.all((acc_P == 0) | (acc_P == 1)))
         line = {"model": name, "point": point, **desc, "problems": len(acc_P),
@@ -412,8 +413,9 @@ def summarize(mode: Mode, out: str, extra: dict) -> tuple[list[dict], dict]:
 
   comparison = {"mode": mode.name, "bootstrap": mode.bootstrap, "models": {}, **extra}
   pairs = {"markovian_vs_single": (final, "single"),
-           # The same generation calls (N per round, T + 1 rounds) as majority over that many samples; the tokens
-           # differ with the outputs' lengths. Then majority on the same tokens, problem by problem.
+           # Majority over all n_sample samples: the same generation calls as N per round x (T + 1) rounds only
+           # when those make n_sample (the quick mode; full modes: 32 vs 24). Then majority on the same tokens,
+           # problem by problem.
            "markovian_vs_majority_same_calls": (final, f"majority@{mode.n_sample}"),
            "markovian_vs_majority_same_tokens": (final, f"majority at {final} tokens"),
            "rsa_vs_single": (f"rsa T={mode.t}", "single"),
@@ -426,15 +428,23 @@ def summarize(mode: Mode, out: str, extra: dict) -> tuple[list[dict], dict]:
     for label, (a, b) in pairs.items():
       if (name, a) not in per_problem or (name, b) not in per_problem:
         continue
-      g_P = per_problem[(name, a)][0] - per_problem[(name, b)][0]
-      gains[(name, label)] = g_P
+      (acc_a, tok_a, ids_a), (acc_b, tok_b, ids_b) = per_problem[(name, a)], per_problem[(name, b)]
+      ids_P, in_a, in_b = np.intersect1d(ids_a, ids_b, return_indices=True)  # paired: the problems both have
+      if not len(ids_P):
+        continue
+      g_P = acc_a[in_a] - acc_b[in_b]
+      gains[(name, label)] = (g_P, ids_P)
       comparison["models"][name][label] = {
           "gain": float(g_P.mean()), "ci95": bootstrap_ci(g_P, mode.bootstrap, 7), "a": a, "b": b,
-          "tokens_a": float(per_problem[(name, a)][1].mean()), "tokens_b": float(per_problem[(name, b)][1].mean())}
+          "problems": len(ids_P), "tokens_a": float(tok_a[in_a].mean()), "tokens_b": float(tok_b[in_b].mean())}
   comparison["difference_aggregation_minus_plain"] = {}
   for label in pairs:
     if ("plain", label) in gains and ("aggregation", label) in gains:
-      d_P = gains[("aggregation", label)] - gains[("plain", label)]  # same problems, paired
+      (g_agg, ids_agg), (g_plain, ids_plain) = gains[("aggregation", label)], gains[("plain", label)]
+      _, in_agg, in_plain = np.intersect1d(ids_agg, ids_plain, return_indices=True)
+      d_P = g_agg[in_agg] - g_plain[in_plain]  # same problems, paired
+      if not len(d_P):
+        continue
       comparison["difference_aggregation_minus_plain"][label] = {
           "difference": float(d_P.mean()), "ci95": bootstrap_ci(d_P, mode.bootstrap, 11)}
   write_json(os.path.join(out, "comparison.json"), comparison)
@@ -492,6 +502,17 @@ def seeds_of(mode: Mode) -> dict:
   return {"seeds": {"data": mode.data_seed, "train": mode.train_seed, "eval": mode.eval_seed}}
 
 
+def previous_run(out: str, mode: Mode) -> dict:
+  """run.json of the study in `out` ({} for a new folder); ValueError when it was run with other settings."""
+  run_path = os.path.join(out, "run.json")
+  previous = json.load(open(run_path)) if os.path.exists(run_path) else {}
+  if previous and previous.get("mode") != jsonable(dataclasses.asdict(mode)):
+    ran = previous.get("mode", {}).get("name", "?")
+    raise ValueError(f"{out} holds a run of other settings (run.json: mode {ran!r}, vs {mode.name!r} and the "
+                     "given --problems/--steps); pass the settings it was run with, or use another --out")
+  return previous
+
+
 def run(mode: Mode, out: str, log=print) -> dict:
   """The whole study for `mode` into `out` (resumable). Returns comparison.json's contents."""
   import jax
@@ -499,10 +520,7 @@ def run(mode: Mode, out: str, log=print) -> dict:
   os.makedirs(out, exist_ok=True)
   t_start = time.perf_counter()
   commit = git_commit()  # the code this process runs: taken now, before anyone edits the checkout during the run
-  run_path = os.path.join(out, "run.json")
-  previous = json.load(open(run_path)) if os.path.exists(run_path) else {}
-  if previous and previous.get("mode") != jsonable(dataclasses.asdict(mode)):
-    raise ValueError(f"{out} holds a run of other settings (run.json); use another --out or delete it")
+  previous = previous_run(out, mode)
   timings = dict(previous.get("seconds", {}))
   t0 = time.perf_counter()
   corpora = build_corpora(mode, out, log)
@@ -521,7 +539,7 @@ def run(mode: Mode, out: str, log=print) -> dict:
           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                       "jax": jax.__version__, "load_average": os.getloadavg()},
           "trainings": trainings}
-  write_json(run_path, info)
+  write_json(os.path.join(out, "run.json"), info)
   _, comparison = summarize(mode, out, seeds_of(mode))
   log(open(os.path.join(out, "table.md")).read())
   return comparison
@@ -552,11 +570,18 @@ def main(argv):
     mode = dataclasses.replace(mode, steps=FLAGS.steps)
   out = FLAGS.out or os.path.join("experiments", "results", f"codesign_{mode.name}")
   random.seed(0)  # nothing here should depend on it; pinned so an accidental use is at least reproducible
-  if FLAGS.summarize_only:
-    summarize(mode, out, seeds_of(mode))
-    print(open(os.path.join(out, "table.md")).read())
-    return
-  run(mode, out)
+  try:
+    if FLAGS.summarize_only:
+      if not previous_run(out, mode):
+        raise ValueError(f"{out} holds no study (no run.json) to summarize")
+      summarize(mode, out, seeds_of(mode))  # the folder's own settings: a quick summary would overwrite a full one
+      print(open(os.path.join(out, "table.md")).read())
+      return 0
+    run(mode, out)
+  except (ValueError, FileNotFoundError) as e:  # settings, folders, a study's files: one line, no traceback
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
