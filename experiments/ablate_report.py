@@ -10,6 +10,7 @@ KV-cache bytes per token (attention), expert-load imbalance (balancing), or toke
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 from absl import app, flags
@@ -126,7 +127,12 @@ def write_report(out: str) -> str:
 
 def main(argv):
   del argv
-  print(write_report(FLAGS.out))
+  try:
+    print(write_report(FLAGS.out))
+  except (ValueError, FileNotFoundError) as e:  # not a study folder, or no finished run yet: one line
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from absl import app, flags
 from flax import nnx
 
 import zaya_jax
+from experiments.common import apply_quick
 from zaya_jax import host_memory
 from zaya_jax.model.decoder import EXACT_ROUNDING
 
@@ -71,13 +72,6 @@ GOAL_MATMUL_FRACTION = 0.5
 def apply_host_memory() -> bool:
   """The process-wide allocator setting of --retain_host_memory, before anything allocates; whether it applied."""
   return FLAGS.retain_host_memory and host_memory.retain_freed_memory()
-
-
-def apply_quick() -> None:
-  if FLAGS.quick:
-    for name, value in QUICK.items():
-      if not FLAGS[name].present:
-        FLAGS[name].value = value
 
 
 def hf_config() -> transformers.ZayaConfig:
@@ -190,7 +184,7 @@ def interleaved_times(runners: dict) -> tuple[dict[str, list[float]], float]:
 def main(argv):
   del argv
   retained = apply_host_memory()
-  apply_quick()
+  apply_quick(QUICK)
   transformers.utils.logging.disable_progress_bar()
   B, T = FLAGS.batch, FLAGS.seq
   atol = FLAGS.atol if FLAGS.atol is not None else (1e-4 if FLAGS.dtype == "float32" else 5e-2)

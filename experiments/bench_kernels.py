@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments.common import apply_quick
 from pallas_kernels.gmm import gmm as pallas_gmm
 from pallas_kernels.tuning import GMM_TUNING, GmmBlocks, GmmTuning, device_kind
 from zaya_jax.ops.gmm import gmm as xla_gmm
@@ -97,9 +98,9 @@ def bench_gmm(M: int, K: int, N: int, G: int, transpose_rhs: bool, dtype, reps: 
 def main(argv):
   del argv
   kind = device_kind()
-  reps = 2 if FLAGS.quick else FLAGS.reps
-  D, F, G = (256, 256, 4) if FLAGS.quick else (FLAGS.hidden, FLAGS.ffn, FLAGS.experts)
-  tokens = [512] if FLAGS.quick else [int(t) for t in FLAGS.tokens]
+  apply_quick(dict(reps=2, hidden=256, ffn=256, experts=4, tokens=["512"]))
+  reps, D, F, G = FLAGS.reps, FLAGS.hidden, FLAGS.ffn, FLAGS.experts
+  tokens = [int(t) for t in FLAGS.tokens]
   dtype = jnp.dtype(FLAGS.dtype)
   device = jax.devices()[0]
   print(f"device: {getattr(device, 'device_kind', device.platform)} (tuning '{kind}': {GMM_TUNING[kind]}), "
@@ -151,7 +152,7 @@ def main(argv):
         sweep.append({"name": name, "M": M, "blocks": str(blocks), "ms": ms, "tflops": 2.0 * M * K * N / ms / 1e9})
         print(f"sweep {name:>8} M={M} {blocks}: {ms:.3f} ms, {sweep[-1]['tflops']:.1f} TFLOP/s")
   out = FLAGS.out or os.path.join("experiments", "results", f"bench_kernels_{kind}{suffix}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out, "w") as f:
     json.dump({"device": str(getattr(device, "device_kind", device.platform)), "jax": jax.__version__,
                "dtype": dtype.name, "tuning": str(GMM_TUNING[kind]), "gmm": rows, "sweep": sweep}, f, indent=2)

@@ -120,7 +120,7 @@ def main(argv):
   first_call_s = bf.timed(lambda: holder.append(run_ours()))
   first_losses = {"ours": holder.pop(), **{name: runners[name]() for name in refs}}
   print("first-step loss: " + ", ".join(f"{k}={v:.6f}" for k, v in first_losses.items()))
-  atol = 1e-4 if FLAGS.dtype == "float32" else 2e-2
+  atol = FLAGS.atol if FLAGS.atol is not None else (1e-4 if FLAGS.dtype == "float32" else 2e-2)
   bad = {k: v for k, v in first_losses.items() if abs(v - first_losses["ours"]) > atol}
   if bad:
     raise SystemExit(f"LOSS MISMATCH {bad} vs ours {first_losses['ours']}: timings would compare different models")
@@ -151,7 +151,7 @@ def main(argv):
       speedup_vs_ref=speedup, goal_met=met)
   out_path = FLAGS.out or os.path.join(
       "experiments", "results", f"bench_train_{'quick' if FLAGS.quick else FLAGS.preset}.json")
-  os.makedirs(os.path.dirname(out_path), exist_ok=True)
+  os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
   with open(out_path, "w") as f:
     json.dump(results, f, indent=2)
   print(f"wrote {out_path}")

@@ -70,6 +70,14 @@ def git_commit() -> str:
     return "unknown"
 
 
+def apply_quick(quick_values: dict) -> None:
+  """--quick: these flag values, except for the flags given explicitly on the command line."""
+  if flags.FLAGS.quick:
+    for name, value in quick_values.items():
+      if not flags.FLAGS[name].present:
+        flags.FLAGS[name].value = value
+
+
 def quiet_library_logging() -> None:
   """Orbax and grain log every save at INFO: a study shows only its progress lines unless --verbosity is given."""
   if not flags.FLAGS["verbosity"].present:

@@ -39,8 +39,8 @@ STDLIB_MODULES = ("argparse", "textwrap", "shutil", "glob", "fnmatch", "functool
 
 flags.DEFINE_list("gains", ["1e-4", "3e-4", "1e-3", "3e-3"], "PID proportional gains (BalancingConfig.kp) to run.")
 flags.DEFINE_boolean("off", True, "Also run with balancing off.")
-flags.DEFINE_integer("steps", 800, "Train steps per run.")
-flags.DEFINE_integer("window", 50, "Steps per reported window.")
+flags.DEFINE_integer("steps", 800, "Train steps per run.", lower_bound=1)
+flags.DEFINE_integer("window", 50, "Steps per reported window.", lower_bound=1)
 flags.DEFINE_integer("batch", 8, "Rows per step.")
 flags.DEFINE_integer("seq", 32, "Tokens per row.")
 flags.DEFINE_float("lr", 3e-3, "Peak learning rate (10 warm-up steps, then the default cosine decay).")

@@ -30,8 +30,9 @@ _BATCH = flags.DEFINE_integer("batch", None, "Global batch in sequences (default
 _SEQ = flags.DEFINE_integer("seq_len", None, "Sequence length (default: the config's).")
 _ACCUM = flags.DEFINE_integer("grad_accum", None, "Micro-batches per step (default: the config's step.grad_accum when "
                               "it is set, by --set or in the config; else 1 sequence per device).")
-_MEMORY = flags.DEFINE_float("device_memory_gb", 192.0, "Memory per device in GB (MI300X: 192).")
-_LAYERS = flags.DEFINE_integer("compile_layers", 2, "Compile 1..N layers to measure activations (0: skip).")
+_MEMORY = flags.DEFINE_float("device_memory_gb", 192.0, "Memory per device in GB (MI300X: 192).", lower_bound=0.001)
+_LAYERS = flags.DEFINE_integer("compile_layers", 2, "Compile 1 and N (at least 2) layers to measure activations "
+                               "per layer (0: skip).")
 
 GiB = 2**30
 
@@ -101,7 +102,8 @@ def plan(argv) -> int:
   activations = None
   if _LAYERS.value > 0:
     temps = []
-    depths = sorted({1, min(_LAYERS.value, cfg.model.num_layers)})
+    # Two depths, so the per-layer growth is measured (one would count a single layer's temporaries for all).
+    depths = sorted({1, min(max(_LAYERS.value, 2), cfg.model.num_layers)})
     for layers in depths:
       model_cfg = cfg.model.replace(num_layers=layers, layer_types=cfg.model.layer_types[:layers])
       small = dataclasses.replace(cfg, model=model_cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags
 
@@ -78,7 +79,12 @@ def define_flags() -> None:
 def main(argv):
   del argv
   png = FLAGS.png or os.path.join(FLAGS.out, "accuracy_vs_tokens.png")
-  print(plot(os.path.join(FLAGS.out, "results.jsonl"), png))
+  try:
+    print(plot(os.path.join(FLAGS.out, "results.jsonl"), png))
+  except (ValueError, FileNotFoundError) as e:  # no summarized study there: one line
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":

@@ -214,7 +214,10 @@ def train_model(mode: Mode, name: str, corpora: dict[str, str], out: str, log) -
     with open(done_path) as f:
       done = json.load(f)
     with open(os.path.join(workdir, "experiment.json")) as f:
-      changed = changed_settings(json.load(f), jsonable(to_dict(cfg)))
+      # The corpus and tokenizer paths lie under --out: the same folder named another way is the same run (the
+      # corpora themselves are run.json's business).
+      changed = [name for name in changed_settings(json.load(f), jsonable(to_dict(cfg)))
+                 if name not in ("data.paths", "data.tokenizer")]
     if changed:
       raise ValueError(f"{workdir} was trained with another config ({', '.join(changed)}); use another --out or "
                        "delete it")
