@@ -22,4 +22,5 @@ source launch/cluster/rocm_env.sh
 export HIP_VISIBLE_DEVICES=0,1,2,3,4,5,6,7
 
 # --kill-on-bad-exit: one failed host ends the job instead of leaving the others blocked in a collective.
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 python launch/train.py "$@"
+# --cpus-per-task again: srun of Slurm 22.05-23.02 does not inherit it from #SBATCH (the data pipeline's threads).
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK}" python launch/train.py "$@"
