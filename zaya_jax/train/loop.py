@@ -232,7 +232,10 @@ class _PreemptionNotice:
     if self.multi_process:
       from jax.experimental import multihost_utils
 
-      return multihost_utils.reached_preemption_sync_point(step)
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # jax_enable_preemption_service off: no notice reaches us (as Orbax treats it)
+        return False
     return bool(self._received)
 
   def close(self) -> None:
