@@ -13,7 +13,6 @@ Goals (project issue): ours >= 1.5x the eager reference's tokens/s, and >= half 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ from absl import app, flags
 from flax import nnx
 
 import zaya_jax
-from experiments.common import apply_quick
+from experiments.common import apply_quick, write_json
 from zaya_jax import host_memory
 from zaya_jax.model.decoder import EXACT_ROUNDING
 
@@ -305,9 +304,7 @@ def write_results(results: dict, stem: str) -> None:
   out_path = FLAGS.out or os.path.join(
       "experiments", "results",
       stem + ("_bf16" if FLAGS.dtype == "bfloat16" else "") + ("_quick" if FLAGS.quick else "") + ".json")
-  os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-  with open(out_path, "w") as f:
-    json.dump(results, f, indent=2)
+  write_json(out_path, results)
   print(f"wrote {out_path}")
 
 

@@ -12,7 +12,6 @@ Results go to experiments/results/bench_kernels_<device kind>.json.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.common import apply_quick
+from experiments.common import apply_quick, write_json
 from pallas_kernels.gmm import gmm as pallas_gmm
 from pallas_kernels.tuning import GMM_TUNING, GmmBlocks, GmmTuning, device_kind
 from zaya_jax.ops.gmm import gmm as xla_gmm
@@ -152,10 +151,8 @@ def main(argv):
         sweep.append({"name": name, "M": M, "blocks": str(blocks), "ms": ms, "tflops": 2.0 * M * K * N / ms / 1e9})
         print(f"sweep {name:>8} M={M} {blocks}: {ms:.3f} ms, {sweep[-1]['tflops']:.1f} TFLOP/s")
   out = FLAGS.out or os.path.join("experiments", "results", f"bench_kernels_{kind}{suffix}.json")
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"device": str(getattr(device, "device_kind", device.platform)), "jax": jax.__version__,
-               "dtype": dtype.name, "tuning": str(GMM_TUNING[kind]), "gmm": rows, "sweep": sweep}, f, indent=2)
+  write_json(out, {"device": str(getattr(device, "device_kind", device.platform)), "jax": jax.__version__,
+                   "dtype": dtype.name, "tuning": str(GMM_TUNING[kind]), "gmm": rows, "sweep": sweep})
   print(f"wrote {out}  (vs xla / vs dense: time ratio, > 1 means the Pallas kernel is faster)")
 
 

@@ -14,7 +14,6 @@ Goal (project issue): ours >= 1.5x the reference's train-step tokens/s.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ from absl import app, flags
 
 import zaya_jax
 from experiments import bench_forward as bf  # its model-shape flags, reference builder/loader, timer, CPU meter
+from experiments.common import write_json
 from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.balancing import BalancingConfig
 from zaya_jax.train.optim import OptimizerConfig
@@ -151,9 +151,7 @@ def main(argv):
       speedup_vs_ref=speedup, goal_met=met)
   out_path = FLAGS.out or os.path.join(
       "experiments", "results", f"bench_train_{'quick' if FLAGS.quick else FLAGS.preset}.json")
-  os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-  with open(out_path, "w") as f:
-    json.dump(results, f, indent=2)
+  write_json(out_path, results)
   print(f"wrote {out_path}")
 
 

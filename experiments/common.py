@@ -14,6 +14,8 @@ from zaya_jax.train.experiment import changed_settings, jsonable  # noqa: F401  
 
 
 def write_json(path: str, obj) -> None:
+  """Atomically (a temporary file, renamed): a results file is whole or absent. Creates the folder."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
