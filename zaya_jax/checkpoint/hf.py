@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 
 from zaya_jax.config import ZayaConfig, is_legacy_hf_config
 from zaya_jax.model.decoder import ZayaForCausalLM, abstract_model
-from zaya_jax.model.moe import deinterleave_gate_up
+from zaya_jax.model.moe import deinterleave_gate_up, gate_up_pairs
 
 SAFE_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -239,9 +239,9 @@ def skip_slot_reachable(biases_X1: np.ndarray) -> bool:
 
 def _stored_float_dtype(entries: dict[str, _TensorEntry]) -> str | None:
   """The dtype name of the checkpoint's embedding (else its first floating tensor), None without one."""
-  names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
   ordered = sorted(entries, key=lambda k: "embed_tokens" not in k)
-  return next((names[entries[k].code] for k in ordered if entries[k].code in names), None)
+  codes = [entries[k].code for k in ordered if entries[k].code in ("F32", "BF16", "F16")]  # the model's dtypes
+  return np.dtype(SAFE_DTYPES[codes[0]]).name if codes else None
 
 
 def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
@@ -296,11 +296,11 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
         reachable.append(key)
       if host[-1] != -1.0:
         unusual_skip.append(key)
-    if key.endswith(GATE_UP_SUFFIX):  # the model pairs gate and up rows (interleave_gate_up), in the same copy
-      X, F2, D = host.shape
-      host, stored = _aligned_empty(host.shape, np.dtype(var.dtype)), host
-      np.copyto(host.reshape(X, F2 // 2, 2, D), stored.reshape(X, 2, F2 // 2, D).swapaxes(1, 2), casting="unsafe")
-      del stored
+    if key.endswith(GATE_UP_SUFFIX):  # the model pairs gate and up rows (gate_up_pairs), in the same copy
+      pairs = gate_up_pairs(host)
+      host = _aligned_empty(host.shape, np.dtype(var.dtype))
+      np.copyto(host.reshape(pairs.shape), pairs, casting="unsafe")
+      del pairs
     elif host.dtype != var.dtype:
       host, stored = _aligned_empty(host.shape, np.dtype(var.dtype)), host
       np.copyto(host, stored, casting="unsafe")  # numpy's rounding, as jnp.asarray(host, dtype) did

@@ -86,17 +86,18 @@ class LinearRouter(nnx.Module):
     return *select(self.out_proj(h_BTD), self.balancing_biases[...], self.num_experts), None
 
 
-def interleave_gate_up(w_X2FD):
-  """The reference's gate_up_proj [X, 2F, D] (gate rows, then up rows) in `Experts`' row order: gate and up of
-  column j at rows 2j and 2j + 1. Any contiguous split of the 2F rows (tensor parallelism's) then holds whole
-  gate/up pairs; with the halves, a 2-way split put every gate row on one device and every up row on the other,
-  and each call moved the weights with an all-to-all to pair them up. numpy or jax arrays."""
+def gate_up_pairs(w_X2FD):
+  """The reference's gate_up_proj [X, 2F, D] (gate rows, then up rows) as [X, F, 2, D] gate/up pairs (a view of
+  a contiguous array): flattened back to [X, 2F, D], this is `Experts`' row order, gate and up of column j at rows
+  2j and 2j + 1. Any contiguous split of the 2F rows (tensor parallelism's) then holds whole gate/up pairs; with
+  the halves, a 2-way split put every gate row on one device and every up row on the other, and each call moved
+  the weights with an all-to-all to pair them up. numpy or jax arrays."""
   X, F2, D = w_X2FD.shape
-  return w_X2FD.reshape(X, 2, F2 // 2, D).swapaxes(1, 2).reshape(X, F2, D)
+  return w_X2FD.reshape(X, 2, F2 // 2, D).swapaxes(1, 2)
 
 
 def deinterleave_gate_up(w_X2FD):
-  """The inverse of `interleave_gate_up`: the reference's layout, for export."""
+  """`Experts`' interleaved rows back in the reference's layout (gate rows, then up rows), for export."""
   X, F2, D = w_X2FD.shape
   return w_X2FD.reshape(X, F2 // 2, 2, D).swapaxes(1, 2).reshape(X, F2, D)
 
@@ -107,7 +108,7 @@ def swiglu(gate_up_M2F):
 
 
 class Experts(nnx.Module):
-  """SwiGLU experts: gate_up_proj [X, 2F, D] with gate and up rows interleaved (`interleave_gate_up`; the
+  """SwiGLU experts: gate_up_proj [X, 2F, D] with gate and up rows interleaved (`gate_up_pairs`; the
   reference stores the halves, load_hf/save_hf convert), down_proj [X, D, F] as the reference has it."""
 
   def __init__(self, cfg: MoEConfig, hidden_size: int, *, std: float, param_dtype, rngs: nnx.Rngs):

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.figures import model_figures
@@ -230,8 +231,6 @@ class _PreemptionNotice:
   def reached(self, step: int) -> bool:
     """Whether to save `step` (just finished) and stop; called once per step, on every process."""
     if self.multi_process:
-      from jax.experimental import multihost_utils
-
       try:
         return multihost_utils.reached_preemption_sync_point(step)
       except RuntimeError:  # jax_enable_preemption_service off: no notice reaches us (as Orbax treats it)
