@@ -5,8 +5,10 @@ B batch, S cache length (S_max), H query heads, K kv heads, G = H // K (query he
 (Ep: E padded to a power of two >= 16), Gp: G padded to a power of two >= 16 (the smallest tl.dot dim), N splits of
 the sequence (num_splits), J key blocks per split.
 
-Row b's query sees cache entries [0, lengths[b]) (the new token's own key and value included); with a sliding window
-W only [lengths[b] - W, lengths[b]). Scores are scaled by E**-0.5, the softmax is accumulated online in fp32 (base 2:
+The caches come in the layout the model's decode state keeps them (zaya_jax.model.cca.CCACache, so a step reads them
+in place): keys transposed, [B, K, E, S], values heads-major, [B, K, S, E]. Row b's query sees cache entries
+[0, lengths[b]) (the new token's own key and value included); with a sliding window W only [lengths[b] - W,
+lengths[b]). Scores are scaled by E**-0.5, the softmax is accumulated online in fp32 (base 2:
 log2(e) folded into the scale), matmuls accumulate in fp32, the output has q's dtype.
 
 Stage 1 (the kernel): grid (B, K, N). A program takes the G query heads of one kv head as the rows of a [Gp, Ep] tile,
@@ -46,13 +48,14 @@ MIN_ROWS = 16  # tl.dot needs every dim >= 16: the G query heads of a program ar
 # (block_k, num_splits, num_warps, num_stages), every entry checked to lower for rocm and cuda by the tests.
 # No GPU timings yet: these follow the grouped flash-decoding Triton kernels (lightllm -> sglang/vLLM: 16 padded head
 # rows, 32-64 keys a step, 4 warps, 8 splits; 1 stage on ROCm, where pipelining costs LDS that occupancy needs).
-# gfx942: 64 keys, 4 warps, 1 stage; static report (tests/test_rocm_report.py, G=4, E=128, bf16): 152 VGPR, no
-# spills, 16 KiB LDS, 3 waves/SIMD. 128 keys spilled with a window (221 VGPR, 62 SGPR spills, 2 waves/SIMD).
+# gfx942: 32 keys, 4 warps, 1 stage; static report (tests/test_rocm_report.py, G=4, E=128, bf16, keys [E, S]): 118-126
+# VGPR, no spills, 8 KiB LDS, 4 waves/SIMD. 64 keys took 200 VGPR without a window (2 waves/SIMD; 152 with one, and
+# with the earlier [S, E] key layout); 128 keys spilled. A memory-bound step wants the waves that hide load latency.
 # H100/H200: 64 keys with 3 stages of cp.async pipelining (a decode step is a stream over the cache).
 # Fallback: 32 keys, 4 warps, 2 stages, the small-footprint config. 8 splits: B * K * 8 programs fill an MI300X's
 # 304 CUs from B * K = 38 and an H100's 132 SMs from 17; fewer rows leave the GPU partly idle (raise num_splits).
 BLOCK_CONFIGS = (
-  (64, 8, 4, 1),  # gfx942 (MI300X)
+  (32, 8, 4, 1),  # gfx942 (MI300X)
   (64, 8, 4, 3),  # H100 / H200
   (32, 8, 4, 2),  # fallback
 )
@@ -83,8 +86,9 @@ class _Static:
 
 
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
-  # len_ref [B] (all rows), q_ref [Gp, Ep] (this row's G heads of kv head kh, zero-padded), k_ref/v_ref [S, E] (this
-  # row's cache of kv head kh, read in place). Outputs: acc_ref [Gp, Ep], m_ref/l_ref [Gp] (this row, head, split).
+  # len_ref [B] (all rows), q_ref [Gp, Ep] (this row's G heads of kv head kh, zero-padded), k_ref [E, S] and v_ref
+  # [S, E] (this row's cache of kv head kh, read in place). Outputs: acc_ref [Gp, Ep], m_ref/l_ref [Gp] (this row,
+  # head, split).
   acc_ref, m_ref, l_ref = refs[-3:]  # with poison, the aliased NaN inputs come first and are never read
   bk = st.block_k
   length = len_ref[pl.program_id(0)]
@@ -96,7 +100,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
   # lo >= hi and runs no step (its partials stay m = -inf, l = 0, acc = 0, which the merge weighs by zero).
   lo = jnp.maximum(split * st.blocks_per_split, lax.div(first_key, bk))
   hi = jnp.minimum((split + 1) * st.blocks_per_split, lax.div(length + bk - 1, bk))
-  col_ok = (jnp.arange(Ep) < st.head_dim)[None, :]
+  col_ok = jnp.arange(Ep) < st.head_dim
 
   def body(j, carry):
     acc, m_prev, l_prev = carry
@@ -104,11 +108,12 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
     visible = (k_pos >= first_key) & (k_pos < length)
     # Masked loads: past the cache's end (the last block's tail), past E, and stale entries past the row's length
     # (never trusted: a NaN there would survive 0 * NaN in p @ v) all read as 0.
-    load_mask = jnp.broadcast_to(visible[:, None] & col_ok, (bk, Ep))
-    keys = (pl.ds(j * bk, bk), pl.ds(0, Ep))
-    k = pltriton.load(k_ref.at[keys], mask=load_mask, other=0)
-    v = pltriton.load(v_ref.at[keys], mask=load_mask, other=0)
-    s = dot_f32(q, k, (1, 1)) * (st.scale * LOG2E)
+    # Keys are [E, S]: their block is [Ep, bk], contiguous along the keys, and q @ k needs no transpose.
+    k_mask = jnp.broadcast_to(col_ok[:, None] & visible[None, :], (Ep, bk))
+    v_mask = jnp.broadcast_to(visible[:, None] & col_ok[None, :], (bk, Ep))
+    k = pltriton.load(k_ref.at[pl.ds(0, Ep), pl.ds(j * bk, bk)], mask=k_mask, other=0)
+    v = pltriton.load(v_ref.at[pl.ds(j * bk, bk), pl.ds(0, Ep)], mask=v_mask, other=0)
+    s = dot_f32(q, k) * (st.scale * LOG2E)
     s = jnp.where(visible[None, :], s, MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     correction = jnp.exp2(m_prev - m_next)
@@ -124,21 +129,22 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
   l_ref[...] = denom
 
 
-def _partials(lengths_B, q_BKGE, k_BSKE, v_BSKE, num_splits, st: _Static):
+def _partials(lengths_B, q_BKGE, k_BKES, v_BKSE, num_splits, st: _Static):
   """Stage 1: acc [B, K, N, Gp, Ep], m [B, K, N, Gp], l [B, K, N, Gp], all fp32 (m, l in base 2)."""
   B, K, Gp, Ep = q_BKGE.shape
-  S, E = k_BSKE.shape[1], k_BSKE.shape[3]
+  S, E = v_BKSE.shape[2], v_BKSE.shape[3]
   len_spec = pl.BlockSpec((B,), lambda b, kh, s: (0,))
   q_spec = pl.BlockSpec((None, None, Gp, Ep), lambda b, kh, s: (b, kh, 0, 0))
-  # The whole [S, E] cache of one kv head: the kernel walks it with pl.ds, bounded by the row's length.
-  kv_spec = pl.BlockSpec((None, S, None, E), lambda b, kh, s: (b, 0, kh, 0))
+  # The whole cache of one kv head: the kernel walks it with pl.ds, bounded by the row's length.
+  k_spec = pl.BlockSpec((None, None, E, S), lambda b, kh, s: (b, kh, 0, 0))
+  v_spec = pl.BlockSpec((None, None, S, E), lambda b, kh, s: (b, kh, 0, 0))
   acc_spec = pl.BlockSpec((None, None, None, Gp, Ep), lambda b, kh, s: (b, kh, s, 0, 0))
   stat_spec = pl.BlockSpec((None, None, None, Gp), lambda b, kh, s: (b, kh, s, 0))
-  in_specs = [len_spec, q_spec, kv_spec, kv_spec]
+  in_specs = [len_spec, q_spec, k_spec, v_spec]
   out_specs = [acc_spec, stat_spec, stat_spec]
   out_shape = [jax.ShapeDtypeStruct((B, K, num_splits, Gp, Ep), F32),
                jax.ShapeDtypeStruct((B, K, num_splits, Gp), F32), jax.ShapeDtypeStruct((B, K, num_splits, Gp), F32)]
-  args = [lengths_B, q_BKGE, k_BSKE, v_BSKE]
+  args = [lengths_B, q_BKGE, k_BKES, v_BKSE]
   aliases = {}
   if st.poison:
     n_in = len(args)
@@ -163,13 +169,14 @@ def _merge(acc_BKNGE, m_BKNG, l_BKNG):
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "block_k", "num_splits", "num_warps", "num_stages",
                                              "interpret", "_poison"))
-def decode_attention(q_BHE, k_cache_BSKE, v_cache_BSKE, lengths_B, *, sliding_window: int | None = None,
+def decode_attention(q_BHE, k_cache_BKES, v_cache_BKSE, lengths_B, *, sliding_window: int | None = None,
                      block_k: int = 64, num_splits: int = 8, num_warps: int = 4, num_stages: int = 2,
                      interpret: bool | None = None, _poison: bool = False):
   """One decoding step of (optionally sliding-window) GQA attention against a KV cache, flash-decoding style.
 
-  q_BHE [B, H, E] (the new token's queries, normalised and rotated), k_cache_BSKE/v_cache_BSKE [B, S, K, E] (post-RoPE
-  keys, values; H % K == 0), lengths_B [B] int: valid entries per row including the new token (1 <= length <= S).
+  q_BHE [B, H, E] (the new token's queries, normalised and rotated), k_cache_BKES [B, K, E, S] (post-RoPE keys,
+  transposed) and v_cache_BKSE [B, K, S, E] (values; H % K == 0), lengths_B [B] int: valid entries per row including
+  the new token (1 <= length <= S).
   Equals row lengths-1 of causal attention over the first `lengths` positions. bf16 or fp32 in, fp32 accumulation,
   output [B, H, E] in q's dtype. block_k must be a power of two >= 16 (see BLOCK_CONFIGS); it shrinks for short
   caches, and num_splits shrinks to the number of key blocks. interpret=None: interpret mode on CPU, Triton elsewhere.
@@ -177,18 +184,18 @@ def decode_attention(q_BHE, k_cache_BSKE, v_cache_BSKE, lengths_B, *, sliding_wi
   check_blocks(dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                     sliding_window=sliding_window), "decode_attention")
   B, H, E = q_BHE.shape
-  Bk, S, K, Ek = k_cache_BSKE.shape
-  if (Bk, Ek) != (B, E) or v_cache_BSKE.shape != k_cache_BSKE.shape:
-    raise ValueError(f"need q [B, H, E] and k_cache, v_cache [B, S, K, E]: {q_BHE.shape=} {k_cache_BSKE.shape=} "
-                     f"{v_cache_BSKE.shape=}")
+  Bv, K, S, Ev = v_cache_BKSE.shape
+  if (Bv, Ev) != (B, E) or k_cache_BKES.shape != (B, K, E, S):
+    raise ValueError(f"need q [B, H, E], k_cache [B, K, E, S] and v_cache [B, K, S, E]: {q_BHE.shape=} "
+                     f"{k_cache_BKES.shape=} {v_cache_BKSE.shape=}")
   if H % K:
     raise ValueError(f"query heads H={H} must be a multiple of kv heads K={K}")
   if lengths_B.shape != (B,):
     raise ValueError(f"lengths_B must be [B] = {(B,)}, got {lengths_B.shape}")
   dtype = q_BHE.dtype
-  if dtype not in (jnp.bfloat16, jnp.float32, jnp.float16) or {k_cache_BSKE.dtype, v_cache_BSKE.dtype} != {dtype}:
-    raise ValueError(f"q and the caches must share one of bf16/fp16/fp32, got {q_BHE.dtype}, {k_cache_BSKE.dtype}, "
-                     f"{v_cache_BSKE.dtype}")
+  if dtype not in (jnp.bfloat16, jnp.float32, jnp.float16) or {k_cache_BKES.dtype, v_cache_BKSE.dtype} != {dtype}:
+    raise ValueError(f"q and the caches must share one of bf16/fp16/fp32, got {q_BHE.dtype}, {k_cache_BKES.dtype}, "
+                     f"{v_cache_BKSE.dtype}")
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
 
@@ -205,15 +212,15 @@ def decode_attention(q_BHE, k_cache_BSKE, v_cache_BSKE, lengths_B, *, sliding_wi
                interpret=interpret, poison=_poison)
   # q is tiny: padding it ([B, K, Gp, Ep], zero rows and columns add nothing to q.k) is free, unlike the cache.
   q_BKGE = jnp.pad(q_BHE.reshape(B, K, G, E), ((0, 0), (0, 0), (0, Gp - G), (0, Ep - E)))
-  acc, m, denom = _partials(lengths_B.astype(jnp.int32), q_BKGE, k_cache_BSKE, v_cache_BSKE, num_splits, st)
+  acc, m, denom = _partials(lengths_B.astype(jnp.int32), q_BKGE, k_cache_BKES, v_cache_BKSE, num_splits, st)
   out_BKGE = _merge(acc[:, :, :, :G, :E], m[:, :, :, :G], denom[:, :, :, :G])
   return out_BKGE.reshape(B, H, E).astype(dtype)
 
 
-def decode_attention_reference(q_BHE, k_cache_BSKE, v_cache_BSKE, lengths_B, *, sliding_window: int | None = None):
-  """Plain-JAX decode attention with the same visibility and scale, fp32 math, output in q's dtype."""
+def decode_attention_reference(q_BHE, k_cache_BKES, v_cache_BKSE, lengths_B, *, sliding_window: int | None = None):
+  """Plain-JAX decode attention with the same visibility, scale and cache layout, fp32 math, output in q's dtype."""
   B, H, E = q_BHE.shape
-  S, K = k_cache_BSKE.shape[1:3]
+  K, S = v_cache_BKSE.shape[1:3]
   s = jnp.arange(S)
   length_B1 = lengths_B.astype(jnp.int32)[:, None]
   visible_BS = s[None, :] < length_B1
@@ -221,10 +228,10 @@ def decode_attention_reference(q_BHE, k_cache_BSKE, v_cache_BSKE, lengths_B, *, 
     visible_BS &= s[None, :] >= length_B1 - sliding_window
   hi = lax.Precision.HIGHEST
   q_BKGE = q_BHE.astype(F32).reshape(B, K, H // K, E)
-  scores_BKGS = jnp.einsum("bkge,bske->bkgs", q_BKGE, k_cache_BSKE.astype(F32), precision=hi) * E ** -0.5
+  scores_BKGS = jnp.einsum("bkge,bkes->bkgs", q_BKGE, k_cache_BKES.astype(F32), precision=hi) * E ** -0.5
   scores_BKGS = jnp.where(visible_BS[:, None, None], scores_BKGS, -jnp.inf)
   probs_BKGS = jax.nn.softmax(scores_BKGS, axis=-1)
   # Invisible entries may hold anything (stale, NaN): zero them so 0 * NaN cannot reach the output.
-  v_BSKE = jnp.where(visible_BS[:, :, None, None], v_cache_BSKE.astype(F32), 0.0)
-  out_BKGE = jnp.einsum("bkgs,bske->bkge", probs_BKGS, v_BSKE, precision=hi)
+  v_BKSE = jnp.where(visible_BS[:, None, :, None], v_cache_BKSE.astype(F32), 0.0)
+  out_BKGE = jnp.einsum("bkgs,bkse->bkge", probs_BKGS, v_BKSE, precision=hi)
   return out_BKGE.reshape(B, H, E).astype(q_BHE.dtype)

@@ -1,14 +1,18 @@
-"""The whole model with the Pallas backends (interpret mode here) equals the XLA backends: logits and gradients."""
+"""The whole model with the Pallas backends (interpret mode here) equals the XLA backends: logits and gradients; and on a
+GPU the default backends put a decode step's attention and expert matmuls in the Triton kernels."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import zaya_jax
 from zaya_jax import AttentionConfig, ZayaConfig
+from zaya_jax.infer import decode
 
 
 def rel_err(got, want):
@@ -45,3 +49,25 @@ def test_pallas_backends_match_xla_backends_on_packed_rows():
       assert not np.asarray(g[...]).any() and not np.asarray(pg[...]).any()
       continue
     assert rel_err(pg[...], g[...]) <= 1e-4, path
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the Pallas Triton backend's, on every pallas_call
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_default_decode_step_on_a_gpu_runs_the_triton_kernels(platform, monkeypatch):
+  # What "auto" picks on a GPU, lowered from this CPU: one decode step of a two-layer model (one sliding layer) has
+  # each layer's attention in the flash-decoding kernel and its two expert matmuls in the grouped-matmul kernel.
+  attention = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=5)
+  cfg = ZayaConfig.tiny(layer_types=("hybrid", "hybrid_sliding"), attention=attention)
+  assert cfg.attention.backend == cfg.moe.backend == "auto"
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: zaya_jax.ZayaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+  state = jax.eval_shape(lambda: decode.init_state(cfg, 3, 40))
+
+  def step(params, state, tokens_B):
+    return decode._extend(nnx.merge(graphdef, params), state, tokens_B[:, None], jnp.ones_like(tokens_B))
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  module = jax.export.export(jax.jit(step), platforms=[platform], disabled_checks=disabled)(
+    params, state, jax.ShapeDtypeStruct((3,), jnp.int32)).mlir_module()
+  kernels = re.findall(r'custom_call @__gpu\$xla\.gpu\.triton.*?name = \\?"(\w+)', module)
+  assert sorted(kernels) == ["cca_decode"] * 2 + ["zaya_gmm"] * 4, kernels

@@ -5,6 +5,8 @@ from uniform) with a sliding-window layer whose window is shorter than the seque
 context, loaded through `load_hf` in fp32.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -25,7 +27,7 @@ B, T = 3, 7  # every test prefills [B, T] and steps [B]: one compile of each (~4
 def case(tmp_path_factory):
   path = tmp_path_factory.mktemp("ref_decode")
   ref = make_reference(path, seed=3, **CONFIG)
-  return ref, zaya_jax.load_hf(path)
+  return ref, zaya_jax.load_hf(path), path
 
 
 def right_padded(rows, pad=7):
@@ -36,8 +38,13 @@ def right_padded(rows, pad=7):
   return out
 
 
-def test_ragged_prefill_and_decode_steps_match_full_forward(case):
-  _, model = case
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_ragged_prefill_and_decode_steps_match_full_forward(case, backend):
+  # "pallas": each one-token step's attention runs the flash-decoding kernel (interpret mode here) over the cache.
+  _, model, path = case
+  if backend == "pallas":
+    attention = dataclasses.replace(model.config.attention, backend="pallas")
+    model = zaya_jax.load_hf(path, attention=attention)
   rng = np.random.default_rng(0)
   prompt_lens = np.array([7, 1, 4])  # ragged, with a one-token row; 7 + 6 steps run past the window of 5
   steps = 6
@@ -61,7 +68,7 @@ def test_ragged_prefill_and_decode_steps_match_full_forward(case):
 
 
 def test_chunked_prefill_equals_one_prefill(case):
-  _, model = case
+  _, model, _ = case
   tokens = np.random.default_rng(1).integers(3, CONFIG["vocab_size"], (B, T))
   lengths_B, first_B = np.array([7, 5, 3]), np.array([4, 1, 2])
   one, _ = prefill(model, init_state(model.config, B, MAX_LEN), tokens, lengths_B)
@@ -73,7 +80,7 @@ def test_chunked_prefill_equals_one_prefill(case):
 
 
 def test_greedy_decoding_matches_transformers_generate(case):
-  ref, model = case
+  ref, model, _ = case
   prompt = np.random.default_rng(3).integers(3, CONFIG["vocab_size"], 6)
   new = 8
   with torch.no_grad():
@@ -95,7 +102,7 @@ def test_greedy_decoding_matches_transformers_generate(case):
 
 
 def test_prompt_longer_than_max_len_raises_before_jit(case):
-  _, model = case
+  _, model, _ = case
   state = init_state(model.config, 2, 4)
   with pytest.raises(ValueError, match="max_len=4"):
     prefill(model, state, np.ones((2, 6), np.int64), np.array([3, 5]))

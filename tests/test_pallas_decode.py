@@ -25,6 +25,11 @@ def rel_err(x, ref):
   return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
 
+def cache_layout(k_BSKE, v_BSKE):
+  """Keys and values [B, S, K, E] in the decode cache's layout: k [B, K, E, S], v [B, K, S, E]."""
+  return k_BSKE.transpose(0, 2, 3, 1), v_BSKE.transpose(0, 2, 1, 3)
+
+
 def make_inputs(seed, lengths, S, H, K, E, dtype):
   """Random q and caches; every entry at or past a row's length is NaN, as stale or never-written cache slots may be."""
   rng = np.random.default_rng(seed)
@@ -33,7 +38,7 @@ def make_inputs(seed, lengths, S, H, K, E, dtype):
   stale_BS = np.arange(S)[None, :] >= np.asarray(lengths)[:, None]
   k, v = (jnp.asarray(np.where(stale_BS[:, :, None, None], np.nan, rng.standard_normal((B, S, K, E))), dtype)
           for _ in range(2))
-  return q, k, v, jnp.asarray(lengths, jnp.int32)
+  return q, *cache_layout(k, v), jnp.asarray(lengths, jnp.int32)
 
 
 # (lengths, S, H, K, E, dtype, window, block_k, num_splits): H/K = 1, 2, 4; S never a multiple of block_k * num_splits;
@@ -66,6 +71,7 @@ def test_equals_row_t_of_training_attention(window):
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, E)), jnp.float32) for n in (H, K, K))
   full = attention_reference(q, k, v, jnp.zeros((B, T), jnp.int32), sliding_window=window)
+  k, v = cache_layout(k, v)
   rows = np.arange(B)
   for t_B in ((0, 15, 36), (16, 36, 0), (7, 7, 31)):
     t_B = np.asarray(t_B)
@@ -128,8 +134,8 @@ def export(fn, platform, *args):
 
 
 def decode_shapes(B, S, H, K, E, dtype):
-  return [jax.ShapeDtypeStruct((B, H, E), dtype), jax.ShapeDtypeStruct((B, S, K, E), dtype),
-          jax.ShapeDtypeStruct((B, S, K, E), dtype), jax.ShapeDtypeStruct((B,), jnp.int32)]
+  return [jax.ShapeDtypeStruct((B, H, E), dtype), jax.ShapeDtypeStruct((B, K, E, S), dtype),
+          jax.ShapeDtypeStruct((B, K, S, E), dtype), jax.ShapeDtypeStruct((B,), jnp.int32)]
 
 
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
@@ -157,6 +163,6 @@ def test_lowering_enforces_triton_rules():
   st = da._Static(scale=1.0, head_dim=16, window=None, block_k=48, blocks_per_split=1, num_warps=4, num_stages=1,
                   interpret=False, poison=False)
   shapes = [jax.ShapeDtypeStruct((2,), jnp.int32), jax.ShapeDtypeStruct((2, 1, 16, 16), jnp.float32),
-            jax.ShapeDtypeStruct((2, 96, 1, 16), jnp.float32), jax.ShapeDtypeStruct((2, 96, 1, 16), jnp.float32)]
+            jax.ShapeDtypeStruct((2, 1, 16, 96), jnp.float32), jax.ShapeDtypeStruct((2, 1, 96, 16), jnp.float32)]
   with pytest.raises(Exception, match="power of 2"):
     export(lambda *a: da._partials(*a, 2, st)[0], "rocm", *shapes)

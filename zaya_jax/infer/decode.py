@@ -2,8 +2,8 @@
 
 B batch, T new tokens per row in a call, S = max_len cache length, D hidden, V vocab, L layers.
 
-Per layer the state keeps what the reference's cache keeps (ZAYA_ARCH.md §2.10): post-RoPE keys and values
-(heads-major, [B, K, S, E]), the last conv_context raw [q|k] columns (fp32) and the delayed value of the last token
+Per layer the state keeps what the reference's cache keeps (ZAYA_ARCH.md §2.10): post-RoPE keys ([B, K, E, S]) and
+values ([B, K, S, E]), the last conv_context raw [q|k] columns (fp32) and the delayed value of the last token
 (the ablations' attention kinds keep their own caches: model/attention_kinds.py); `lengths_B` is shared by all layers.
 Prefill and decode step are the same function (each layer's attention `extend`, e.g. `CCAttention.extend`): row b
 appends its first n_b new tokens at positions lengths_B[b] + t, attends to cache entries at or before each token's

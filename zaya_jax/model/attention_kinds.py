@@ -21,10 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zaya_jax.config import AttentionConfig
-from zaya_jax.model.cca import AttentionBlock, CCACache, CCAttention, cache_mask, key_value_zeros, write_rows
+from zaya_jax.model.cca import AttentionBlock, CCACache, CCAttention, key_value_zeros, write_rows
 from zaya_jax.model.layers import Linear, RMSNorm
 from zaya_jax.model.rope import apply_rope, rope_tables
-from zaya_jax.ops.attention import cached_attention
 
 
 class KVCache(NamedTuple):
@@ -67,7 +66,7 @@ class GQAttention(AttentionBlock):
     q_BTHE, k_BTKE, v_BTKE, _ = self.queries_keys_values(h_BTD, None, positions_BT)
     k_BKES = write_rows(cache.k_BKES, k_BTKE, positions_BT, num_new_B, seq_axis=3)
     v_BKSE = write_rows(cache.v_BKSE, v_BTKE, positions_BT, num_new_B, seq_axis=2)
-    out_BTHE = cached_attention(q_BTHE, k_BKES, v_BKSE, cache_mask(positions_BT, cache.max_len, self.sliding_window))
+    out_BTHE = self.attend_cache(q_BTHE, k_BKES, v_BKSE, positions_BT)
     return self.output(out_BTHE), KVCache(k_BKES, v_BKSE)
 
 
@@ -138,8 +137,7 @@ class MLAttention(AttentionBlock):
     q_BTHE, latent_BTN = self.queries_and_latent(h_BTD, positions_BT)
     latent_BSN = write_rows(cache.latent_BSN, latent_BTN, positions_BT, num_new_B)
     k_BSKE, v_BSKE = self.expand(latent_BSN)
-    mask_BTS = cache_mask(positions_BT, cache.max_len, self.sliding_window)
-    out_BTHE = cached_attention(q_BTHE, k_BSKE.transpose(0, 2, 3, 1), v_BSKE.transpose(0, 2, 1, 3), mask_BTS)
+    out_BTHE = self.attend_cache(q_BTHE, k_BSKE.transpose(0, 2, 3, 1), v_BSKE.transpose(0, 2, 1, 3), positions_BT)
     return self.output(out_BTHE), MLACache(latent_BSN)
 
 

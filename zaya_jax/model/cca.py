@@ -66,15 +66,6 @@ def write_rows(cache, new_BT_, positions_BT, num_new_B, *, seq_axis: int = 1):
   return cache.at[index].set(new_BT_.astype(cache.dtype), mode="drop")
 
 
-def cache_mask(positions_BT, cache_len: int, sliding_window: int | None):
-  """[B, T, S]: query t sees cache entries s <= its position (within the window), its row's past and this chunk."""
-  s_S = jnp.arange(cache_len)
-  mask_BTS = s_S[None, None] <= positions_BT[..., None]
-  if sliding_window is not None:
-    mask_BTS &= (positions_BT[..., None] - s_S[None, None]) < sliding_window
-  return mask_BTS
-
-
 def key_value_zeros(cfg: AttentionConfig, batch: int, max_len: int, dtype) -> tuple[jax.Array, jax.Array]:
   """Empty decode-cache keys [B, K, E, S] and values [B, K, S, E]: the layout ops.attention.cached_attention reads."""
   K, E = cfg.num_kv_heads, cfg.head_dim
@@ -251,6 +242,11 @@ class AttentionBlock(nnx.Module):
     B, T = out_BTHE.shape[:2]
     return self.o_proj(out_BTHE.reshape(B, T, self.cfg.num_heads * self.cfg.head_dim))
 
+  def attend_cache(self, q_BTHE, k_BKES, v_BKSE, positions_BT):
+    """The cached path's attention core, with this layer's window and backend (ops.attention.cached_attention)."""
+    return cached_attention(q_BTHE, k_BKES, v_BKSE, positions_BT, sliding_window=self.sliding_window,
+                            backend=self.cfg.backend)
+
   def __call__(self, h_BTD, segment_ids_BT, positions_BT):
     q_BTHE, k_BTKE, v_BTKE, _ = self.queries_keys_values(h_BTD, segment_ids_BT, positions_BT)
     out_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, sliding_window=self.sliding_window,
@@ -283,7 +279,6 @@ class CCAttention(AttentionBlock):
     Tokens past num_new_B[b] are right padding: their outputs are garbage, they write nothing to the cache and the
     state is taken after the last real token. Returns (output [B, T, D], updated cache).
     """
-    S = cache.max_len
     # A row that has seen nothing starts a document: zero conv context (as stored) and the zero-input delayed value.
     v_prev_BV = jnp.where((positions_BT[:, 0] == 0)[:, None], self.qkv_proj.start_value(h_BTD.dtype),
                           cache.v_prev_BV)
@@ -292,7 +287,7 @@ class CCAttention(AttentionBlock):
 
     k_BKES = write_rows(cache.k_BKES, k_BTKE, positions_BT, num_new_B, seq_axis=3)
     v_BKSE = write_rows(cache.v_BKSE, v_BTKE, positions_BT, num_new_B, seq_axis=2)
-    out_BTHE = cached_attention(q_BTHE, k_BKES, v_BKSE, cache_mask(positions_BT, S, self.sliding_window))
+    out_BTHE = self.attend_cache(q_BTHE, k_BKES, v_BKSE, positions_BT)
 
     # State after each row's last real token: the last P raw columns of [context | real new columns] and the delayed
     # projection of that token (the old state where a row adds nothing).

@@ -48,16 +48,40 @@ def xla_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, *, causal: bool = False):
   return _queries_back(out_BKGTE)
 
 
-def cached_attention(q_BTHE, k_BKES, v_BKSE, mask_BTS):
-  """T new queries over a whole decode cache (S >= T keys, visibility given by the mask), eager-reference numerics.
+def cached_attention(q_BTHE, k_BKES, v_BKSE, positions_BT, *, sliding_window: int | None = None,
+                     backend: str = "auto"):
+  """T new queries at positions_BT over a whole decode cache: query t sees the entries at or before its position
+  (within the window), its row's past and the new tokens already written.
 
   Keys are stored transposed, [B, K, E, S], values heads-major [B, K, S, E]: both matmuls then contract over their
   operand's major dim. With keys [B, K, S, E] the scores contract over the keys' minor dim, which XLA:CPU ran ~3x
   slower at a decode step's shapes (16 rows, 2 kv heads of 64, 160-512 keys: 0.96 vs 0.29 ms).
-  Masked entries get probability exactly zero, so they must only be finite (the cache writes keep them so).
+  Backends: "xla" has the eager reference's numerics (masked entries get probability exactly zero, so they must only
+  be finite, as the cache writes keep them); "pallas" runs a one-token step (T = 1) through the flash-decoding kernel
+  (pallas_kernels.decode_attention, which reads the cache in place and only each row's visible entries; fp32 softmax
+  without the reference's intermediate roundings) and a longer chunk (prefill) through the XLA path.
   """
+  T = positions_BT.shape[1]
+  S = v_BKSE.shape[2]
+  if resolve_backend(backend) == "pallas" and T == 1:
+    return _pallas_decode(q_BTHE[:, 0], k_BKES, v_BKSE, positions_BT[:, 0], sliding_window)[:, None]
+  _check_backend(backend)
+  s_S = jnp.arange(S)
+  mask_BTS = s_S[None, None] <= positions_BT[..., None]
+  if sliding_window is not None:
+    mask_BTS &= (positions_BT[..., None] - s_S[None, None]) < sliding_window
   out_BKGTE = _attend(_queries_heads_major(q_BTHE, v_BKSE.shape[1]), k_BKES, v_BKSE, mask_BTS, keys="bkes")
   return _queries_back(out_BKGTE)
+
+
+def _pallas_decode(q_BHE, k_BKES, v_BKSE, positions_B, sliding_window):
+  from pallas_kernels import decode_attention as kernel  # imported on use: Triton-backend deprecation warnings
+
+  block_k, num_splits, num_warps, num_stages = kernel.default_block_config()
+  # A row past the cache (its write was dropped; decode marks its logits NaN) must not read past the cache's end.
+  lengths_B = jnp.minimum(positions_B + 1, v_BKSE.shape[2])
+  return kernel.decode_attention(q_BHE, k_BKES, v_BKSE, lengths_B, sliding_window=sliding_window, block_k=block_k,
+                                 num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
 
 
 def _queries_heads_major(q_BTHE, K: int):
@@ -97,11 +121,14 @@ def resolve_backend(backend: str) -> str:
   return "xla" if jax.default_backend() == "cpu" else "pallas"
 
 
+def _check_backend(backend: str) -> None:
+  if backend not in ATTENTION_BACKENDS:
+    raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
+
+
 def attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, sliding_window: int | None = None, backend: str = "auto"):
   """Causal self-attention over packed rows (query t sees key s <= t of its segment, within the window)."""
-  backend = resolve_backend(backend)
-  if backend == "pallas":
+  _check_backend(backend)
+  if resolve_backend(backend) == "pallas":
     return _pallas_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, sliding_window)
-  if backend == "xla":
-    return xla_attention(q_BTHE, k_BSKE, v_BSKE, causal_mask(segment_ids_BT, sliding_window), causal=True)
-  raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
+  return xla_attention(q_BTHE, k_BSKE, v_BSKE, causal_mask(segment_ids_BT, sliding_window), causal=True)
