@@ -1,5 +1,5 @@
-"""The whole model with the Pallas backends (interpret mode here) equals the XLA backends: logits and gradients; and on a
-GPU the default backends put a decode step's attention and expert matmuls in the Triton kernels."""
+"""The whole model with the Pallas backends (interpret mode here) equals the XLA backends: logits and gradients; and on
+a GPU the default backends put a decode step's attention and expert matmuls in the Triton kernels."""
 
 import dataclasses
 import re

@@ -42,15 +42,19 @@ def init_state(cfg: ZayaConfig, batch: int, max_len: int) -> DecodeState:
   return DecodeState(layers, jnp.zeros((batch,), jnp.int32))
 
 
-def _extend(model: ZayaForCausalLM, state: DecodeState, tokens_BT, num_new_B):
-  """Appends tokens_BT[b, :num_new_B[b]] to row b: (logits of each row's last new token [B, V], new state)."""
+def _extend(model: ZayaForCausalLM, state: DecodeState, tokens_BT, num_new_B, fresh: bool = False):
+  """Appends tokens_BT[b, :num_new_B[b]] to row b: (logits of each row's last new token [B, V], new state).
+
+  `fresh` (static) promises an empty state (every length 0): the chunk's attention then runs over the chunk alone
+  (`AttentionBlock.attend_cache`), as training's does, instead of over the whole cache.
+  """
   T = tokens_BT.shape[1]
   positions_BT = state.lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)
   x_BTD = model.model.embed(tokens_BT)
   router_state_BTR = None
   caches = []
   for layer, cache in zip(model.model.layers, state.layers, strict=True):
-    x_BTD, router_state_BTR, _, cache = layer.extend(x_BTD, router_state_BTR, positions_BT, num_new_B, cache)
+    x_BTD, router_state_BTR, _, cache = layer.extend(x_BTD, router_state_BTR, positions_BT, num_new_B, cache, fresh)
     caches.append(cache)
   # Norm and head act per token: only each row's last real token needs them.
   x_BD = jnp.take_along_axis(x_BTD, (num_new_B - 1)[:, None, None], axis=1)[:, 0]
@@ -61,19 +65,21 @@ def _extend(model: ZayaForCausalLM, state: DecodeState, tokens_BT, num_new_B):
   return logits_BV, DecodeState(tuple(caches), lengths_B)
 
 
-_jitted_extend = jax.jit(_extend, compiler_options=EXACT_ROUNDING)
+_jitted_extend = jax.jit(_extend, compiler_options=EXACT_ROUNDING, static_argnames="fresh")
 # Donating the state lets XLA write the caches in place instead of copying them every step; the old state is invalid.
-_jitted_extend_donated = jax.jit(_extend, compiler_options=EXACT_ROUNDING, donate_argnums=1)
+_jitted_extend_donated = jax.jit(_extend, compiler_options=EXACT_ROUNDING, static_argnames="fresh", donate_argnums=1)
 
 
-def _run(model, state, tokens_BT, num_new_B, donate_state: bool):
-  return (_jitted_extend_donated if donate_state else _jitted_extend)(model, state, tokens_BT, num_new_B)
+def _run(model, state, tokens_BT, num_new_B, donate_state: bool, fresh: bool = False):
+  return (_jitted_extend_donated if donate_state else _jitted_extend)(model, state, tokens_BT, num_new_B,
+                                                                       fresh=fresh)
 
 
 def prefill(model: ZayaForCausalLM, state: DecodeState, tokens_BT, lengths_B, *, donate_state: bool = False):
   """Appends right-padded ragged prompts: row b's tokens are tokens_BT[b, :lengths_B[b]] (1 <= lengths_B[b] <= T).
 
-  Usually `state` is fresh (`init_state`); a non-empty state continues each row (chunked prefill).
+  Usually `state` is fresh (`init_state`): the prompts then attend among themselves only (O(T) memory with the flash
+  kernel). A non-empty state continues each row (chunked prefill), its chunk attending to the whole cache.
   Returns (logits of each row's last real token [B, V] in the compute dtype, state). Padding never reaches the
   state: convolution and delayed-value states are taken at each row's last real token, cache entries past a row's
   length are not written. Raises ValueError, before compiling, when a row would not fit in max_len.
@@ -90,12 +96,13 @@ def prefill(model: ZayaForCausalLM, state: DecodeState, tokens_BT, lengths_B, *,
     raise ValueError(f"the state holds {state.lengths_B.shape[0]} rows, the tokens {B}")
   if lengths.min() < 1 or lengths.max() > T:
     raise ValueError(f"lengths must lie in [1, {T}] (every row needs a real token), got {lengths.tolist()}")
-  total = np.asarray(state.lengths_B) + lengths
+  cached = np.asarray(state.lengths_B)
+  total = cached + lengths
   if total.max() > state.max_len:
     b = int(total.argmax())
     raise ValueError(f"row {b}: {int(lengths[b])} prompt tokens after {int(total[b] - lengths[b])} cached ones "
                      f"exceed the cache's max_len={state.max_len}; build the state with a larger max_len")
-  return _run(model, state, tokens_BT, jnp.asarray(lengths, jnp.int32), donate_state)
+  return _run(model, state, tokens_BT, jnp.asarray(lengths, jnp.int32), donate_state, fresh=not cached.any())
 
 
 def decode_step(model: ZayaForCausalLM, state: DecodeState, tokens_B, *, donate_state: bool = False):

@@ -52,7 +52,7 @@ def _generate(model: ZayaForCausalLM, prompts_BL, prompt_lens_B, key, stop_ids_Z
   def is_stop(tokens_B):
     return jnp.any(tokens_B[:, None] == stop_ids_Z[None], axis=-1)  # False everywhere when Z = 0
 
-  logits_BV, state = _extend(model, init_state(model.config, B, max_len), prompts_BL, prompt_lens_B)
+  logits_BV, state = _extend(model, init_state(model.config, B, max_len), prompts_BL, prompt_lens_B, fresh=True)
   token_B = sample(jax.random.fold_in(key, 0), logits_BV, sampling)
   tokens_BN = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(token_B)
   done_B = is_stop(token_B)

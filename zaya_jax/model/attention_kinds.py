@@ -62,11 +62,11 @@ class GQAttention(AttentionBlock):
     k_BTKE = apply_rope(self.k_proj(h_BTD).reshape(B, T, K, E), cos, sin)
     return q_BTHE, k_BTKE, self.v_proj(h_BTD).reshape(B, T, K, E), None
 
-  def extend(self, h_BTD, positions_BT, num_new_B, cache: KVCache):
+  def extend(self, h_BTD, positions_BT, num_new_B, cache: KVCache, fresh: bool = False):
     q_BTHE, k_BTKE, v_BTKE, _ = self.queries_keys_values(h_BTD, None, positions_BT)
     k_BKES = write_rows(cache.k_BKES, k_BTKE, positions_BT, num_new_B, seq_axis=3)
     v_BKSE = write_rows(cache.v_BKSE, v_BTKE, positions_BT, num_new_B, seq_axis=2)
-    out_BTHE = self.attend_cache(q_BTHE, k_BKES, v_BKSE, positions_BT)
+    out_BTHE = self.attend_cache(q_BTHE, k_BTKE, v_BTKE, k_BKES, v_BKSE, positions_BT, fresh)
     return self.output(out_BTHE), KVCache(k_BKES, v_BKSE)
 
 
@@ -133,11 +133,15 @@ class MLAttention(AttentionBlock):
     q_BTHE, latent_BTN = self.queries_and_latent(h_BTD, positions_BT)
     return q_BTHE, *self.expand(latent_BTN), None
 
-  def extend(self, h_BTD, positions_BT, num_new_B, cache: MLACache):
+  def extend(self, h_BTD, positions_BT, num_new_B, cache: MLACache, fresh: bool = False):
     q_BTHE, latent_BTN = self.queries_and_latent(h_BTD, positions_BT)
     latent_BSN = write_rows(cache.latent_BSN, latent_BTN, positions_BT, num_new_B)
-    k_BSKE, v_BSKE = self.expand(latent_BSN)
-    out_BTHE = self.attend_cache(q_BTHE, k_BSKE.transpose(0, 2, 3, 1), v_BSKE.transpose(0, 2, 1, 3), positions_BT)
+    if fresh:  # the chunk sees only itself: expand its own rows, not the whole cache
+      out_BTHE = self.attend_cache(q_BTHE, *self.expand(latent_BTN), None, None, positions_BT, fresh)
+    else:
+      k_BSKE, v_BSKE = self.expand(latent_BSN)
+      out_BTHE = self.attend_cache(q_BTHE, None, None, k_BSKE.transpose(0, 2, 3, 1), v_BSKE.transpose(0, 2, 1, 3),
+                                   positions_BT, fresh)
     return self.output(out_BTHE), MLACache(latent_BSN)
 
 

@@ -231,7 +231,8 @@ class AttentionBlock(nnx.Module):
   """What every attention kind shares: the training-path call and the output projection.
 
   A kind defines `queries_keys_values(h_BTD, segment_ids_BT, positions_BT)` -> (q [B, T, H, E], k and v [B, T, K, E],
-  anything) and `extend(h_BTD, positions_BT, num_new_B, cache)` -> (output, cache), and sets o_proj, cfg, layer_type.
+  anything) and `extend(h_BTD, positions_BT, num_new_B, cache, fresh)` -> (output, cache), and sets o_proj, cfg,
+  layer_type.
   """
 
   @property
@@ -242,8 +243,18 @@ class AttentionBlock(nnx.Module):
     B, T = out_BTHE.shape[:2]
     return self.o_proj(out_BTHE.reshape(B, T, self.cfg.num_heads * self.cfg.head_dim))
 
-  def attend_cache(self, q_BTHE, k_BKES, v_BKSE, positions_BT):
-    """The cached path's attention core, with this layer's window and backend (ops.attention.cached_attention)."""
+  def attend_cache(self, q_BTHE, k_BTKE, v_BTKE, k_BKES, v_BKSE, positions_BT, fresh: bool):
+    """The cached path's attention core, with this layer's window and backend: the new queries against the cache
+    (ops.attention.cached_attention), which already holds the new keys and values.
+
+    `fresh` (static) promises that every row starts at position 0 (a prefill into an empty state): the chunk then
+    only sees itself, so it runs as training's causal attention over the new keys and values, O(T) memory with the
+    flash kernel instead of [T, S] scores. Right padding follows every real token, so causality hides it.
+    """
+    if fresh:
+      segment_ids_BT = jnp.zeros(positions_BT.shape, jnp.int32)
+      return attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, sliding_window=self.sliding_window,
+                       backend=self.cfg.backend)
     return cached_attention(q_BTHE, k_BKES, v_BKSE, positions_BT, sliding_window=self.sliding_window,
                             backend=self.cfg.backend)
 
@@ -273,11 +284,11 @@ class CCAttention(AttentionBlock):
     cos, sin = rope_tables(positions_BT, theta, rotary_dim, h_BTD.dtype)
     return apply_rope(q_BTHE, cos, sin), apply_rope(k_BTKE, cos, sin), v_BTKE, raw
 
-  def extend(self, h_BTD, positions_BT, num_new_B, cache: CCACache):
+  def extend(self, h_BTD, positions_BT, num_new_B, cache: CCACache, fresh: bool = False):
     """The cached path: row b appends its first num_new_B[b] tokens of h at positions_BT[b] (= its length + t).
 
     Tokens past num_new_B[b] are right padding: their outputs are garbage, they write nothing to the cache and the
-    state is taken after the last real token. Returns (output [B, T, D], updated cache).
+    state is taken after the last real token. `fresh`: see attend_cache. Returns (output [B, T, D], updated cache).
     """
     # A row that has seen nothing starts a document: zero conv context (as stored) and the zero-input delayed value.
     v_prev_BV = jnp.where((positions_BT[:, 0] == 0)[:, None], self.qkv_proj.start_value(h_BTD.dtype),
@@ -287,7 +298,7 @@ class CCAttention(AttentionBlock):
 
     k_BKES = write_rows(cache.k_BKES, k_BTKE, positions_BT, num_new_B, seq_axis=3)
     v_BKSE = write_rows(cache.v_BKSE, v_BTKE, positions_BT, num_new_B, seq_axis=2)
-    out_BTHE = self.attend_cache(q_BTHE, k_BKES, v_BKSE, positions_BT)
+    out_BTHE = self.attend_cache(q_BTHE, k_BTKE, v_BTKE, k_BKES, v_BKSE, positions_BT, fresh)
 
     # State after each row's last real token: the last P raw columns of [context | real new columns] and the delayed
     # projection of that token (the old state where a row adds nothing).

@@ -53,10 +53,10 @@ class DecoderLayer(nnx.Module):
     a_BTD = self.self_attn(self.input_layernorm(x_BTD.astype(self.dtype)), segment_ids_BT, positions_BT)
     return self.after_attention(a_BTD, x_BTD, router_state_BTR)
 
-  def extend(self, x_BTD, router_state_BTR, positions_BT, num_new_B, cache):
+  def extend(self, x_BTD, router_state_BTR, positions_BT, num_new_B, cache, fresh: bool = False):
     """The cached path (see model/attention_kinds.py): (x, router state, routing, updated cache)."""
     a_BTD, cache = self.self_attn.extend(self.input_layernorm(x_BTD.astype(self.dtype)), positions_BT, num_new_B,
-                                         cache)
+                                         cache, fresh)
     return *self.after_attention(a_BTD, x_BTD, router_state_BTR), cache
 
   def after_attention(self, a_BTD, x_BTD, router_state_BTR):
