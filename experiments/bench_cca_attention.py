@@ -5,11 +5,10 @@ Also times `jax.nn.dot_product_attention` (XLA and cuDNN implementations, causal
 causal, for the issue's goals: no slower than it, and >= 1.5x faster than the XLA reference at 16k tokens.
 
 B batch, T sequence, H query heads, K kv heads, E head dim.
-Usage: python experiments/bench_cca_attention.py [--out out.json] [--skip_correctness] [--shapes 2x4096,1x16384]
+Usage: python -m experiments.bench_cca_attention [--out out.json] [--skip_correctness] [--shapes 2x4096,1x16384]
 """
 
 import json
-import time
 import warnings
 
 import jax
@@ -17,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments.common import median_seconds
+from experiments.common import rel_err as rel
 from pallas_kernels import cca_attention as ca
 from zaya_jax.ops.attention import causal_mask, xla_attention
 
@@ -36,11 +37,6 @@ def inputs(seed, B, T, H, K, E, dtype, doc_len=None):
   return q, k, v, jnp.asarray(seg, jnp.int32)
 
 
-def rel(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
-
-
 def fwd_bwd(fn, seg, **kw):
   def f(q, k, v):
     out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, seg, **kw), q, k, v)
@@ -48,14 +44,8 @@ def fwd_bwd(fn, seg, **kw):
   return jax.jit(f)
 
 
-def bench(f, *args, n=10):
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)) * 1e3
+def bench(f, *args):
+  return median_seconds(f, *args, reps=10) * 1e3
 
 
 def parse_shape(spec):

@@ -4,8 +4,8 @@ For each kernel and shape, in one run: correctness against the XLA path, then me
 and the ratios ours / XLA and ours / dense. Expert shapes default to ZAYA1-8B's (16 experts,
 2048 -> 2 x 2048 gate_up in PyTorch layout, 2048 -> 2048 down) over 8k-64k routed tokens.
 
-  python experiments/bench_kernels.py                         # on a GPU (Triton path)
-  python experiments/bench_kernels.py --quick                 # small shapes; CPU runs Pallas in interpret mode
+  python -m experiments.bench_kernels                         # on a GPU (Triton path)
+  python -m experiments.bench_kernels --quick                 # small shapes; CPU runs Pallas in interpret mode
 
 Results go to experiments/results/bench_kernels_<device kind>.json.
 """
@@ -13,8 +13,6 @@ Results go to experiments/results/bench_kernels_<device kind>.json.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 import warnings
 
 import jax
@@ -22,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.common import apply_quick, write_json
+from experiments.common import apply_quick, median_seconds, write_json
 from pallas_kernels.gmm import gmm as pallas_gmm
 from pallas_kernels.tuning import GMM_TUNING, GmmBlocks, GmmTuning, device_kind
 from zaya_jax.ops.gmm import gmm as xla_gmm
@@ -46,17 +44,6 @@ flags.DEFINE_bool("rocm_report", True, "Print the static gfx942 report of the gm
 flags.DEFINE_string("out", None, "Results JSON (default experiments/results/bench_kernels_<kind>.json).")
 
 
-def timed(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def group_sizes(M: int, G: int, seed: int) -> np.ndarray:
   """A realistic, mildly imbalanced top-1 routing: multinomial over experts with Dirichlet weights."""
   rng = np.random.default_rng(seed)
@@ -77,18 +64,18 @@ def bench_gmm(M: int, K: int, N: int, G: int, transpose_rhs: bool, dtype, reps: 
   reference = candidates[FLAGS.xla_backends[0]](lhs, rhs, gs).astype(jnp.float32)
   got = candidates["pallas"](lhs, rhs, gs).astype(jnp.float32)
   row["rel_err_vs_xla"] = float(jnp.linalg.norm(got - reference) / jnp.linalg.norm(reference))
-  row["dense_ms"] = 1e3 * timed(jax.jit(lambda a, w: jnp.dot(a, w, preferred_element_type=jnp.float32).astype(dtype)),
-                                lhs, dense_w, reps=reps)
+  dense = jax.jit(lambda a, w: jnp.dot(a, w, preferred_element_type=jnp.float32).astype(dtype))
+  row["dense_ms"] = 1e3 * median_seconds(dense, lhs, dense_w, reps=reps)
   for name, fn in candidates.items():
-    row[f"{name}_ms"] = 1e3 * timed(fn, lhs, rhs, gs, reps=reps)
+    row[f"{name}_ms"] = 1e3 * median_seconds(fn, lhs, rhs, gs, reps=reps)
   if FLAGS.backward:
     cot = jnp.asarray(rng.standard_normal((M, N), np.float32), dtype)
     def fwd_bwd(fn):
       return jax.jit(jax.grad(lambda a, b, g: jnp.sum((fn(a, b, g) * cot).astype(jnp.float32)), argnums=(0, 1)))
     dense_fb = fwd_bwd(lambda a, w, g: jnp.dot(a, w, preferred_element_type=jnp.float32).astype(dtype))
-    row["dense_fwd_bwd_ms"] = 1e3 * timed(dense_fb, lhs, dense_w, gs, reps=reps)
+    row["dense_fwd_bwd_ms"] = 1e3 * median_seconds(dense_fb, lhs, dense_w, gs, reps=reps)
     for name, fn in candidates.items():
-      row[f"{name}_fwd_bwd_ms"] = 1e3 * timed(fwd_bwd(fn), lhs, rhs, gs, reps=reps)
+      row[f"{name}_fwd_bwd_ms"] = 1e3 * median_seconds(fwd_bwd(fn), lhs, rhs, gs, reps=reps)
   row["tflops"] = {k[:-3]: flops / (v * 1e-3) / 1e12 * (3 if "fwd_bwd" in k else 1)
                    for k, v in row.items() if k.endswith("_ms")}
   return row
@@ -147,7 +134,7 @@ def main(argv):
       for blocks in configs:
         tuning = GmmTuning(blocks, tuned.tgmm)
         fn = jax.jit(lambda a, b, g, t=tuning: pallas_gmm(a, b, g, True, t))
-        ms = 1e3 * timed(fn, lhs, rhs, gs, reps=reps)
+        ms = 1e3 * median_seconds(fn, lhs, rhs, gs, reps=reps)
         sweep.append({"name": name, "M": M, "blocks": str(blocks), "ms": ms, "tflops": 2.0 * M * K * N / ms / 1e9})
         print(f"sweep {name:>8} M={M} {blocks}: {ms:.3f} ms, {sweep[-1]['tflops']:.1f} TFLOP/s")
   out = FLAGS.out or os.path.join("experiments", "results", f"bench_kernels_{kind}{suffix}.json")

@@ -7,10 +7,31 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 
+import jax
+import numpy as np
 from absl import flags, logging
 
 from zaya_jax.train.experiment import changed_settings, jsonable  # noqa: F401  (the studies' imports)
+
+
+def median_seconds(fn, *args, reps: int) -> float:
+  """Median wall time of `reps` calls of a jitted fn, after two untimed calls (compile, warm-up)."""
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def rel_err(x, ref) -> float:
+  """||x - ref|| / ||ref|| in float64."""
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def write_json(path: str, obj) -> None:
