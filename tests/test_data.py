@@ -361,3 +361,45 @@ def test_default_corpus_discovery_and_subset(tmp_path):
   assert data.info.num_docs == len(subset) and data.info.num_bytes <= 200_000
   batch = next(iter(data.train))
   assert batch["input_ids"].shape == (2, 64) and batch["input_ids"].max() < 512
+
+
+def test_text_inputs_linked_folders_globs_repeats_and_split_rounding(tmp_path, monkeypatch):
+  from zaya_jax.train.data import _split_indices, text_documents
+
+  elsewhere, corpus = tmp_path / "elsewhere", tmp_path / "corpus"
+  elsewhere.mkdir()
+  corpus.mkdir()
+  (elsewhere / "b.txt").write_text("bee\n")
+  (corpus / "a.txt").write_text("ay\n")
+  os.symlink(elsewhere, corpus / "wiki")  # a linked folder is read like a linked file
+  os.symlink(corpus, corpus / "wiki_loop")  # a link back up is walked once, not forever
+  assert sorted(name for name, _ in text_documents([str(corpus)])) == ["corpus/a.txt", "corpus/wiki/b.txt"]
+  # An absolute glob with a wildcard in its first folder names files from "/": the same from any working directory.
+  parts = str(tmp_path).split(os.sep)  # ["", "tmp", ...]
+  pattern = os.sep.join(["", parts[1] + "*", *parts[2:], "corpus", "*.txt"])
+  names = []
+  for cwd in (tmp_path, elsewhere):
+    monkeypatch.chdir(cwd)
+    names.append([name for name, _ in text_documents([pattern])])
+  assert names[0] == names[1] == [os.path.relpath(corpus / "a.txt", os.sep)]
+  with pytest.raises(ValueError, match=r"a.txt: every file in it was already read through an earlier data path"):
+    text_documents([str(corpus), str(corpus / "a.txt")])
+  # 0.07 * 100 = 7.000000000000001 in floating point: still 7 held out, not 8.
+  train, held_out = _split_indices(np.arange(100, dtype=np.uint64), 0.07, "corpus")
+  assert (len(train), len(held_out)) == (93, 7)
+
+
+def test_seed_range_and_interrupted_token_records(tmp_path):
+  with pytest.raises(ValueError, match=r"DataConfig.seed: must be an int in \[0, 2\*\*31\)"):
+    DataConfig(seed=2**32 - 3)
+  with pytest.raises(ValueError, match=r"DataConfig.seed"):
+    DataConfig(seed=-1)
+
+  def interrupted():
+    yield from ([5, 6], [7])
+    raise KeyboardInterrupt
+
+  path = tmp_path / "ids.array_record"
+  with pytest.raises(KeyboardInterrupt):
+    write_token_records(path, interrupted())
+  assert os.listdir(tmp_path) == []  # no truncated file a later run would read as the whole corpus

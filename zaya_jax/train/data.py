@@ -116,6 +116,9 @@ class DataConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f"DataConfig.{name}: must be a positive int, got {value!r}")
+    # grain adds a row window's index to the window shuffle's seed (seed + 1) and refuses sums >= 2**32 mid-run.
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+      raise ValueError(f"DataConfig.seed: must be an int in [0, 2**31), got {self.seed!r}")
     for name in ("num_threads", "prefetch", "shuffle_window"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 0:
@@ -172,9 +175,13 @@ def _read_text(path: str) -> str | None:
 
 
 def _walk(root: str) -> list[str]:
-  files = []
-  for d, dirs, names in os.walk(root):
-    dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+  """Files under root (hidden ones skipped), in sorted order. Linked folders are followed, as linked files are read;
+  a folder reached again (a link loop, or two links to one place) is walked once."""
+  files, walked = [], set()
+  for d, dirs, names in os.walk(root, followlinks=True):
+    walked.add(os.path.realpath(d))
+    dirs[:] = sorted(x for x in dirs if not x.startswith(".") and os.path.realpath(os.path.join(d, x)) not in walked)
+    walked.update(os.path.realpath(os.path.join(d, x)) for x in dirs)
     files += [os.path.join(d, n) for n in sorted(names) if not n.startswith(".")]
   return files
 
@@ -184,7 +191,8 @@ def _glob_root(pattern: str) -> str:
   parts = pattern.split(os.sep)
   for i, part in enumerate(parts):
     if glob.has_magic(part):
-      return os.sep.join(parts[:i]) or "."
+      # "/data*/x": the root is "/", not the working directory (names key the eval split and the token cache).
+      return os.sep.join(parts[:i]) or (os.sep if os.path.isabs(pattern) else ".")
   return os.path.dirname(pattern)
 
 
@@ -213,15 +221,19 @@ def text_documents(paths: Sequence[str], doc_separator: str | None = None) -> li
       named = [(os.path.basename(path), path)]
     else:
       raise FileNotFoundError(f"data path not found: {path}")
-    found = []
+    found, repeated = [], 0
     for name, file in named:
       real = os.path.realpath(file)
       if real in seen or not os.path.isfile(real):
+        repeated += real in seen
         continue
       seen.add(real)
       text = _read_text(file)
       if text is not None:
         found += _split(name, text, doc_separator)
+    if not found and repeated:
+      raise ValueError(f"data path {path}: every file in it was already read through an earlier data path; "
+                       "give each file once")
     if not found:
       raise ValueError(f"data path {path}: no text (empty, binary, or only blank documents)")
     docs += found
@@ -284,7 +296,8 @@ def _mix64(x_N: np.ndarray) -> np.ndarray:
 def _split_indices(hashes_N: np.ndarray, eval_fraction: float, what: str) -> tuple[np.ndarray, np.ndarray]:
   """(train, eval) document indices, each in corpus order; eval = the smallest hashes."""
   n = len(hashes_N)
-  n_eval = math.ceil(eval_fraction * n) if eval_fraction > 0 else 0
+  # Rounded first: 0.07 * 100 is 7.000000000000001 in floating point, and its ceiling would hold out 8.
+  n_eval = math.ceil(round(eval_fraction * n, 9)) if eval_fraction > 0 else 0
   if n_eval >= n:
     raise ValueError(f"{what}: {n} document(s) cannot be split into train and eval with eval_fraction="
                      f"{eval_fraction}; add documents or set eval_fraction=0")
@@ -382,12 +395,16 @@ class _RecordDocuments(Sequence):
 
 
 def write_token_records(path: str | os.PathLike, docs, eos_id: int | None = None) -> int:
-  """Writes one ArrayRecord record per document (little-endian int32 ids, + eos_id if given); returns the count."""
+  """Writes one ArrayRecord record per document (little-endian int32 ids, + eos_id if given); returns the count.
+
+  Atomically: the records go to a temporary file renamed into place at the end, so an error or a kill midway leaves
+  no well-formed but truncated file at `path` for a later run to read as the whole corpus."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
   path = os.fspath(path)
-  writer = ArrayRecordWriter(path, "group_size:1")  # one record per chunk: cheap random access for shuffling
-  n = 0
+  tmp = f"{path}.tmp-{os.getpid()}"
+  writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per chunk: cheap random access for shuffling
+  n, complete = 0, False
   try:
     for ids in docs:
       ids_L = np.asarray(ids, "<i4").reshape(-1)
@@ -395,8 +412,12 @@ def write_token_records(path: str | os.PathLike, docs, eos_id: int | None = None
         ids_L = np.append(ids_L, np.int32(eos_id)).astype("<i4")
       writer.write(ids_L.tobytes())
       n += 1
+    complete = True
   finally:
     writer.close()
+    if not complete and os.path.exists(tmp):
+      os.remove(tmp)
+  os.replace(tmp, path)
   return n
 
 
