@@ -76,6 +76,7 @@ def plan(argv) -> int:
   chosen = any(s.split("=", 1)[0].strip() == "step.grad_accum" for s in _SET.value) or configured != 1
   accum = _ACCUM.value or (configured if chosen else max(1, batch // parts))
   sharding_plan.check_batch(batch, accum)
+  sharding_plan.check_heads(cfg.model.attention)
   micro_per_device = batch // (parts * accum)
 
   _, abstract = step_lib.create_abstract(cfg.model, cfg.optimizer, cfg.step, cfg.balancing, cfg.loop.steps, 0)

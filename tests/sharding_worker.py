@@ -28,7 +28,14 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from zaya_jax.config import AttentionConfig, MoEConfig, ZayaConfig  # noqa: E402
 from zaya_jax.model.decoder import ZayaForCausalLM  # noqa: E402
-from zaya_jax.sharding import ParallelConfig, ShardingPlan, device_bytes, total_bytes  # noqa: E402
+from zaya_jax.sharding import (  # noqa: E402
+  ParallelConfig,
+  ShardingError,
+  ShardingPlan,
+  ShardingRules,
+  device_bytes,
+  total_bytes,
+)
 from zaya_jax.train import sharded  # noqa: E402
 from zaya_jax.train import step as step_lib  # noqa: E402
 from zaya_jax.train.balancing import BalancingConfig  # noqa: E402
@@ -182,6 +189,21 @@ def dispatch_checks() -> dict:
   y = np.asarray(fn(h, jnp.asarray(choice), weight, *weights)[0])
   out["tensor:8"] = dict(max_abs_err=float(np.abs(y - ref).max()), all_to_all=hlo.count("all-to-all("),
                          all_gather=hlo.count("all-gather("))
+  # Rules decide the dispatch's axes: experts and their width replicated on an expert x tensor mesh, every device
+  # runs all experts on its own tokens (no exchange); an expert axis that does not split the batch is refused.
+  plan = ShardingPlan.from_config(ParallelConfig(mesh="expert:4,tensor:2"), rules=ShardingRules(experts=(), mlp=()))
+  fn = jax.jit(lambda h, c, w, p=plan: dispatch_combine(p, h, c, w, experts.gate_up_proj[...],
+                                                        experts.down_proj[...], capacity_factor=1.0))
+  hlo = fn.lower(h, jnp.asarray(choice), weight).compile().as_text()
+  y, dropped = fn(h, jnp.asarray(choice), weight)
+  out["replicated_experts"] = dict(max_abs_err=float(np.abs(np.asarray(y) - ref).max()), dropped=int(dropped),
+                                   all_to_all=hlo.count("all-to-all("))
+  plan = ShardingPlan.from_config(ParallelConfig(mesh="data:4,expert:2"), rules=ShardingRules(batch=("data",)))
+  try:
+    dispatch_combine(plan, h, jnp.asarray(choice), weight, experts.gate_up_proj[...], experts.down_proj[...])
+    out["expert_axis_outside_batch"] = "accepted"
+  except ShardingError as e:
+    out["expert_axis_outside_batch"] = str(e)
   return out
 
 

@@ -129,7 +129,9 @@ class ShardingRules:
   embed: tuple[str, ...] = ("fsdp",)  # D of every weight: FSDP splits parameters along the hidden size
   vocab: tuple[str, ...] = ("tensor",)  # embedding / LM-head rows: vocab-parallel logits
   heads: tuple[str, ...] = ("tensor",)  # H*E: q_proj rows, o_proj columns
-  kv: tuple[str, ...] = ("tensor",)  # K*E (and K*E/2 per value half): k/v projection rows
+  # K*E (and K*E/2 per value half): k/v projection rows. Replicated: ZAYA1-8B has 2 kv heads, so tensor:4 or 8 cut
+  # inside a head (XLA then moved activations at the L2 norm, RoPE and attention), for 1.5M parameters a layer.
+  kv: tuple[str, ...] = ()
   mlp: tuple[str, ...] = ("tensor",)  # expert FFN width (F, or 2F of gate_up)
   experts: tuple[str, ...] = ("expert",)
 
@@ -271,6 +273,18 @@ class ShardingPlan:
                               f"({parts} parts) do not divide; shape {tuple(shape)}")
       entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*entries)
+
+  def check_heads(self, attention) -> None:
+    """Raises ShardingError unless the "heads" and "kv" splits fall on head boundaries of `attention` (an
+    AttentionConfig): a split inside a head is legal for XLA but moves activations at every norm and rotation."""
+    for name, heads in (("heads", attention.num_heads), ("kv", attention.num_kv_heads)):
+      axes = self.mesh_axes(name)
+      parts = math.prod(self.size(a) for a in axes)
+      if heads % parts:
+        sizes = " x ".join(f"{a}={self.size(a)}" for a in axes)
+        raise ShardingError(f"rule {name}={self.rules.mesh_axes(name)}: mesh axes {sizes} ({parts} parts) would cut "
+                            f"inside the {heads} {'query' if name == 'heads' else 'kv'} heads; use a smaller tensor "
+                            f"axis or another rule")
 
   @property
   def batch_axes(self) -> tuple[str, ...]:

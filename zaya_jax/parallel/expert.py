@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from zaya_jax.model.moe import swiglu
 from zaya_jax.ops.gmm import gmm
+from zaya_jax.sharding import ShardingError
 
 
 def capacity(tokens_per_device: int, experts_axis_size: int, capacity_factor: float | None) -> int:
@@ -86,21 +87,35 @@ def _local_experts(x_RD, ids_R, gate_up_XF2D, down_XIDF, backend: str, tensor_ax
   return jnp.take(y_RD, jnp.argsort(order_R), axis=0)
 
 
+def _dispatch_axes(plan) -> tuple[str | None, str | None]:
+  """The mesh axes that split the experts and their FFN width: the plan's rules for "experts" and "mlp" (the
+  parameters' own layout, so no weight moves), one axis each at most. Tokens travel between the devices of the expert
+  axis, so it must also split the batch (otherwise every device along it would send the same tokens)."""
+  experts, mlp = plan.mesh_axes("experts"), plan.mesh_axes("mlp")
+  if len(experts) > 1 or len(mlp) > 1:
+    raise ShardingError(f"the MoE dispatch splits the experts over one mesh axis and their width over one: rules "
+                        f"experts={plan.rules.experts}, mlp={plan.rules.mlp} give {experts} and {mlp}")
+  if experts and experts[0] not in plan.batch_axes:
+    raise ShardingError(f"the experts' mesh axis {experts[0]!r} must also split the batch (rules batch="
+                        f"{plan.rules.batch}): tokens are exchanged along it")
+  return (experts or (None,))[0], (mlp or (None,))[0]
+
+
 def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, backend: str = "auto",
                      capacity_factor: float | None = None, exchange: str | None = None):
   """(y_MD, dropped): the experts' output for every token of the global [M, D] batch, and the dropped tokens.
 
-  `choice_M` == X is the skip slot (output zero). Tokens are split over the plan's batch axes, experts over
-  `expert`, the FFN width over `tensor`. `exchange` defaults to the plan's.
+  `choice_M` == X is the skip slot (output zero). Tokens are split over the plan's batch axes, experts and the FFN
+  width over the mesh axes of the rules "experts" and "mlp" (by default `expert` and `tensor`; `_dispatch_axes`).
+  `exchange` defaults to the plan's.
   """
   exchange = resolve_exchange(exchange or plan.expert_exchange, capacity_factor)
   if exchange == "ragged" and capacity_factor is not None:
     raise ValueError("the ragged expert exchange is dropless: capacity_factor needs exchange='padded'")
   X, F2, D = gate_up_X2FD.shape
   F = F2 // 2
-  e = plan.size("expert")
-  expert_axis = "expert" if e > 1 else None
-  tensor_axis = "tensor" if plan.size("tensor") > 1 else None
+  expert_axis, tensor_axis = _dispatch_axes(plan)
+  e = plan.size(expert_axis) if expert_axis else 1
   batch = plan.batch_axes or None
   token_spec = P(batch, None)
   # The rows are gate/up pairs (model/moe.py): splitting the pairs over `tensor` is the parameter's own split, so
@@ -163,11 +178,8 @@ def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, 
     # Weighted by the (unbiased) router probability as in the single-device path; skipped or dropped rows are zero.
     y_MD = y_MD * weight_M[:, None]
     y_MD = jnp.where(kept_M[:, None], y_MD, jnp.zeros_like(y_MD))
-    all_axes = tuple(a for a in plan.mesh.axis_names if plan.size(a) > 1)
-    dropped = jax.lax.psum(dropped, all_axes) if all_axes else dropped
-    if tensor_axis is not None:  # every tensor shard counted the same tokens
-      dropped = dropped // plan.size("tensor")
-    return y_MD, dropped
+    # Each token shard counted its own tokens; devices that share a shard (other axes) counted the same ones.
+    return y_MD, jax.lax.psum(dropped, plan.batch_axes) if plan.batch_axes else dropped
 
   fn = jax.shard_map(
       local_ragged if exchange == "ragged" and expert_axis is not None else local, mesh=plan.mesh,

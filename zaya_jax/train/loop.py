@@ -270,6 +270,8 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
     args = (cfg.optimizer, cfg.step, cfg.balancing, loop.steps, loop.seed)
     # With a mesh the step runs sharded (zaya_jax.sharding decides every array's placement); without, on one device.
     plan = ShardingPlan.from_config(cfg.parallel) if cfg.parallel.enabled else None
+    if plan is not None:
+      plan.check_heads(cfg.model.attention)
     if resumed_from is None:
       if plan is not None:
         plan.check_batch(cfg.data.batch_size, cfg.step.grad_accum)  # as launch/plan.py checks it
