@@ -75,6 +75,14 @@ def test_greedy_generate_matches_transformers_generate(case, prompts_BL, greedy)
   assert len(np.unique(tokens_BN)) > 2
 
 
+def test_greedy_needs_no_key_and_sampling_refuses_none(case, prompts_BL, greedy):
+  _, model = case
+  out = generate(model, prompts_BL, PROMPT_LENS, key=None, max_new_tokens=N, sampling=GREEDY, stop_token_ids=(EOS,))
+  np.testing.assert_array_equal(np.asarray(out.tokens_BN), greedy[0])
+  with pytest.raises(ValueError, match=r"key=None: sampling .* needs a PRNG key"):
+    generate(model, prompts_BL, PROMPT_LENS, key=None, max_new_tokens=N, sampling=SamplingConfig(temperature=1.0))
+
+
 def test_stop_tokens_end_rows_with_the_stop_token_then_pad(case, prompts_BL, greedy):
   _, model = case
   tokens_BN, lengths_B = greedy

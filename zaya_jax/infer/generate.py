@@ -153,13 +153,18 @@ def generate(model: ZayaForCausalLM, prompts_BL, prompt_lens_B, *, key, max_new_
   """Generates up to max_new_tokens per row from right-padded ragged prompts, in one jitted call.
 
   prompts_BL: token ids, row b's prompt is prompts_BL[b, :prompt_lens_B[b]] (what follows is ignored).
-  key: a jax PRNG key (unused when sampling is greedy). max_len: the cache length (default L + max_new_tokens - 1).
+  key: a jax PRNG key; None is accepted when sampling is greedy (which draws nothing), refused otherwise.
+  max_len: the cache length (default L + max_new_tokens - 1).
   Returns GenerateOutput(tokens_BN [B, max_new_tokens] int32 with pad_id(model) after each row's end, lengths_B).
   Raises, before compiling, on ids outside the vocabulary, prompt lengths outside [1, L], or a row whose prompt
   plus generated tokens would not fit the cache or the model's context.
   """
   (prompts, lens, stop_Z), static = _prepared(model, prompts_BL, prompt_lens_B, max_new_tokens, sampling,
                                               stop_token_ids, max_len)
+  if key is None:
+    if not sampling.greedy:
+      raise ValueError(f"key=None: sampling {sampling} draws tokens and needs a PRNG key")
+    key = jax.random.key(0)  # traced but never used by greedy steps
   return _jitted_generate(model, prompts, lens, key, stop_Z, **static)
 
 
