@@ -4,6 +4,8 @@ Each config is drawn at random (every parameter and balancing bias), saved by th
 through `load_hf`, and run on fresh random token ids.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -119,3 +121,55 @@ def test_packed_documents_equal_separate_runs(fp32_case):
     start += len(doc)
   # Without segment ids the same row attends across documents and differs.
   assert np.abs(np.asarray(zaya_jax.forward(model, packed).logits_BTV[0]) - packed_logits).max() > 1e-3
+
+
+def test_residual_merge_and_inverse_root_round_like_the_reference():
+  """Op-level rounding that the short parity inputs rarely expose (5-ulp bf16 logits appeared at 64 tokens): XLA fuses
+  `x * scale + branch` into one multiply-add and computes rsqrt approximately; PyTorch rounds the product and the
+  root and the reciprocal each once."""
+  from transformers.models.zaya.modeling_zaya import ZayaResidualScaling, ZayaRMSNorm
+
+  from zaya_jax.model.decoder import EXACT_ROUNDING
+  from zaya_jax.model.layers import ResidualScaling, RMSNorm
+
+  D = 256
+  torch.manual_seed(0)
+  ref = ZayaResidualScaling(D)
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.copy_(torch.randn(p.shape))
+  ref = ref.bfloat16()
+  ours = ResidualScaling(D, param_dtype=jnp.bfloat16)
+  for name, p in ref.named_parameters():
+    getattr(ours, name)[...] = jnp.asarray(p.float().detach().numpy(), jnp.bfloat16)
+  branch, residual = torch.randn(64, D).bfloat16(), torch.randn(64, D)
+  with torch.no_grad():
+    want = ref(branch, residual).numpy()
+  # Compiled as outside the tests (conftest.py turns LLVM's optimisations, which do the contraction, off).
+  options = dict(EXACT_ROUNDING, xla_backend_optimization_level=2, xla_llvm_disable_expensive_passes=False)
+  merge = jax.jit(lambda m, b, r: m(b, r), compiler_options=options)
+  got = merge(ours, jnp.asarray(branch.float().numpy(), jnp.bfloat16), jnp.asarray(residual.numpy()))
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+  # One channel: the mean of squares has one order, so only the inverse root's rounding can differ.
+  norm_ref, norm = ZayaRMSNorm(1, eps=1.0), RMSNorm(1, eps=1.0, param_dtype=jnp.float32)
+  x = torch.randn(4096, 1) * 3
+  with torch.no_grad():
+    want = norm_ref(x).numpy()
+  got = jax.jit(lambda m, x: m(x), compiler_options=options)(norm, jnp.asarray(x.numpy()))
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_bf16_logits_do_not_depend_on_later_tokens(tmp_path):
+  """Earlier positions' bf16 logits are bitwise the same whatever follows them. XLA:CPU gives reductions over more
+  than ~512 tokens, with their elementwise neighbours, to YNNPACK, whose fusions skipped the bf16 roundings between
+  ops: 2 x 256 tokens moved the first 32 positions' logits by up to 0.24 before `EXACT_ROUNDING` kept it to dots."""
+  ref = make_reference(tmp_path, seed=7, dtype=torch.bfloat16, **CONFIGS["kv_groups"], **COMMON)
+  model = zaya_jax.load_hf(tmp_path)
+  ids = np.random.default_rng(3).integers(0, model.config.vocab_size, (2, 300))
+  short = ours_forward(model, ids[:, :32])[0]
+  long = ours_forward(model, ids)[0]
+  np.testing.assert_array_equal(long[:, :32], short)
+  # ... and equal to the reference there.
+  assert bf16_ulp_distance(short, reference_forward(ref, ids[:, :32])[0]).max() <= 1

@@ -81,6 +81,32 @@ class Linear(nnx.Module):
     return linear(x, self.weight[...], None if self.bias is None else self.bias[...])
 
 
+@jax.custom_jvp
+def rounded(x, probe):
+  """`x` itself, behind a wall the compiler cannot see through, so that it is rounded where PyTorch's separate
+  kernels round it.
+
+  XLA's CPU and GPU code generators contract `a * b + c` into one fused multiply-add (one rounding where PyTorch
+  has two: 1 fp32 ulp in a quarter of the residual stream's elements, 5-ulp bf16 logits at 64 tokens), and XLA
+  rewrites `1 / sqrt(v)` into its approximate rsqrt. No XLA flag turns either off, and optimization barriers are
+  gone before code generation, so `x` passes through an integer xor with a value the compiler cannot prove zero:
+  1 only where `probe` (a runtime tensor broadcastable to `x`) is not finite, where the result is not finite
+  either. Values of other dtypes than fp32 pass unchanged: XLA rounds them after every op anyway. Differentiates as
+  the identity in `x` (the integer detour has no derivative of its own).
+  """
+  if x.dtype != F32:
+    return x
+  flip = jnp.logical_not(jnp.isfinite(probe)).astype(jnp.int32)
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32) ^ flip
+  return jax.lax.bitcast_convert_type(bits, F32)
+
+
+@rounded.defjvp
+def _rounded_jvp(primals, tangents):
+  x, probe = primals
+  return rounded(x, probe), tangents[0]
+
+
 class RMSNorm(nnx.Module):
   """Llama-style RMSNorm: statistics in fp32, cast back, then `weight *` in the input dtype."""
 
@@ -90,7 +116,11 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x):
     x32 = x.astype(F32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # Squares rounded before they are summed (torch's pow(2)), not fused into multiply-adds with the sum or eps.
+    var = jnp.mean(rounded(x32 * x32, x32), axis=-1, keepdims=True) + self.eps
+    # 1 / sqrt in two IEEE roundings, as torch.rsqrt computes it on CPU; XLA's rsqrt (which a plain 1 / sqrt
+    # becomes) differs from that in a third of the values.
+    normed = x32 * (1.0 / rounded(jnp.sqrt(var), var))
     return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
@@ -122,4 +152,4 @@ class ResidualScaling(nnx.Module):
     # The residual params are rounded to the compute dtype first, as the reference stores them in it.
     rb = self.residual_bias[...].astype(dtype).astype(F32)
     rs = self.residual_scale[...].astype(dtype).astype(F32)
-    return branch.astype(F32) + (residual_BTD + rb) * rs
+    return rounded(branch, rs).astype(F32) + rounded((residual_BTD + rb) * rs, rs)
