@@ -566,6 +566,13 @@ def test_extract_boxed():
   assert ans.extract_boxed(r"$\boxed 5$") == "5"
   assert ans.extract_boxed(r"End with \boxed{}.") == ""
   assert ans.extract_boxed("no answer") is None and ans.extract_boxed(None) is None
+  # A space before the brace is still a braced box (TeX reads it so), not the brace-less form with the braces kept.
+  assert ans.extract_boxed(r"\boxed {7}") == "7"
+  # Prose after the answer does not replace it: an echoed empty box, or the word after a bare \boxed.
+  assert ans.extract_boxed(r"\boxed{42}. Put the final answer in \boxed{}.") == "42"
+  assert ans.extract_boxed(r"\boxed{42}. (I wrote it in \boxed so that it is seen.)") == "42"
+  vote = ans.majority_vote([ans.extract_boxed(t) for t in (r"\boxed {7}", r"\boxed{7}", r"\boxed{8}", r"\boxed {7}.")])
+  assert (vote.answer, vote.count) == ("7", 3)
 
 
 def test_normalize_answer():
@@ -574,8 +581,15 @@ def test_normalize_answer():
   assert n(r"\text{5 cm}") == "5cm"
   assert n("x = 12") == "12" and n("1,000") == "1000" and n("5.00") == "5" and n(r"90^\circ") == "90"
   assert n("   ") is None and n(None) is None
+  # Presentation variants of one answer (a review found each scored wrong against the plain form).
+  for variants in ([r"\frac12", r"\dfrac12", r"\frac{1}{2}", r"\frac1{2}"], [r"\sqrt2", r"\sqrt{2}"],
+                   ["1{,}000", "1000", "1,000"], ["1,234.5", "1234.5"], ["0.50", ".5", "0.5"], ["+5", "5", "5.0"],
+                   [r"\$1000", "1000"], ["(A)", "A"], ["-.5", "-0.5"]):
+    assert len({n(v) for v in variants}) == 1, variants
+  assert n("(1,2)") == "(1,2)" and n(r"\frac{12}{5}") != n(r"\frac{1}{25}") and n("10") != n("1")
   assert n("12") != n("13")
-  for raw in ("x = y = 3", r"$\text{\textbf{\mathrm{\text{5}}}}$", "5.00 .", "1,000", r"\dfrac{1}{2}"):
+  for raw in ("x = y = 3", r"$\text{\textbf{\mathrm{\text{5}}}}$", "5.00 .", "1,000", r"\dfrac12", "1{,}000.50",
+              r"\text{(B)}", "+.250"):
     assert n(n(raw)) == n(raw), raw  # a vote's winner comes normalised and is normalised again when scored
   # ... else majority@N could exceed pass@N ("x = y = 3" voted as "y=3", then scored as "3").
   assert ans.majority_at_n(["x = y = 3"] * 3, "3") == ans.pass_at_n(["x = y = 3"] * 3, "3") == 1.0

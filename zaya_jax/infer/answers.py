@@ -1,7 +1,7 @@
 """Answer extraction, normalisation, voting and the population metrics (host side, plain Python).
 
 The sampler produces token pools; the caller detokenises them and uses these helpers:
-  extract_boxed(text)        the content of the last complete `\\boxed{...}` (nested braces allowed)
+  extract_boxed(text)        the content of the last complete, non-empty `\\boxed{...}` (nested braces allowed)
   normalize_answer(s)        a light LaTeX/number normaliser, so that `\\dfrac{1}{2}` and `\\frac{1}{2}.` vote together
   majority_vote(answers)     plurality over normalised answers; ties go to the answer seen first
   mean_correct / pass_at_n / majority_at_n   the report's metric (mean over the final N), any-correct, vote-correct
@@ -32,45 +32,67 @@ def _braced(text: str, open_at: int) -> str | None:
   return None
 
 
-def _box_at(text: str, start: int, command: str) -> str | None:
+def _box_at(text: str, start: int, command: str) -> tuple[bool, str | None]:
+  """(braced, content) of the box command at text[start]; content None when there is none (truncated, another
+  macro)."""
   i = start + len(command)
-  if i < len(text) and text[i] == "{":
-    return _braced(text, i)
-  # `\boxed 5$`: the brace-less form some models write; the answer runs to the next `$` or whitespace.
-  if i < len(text) and text[i] == " ":
+  spaces = len(text[i:]) - len(text[i:].lstrip(" "))
+  if text[i + spaces:i + spaces + 1] == "{":  # `\boxed{7}`, and `\boxed {7}` as TeX reads it
+    return True, _braced(text, i + spaces)
+  if spaces:  # `\boxed 5$`: the brace-less form some models write; the answer runs to the next `$` or whitespace
     m = re.match(r" +([^\s$]+)", text[i:])
-    return m.group(1) if m else None
-  return None  # e.g. `\boxedfoo` is another macro
+    return False, m.group(1) if m else None
+  return False, None  # e.g. `\boxedfoo` is another macro
 
 
 def extract_boxed(text: str | None) -> str | None:
-  """The content of the last complete `\\boxed{...}` (or `\\fbox{...}`) in text, nested braces kept; else None.
+  """The content of the last complete, non-empty `\\boxed{...}` (or `\\fbox{...}`) in text, nested braces kept.
 
-  An unclosed box (output truncated at the budget) is skipped and the previous complete one is used: it was the
-  model's last committed answer. An empty `\\boxed{}` (the format hint echoed from the prompt) returns "" so that
-  the caller can tell "no box" from "empty box"; `majority_vote` ignores both (spec P10).
+  An unclosed box (output truncated at the budget) and an empty `\\boxed{}` (the format hint echoed from the
+  prompt after the answer) are passed over for the previous box: the model's last committed answer. The brace-less
+  `\\boxed 5` counts only when no braced box has an answer (prose such as "in \\boxed so that" would otherwise win).
+  Returns "" when the only boxes are empty, so that the caller can tell "no box" (None) from "empty box";
+  `majority_vote` ignores both (spec P10).
   """
   if not text:
     return None
   positions = sorted((m.start(), cmd) for cmd in _BOX_COMMANDS for m in re.finditer(re.escape(cmd), text))
+  braceless, empty = None, False
   for start, cmd in reversed(positions):
-    content = _box_at(text, start, cmd)
-    if content is not None:
+    braced, content = _box_at(text, start, cmd)
+    if content is None:
+      continue
+    if not braced:
+      braceless = braceless if braceless is not None else content
+    elif content.strip():
       return content
-  return None
+    else:
+      empty = True
+  if braceless is not None:
+    return braceless
+  return "" if empty else None
 
 
 _WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\{([^{}]*)\}")
 _SPACING = re.compile(r"\\[,;:! ]|\\quad|\\qquad")
-_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+$")
+_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$")
+# One-character arguments without braces, as TeX reads them: `\frac12`, `\frac1{2}`, `\sqrt2`.
+_FRAC_SHORT = re.compile(r"\\frac(\w|\{[^{}]*\})(\w|\{[^{}]*\})")
+_SQRT_SHORT = re.compile(r"\\sqrt(\w)")
+
+
+def _braces(arg: str) -> str:
+  return arg if arg.startswith("{") else "{" + arg + "}"
 
 
 def normalize_answer(answer: str | None) -> str | None:
   """Canonical form for comparing and voting; None/empty stay None.
 
-  Steps, each chosen because it only removes presentation: strip `$`, spacing macros, `\\left`/`\\right`, text
-  wrappers (`\\text{cm}` -> `cm`), degree marks and `%`; `\\dfrac`/`\\tfrac` -> `\\frac`; drop whitespace and a
-  trailing period; `x = 5` -> `5` for a single-letter left side; `1,000` -> `1000`; `5.00` -> `5`.
+  Steps, each chosen because it only removes presentation: strip `$` and `\\$`, spacing macros,
+  `\\left`/`\\right`, text wrappers (`\\text{cm}` -> `cm`), degree marks and `%`; `\\dfrac`/`\\tfrac` ->
+  `\\frac`, `\\frac12` -> `\\frac{1}{2}`, `\\sqrt2` -> `\\sqrt{2}`; drop whitespace and a trailing period;
+  `x = 5` -> `5` for a single-letter left side; a choice `(A)` -> `A`; numbers: `1,000` and `1{,}000` -> `1000`,
+  `+5` -> `5`, `.5` -> `0.5`, `0.50` -> `0.5`, `5.00` -> `5`.
   """
   if answer is None:
     return None
@@ -85,19 +107,27 @@ def normalize_answer(answer: str | None) -> str | None:
 
 
 def _normalize_once(answer: str) -> str | None:
-  s = answer.strip().rstrip(".").strip().strip("$").strip()
+  s = answer.strip().rstrip(".").strip().replace("\\$", "").strip("$").strip()
   s = s.replace("\\left", "").replace("\\right", "")
+  s = s.replace("{,}", ",")
   s = _SPACING.sub("", s)
   for _ in range(3):  # nested wrappers, innermost first
     s = _WRAPPERS.sub(r"\1", s)
   s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+  s = _FRAC_SHORT.sub(lambda m: "\\frac" + _braces(m.group(1)) + _braces(m.group(2)), s)
+  s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
   s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\%", "").replace("%", "")
   s = re.sub(r"\s+", "", s).rstrip(".")
   s = re.sub(r"^[a-zA-Z]=", "", s)
+  s = re.sub(r"^\(([A-Z])\)$", r"\1", s)
   if _THOUSANDS.match(s):
     s = s.replace(",", "")
-  if re.fullmatch(r"-?\d+\.0+", s):
-    s = s.split(".")[0]
+  if re.fullmatch(r"\+\d*\.?\d+", s):
+    s = s[1:]
+  if re.fullmatch(r"-?\.\d+", s):
+    s = s.replace(".", "0.", 1)
+  if re.fullmatch(r"-?\d+\.\d*?0+", s):
+    s = s.rstrip("0").rstrip(".")
   return s or None
 
 
