@@ -10,7 +10,8 @@ latest complete step unless --step) or a Hugging Face folder (config.json with m
 tokenizer.json; --chat uses its tokenizer_config.json chat_template or chat_template.jinja). --prompts_file is a .txt
 (one prompt per line) or .jsonl ({"prompt": ...} per line). Each prompt gets --n samples; generation stops at the
 eos token(s) or after --max_new_tokens. --output writes one JSON line per sample (prompt, completion, tokens
-generated, ...) only once every sample is done. Bad input prints one `error:` line and exits 1.
+generated, ...) only once every sample is done; an existing --output is kept unless --overwrite. Bad input prints
+one `error:` line and exits 1, before the weights load wherever the tokenizer and config.json suffice to find it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed and flags 
 _N = flags.DEFINE_integer("n", 1, "Samples per prompt.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows (prompt samples) per generate call; samples depend on it.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the samples here as JSON lines.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 
 
 def main(argv) -> int:
@@ -49,7 +51,8 @@ def main(argv) -> int:
   else:
     prompts = cli.read_prompts(_PROMPTS_FILE.value)
     describe = lambda i: f"prompt {i + 1} of --prompts_file={_PROMPTS_FILE.value}"
-  with cli.AtomicJsonl(_OUTPUT.value) as out:
+  cli.check_output_is_not_input(_OUTPUT.value, prompts_file=_PROMPTS_FILE.value)
+  with cli.AtomicJsonl(_OUTPUT.value, overwrite=_OVERWRITE.value) as out:
     loaded = cli.load_model(_MODEL.value, tokenizer_path=_TOKENIZER.value, step=_STEP.value)
     chat = cli.chat_format(loaded, _CHAT.value)
     completions = cli.generate_completions(loaded, prompts, chat=chat, max_new_tokens=_MAX_NEW.value,

@@ -11,8 +11,11 @@ candidates of the previous round, of which it sees the last --tau tokens, and de
 their plurality vote. A problem file holds one JSON object per line with "problem" (or "question") and optionally
 "answer"; with answers the run reports the mean correctness over the final candidates (the report's metric), majority@N
 and pass@N. --output gets one JSON line per problem (answers, vote, correctness, generated/prefilled tokens, largest
-context) and a summary line, written only when every problem is done. Sampling flags apply to every round. Bad input
-prints one `error:` line and exits 1.
+context) and a summary line. Each problem's line is on disk once it is done (in `<output>.partial`, renamed to
+--output when every problem is): after a crash, Ctrl-C or SIGTERM, rerun with the same flags and --resume to decode
+only the rest (problem i always uses fold_in(key(seed), i), so the results equal an uninterrupted run's). An existing
+--output is kept unless --overwrite. Sampling flags apply to every round. Bad input prints one `error:` line and
+exits 1, before the weights load wherever the tokenizer and config.json suffice to find it.
 
 --model is a run directory (launch/train.py) or a Hugging Face folder, as for launch/generate.py. Templates:
 rsa (the RSA authors' prompt), rsa-harness (its typo fixed), markovian-zaya (Zyphra's proxy prompt), delethink (C = 1:
@@ -58,6 +61,12 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = no
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (the report uses 1.0).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed: problem i uses fold_in(key(seed), i), independent of the others.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write one JSON line per problem and a summary line here.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+_RESUME = flags.DEFINE_bool("resume", False, "Go on from the finished problems of an interrupted run with the same "
+                            "flags (<output>.partial); starts afresh when there is none.")
+# The flags that shape the results: a resumed run must repeat them (--output, --overwrite, --resume do not count).
+_SETTINGS = (_MODEL, _TOKENIZER, _STEP, _PROBLEM, _ANSWER, _PROBLEMS, _N, _C, _T, _TAU, _BETA, _BETA_FINAL,
+             _BETA_FIRST, _TAIL_SOURCE, _END_THINK, _TEMPLATE, _CHAT, _Q_MAX, _TEMPERATURE, _TOP_K, _TOP_P, _SEED)
 
 
 def _problems() -> list[cli.Problem]:
@@ -80,20 +89,48 @@ def rsa_config_from_flags(**settings):
                         beta_final=_BETA_FINAL.value, beta_first=_BETA_FIRST.value, seed=_SEED.value, **settings)
 
 
+def _resumed(rows: list[dict], problems: list[cli.Problem]) -> dict[int, cli.ProblemReport]:
+  """The reports of a partial --output, checked against the problems they claim to answer."""
+  done = {}
+  for row in rows:
+    if row.get("summary"):
+      continue
+    try:
+      report = cli.ProblemReport.from_json(row)
+    except (KeyError, TypeError) as e:
+      raise cli.CLIError(f"--resume: {_OUTPUT.value}.partial holds a line that is not a problem report ({e})") from None
+    if report.index >= len(problems) or problems[report.index].problem != report.problem:
+      raise cli.CLIError(f"--resume: {_OUTPUT.value}.partial answers another problem {report.index + 1} than the "
+                         "problem file's; delete it to start over")
+    done[report.index] = report
+  return done
+
+
 def main(argv) -> int:
   del argv
   if not _MODEL.value:
     raise cli.CLIError("--model is required (a run directory or a Hugging Face folder)")
   problems = _problems()
+  unscored = [p for p in problems if p.answer is None]
+  if _PROBLEMS.value and unscored:  # said now, not after hours of decoding
+    print(f"note: {len(unscored)} of {len(problems)} problem(s) have no \"answer\" field (e.g. line "
+          f"{unscored[0].line}): they are decoded but not scored", file=sys.stderr)
   sampling = cli.sampling_config(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  if _T.value == 0 and _BETA_FINAL.value is not None and flags.FLAGS["beta"].present:
+    raise cli.CLIError("--beta is unused with --t=0 and --beta_final: round 0 is the final round; pass one of them")
   # Checked before the model loads: flag errors (C > N, τ > β, ...) should not wait for the weights.
   rsa_config_from_flags(tail_source="all", end_think=(), q_max=1, max_context=None, pad_id=0)
-  with cli.AtomicJsonl(_OUTPUT.value) as out:
-    loaded = cli.load_model(_MODEL.value, tokenizer_path=_TOKENIZER.value, step=_STEP.value)
+  cli.check_output_is_not_input(_OUTPUT.value, problems=_PROBLEMS.value)
+  settings = {flag.name: flag.value for flag in _SETTINGS}
+  with cli.AtomicJsonl(_OUTPUT.value, overwrite=_OVERWRITE.value, resumable=True, resume=_RESUME.value,
+                       settings=settings) as out:
+    done = _resumed(out.done, problems)
+    loaded = cli.load_model(_MODEL.value, tokenizer_path=_TOKENIZER.value, step=_STEP.value)  # weights: on first use
     tokenizer = loaded.tokenizer
     chat = cli.chat_format(loaded, _CHAT.value)
     try:
-      pieces = P.encode_pieces(tokenizer.hf, cli.TEMPLATES[_TEMPLATE.value], _C.value, chat)
+      # With t = 0 nothing is aggregated: --c and the template's aggregation prompt are unused.
+      pieces = P.encode_pieces(tokenizer.hf, cli.TEMPLATES[_TEMPLATE.value], _C.value if _T.value else 1, chat)
     except ValueError as e:
       raise cli.CLIError(f"--template={_TEMPLATE.value}: {e}") from None
     questions = [P.encode_question(tokenizer.hf, p.problem) for p in problems]
@@ -110,14 +147,18 @@ def main(argv) -> int:
     # which also bound make_decode_fn's cache (prompt capacity + budget - 1 per call). Tails end before a final stop
     # token, which marks a trace finished.
     cfg = rsa_config_from_flags(tail_source=_TAIL_SOURCE.value, end_think=end_think, q_max=q_max,
-                                max_context=loaded.context, pad_id=pad_id(loaded.model), stop_ids=loaded.stop_ids)
+                                max_context=loaded.context, pad_id=pad_id(loaded), stop_ids=loaded.stop_ids)
     cli.check_rsa_context(cfg, pieces, loaded.context, longest)
-    # One decode function for every problem and round: the generate program compiles once per budget.
-    decode_fn = make_decode_fn(loaded.model, sampling=sampling, stop_token_ids=loaded.stop_ids)
     key = jax.random.key(_SEED.value)
-    reports = []
+    reports, decode_fn = [], None
     for problem in problems:
       print(f"problem {problem.index + 1}/{len(problems)}: {problem.problem.strip()[:100]!r}", flush=True)
+      if problem.index in done:
+        reports.append(done[problem.index])
+        print(f"  done before (in {_OUTPUT.value}.partial)", flush=True)
+        continue
+      if decode_fn is None:  # one decode function for every problem and round: compiled once per budget
+        decode_fn = make_decode_fn(loaded.model, sampling=sampling, stop_token_ids=loaded.stop_ids)
 
       def on_round(r, state):
         print(f"  round {r}: {int(state.generated_R[r])} new tokens, longest call {int(state.max_context_R[r])} "

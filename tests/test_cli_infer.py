@@ -13,6 +13,7 @@ session's persistent compilation cache (conftest.py), so they compile nothing th
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -344,17 +345,19 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
     cli.check_rsa_context(cfg, pieces, 300, 10)
 
 
-def test_rsa_cli_report_is_reproducible_in_process(tmp_path, hf_dir, hf):
+def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp_path, hf_dir, hf):
   problems = tmp_path / "problems.jsonl"
-  problems.write_text('{"problem": "What is 2+2?", "answer": "4"}\n{"question": "Compute 3*3.", "answer": 9}\n')
+  problems.write_text('{"problem": "What is 2+2?", "answer": "4"}\n{"question": "Compute 3*3.", "answer": 9}\n'
+                      '{"problem": "Name a prime."}\n')
   output = tmp_path / "rsa.jsonl"
-  flags = [f"--{k}={v}" for k, v in RSA_FLAGS.items()]
-  rc, out, err = finish(launch(RSA, f"--model={hf_dir}", f"--problems={problems}", *flags, "--seed=5",
-                               f"--output={output}"))
+  args = [RSA, f"--model={hf_dir}", f"--problems={problems}", *[f"--{k}={v}" for k, v in RSA_FLAGS.items()],
+          "--seed=5"]
+  rc, out, err = finish(launch(*args, f"--output={output}"))
   assert rc == 0, err
   lines = [json.loads(line) for line in output.read_text().splitlines()]
-  assert len(lines) == 3 and lines[-1]["summary"] and "summary over 2 problem(s)" in out
-  assert out.count("round 1:") == 2 and out.count("vote:") == 2
+  assert len(lines) == 4 and lines[-1]["summary"] and "summary over 3 problem(s), 2 with a reference" in out
+  assert out.count("round 1:") == 3 and out.count("vote:") == 3
+  assert "1 of 3 problem(s) have no \"answer\" field (e.g. line 3)" in err  # said before decoding
 
   # The same problems through the library: same seed plumbing (problem i: fold_in(key(seed), i)), same reports.
   cfg = rsa_cfg(seed=5, stop_ids=hf.stop_ids)  # as launch/rsa.py builds it
@@ -362,11 +365,61 @@ def test_rsa_cli_report_is_reproducible_in_process(tmp_path, hf_dir, hf):
   decode_fn = make_decode_fn(hf.model, sampling=SamplingConfig(temperature=1.0), stop_token_ids=hf.stop_ids)
   reports = [cli.solve_problem(cfg, pieces, decode_fn, hf.tokenizer, p, jax.random.fold_in(jax.random.key(5), p.index),
                                hf.stop_ids)[0] for p in cli.read_problems(str(problems))]
-  assert lines[:2] == [json.loads(json.dumps(r.to_json())) for r in reports]
-  assert lines[2] == cli.summarize(reports)
+  assert lines[:3] == [json.loads(json.dumps(r.to_json())) for r in reports]
+  assert lines[3] == cli.summarize(reports)
   bound, n, rounds = context_bound(cfg, pieces), cfg.n, cfg.rounds
   for r in reports:
     assert len(r.answers) == n and 2 * n <= r.generated <= n * cfg.beta * rounds and r.max_context <= bound
+
+  # Preempted (SIGTERM) once problem 1 is done: its line stays in rsa2.jsonl.partial, nothing under the name.
+  second = tmp_path / "rsa2.jsonl"
+  proc = launch(*args, f"--output={second}")
+  for line in proc.stdout:
+    if line.startswith("problem 2/3"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  rc, _, err = finish(proc)
+  assert rc == 128 + signal.SIGTERM and "run again with --resume" in err, err
+  partial = tmp_path / "rsa2.jsonl.partial"
+  assert not second.exists() and [json.loads(x) for x in partial.read_text().splitlines()] == lines[:1]
+  # --resume decodes problems 2 and 3 only; the file equals the uninterrupted run's.
+  rc, out, err = finish(launch(*args, f"--output={second}", "--resume"))
+  assert rc == 0, err
+  assert out.count("done before") == 1 and out.count("round 1:") == 2
+  assert second.read_text() == output.read_text()
+  assert sorted(os.listdir(tmp_path)) == ["problems.jsonl", "rsa.jsonl", "rsa2.jsonl"]
+
+
+def test_output_is_kept_and_partial_lines_resume_only_with_the_same_settings(tmp_path):
+  path = tmp_path / "out.jsonl"
+  path.write_text("earlier results\n")
+  with pytest.raises(cli.CLIError, match="exists; pass --overwrite"):
+    cli.AtomicJsonl(str(path)).__enter__()
+  with cli.AtomicJsonl(str(path), overwrite=True) as out:
+    out.write({"a": 1})
+  assert path.read_text() == '{"a": 1}\n'
+  with pytest.raises(cli.CLIError, match="is the --problems file"):
+    cli.check_output_is_not_input(str(path), problems=str(path))
+
+  fresh = tmp_path / "fresh.jsonl"
+  with pytest.raises(RuntimeError), cli.AtomicJsonl(str(fresh), resumable=True, settings={"seed": 1}) as out:
+    raise RuntimeError("fails before any line")
+  assert sorted(os.listdir(tmp_path)) == ["out.jsonl"]  # nothing kept: nothing was finished
+  with pytest.raises(KeyboardInterrupt), cli.AtomicJsonl(str(fresh), resumable=True, settings={"seed": 1}) as out:
+    out.write({"line": 1})
+    raise KeyboardInterrupt
+  partial = tmp_path / "fresh.jsonl.partial"
+  with open(partial, "a") as f:
+    f.write('{"line": 2, "cut')  # a kill in the middle of a line
+  with pytest.raises(cli.CLIError, match="pass --resume"):
+    cli.AtomicJsonl(str(fresh), resumable=True, settings={"seed": 1}).__enter__()
+  with pytest.raises(cli.CLIError, match=r"other settings: --seed=1 \(now 2\)"):
+    cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"seed": 2}).__enter__()
+  with cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"seed": 1}) as out:
+    assert out.done == [{"line": 1}]  # the cut line is dropped, to be decoded again
+    out.write({"line": 2})
+  assert fresh.read_text() == '{"line": 1}\n{"line": 2}\n'
+  assert sorted(os.listdir(tmp_path)) == ["fresh.jsonl", "out.jsonl"]
 
 
 # ------------------------------------------------------------------------------------------------------- bad inputs
@@ -382,9 +435,17 @@ def test_bad_input_exits_1_with_one_message_and_no_output(tmp_path, hf_dir):
   no_tok.mkdir()
   for name in ("config.json", "model.safetensors"):
     shutil.copy(hf_dir / name, no_tok)
+  # Weights that cannot load: flag errors that the tokenizer and config.json reveal must come first.
+  broken = tmp_path / "broken_weights"
+  shutil.copytree(hf_dir, broken)
+  (broken / "model.safetensors").write_bytes(b"not safetensors")
   model = f"--model={hf_dir}"
   cases = [
-    (GENERATE, [model, "--prompt=" + "word " * 1100, "--max_new_tokens=4"], "context of 1024"),
+    (GENERATE, [f"--model={broken}", "--prompt=" + "word " * 1100, "--max_new_tokens=4"], "context of 1024"),
+    (RSA, [f"--model={broken}", "--problem=" + "word " * 10, "--q_max=2", "--n=2", "--c=2", "--beta=16", "--tau=8"],
+     "--q_max=2 is shorter"),
+    (RSA, [f"--model={broken}", "--problem=x", "--n=2", "--c=2", "--beta=2000", "--tau=8"],
+     "do not fit the model's context of 1024"),
     (GENERATE, [f"--model={llama}", "--prompt=x"], "is neither an Orbax run directory"),
     (GENERATE, [f"--model={no_tok}", "--prompt=x"], f"{no_tok / 'tokenizer.json'} is missing"),
     (RSA, [model, "--problem=x", "--n=2", "--c=3"], "--c = 3 > --n = 2"),
@@ -397,6 +458,8 @@ def test_bad_input_exits_1_with_one_message_and_no_output(tmp_path, hf_dir):
     assert rc == 1 and "Traceback" not in err and lines[-1].startswith("error: ") and words in lines[-1], (args, err)
     assert out == ""
   assert not any(name.startswith(("out", ".out")) for name in os.listdir(tmp_path))  # nothing half-written
+  with pytest.raises(cli.CLIError, match="cannot load"):  # the broken weights themselves are named on first use
+    _ = cli.load_model(str(broken)).model
 
 
 # ------------------------------------------------------------------------------------------------- run directories

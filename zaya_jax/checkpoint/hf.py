@@ -50,16 +50,28 @@ class _TensorEntry:
 
 
 def _read_header(file: str) -> dict[str, _TensorEntry]:
+  """The tensors a safetensors file lists; CheckpointError when it is not one (a truncated or foreign file would
+  otherwise declare a header of any length: a MemoryError, or garbage)."""
+  size = os.path.getsize(file)
   with open(file, "rb") as f:
-    (length,) = np.frombuffer(f.read(8), "<u8")
-    header = json.loads(f.read(int(length)))
-  base = 8 + int(length)
-  entries = {}
-  for key, info in header.items():
-    if key == "__metadata__":
-      continue
-    start, end = info["data_offsets"]
-    entries[key] = _TensorEntry(file, info["dtype"], info["shape"], base + start, base + end)
+    prefix = f.read(8)
+    length = int(np.frombuffer(prefix, "<u8")[0]) if len(prefix) == 8 else -1
+    if not 0 < length <= size - 8:
+      raise CheckpointError(f"{file} is not a safetensors file: its {size} bytes do not start with a header length "
+                            "that fits the file (truncated or another format?)")
+    try:
+      header = json.loads(f.read(length))
+      base = 8 + length
+      entries = {}
+      for key, info in header.items():
+        if key == "__metadata__":
+          continue
+        start, end = info["data_offsets"]
+        if not 0 <= start <= end <= size - base:
+          raise ValueError(f"tensor {key}'s bytes [{start}, {end}) run past the file's data")
+        entries[key] = _TensorEntry(file, info["dtype"], info["shape"], base + start, base + end)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # json's errors are ValueErrors
+      raise CheckpointError(f"{file} has an unreadable safetensors header: {e}") from None
   return entries
 
 

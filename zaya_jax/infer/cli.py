@@ -20,6 +20,7 @@ leaves a half-written file under the requested name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ import numpy as np
 
 from zaya_jax import host_memory
 from zaya_jax.checkpoint.hf import CheckpointError, load_hf
+from zaya_jax.config import ZayaConfig
 from zaya_jax.infer import answers as ans
 from zaya_jax.infer import prompts as P
 from zaya_jax.infer import rsa
@@ -53,22 +55,35 @@ class CLIError(Exception):
 # Models and tokenizers.
 
 
-@dataclass(frozen=True)
 class LoadedModel:
-  model: ZayaForCausalLM
-  tokenizer: Tokenizer
-  path: str  # the model folder
-  kind: str  # "run" (Orbax run directory) or "hf" (Hugging Face folder)
+  """A model folder's tokenizer and config, read at once, and its weights, loaded on first use of `.model`: flag
+  errors that need only the tokenizer or the context (a prompt too long, a budget past the context, a missing chat
+  template) are found before gigabytes load."""
+
+  def __init__(self, *, path: str, kind: str, tokenizer: Tokenizer, config: ZayaConfig,
+               load_weights: Callable[[], ZayaForCausalLM]):
+    self.path = path  # the model folder
+    self.kind = kind  # "run" (Orbax run directory) or "hf" (Hugging Face folder)
+    self.tokenizer = tokenizer
+    self.config = config
+    self._load_weights = load_weights
+
+  @functools.cached_property
+  def model(self) -> ZayaForCausalLM:
+    try:
+      return self._load_weights()
+    except (CheckpointError, FileNotFoundError) as e:
+      raise CLIError(f"cannot load --model={self.path}: {e}") from None
 
   @property
   def context(self) -> int:
     """Positions the model supports: a prompt plus its generated tokens must fit."""
-    return int(self.model.config.max_position_embeddings)
+    return int(self.config.max_position_embeddings)
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
     """The config's eos ids and the tokenizer's eos: generation stops at either (they usually agree)."""
-    eos = self.model.config.eos_token_id
+    eos = self.config.eos_token_id
     ids = set() if eos is None else set(eos) if isinstance(eos, tuple | list) else {eos}
     return tuple(sorted({int(i) for i in ids} | {int(self.tokenizer.eos_id)}))
 
@@ -119,7 +134,8 @@ def _tokenizer_source(path: str, tokenizer_path: str | None) -> str:
 
 
 def load_model(path: str, *, tokenizer_path: str | None = None, step: int | None = None) -> LoadedModel:
-  """The model and its tokenizer from a run directory (latest or given step) or a Hugging Face folder."""
+  """A run directory (latest or given step) or a Hugging Face folder: its tokenizer and config now, checked against
+  each other; its weights when `.model` is first used."""
   path = os.path.abspath(os.fspath(path))
   kind = model_kind(path)
   token_file = _tokenizer_source(path, tokenizer_path)
@@ -127,21 +143,26 @@ def load_model(path: str, *, tokenizer_path: str | None = None, step: int | None
     tokenizer = load_tokenizer(token_file)
     if kind == "run":
       from zaya_jax.train.checkpointing import load_run  # Orbax and grain: only imported for run directories
+      from zaya_jax.train.experiment import load_json
 
       try:
-        model, _, _ = load_run(path, step=step)
-      except CheckpointError:
-        raise
+        config = load_json(os.path.join(path, "config.json")).model
       except (TypeError, ValueError) as e:  # a config.json without the ExperimentConfig fields
         raise CLIError(f"--model={path}: config.json is not a launch/train.py run config ({e})") from None
+
+      def load_weights():
+        return load_run(path, step=step)[0]
     else:
       if step is not None:
         raise CLIError(f"--step={step} applies to run directories; --model={path} is a Hugging Face folder")
-      model = load_hf(path)
-    tokenizer.check_fits(model.config.vocab_size)
+      config = ZayaConfig.from_hf(path)
+
+      def load_weights():
+        return load_hf(path)
+    tokenizer.check_fits(config.vocab_size)
   except (CheckpointError, FileNotFoundError) as e:
     raise CLIError(f"cannot load --model={path}: {e}") from None
-  return LoadedModel(model=model, tokenizer=tokenizer, path=path, kind=kind)
+  return LoadedModel(path=path, kind=kind, tokenizer=tokenizer, config=config, load_weights=load_weights)
 
 
 def chat_format(loaded: LoadedModel, chat: bool) -> P.ChatFormat | None:
@@ -246,44 +267,114 @@ def read_problems(path: str) -> list[Problem]:
   return out
 
 
-class AtomicJsonl:
-  """JSON lines written to a temporary sibling of `path`, renamed into place on a clean exit, removed otherwise.
-  Opened first thing, so that an unwritable --output fails before any model work."""
+def check_output_is_not_input(output: str | None, **inputs: str | None) -> None:
+  """--output must not name an input file (with --overwrite it would replace the problems it reads)."""
+  for flag, path in inputs.items():
+    if output and path and os.path.exists(path) and os.path.exists(output) and os.path.samefile(output, path):
+      raise CLIError(f"--output={output} is the --{flag} file; write the results elsewhere")
 
-  def __init__(self, path: str | None):
-    self.path, self._file = path, None
+
+class AtomicJsonl:
+  """JSON lines for --output, never half-written under its name: they go to a temporary sibling, flushed line by line,
+  renamed into place on a clean exit. Opened first thing, so that an unwritable --output fails before any model work.
+
+  An existing --output is refused unless `overwrite`. A failure removes the temporary file, unless `resumable`: then
+  it is `<output>.partial`, and after a failure (an error, Ctrl-C, SIGTERM, a kill) it keeps every finished line, next
+  to `<output>.partial.settings` (`settings`, the flags that shape the results). A rerun with `resume` and the same
+  settings reads the lines back (`done`) and appends after them; without `resume` an existing partial file is refused,
+  so that two runs never mix.
+  """
+
+  def __init__(self, path: str | None, *, overwrite: bool = False, resumable: bool = False, resume: bool = False,
+               settings: dict | None = None):
+    self.path, self.overwrite, self.resumable, self.resume = path, overwrite, resumable, resume
+    self.settings = settings or {}
+    self.done: list[dict] = []  # lines read back from a partial file (resume)
+    self._file, self._written = None, 0
+
+  @property
+  def _settings_file(self) -> str:
+    return self._file.name + ".settings"
 
   def __enter__(self):
-    if self.path:
-      if os.path.isdir(self.path):
-        raise CLIError(f"--output={self.path} is a folder; give the path of the JSON-lines file to write")
-      folder = os.path.dirname(os.path.abspath(self.path))
-      if not os.path.isdir(folder):
-        raise CLIError(f"--output={self.path}: folder {folder} does not exist")
-      # open(..., "x") creates it with the umask's permissions (a NamedTemporaryFile would be 0600, and stay so)
-      temporary = os.path.join(folder, f".{os.path.basename(self.path)}.{uuid.uuid4().hex}.tmp")
-      try:
-        self._file = open(temporary, "x", encoding="utf-8")  # closed in __exit__
-      except OSError as e:
-        raise CLIError(f"--output={self.path} cannot be written: {e}") from None
+    if not self.path:
+      return self
+    if os.path.isdir(self.path):
+      raise CLIError(f"--output={self.path} is a folder; give the path of the JSON-lines file to write")
+    folder = os.path.dirname(os.path.abspath(self.path))
+    if not os.path.isdir(folder):
+      raise CLIError(f"--output={self.path}: folder {folder} does not exist")
+    if os.path.exists(self.path) and not self.overwrite:
+      raise CLIError(f"--output={self.path} exists; pass --overwrite to replace it (or another --output)")
+    try:
+      if self.resumable:
+        self._open_partial(self.path + ".partial")
+      else:
+        # open(..., "x") creates it with the umask's permissions (a NamedTemporaryFile would be 0600, and stay so)
+        self._file = open(os.path.join(folder, f".{os.path.basename(self.path)}.{uuid.uuid4().hex}.tmp"), "x",
+                          encoding="utf-8")
+    except OSError as e:
+      raise CLIError(f"--output={self.path} cannot be written: {e}") from None
     return self
+
+  def _open_partial(self, partial: str) -> None:
+    settings_file = partial + ".settings"
+    if not os.path.exists(partial):
+      with open(settings_file, "w", encoding="utf-8") as f:
+        json.dump(self.settings, f, sort_keys=True)
+      self._file = open(partial, "x", encoding="utf-8")  # closed in __exit__
+      return
+    if not self.resume:
+      raise CLIError(f"{partial} holds the finished lines of an interrupted run: pass --resume to go on from them "
+                     "(same flags), or delete it")
+    try:
+      with open(settings_file, encoding="utf-8") as f:
+        saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise CLIError(f"--resume: {settings_file} is unreadable ({e}); delete {partial} to start over") from None
+    changed = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
+    if changed:
+      was = ", ".join(f"--{k}={saved.get(k)!r} (now {self.settings.get(k)!r})" for k in changed)
+      raise CLIError(f"--resume: {partial} was written with other settings: {was}; rerun with those, or delete it")
+    with open(partial, "rb") as f:
+      data = f.read()
+    complete = data[:data.rfind(b"\n") + 1]  # a line cut by a kill is dropped and decoded again
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+      self.done.append(_json_line(partial, number, line))
+    self._file = open(partial, "r+", encoding="utf-8")
+    self._file.truncate(len(complete))
+    self._file.seek(len(complete))
 
   def write(self, row: dict) -> None:
     if self._file is not None:
       self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+      self._file.flush()
+      if self.resumable:
+        os.fsync(self._file.fileno())
+      self._written += 1
 
   def __exit__(self, exc_type, *_):
     if self._file is None:
       return
     self._file.close()
     if exc_type is not None:
+      kept = len(self.done) + self._written
+      if self.resumable and kept:
+        print(f"kept {kept} finished line(s) in {self._file.name}: run again with --resume to go on from them",
+              file=sys.stderr)
+        return
       os.unlink(self._file.name)
+      if self.resumable:
+        os.unlink(self._settings_file)
       return
     try:
       os.replace(self._file.name, self.path)
     except OSError as e:  # e.g. a folder created at the path meanwhile: nothing half-written is left behind
-      os.unlink(self._file.name)
+      if not self.resumable:
+        os.unlink(self._file.name)
       raise CLIError(f"--output={self.path} cannot be written: {e}") from None
+    if self.resumable:
+      os.unlink(self._settings_file)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -418,6 +509,12 @@ class ProblemReport:
     return {**dataclasses.asdict(self), "correct": self.correct, "mean_correct": self.mean_correct,
             "majority_correct": self.majority_correct, "pass": self.passed}
 
+  @classmethod
+  def from_json(cls, row: dict) -> ProblemReport:
+    """Inverse of to_json (its derived fields are recomputed): a report read back from a partial --output."""
+    fields = {f.name: row[f.name] for f in dataclasses.fields(cls)}
+    return cls(**{**fields, "answers": tuple(fields["answers"]), "finished": tuple(fields["finished"])})
+
 
 def report_problem(problem: Problem, texts: Sequence[str], finished: Sequence[bool], generated: int, prefilled: int,
                    max_context: int) -> ProblemReport:
@@ -488,8 +585,15 @@ def main_wrapper(main: Callable[[list[str]], int]) -> Callable[[list[str]], None
   """For absl's app.run: bad input -> `error: <message>` on stderr and exit 1, without a traceback."""
 
   def wrapped(argv):
+    import signal
+
     from absl import flags, logging
     from jinja2.exceptions import TemplateError
+
+    def terminated(signum, frame):  # preemption: unwind like Ctrl-C, so that --output keeps what is finished
+      raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
 
     host_memory.retain_freed_memory()  # decode temporaries stay mapped between calls (zaya_jax/host_memory.py)
     # Generated text may hold any character (a random model's bytes): never fail printing it on a narrow terminal.
@@ -507,12 +611,16 @@ def main_wrapper(main: Callable[[list[str]], int]) -> Callable[[list[str]], None
     except TemplateError as e:  # a chat template that raises (e.g. "only user/assistant roles")
       print(f"error: --chat: the chat template failed: {e}", file=sys.stderr)
       sys.exit(1)
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr)
+      sys.exit(130)
     sys.exit(code or 0)
 
   return wrapped
 
 
 __all__ = ["TEMPLATES", "AtomicJsonl", "CLIError", "Completion", "LoadedModel", "Problem", "ProblemReport",
-           "chat_format", "check_rsa_context", "encode_prompt", "format_summary", "generate_completions", "load_model",
+           "chat_format", "check_output_is_not_input", "check_rsa_context", "encode_prompt", "format_summary",
+           "generate_completions", "load_model",
            "main_wrapper", "model_kind", "read_problems", "read_prompts", "report_problem", "rsa_config",
            "sampling_config", "solve_problem", "summarize"]

@@ -35,7 +35,8 @@ class GenerateOutput(NamedTuple):
 
 
 def pad_id(model: ZayaForCausalLM) -> int:
-  """The id written after a row's end: the config's pad_token_id, or 0 when it has none."""
+  """The id written after a row's end: the config's pad_token_id, or 0 when it has none. `model` may be anything
+  with the model's `.config` (cli.LoadedModel before its weights load)."""
   pad = model.config.pad_token_id
   return 0 if pad is None else int(pad)
 

@@ -82,6 +82,11 @@ class RSAConfig:
       v = getattr(self, name)
       if v is not None and (not _is_int(v) or v <= 0):
         raise ValueError(f"RSAConfig.{name} must be a positive int or None, got {v!r}")
+    if self.t == 0 and self.beta_first is not None:
+      raise ValueError(
+        f"RSAConfig.beta_first = {self.beta_first} is unused with t = 0: round 0 is then the final round, whose "
+        "budget is beta_final (or beta)"
+      )
     if self.max_context is not None and (not _is_int(self.max_context) or self.max_context <= 0):
       raise ValueError(f"RSAConfig.max_context must be a positive int or None, got {self.max_context!r}")
     if not _is_int(self.pad_id) or self.pad_id < 0:
