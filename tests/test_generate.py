@@ -6,6 +6,8 @@ generate call below uses [B, L] = [3, 7], N = 8 and one stop id, so they share t
 the memory test uses a one-layer model of its own to keep its compiles short.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,10 +79,22 @@ def test_greedy_generate_matches_transformers_generate(case, prompts_BL, greedy)
 
 def test_greedy_needs_no_key_and_sampling_refuses_none(case, prompts_BL, greedy):
   _, model = case
-  out = generate(model, prompts_BL, PROMPT_LENS, key=None, max_new_tokens=N, sampling=GREEDY, stop_token_ids=(EOS,))
+  # Padding after a prompt is ignored, even ids outside the vocabulary.
+  padded = np.where(np.arange(L)[None] < PROMPT_LENS[:, None], prompts_BL, -1)
+  out = generate(model, padded, PROMPT_LENS, key=None, max_new_tokens=N, sampling=GREEDY, stop_token_ids=(EOS,))
   np.testing.assert_array_equal(np.asarray(out.tokens_BN), greedy[0])
+  decode_fn = make_decode_fn(model, sampling=GREEDY, stop_token_ids=(EOS,))
+  np.testing.assert_array_equal(np.asarray(decode_fn(None, prompts_BL, PROMPT_LENS, N)[0]), greedy[0])
+  assert lower_generate(model, prompts_BL, PROMPT_LENS, key=None, max_new_tokens=N, sampling=GREEDY) is not None
   with pytest.raises(ValueError, match=r"key=None: sampling .* needs a PRNG key"):
     generate(model, prompts_BL, PROMPT_LENS, key=None, max_new_tokens=N, sampling=SamplingConfig(temperature=1.0))
+  with pytest.raises(ValueError, match=r"key=None: sampling .* needs a PRNG key"):
+    lower_generate(model, prompts_BL, PROMPT_LENS, key=None, max_new_tokens=N, sampling=SAMPLED)
+  # A decode function traced under jit cannot check its prompts, but the shapes alone overflow the context here.
+  with pytest.raises(ValueError, match=r"need a cache of 257 positions, more than the model's context"):
+    jax.jit(lambda p, n: make_decode_fn(model, sampling=GREEDY)(None, p, n, 251))(prompts_BL, PROMPT_LENS)
+  with pytest.raises(ValueError, match=r"pad_token_id=101 lies outside the vocabulary"):
+    pad_id(type("M", (), {"config": dataclasses.replace(model.config, pad_token_id=101)})())
 
 
 def test_stop_tokens_end_rows_with_the_stop_token_then_pad(case, prompts_BL, greedy):
@@ -118,8 +132,12 @@ def test_generate_checks_inputs_on_the_host(case, prompts_BL):
     generate(model, prompts_BL, np.array([8, 1, 4]), max_new_tokens=N, **kw)
   with pytest.raises(ValueError, match="prompt_lens must be 3 integers"):
     generate(model, prompts_BL, np.array([7, 1]), max_new_tokens=N, **kw)
+  bad = prompts_BL.copy()
+  bad[2, 3] = 101  # the last token of row 2's prompt
   with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 101\)"):
-    generate(model, np.where(prompts_BL == 7, 101, prompts_BL), PROMPT_LENS, max_new_tokens=N, **kw)
+    generate(model, bad, PROMPT_LENS, max_new_tokens=N, **kw)
+  with pytest.raises(ValueError, match=r"prompts must be \[batch >= 1"):
+    generate(model, prompts_BL[:0], PROMPT_LENS[:0], max_new_tokens=N, **kw)
   with pytest.raises(ValueError, match=r"stop_token_ids: .*outside the vocabulary"):
     generate(model, prompts_BL, PROMPT_LENS, max_new_tokens=N, stop_token_ids=(-1,), **kw)
   with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
@@ -138,6 +156,14 @@ def test_generate_checks_inputs_on_the_host(case, prompts_BL):
 def test_sampling_config_validates_fields(field, kw):
   with pytest.raises(ValueError, match=f"SamplingConfig.{field} must"):
     SamplingConfig(**kw)
+
+
+def test_sampling_config_takes_numpy_scalars_and_refuses_overflowing_temperatures():
+  cfg = SamplingConfig(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9))
+  assert cfg == SamplingConfig(temperature=0.5, top_k=5, top_p=0.9) and type(cfg.top_k) is int
+  assert hash(cfg) == hash(SamplingConfig(temperature=0.5, top_k=5, top_p=0.9))  # one compile for both
+  with pytest.raises(ValueError, match="must be 0 \\(greedy\\) or a finite number >= 1e-06"):
+    SamplingConfig(temperature=1e-39)  # sampled token 0 where the argmax was another
 
 
 def test_greedy_and_top_k_1_are_argmax_and_keys_matter():

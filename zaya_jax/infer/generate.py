@@ -36,8 +36,12 @@ class GenerateOutput(NamedTuple):
 
 def pad_id(model: ZayaForCausalLM) -> int:
   """The id written after a row's end: the config's pad_token_id, or 0 when it has none. `model` may be anything
-  with the model's `.config` (cli.LoadedModel before its weights load)."""
-  pad = model.config.pad_token_id
+  with the model's `.config` (cli.LoadedModel before its weights load). A pad id outside the vocabulary is refused:
+  it would be fed back to finished rows and returned as a token."""
+  pad, vocab = model.config.pad_token_id, model.config.vocab_size
+  if pad is not None and not 0 <= int(pad) < vocab:
+    raise ValueError(f"config pad_token_id={pad} lies outside the vocabulary [0, {vocab}); generation writes it after "
+                     "each row's end: set it to an id of the vocabulary (or None for 0)")
   return 0 if pad is None else int(pad)
 
 
@@ -117,11 +121,10 @@ def _cache_len(L: int, max_new: int, max_len: int | None) -> int:
 
 
 def _check_prompts(model: ZayaForCausalLM, prompts_BL, prompt_lens_B, max_new: int, max_len: int):
-  """Host checks of concrete prompts; returns them as int32 numpy arrays."""
-  check_token_ids(prompts_BL, model.config.vocab_size)
+  """Host checks of concrete prompts; returns them as int32 numpy arrays, the padding after each prompt zeroed."""
   prompts = np.asarray(prompts_BL)
-  if prompts.ndim != 2 or prompts.shape[1] < 1:
-    raise ValueError(f"prompts must be [batch, prompt width >= 1], got shape {prompts.shape}")
+  if prompts.ndim != 2 or prompts.shape[0] < 1 or prompts.shape[1] < 1:
+    raise ValueError(f"prompts must be [batch >= 1, prompt width >= 1], got shape {prompts.shape}")
   B, L = prompts.shape
   lens = np.asarray(prompt_lens_B)
   if lens.shape != (B,) or not np.issubdtype(lens.dtype, np.integer):
@@ -129,6 +132,9 @@ def _check_prompts(model: ZayaForCausalLM, prompts_BL, prompt_lens_B, max_new: i
   if lens.min() < 1 or lens.max() > L:
     raise ValueError(f"prompt_lens must lie in [1, {L}] (the prompt width; every row needs a token), "
                      f"got {lens.tolist()}")
+  in_prompt_BL = np.arange(L)[None] < lens[:, None]
+  check_token_ids(prompts[in_prompt_BL], model.config.vocab_size)  # the padding after a prompt is ignored
+  prompts = np.where(in_prompt_BL, prompts, 0)
   context = model.config.max_position_embeddings
   need = lens + max_new - 1  # the prompt and every generated token but the last pass through the cache
   if need.max() > min(max_len, context):
@@ -162,11 +168,16 @@ def generate(model: ZayaForCausalLM, prompts_BL, prompt_lens_B, *, key, max_new_
   """
   (prompts, lens, stop_Z), static = _prepared(model, prompts_BL, prompt_lens_B, max_new_tokens, sampling,
                                               stop_token_ids, max_len)
-  if key is None:
-    if not sampling.greedy:
-      raise ValueError(f"key=None: sampling {sampling} draws tokens and needs a PRNG key")
-    key = jax.random.key(0)  # traced but never used by greedy steps
-  return _jitted_generate(model, prompts, lens, key, stop_Z, **static)
+  return _jitted_generate(model, prompts, lens, _key(key, sampling), stop_Z, **static)
+
+
+def _key(key, sampling: SamplingConfig):
+  """The PRNG key; None is accepted for greedy decoding (which draws nothing), refused when sampling."""
+  if key is not None:
+    return key
+  if not sampling.greedy:
+    raise ValueError(f"key=None: sampling {sampling} draws tokens and needs a PRNG key")
+  return jax.random.key(0)  # traced but never used by greedy steps
 
 
 def lower_generate(model: ZayaForCausalLM, prompts_BL, prompt_lens_B, *, key, max_new_tokens: int,
@@ -175,7 +186,7 @@ def lower_generate(model: ZayaForCausalLM, prompts_BL, prompt_lens_B, *, key, ma
   """`generate`'s program lowered, not run (same checks): `.compile().memory_analysis()`, `.cost_analysis()`."""
   (prompts, lens, stop_Z), static = _prepared(model, prompts_BL, prompt_lens_B, max_new_tokens, sampling,
                                               stop_token_ids, max_len)
-  return _jitted_generate.lower(model, prompts, lens, key, stop_Z, **static)
+  return _jitted_generate.lower(model, prompts, lens, _key(key, sampling), stop_Z, **static)
 
 
 def make_decode_fn(model: ZayaForCausalLM, *, sampling: SamplingConfig, stop_token_ids: Sequence[int] = (),
@@ -203,12 +214,17 @@ def make_decode_fn(model: ZayaForCausalLM, *, sampling: SamplingConfig, stop_tok
     if L + max_new - 1 > S:
       raise ValueError(f"prompt width {L} and max_new={max_new} need {L + max_new - 1} cache positions, more than "
                        f"max_len={S}")
+    context = model.config.max_position_embeddings
+    if S > context:  # known from the shapes, so refused under jit too, where the prompts cannot be checked
+      raise ValueError(f"prompt width {L} and max_new={max_new} need a cache of {S} positions, more than the model's "
+                       f"context max_position_embeddings={context}")
     if not any(isinstance(x, jax.core.Tracer) for x in (prompts_BL, prompt_lens_B)):
       _check_prompts(model, prompts_BL, prompt_lens_B, int(max_new), S)
     prompts = jnp.asarray(prompts_BL, jnp.int32)
     lens = jnp.asarray(prompt_lens_B, jnp.int32)
     run = _nested_generate if _under_trace(model, key, prompts_BL, prompt_lens_B) else _jitted_generate
-    out = run(model, prompts, lens, key, stop_Z, max_new=int(max_new), max_len=S, sampling=sampling, pad=pad)
+    out = run(model, prompts, lens, _key(key, sampling), stop_Z, max_new=int(max_new), max_len=S, sampling=sampling,
+              pad=pad)
     return out.tokens_BN, out.lengths_B
 
   return decode_fn

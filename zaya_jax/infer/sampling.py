@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+MIN_TEMPERATURE = 1e-6  # fp32 logits of a few tens divided by less overflow (1e-39 sampled garbage)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How the next token is drawn. Frozen and hashable: it is a static argument of the jitted generate.
 
-  temperature: 0 means greedy (argmax; top_k and top_p are then irrelevant); > 0 divides the logits.
+  temperature: 0 means greedy (argmax; top_k and top_p are then irrelevant); >= MIN_TEMPERATURE divides the logits.
   top_k: keep the k most likely tokens (None: no limit).
   top_p: keep the smallest most-likely set with mass >= top_p (1.0: no limit).
   """
@@ -31,9 +35,16 @@ class SamplingConfig:
   top_p: float = 1.0
 
   def __post_init__(self):
+    # NumPy scalars (settings swept from an array) become Python numbers: the config is a static, hashed jit argument.
+    for name, kind in (("temperature", numbers.Real), ("top_k", numbers.Integral), ("top_p", numbers.Real)):
+      v = getattr(self, name)
+      if isinstance(v, kind) and not isinstance(v, bool | np.bool_):
+        object.__setattr__(self, name, int(v) if kind is numbers.Integral else float(v))
     t = self.temperature
-    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
-      raise ValueError(f"SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or not (
+        t == 0 or t >= MIN_TEMPERATURE):
+      raise ValueError(f"SamplingConfig.temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} "
+                       f"(smaller ones overflow fp32 logits), got {t!r}")
     k = self.top_k
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
       raise ValueError(f"SamplingConfig.top_k must be None (no limit) or an int >= 1, got {k!r}")
