@@ -178,6 +178,13 @@ def test_model_paths_that_are_not_models_are_named(tmp_path, hf_dir):
     cli.load_model(str(run_like), tokenizer_path=str(hf_dir))
   loaded = cli.load_model(str(bare), tokenizer_path=str(hf_dir))  # --tokenizer fills the gap
   assert loaded.kind == "hf" and loaded.stop_ids == (1,)
+  # A chat model's end-of-turn token is listed in generation_config.json (Gemma 3: [1, 106]): it stops replies too.
+  (bare / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))
+  assert cli.load_model(str(bare), tokenizer_path=str(hf_dir)).stop_ids == (1, 5)
+  (bare / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, "<end_of_turn>"]}))
+  with pytest.raises(cli.CLIError, match=r"generation_config\.json eos_token_id must be token ids"):
+    _ = cli.load_model(str(bare), tokenizer_path=str(hf_dir)).stop_ids
+  (bare / "generation_config.json").unlink()
   plain = tmp_path / "plain_tokenizer"  # a tokenizer folder without tokenizer_config.json: no chat template
   plain.mkdir()
   shutil.copy(hf_dir / "tokenizer.json", plain)

@@ -82,14 +82,41 @@ class LoadedModel:
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
-    """The config's eos ids and the tokenizer's eos: generation stops at either (they usually agree)."""
-    eos = self.config.eos_token_id
-    ids = set() if eos is None else set(eos) if isinstance(eos, tuple | list) else {eos}
-    return tuple(sorted({int(i) for i in ids} | {int(self.tokenizer.eos_id)}))
+    """Generation stops at any of: the config's eos ids, the tokenizer's eos, and the eos ids of the folder's
+    generation_config.json, which is where Hugging Face chat models list their end-of-turn token (Gemma 3's, ZAYA1's
+    tokenizer, ends a turn with <end_of_turn>, not <eos>): without it a chat reply runs on to the budget."""
+    ids = _ids(self.config.eos_token_id) | {int(self.tokenizer.eos_id)}
+    ids |= _ids(_generation_config(self.path).get("eos_token_id"), "generation_config.json eos_token_id",
+                self.config.vocab_size)
+    return tuple(sorted(ids))
 
   @property
   def tokenizer_dir(self) -> str:
     return os.path.dirname(self.tokenizer.path)
+
+
+def _ids(value, what: str = "eos_token_id", vocab: int | None = None) -> set[int]:
+  """Token ids from a config field: None, one id or a list of ids; CLIError naming the field when malformed."""
+  values = [] if value is None else list(value) if isinstance(value, tuple | list) else [value]
+  if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 and (vocab is None or v < vocab)
+             for v in values):
+    raise CLIError(f"{what} must be token ids in the vocabulary, got {value!r}")
+  return {int(v) for v in values}
+
+
+def _generation_config(path: str) -> dict:
+  """The model folder's generation_config.json ({} when absent)."""
+  file = os.path.join(path, "generation_config.json")
+  if not os.path.isfile(file):
+    return {}
+  try:
+    with open(file, encoding="utf-8") as f:
+      raw = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CLIError(f"{file} is not readable JSON: {e}") from None
+  if not isinstance(raw, dict):
+    raise CLIError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+  return raw
 
 
 _NEITHER = ("is neither an Orbax run directory (config.json + checkpoints/, written by launch/train.py) nor a Hugging "
@@ -162,7 +189,9 @@ def load_model(path: str, *, tokenizer_path: str | None = None, step: int | None
     tokenizer.check_fits(config.vocab_size)
   except (CheckpointError, FileNotFoundError) as e:
     raise CLIError(f"cannot load --model={path}: {e}") from None
-  return LoadedModel(path=path, kind=kind, tokenizer=tokenizer, config=config, load_weights=load_weights)
+  loaded = LoadedModel(path=path, kind=kind, tokenizer=tokenizer, config=config, load_weights=load_weights)
+  _ = loaded.stop_ids  # a malformed generation_config.json is named now, not after the weights load
+  return loaded
 
 
 def chat_format(loaded: LoadedModel, chat: bool) -> P.ChatFormat | None:
