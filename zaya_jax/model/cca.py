@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zaya_jax.config import AttentionConfig
-from zaya_jax.model.layers import F32, Linear, const_param, in_f32, linear, normal_param, scale_by
+from zaya_jax.model.layers import F32, Linear, const_param, in_f32, linear, normal_param, rounded, scale_by
 from zaya_jax.model.rope import apply_rope, rope_tables
 from zaya_jax.ops.attention import attention, cached_attention
 
@@ -209,7 +209,10 @@ class CCAProjection(nnx.Module):
 
 def l2_normalize_to_sqrt_dim(x_BTNE):
   dtype = x_BTNE.dtype
-  norm = jnp.sqrt(jnp.sum(jnp.square(x_BTNE.astype(F32)), axis=-1, keepdims=True)).astype(dtype)
+  sum_sq = jnp.sum(jnp.square(x_BTNE.astype(F32)), axis=-1, keepdims=True)
+  # `rounded` ends XLA:CPU's YNNPACK fusion at the sum: fused with what follows (from ~512 tokens on), it skipped the
+  # bf16 rounding of the reciprocal below, and earlier positions' logits changed with the sequence length.
+  norm = jnp.sqrt(rounded(sum_sq, sum_sq)).astype(dtype)
   norm = jnp.maximum(norm, jnp.finfo(dtype).eps)
   # The reference writes `sqrt(E) / norm`; PyTorch evaluates a scalar divided by a tensor as
   # `reciprocal(norm) * sqrt(E)`, rounding the reciprocal first. Matters in bf16 when sqrt(E) is inexact.

@@ -172,13 +172,11 @@ class ZayaForCausalLM(nnx.Module):
 
 
 # Round every bf16 intermediate as the reference does: by default XLA may keep fused intermediates in fp32 ("excess
-# precision"), which moves bf16 logits by a few ulp. XLA:CPU also hands reductions with their elementwise neighbours
-# to YNNPACK from about 512 tokens on, and those fusions skip the bf16 roundings between ops whatever the first
-# option says (the qk normalisation's reciprocal, then every later layer: bf16 logits 1.2 apart from the reference at
-# 2 x 512 tokens, and earlier positions' logits changed with the sequence length); only its plain dots stay there.
-# Measured with the forward benchmark's model: no cost in fp32 or bf16 (98-106 vs 98-101 ms, noise).
-EXACT_ROUNDING = {"xla_allow_excess_precision": False,
-                  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# precision"), which moves bf16 logits by a few ulp. (XLA:CPU's YNNPACK fusions of a reduction with its elementwise
+# neighbours, from ~512 tokens on, skip bf16 roundings even so: `layers.rounded` keeps the qk normalisation's out of
+# them. Restricting YNNPACK to plain dots instead also worked, but XLA's own reductions then met torch's summation
+# order less often: 30% of the sliding parity config's positions 1-2 bf16 ulp off at 32 tokens, against none.)
+EXACT_ROUNDING = {"xla_allow_excess_precision": False}
 
 
 # nnx modules are pytrees: jit flattens the model on each call (under a millisecond, where `nnx.split` walks the
