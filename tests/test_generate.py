@@ -77,6 +77,22 @@ def test_greedy_generate_matches_transformers_generate(case, prompts_BL, greedy)
   assert len(np.unique(tokens_BN)) > 2
 
 
+def test_bf16_greedy_generate_matches_transformers_generate(tmp_path, prompts_BL):
+  """bf16 weights and compute: the cached decode rounds as the reference's own cache path does, token for token."""
+  ref = make_reference(tmp_path, seed=3, dtype=torch.bfloat16, **CONFIG)
+  model = zaya_jax.load_hf(tmp_path)
+  assert model.config.dtype == "bfloat16"
+  n = 16
+  out = generate(model, prompts_BL, PROMPT_LENS, key=None, max_new_tokens=n, sampling=GREEDY, stop_token_ids=(EOS,))
+  tokens_BN, lengths_B = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
+  for b, length in enumerate(PROMPT_LENS):
+    with torch.no_grad():
+      seq = ref.generate(torch.as_tensor(prompts_BL[b:b + 1, :length]), max_new_tokens=n, do_sample=False,
+                         eos_token_id=EOS, pad_token_id=0)
+    np.testing.assert_array_equal(tokens_BN[b, :lengths_B[b]], seq[0, length:].numpy(), err_msg=f"row {b}")
+  assert lengths_B.max() == n and len(np.unique(tokens_BN)) > 2
+
+
 def test_greedy_needs_no_key_and_sampling_refuses_none(case, prompts_BL, greedy):
   _, model = case
   # Padding after a prompt is ignored, even ids outside the vocabulary.
