@@ -77,6 +77,21 @@ def test_greedy_generate_matches_transformers_generate(case, prompts_BL, greedy)
   assert len(np.unique(tokens_BN)) > 2
 
 
+def test_inactive_rows_generate_nothing_and_leave_the_others_alone(case, prompts_BL, greedy):
+  _, model = case
+  lens = PROMPT_LENS.copy()
+  lens[1] = 0  # a filler row of a fixed-shape batch
+  out = generate(model, prompts_BL, lens, key=None, max_new_tokens=N, sampling=GREEDY, stop_token_ids=(EOS,))
+  tokens_BN, lengths_B = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
+  assert lengths_B[1] == 0 and (tokens_BN[1] == pad_id(model)).all()
+  np.testing.assert_array_equal(tokens_BN[[0, 2]], greedy[0][[0, 2]])
+  np.testing.assert_array_equal(lengths_B[[0, 2]], greedy[1][[0, 2]])
+  # Done is decided by the active rows alone: both stop at their first token, and nothing more is generated.
+  stops = (int(greedy[0][0, 0]), int(greedy[0][2, 0]))
+  out = generate(model, prompts_BL, lens, key=None, max_new_tokens=N, sampling=GREEDY, stop_token_ids=stops)
+  assert np.asarray(out.lengths_B).tolist() == [1, 0, 1]
+
+
 def test_bf16_greedy_generate_matches_transformers_generate(tmp_path, prompts_BL):
   """bf16 weights and compute: the cached decode rounds as the reference's own cache path does, token for token."""
   ref = make_reference(tmp_path, seed=3, dtype=torch.bfloat16, **CONFIG)
@@ -142,9 +157,9 @@ def test_generate_checks_inputs_on_the_host(case, prompts_BL):
     generate(model, prompts_BL, PROMPT_LENS, max_new_tokens=N, max_len=300, **kw)
   with pytest.raises(ValueError, match=r"need 257 positions, more than the model's context 256"):
     generate(model, prompts_BL, PROMPT_LENS, max_new_tokens=251, **kw)
-  with pytest.raises(ValueError, match=r"prompt_lens must lie in \[1, 7\]"):
-    generate(model, prompts_BL, np.array([7, 0, 4]), max_new_tokens=N, **kw)
-  with pytest.raises(ValueError, match=r"prompt_lens must lie in \[1, 7\]"):
+  with pytest.raises(ValueError, match=r"prompt_lens must lie in \[0, 7\]"):
+    generate(model, prompts_BL, np.array([7, -1, 4]), max_new_tokens=N, **kw)
+  with pytest.raises(ValueError, match=r"prompt_lens must lie in \[0, 7\]"):
     generate(model, prompts_BL, np.array([8, 1, 4]), max_new_tokens=N, **kw)
   with pytest.raises(ValueError, match="prompt_lens must be 3 integers"):
     generate(model, prompts_BL, np.array([7, 1]), max_new_tokens=N, **kw)

@@ -446,7 +446,7 @@ def generate_completions(loaded: LoadedModel, prompts: Sequence[str], *, chat: P
                          max_new_tokens: int, sampling: SamplingConfig, n: int = 1, seed: int = 0,
                          batch_size: int = 8, describe: Callable[[int], str] | None = None) -> list[Completion]:
   """n samples of every prompt, batch_size rows per generate call. Every call has the same shape (rows padded to the
-  longest prompt, the last batch filled with repeats) so the program compiles once; call b uses fold_in(key(seed),
+  longest prompt, the last batch filled with inactive rows) so the program compiles once; call b uses fold_in(key(seed),
   b), so samples depend on the seed and on batch_size. describe(i) names prompt i in errors."""
   if n < 1 or batch_size < 1 or max_new_tokens < 1:
     raise CLIError(f"--n, --batch_size and --max_new_tokens must be >= 1, got {n}, {batch_size}, {max_new_tokens}")
@@ -458,10 +458,11 @@ def generate_completions(loaded: LoadedModel, prompts: Sequence[str], *, chat: P
   key, out = jax.random.key(seed), []
   for b, start in enumerate(range(0, len(rows), batch)):
     chunk = rows[start:start + batch]
-    padded = chunk + [chunk[0]] * (batch - len(chunk))  # static shape: the filler rows are discarded
+    # Static shape: the last batch is filled with inactive rows (length 0), which generate nothing and never keep
+    # the decode loop going.
     prompts_BL = np.full((batch, width), loaded.tokenizer.pad_id, np.int32)
     lens_B = np.zeros((batch,), np.int32)
-    for r, (p, _) in enumerate(padded):
+    for r, (p, _) in enumerate(chunk):
       prompts_BL[r, :len(ids[p])] = ids[p]
       lens_B[r] = len(ids[p])
     res = generate(loaded.model, prompts_BL, lens_B, key=jax.random.fold_in(key, b), max_new_tokens=max_new_tokens,

@@ -58,10 +58,13 @@ def _generate(model: ZayaForCausalLM, prompts_BL, prompt_lens_B, key, stop_ids_Z
     return jnp.any(tokens_B[:, None] == stop_ids_Z[None], axis=-1)  # False everywhere when Z = 0
 
   logits_BV, state = _extend(model, init_state(model.config, B, max_len), prompts_BL, prompt_lens_B, fresh=True)
-  token_B = sample(jax.random.fold_in(key, 0), logits_BV, sampling)
+  # A row with no prompt is inactive: done from the start, it generates nothing and never keeps the loop going
+  # (its share of each step is computed on garbage and discarded).
+  active_B = prompt_lens_B > 0
+  token_B = jnp.where(active_B, sample(jax.random.fold_in(key, 0), logits_BV, sampling), pad)
   tokens_BN = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(token_B)
-  done_B = is_stop(token_B)
-  lengths_B = jnp.ones((B,), jnp.int32)
+  done_B = ~active_B | is_stop(token_B)
+  lengths_B = active_B.astype(jnp.int32)
   ones_B = jnp.ones((B,), jnp.int32)
 
   def cond(carry):
@@ -129,8 +132,8 @@ def _check_prompts(model: ZayaForCausalLM, prompts_BL, prompt_lens_B, max_new: i
   lens = np.asarray(prompt_lens_B)
   if lens.shape != (B,) or not np.issubdtype(lens.dtype, np.integer):
     raise ValueError(f"prompt_lens must be {B} integers (one per row), got {lens.dtype} of shape {lens.shape}")
-  if lens.min() < 1 or lens.max() > L:
-    raise ValueError(f"prompt_lens must lie in [1, {L}] (the prompt width; every row needs a token), "
+  if lens.min() < 0 or lens.max() > L:
+    raise ValueError(f"prompt_lens must lie in [0, {L}] (the prompt width; 0 marks an inactive row), "
                      f"got {lens.tolist()}")
   in_prompt_BL = np.arange(L)[None] < lens[:, None]
   check_token_ids(prompts[in_prompt_BL], model.config.vocab_size)  # the padding after a prompt is ignored
@@ -159,11 +162,13 @@ def generate(model: ZayaForCausalLM, prompts_BL, prompt_lens_B, *, key, max_new_
              ) -> GenerateOutput:
   """Generates up to max_new_tokens per row from right-padded ragged prompts, in one jitted call.
 
-  prompts_BL: token ids, row b's prompt is prompts_BL[b, :prompt_lens_B[b]] (what follows is ignored).
+  prompts_BL: token ids, row b's prompt is prompts_BL[b, :prompt_lens_B[b]] (what follows is ignored). A length of 0
+    marks an inactive row (a filler of a fixed-shape batch): it generates nothing (length 0, all pad) and does not
+    keep the decode loop running.
   key: a jax PRNG key; None is accepted when sampling is greedy (which draws nothing), refused otherwise.
   max_len: the cache length (default L + max_new_tokens - 1).
   Returns GenerateOutput(tokens_BN [B, max_new_tokens] int32 with pad_id(model) after each row's end, lengths_B).
-  Raises, before compiling, on ids outside the vocabulary, prompt lengths outside [1, L], or a row whose prompt
+  Raises, before compiling, on ids outside the vocabulary, prompt lengths outside [0, L], or a row whose prompt
   plus generated tokens would not fit the cache or the model's context.
   """
   (prompts, lens, stop_Z), static = _prepared(model, prompts_BL, prompt_lens_B, max_new_tokens, sampling,
