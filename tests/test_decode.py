@@ -77,6 +77,18 @@ def test_chunked_prefill_equals_one_prefill(case):
   two, state = prefill(model, state, rest_BT, lengths_B - first_B)
   np.testing.assert_allclose(np.asarray(two), np.asarray(one), atol=1e-5, rtol=0)
   np.testing.assert_array_equal(np.asarray(state.lengths_B), lengths_B)
+  # Three chunks, rows skipping some (0 tokens leaves a row as it was): the same state, seen through a decode step.
+  chunks_CB = np.array([[4, 1, 2], [2, 0, 1], [1, 4, 0]])
+  state3, start_B = init_state(model.config, B, MAX_LEN), np.zeros(B, int)
+  for n_B in chunks_CB:
+    chunk_BT = right_padded([t[s:s + n] if n else t[:1] for t, s, n in zip(tokens, start_B, n_B)])
+    _, state3 = prefill(model, state3, chunk_BT, n_B)
+    start_B = start_B + n_B
+  np.testing.assert_array_equal(np.asarray(state3.lengths_B), lengths_B)
+  step_B = tokens[:, -1]
+  want, _ = decode_step(model, state, step_B)
+  got, _ = decode_step(model, state3, step_B)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
 def test_greedy_decoding_matches_transformers_generate(case):
@@ -106,5 +118,5 @@ def test_prompt_longer_than_max_len_raises_before_jit(case):
   state = init_state(model.config, 2, 4)
   with pytest.raises(ValueError, match="max_len=4"):
     prefill(model, state, np.ones((2, 6), np.int64), np.array([3, 5]))
-  with pytest.raises(ValueError, match=r"lengths must lie in \[1, 6\]"):
-    prefill(model, state, np.ones((2, 6), np.int64), np.array([0, 2]))
+  with pytest.raises(ValueError, match=r"lengths must lie in \[0, 6\]"):
+    prefill(model, state, np.ones((2, 6), np.int64), np.array([-1, 2]))

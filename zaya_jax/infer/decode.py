@@ -76,7 +76,8 @@ def _run(model, state, tokens_BT, num_new_B, donate_state: bool, fresh: bool = F
 
 
 def prefill(model: ZayaForCausalLM, state: DecodeState, tokens_BT, lengths_B, *, donate_state: bool = False):
-  """Appends right-padded ragged prompts: row b's tokens are tokens_BT[b, :lengths_B[b]] (1 <= lengths_B[b] <= T).
+  """Appends right-padded ragged prompts: row b's tokens are tokens_BT[b, :lengths_B[b]] (0 <= lengths_B[b] <= T;
+  a row given 0 tokens, in a chunked prefill, is left as it was and its logits are meaningless).
 
   Usually `state` is fresh (`init_state`): the prompts then attend among themselves only (O(T) memory with the flash
   kernel). A non-empty state continues each row (chunked prefill), its chunk attending to the whole cache.
@@ -94,8 +95,8 @@ def prefill(model: ZayaForCausalLM, state: DecodeState, tokens_BT, lengths_B, *,
     raise ValueError(f"lengths must be {B} integers (one per row), got {lengths.dtype} of shape {lengths.shape}")
   if state.lengths_B.shape != (B,):
     raise ValueError(f"the state holds {state.lengths_B.shape[0]} rows, the tokens {B}")
-  if lengths.min() < 1 or lengths.max() > T:
-    raise ValueError(f"lengths must lie in [1, {T}] (every row needs a real token), got {lengths.tolist()}")
+  if lengths.min() < 0 or lengths.max() > T:
+    raise ValueError(f"lengths must lie in [0, {T}] (0 leaves a row as it is), got {lengths.tolist()}")
   cached = np.asarray(state.lengths_B)
   total = cached + lengths
   if total.max() > state.max_len:
