@@ -80,7 +80,7 @@ class LoadedModel:
     """Positions the model supports: a prompt plus its generated tokens must fit."""
     return int(self.config.max_position_embeddings)
 
-  @property
+  @functools.cached_property
   def stop_ids(self) -> tuple[int, ...]:
     """Generation stops at any of: the config's eos ids, the tokenizer's eos, and the eos ids of the folder's
     generation_config.json, which is where Hugging Face chat models list their end-of-turn token (Gemma 3's, ZAYA1's

@@ -86,15 +86,14 @@ def rounded(x, probe):
   """`x` itself, behind a wall the compiler cannot see through, so that it is rounded where PyTorch's separate
   kernels round it.
 
-  XLA's CPU and GPU code generators contract `a * b + c` into one fused multiply-add (one rounding where PyTorch
-  has two: 1 fp32 ulp in a quarter of the residual stream's elements, 5-ulp bf16 logits at 64 tokens), and XLA
-  rewrites `1 / sqrt(v)` into its approximate rsqrt; XLA:CPU's YNNPACK fusions skip bf16 roundings between the ops
-  they take (zaya_jax.model.cca). No XLA flag turns these off, and optimization barriers are gone before code
-  generation, so `x` passes through an integer xor (which also ends a YNNPACK fusion) with a value the compiler
-  cannot prove zero:
-  1 only where `probe` (a runtime tensor broadcastable to `x`) is not finite, where the result is not finite
-  either. Values of other dtypes than fp32 pass unchanged: XLA rounds them after every op anyway. Differentiates as
-  the identity in `x` (the integer detour has no derivative of its own).
+  At LLVM's default level XLA:CPU contracts `a * b + c` into one fused multiply-add (one rounding where PyTorch has
+  two: 1 fp32 ulp in a quarter of the residual stream's elements, 5-ulp bf16 logits at 64 tokens); XLA rewrites
+  `1 / sqrt(v)` into its approximate rsqrt; XLA:CPU's YNNPACK fusions skip bf16 roundings between the ops they take
+  (zaya_jax.model.cca). No XLA flag turns these off, and optimization barriers are gone before code generation, so
+  `x` passes through an integer xor (which also ends a YNNPACK fusion) with a value the compiler cannot prove zero:
+  1 only where `probe` (a runtime tensor broadcastable to `x`) is not finite, where the result is not finite either.
+  Values of other dtypes than fp32 pass unchanged: XLA rounds them after every op anyway. Differentiates as the
+  identity in `x` (the integer detour has no derivative of its own).
   """
   if x.dtype != F32:
     return x
