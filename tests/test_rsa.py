@@ -413,6 +413,35 @@ def test_delethink_keeps_a_finished_trace_and_counts_only_live_ones():
   np.testing.assert_array_equal(state.prefilled_R[1:], [2 * prompt] * cfg.t)
 
 
+def test_a_decoder_that_skips_empty_prompts_gets_none_for_frozen_rows():
+  cfg = dataclasses.replace(DELETHINK, stop_ids=(EOS,))
+  seen = []
+
+  def skipping(key, prompts_BL, plen_B, max_new):  # host loop: concrete lengths
+    seen.append(np.asarray(plen_B).tolist())
+    tokens_BM, len_B = stop_row0_decoder(key, prompts_BL, plen_B, max_new)
+    return tokens_BM, jnp.where(plen_B > 0, len_B, 0)  # an inactive row generates nothing
+
+  skipping.skips_empty_prompts = True
+  state = rsa.run_loop(cfg, CONTINUE_PIECES, skipping, QUESTION, KEY)
+  # Row 0 finished in round 0: every later round hands it an empty prompt; the others keep theirs.
+  assert [p[0] for p in seen] == [seen[0][0]] + [0] * cfg.t and all(min(p[1:]) > 0 for p in seen)
+  # Nothing else changes: the frozen row's decode was discarded anyway.
+  assert_states_equal(state, rsa.run_loop(cfg, CONTINUE_PIECES, stop_row0_decoder, QUESTION, KEY))
+  assert not hasattr(stop_row0_decoder, "skips_empty_prompts")  # other decoders never see an empty prompt
+
+  seen_traced = []
+
+  def traced(key, prompts_BL, plen_B, max_new):  # the same inside run's single jit
+    jax.debug.callback(lambda p: seen_traced.append(np.asarray(p).tolist()), plen_B, ordered=True)
+    tokens_BM, len_B = stop_row0_decoder(key, prompts_BL, plen_B, max_new)
+    return tokens_BM, jnp.where(plen_B > 0, len_B, 0)
+
+  traced.skips_empty_prompts = True
+  assert_states_equal(rsa.run(cfg, CONTINUE_PIECES, traced, QUESTION, KEY), state)
+  assert seen_traced == seen
+
+
 def test_a_final_stop_token_is_not_in_the_tail_and_marks_the_trace_finished():
   cfg = RSAConfig(n=3, c=2, t=1, tau=3, beta=5, q_max=4, stop_ids=EOS)
   assert cfg.stop_ids == (EOS,)

@@ -232,6 +232,7 @@ def make_decode_fn(model: ZayaForCausalLM, *, sampling: SamplingConfig, stop_tok
               pad=pad)
     return out.tokens_BN, out.lengths_B
 
+  decode_fn.skips_empty_prompts = True  # rsa.skip_frozen: a 0-length prompt is an inactive row here
   return decode_fn
 
 

@@ -461,8 +461,18 @@ def initial_round(cfg, pieces, decode_fn: DecodeFn, state: RSAState, q_Q, q_len,
 def aggregation_round(cfg, pieces, decode_fn: DecodeFn, state: RSAState, q_Q, q_len, max_new: int) -> RSAState:
   """One Markovian round: tails of the current pool -> subsets -> prompts -> decode -> the new pool."""
   k_dec, prompts_NL, prompt_len_N = prepare_aggregation(cfg, pieces, state, q_Q, q_len)
-  tokens_NM, len_N = decode_fn(k_dec, prompts_NL, prompt_len_N, max_new)
-  return absorb(cfg, state, prompt_len_N, tokens_NM, len_N, max_new, frozen_rows(cfg, state))
+  frozen_N = frozen_rows(cfg, state)
+  tokens_NM, len_N = decode_fn(k_dec, prompts_NL, skip_frozen(decode_fn, prompt_len_N, frozen_N), max_new)
+  return absorb(cfg, state, prompt_len_N, tokens_NM, len_N, max_new, frozen_N)
+
+
+def skip_frozen(decode_fn: DecodeFn, prompt_len_N, frozen_N):
+  """The prompt lengths handed to decode_fn: 0 for frozen rows (whose decode is discarded) when decode_fn declares
+  `skips_empty_prompts` (make_decode_fn's does: such rows generate nothing and never keep its loop going); else
+  unchanged, so that other decoders never see an empty prompt."""
+  if getattr(decode_fn, "skips_empty_prompts", False):
+    return jnp.where(frozen_N, 0, prompt_len_N)
+  return prompt_len_N
 
 
 def state_from_population(cfg: RSAConfig, key: jax.Array, tokens_NM, len_N, rounds_done: int = 1) -> RSAState:
@@ -560,11 +570,12 @@ def run_loop(
     prepare = _prepare_initial_jit if r == 0 else _prepare_aggregation_jit
     k_dec, prompts_NL, prompt_len_N = prepare(static, pieces, state, q_Q, q_len)
     fn = final_decode_fn if r == cfg.t else decode_fn
-    tokens_NM, len_N = fn(k_dec, prompts_NL, prompt_len_N, cfg.budget(r))
     # Round 0 freezes nothing (no trace has finished yet); passing the array there too keeps one absorb program
     # per budget, where None would compile a second one.
+    frozen_N = frozen_rows(static, state)
+    tokens_NM, len_N = fn(k_dec, prompts_NL, skip_frozen(fn, prompt_len_N, frozen_N), cfg.budget(r))
     state = _absorb_jit(static, state, prompt_len_N, jnp.asarray(tokens_NM), jnp.asarray(len_N), cfg.budget(r),
-                        frozen_rows(static, state))
+                        frozen_N)
     if on_round is not None:
       on_round(r, state)
   return state
