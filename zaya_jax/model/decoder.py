@@ -175,7 +175,7 @@ class ZayaForCausalLM(nnx.Module):
 # precision"), which moves bf16 logits by a few ulp. (XLA:CPU's YNNPACK fusions of a reduction with its elementwise
 # neighbours, from ~512 tokens on, skip bf16 roundings even so: `layers.rounded` keeps the qk normalisation's out of
 # them. Restricting YNNPACK to plain dots instead also worked, but XLA's own reductions then met torch's summation
-# order less often: 30% of the sliding parity config's positions 1-2 bf16 ulp off at 32 tokens, against none.)
+# order less often: 30% of the sliding parity config's positions more than 1 bf16 ulp off at 32 tokens, against none.)
 EXACT_ROUNDING = {"xla_allow_excess_precision": False}
 
 
