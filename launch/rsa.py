@@ -143,6 +143,11 @@ def main(argv) -> int:
       end_think = tuple(tokenizer.hf.encode(_END_THINK.value, add_special_tokens=False).ids)
       if not end_think:
         raise cli.CLIError("--end_think is empty: --tail_source=reasoning needs the end-of-thinking marker text")
+      if len(end_think) > 1:
+        # The sampler looks for this exact id sequence; a model may write the same text as other ids (merged
+        # with a neighbouring space or newline), and a trace whose marker is missed counts as all reasoning.
+        print(f"note: --end_think={_END_THINK.value!r} is not one token in this tokenizer but {len(end_think)} "
+              f"{list(end_think)}: reasoning ends only where the model writes exactly these ids", file=sys.stderr)
     # pad_id must be generate's (rows are compared and scrubbed with it); max_context is the model's positions,
     # which also bound make_decode_fn's cache (prompt capacity + budget - 1 per call). Tails end before a final stop
     # token, which marks a trace finished.

@@ -212,3 +212,24 @@ def test_load_chat_template(tmp_path):
   empty.write_text("{}")
   with pytest.raises(ValueError, match="no chat_template"):
     P.load_chat_template(empty)
+
+
+@pytest.mark.parametrize("with_added_tokens", [False, True])
+def test_chat_template_names_come_from_where_transformers_takes_them(tmp_path, tok, with_added_tokens):
+  """An older folder keeps bos/eos in special_tokens_map.json; transformers merges it over tokenizer_config.json
+  unless the config lists added_tokens_decoder. The rendered prompt must be the one transformers renders."""
+  from transformers import AutoTokenizer
+
+  tok.save(str(tmp_path / "tokenizer.json"))
+  config = {"chat_template": CHATML, "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+  if with_added_tokens:
+    config["added_tokens_decoder"] = {"0": {"content": "<pad>", "special": True, "lstrip": False, "rstrip": False,
+                                            "normalized": False, "single_word": False}}
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<|bos|>"},
+                                                                "eos_token": "<pad>"}))
+  messages = [{"role": "user", "content": "What is 2+3?"}]
+  expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False,
+                                                                          add_generation_prompt=True)
+  assert P.load_chat_template(tmp_path).user(messages[0]["content"]) == expected
+  assert expected.startswith("<|im_start|>" if with_added_tokens else "<|bos|><|im_start|>")

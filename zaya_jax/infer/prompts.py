@@ -199,7 +199,8 @@ def _token_text(tok) -> str | None:
 def load_chat_template(path: str | os.PathLike, name: str = "default") -> ChatFormat:
   """The chat template of a tokenizer folder or `tokenizer_config.json`: `chat_template.jinja` if the folder has
   one, else the config's `chat_template` (a string, or a list of {name, template} from which `name` is taken).
-  bos_token/eos_token (strings or {"content": ...}) become render names."""
+  bos_token/eos_token/pad_token (strings or {"content": ...}) become render names; in a folder without
+  `added_tokens_decoder` in its config, special_tokens_map.json's names win, as in transformers."""
   path = os.fspath(path)
   folder = path if os.path.isdir(path) else os.path.dirname(path)
   config_path = os.path.join(path, "tokenizer_config.json") if os.path.isdir(path) else path
@@ -219,7 +220,13 @@ def load_chat_template(path: str | os.PathLike, name: str = "default") -> ChatFo
     template = named[name]
   if not isinstance(template, str) or not template:
     raise ValueError(f"{path}: no chat_template found (tokenizer_config.json or chat_template.jinja)")
-  extra = {k: _token_text(config[k]) for k in ("bos_token", "eos_token", "pad_token") if config.get(k) is not None}
+  names = dict(config)
+  legacy_path = os.path.join(folder, "special_tokens_map.json")
+  if "added_tokens_decoder" not in config and os.path.exists(legacy_path):
+    # A folder of the older layout: transformers merges this file over the config's names, so it wins.
+    with open(legacy_path, encoding="utf-8") as f:
+      names.update(json.load(f))
+  extra = {k: _token_text(names[k]) for k in ("bos_token", "eos_token", "pad_token") if names.get(k) is not None}
   return ChatFormat(template, extra)
 
 
