@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from reference import make_reference
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(bf)  # its shape, --quick and --out flags: listed by --help too
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens P per row (every row the same length, as the reference's "
                      "batched generate needs without padding).")
 flags.DEFINE_integer("new_tokens", 128, "New tokens N per row.")

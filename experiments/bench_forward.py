@@ -58,8 +58,8 @@ flags.DEFINE_integer("seed", 0, "Seed of weights and token ids.")
 flags.DEFINE_bool("retain_host_memory", True, "Keep freed host memory mapped and run JAX's CPU calls on the "
                   "calling thread (zaya_jax.host_memory) in this process, which runs ours and the reference alike; "
                   "false: glibc's defaults and JAX's asynchronous dispatch.")
-flags.DEFINE_string("out", None, "Where to write the JSON results (default: experiments/results/"
-                    "bench_forward[_bf16][_quick].json).")
+flags.DEFINE_string("out", None, "Where to write the JSON results (default: experiments/results/<benchmark>...json, "
+                    "named after the benchmark and its mode, e.g. bench_forward_bf16_quick.json).")
 
 QUICK = dict(batch=2, seq=32, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=4,
              moe_intermediate=64, router_hidden=16, vocab=512, reps=2, warmup=1, matmul_size=256)

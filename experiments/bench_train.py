@@ -37,6 +37,7 @@ from zaya_jax.train.balancing import BalancingConfig
 from zaya_jax.train.optim import OptimizerConfig
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(bf)  # its shape, --quick and --out flags: listed by --help too
 flags.DEFINE_enum("preset", "small20m", ["tiny", "small20m"], "Model and batch of a registered experiment config.")
 flags.DEFINE_float("lr", 1e-3, "AdamW learning rate (constant) of both.")
 

@@ -1,7 +1,7 @@
 """Text generation from a trained run or a Hugging Face ZAYA1 folder.
 
   python launch/generate.py --model=runs/tiny --prompt="import os" --max_new_tokens=64 --temperature=0
-  python launch/generate.py --model=/models/ZAYA1-8B --chat --prompt="What is 7 * 6?" --max_new_tokens=512 \
+  python launch/generate.py --model=/models/ZAYA1-8B --chat --prompt="What is 7 * 6?" --max_new_tokens=512 \\
       --temperature=1.0 --top_p=0.95 --seed=3
   python launch/generate.py --model=runs/tiny --prompts_file=prompts.jsonl --n=4 --output=samples.jsonl
 
@@ -10,8 +10,9 @@ latest complete step unless --step) or a Hugging Face folder (config.json with m
 tokenizer.json; --chat uses its tokenizer_config.json chat_template or chat_template.jinja). --prompts_file is a .txt
 (one prompt per line) or .jsonl ({"prompt": ...} per line). Each prompt gets --n samples; generation stops at the
 eos token(s) or after --max_new_tokens. --output writes one JSON line per sample (prompt, completion, tokens
-generated, ...) only once every sample is done; an existing --output is kept unless --overwrite. Bad input prints
-one `error:` line and exits 1, before the weights load wherever the tokenizer and config.json suffice to find it.
+generated, ..., and the model, checkpoint step and weights fingerprint) only once every sample is done; an existing
+--output is kept unless --overwrite. Bad input prints one `error:` line and exits 1, before the weights load wherever
+the tokenizer and config.json suffice to find it.
 """
 
 from __future__ import annotations
@@ -54,17 +55,21 @@ def main(argv) -> int:
   cli.check_output_is_not_input(_OUTPUT.value, prompts_file=_PROMPTS_FILE.value)
   with cli.AtomicJsonl(_OUTPUT.value, overwrite=_OVERWRITE.value) as out:
     loaded = cli.load_model(_MODEL.value, tokenizer_path=_TOKENIZER.value, step=_STEP.value)
+    print(f"model: {loaded.describe()}", file=sys.stderr)
     chat = cli.chat_format(loaded, _CHAT.value)
     completions = cli.generate_completions(loaded, prompts, chat=chat, max_new_tokens=_MAX_NEW.value,
                                            sampling=sampling, n=_N.value, seed=_SEED.value,
                                            batch_size=_BATCH.value, describe=describe)
+    model = {"model": loaded.path, "step": loaded.step, "fingerprint": loaded.fingerprint}  # which weights wrote it
     for c in completions:
-      out.write(c.to_json())
+      out.write({**c.to_json(), **model})
   single = len(completions) == 1
   for c in completions:
     if not single:
       end = "stop token" if c.stopped else "budget"
-      print(f"=== prompt {c.prompt_index + 1}, sample {c.sample + 1} ({c.tokens} tokens, ended at the {end}) ===")
+      shown = prompts[c.prompt_index] if len(prompts[c.prompt_index]) <= 60 else prompts[c.prompt_index][:57] + "..."
+      print(f"=== prompt {c.prompt_index + 1} {shown!r}, sample {c.sample + 1} ({c.tokens} tokens, ended at the "
+            f"{end}) ===")
     print(c.completion, flush=True)
   if _OUTPUT.value:
     print(f"wrote {len(completions)} sample(s) to {_OUTPUT.value}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Markovian RSA (ZAYA1-8B report §VI) from the command line: one problem or a problem file, with a report.
 
-  python launch/rsa.py --model=/models/ZAYA1-8B --chat --problem="What is 7 * 6? Answer in \\boxed{}." \
+  python launch/rsa.py --model=/models/ZAYA1-8B --chat --problem="What is 7 * 6? Answer in \\boxed{}." \\
       --n=16 --c=4 --t=2 --tau=4096 --beta=16384 --beta_final=40960
-  python launch/rsa.py --model=runs/tiny --problems=aime25.jsonl --n=8 --c=4 --t=2 --tau=256 --beta=512 \
+  python launch/rsa.py --model=runs/tiny --problems=aime25.jsonl --n=8 --c=4 --t=2 --tau=256 --beta=512 \\
       --template=markovian-zaya --output=aime25_rsa.jsonl
 
 Round 0 samples --n answers of the problem; each of --t aggregation rounds gives every new trace --c distinct
@@ -11,11 +11,14 @@ candidates of the previous round, of which it sees the last --tau tokens, and de
 their plurality vote. A problem file holds one JSON object per line with "problem" (or "question") and optionally
 "answer"; with answers the run reports the mean correctness over the final candidates (the report's metric), majority@N
 and pass@N. --output gets one JSON line per problem (answers, vote, correctness, generated/prefilled tokens, largest
-context) and a summary line. Each problem's line is on disk once it is done (in `<output>.partial`, renamed to
---output when every problem is): after a crash, Ctrl-C or SIGTERM, rerun with the same flags and --resume to decode
-only the rest (problem i always uses fold_in(key(seed), i), so the results equal an uninterrupted run's). An existing
---output is kept unless --overwrite. Sampling flags apply to every round. Bad input prints one `error:` line and
-exits 1, before the weights load wherever the tokenizer and config.json suffice to find it.
+context; the final texts with --save_texts) and a summary line, which also records the flags, the checkpoint step and
+a fingerprint of the weights ("run"). Each problem's line is on disk once it is done (in `<output>.partial`, renamed
+to --output when every problem is): after a crash, Ctrl-C or SIGTERM, rerun with the same flags and --resume to decode
+only the rest (problem i always uses fold_in(key(seed), i), so the results equal an uninterrupted run's); a resume
+with other flags, other weights (a run directory that saved a later step, a folder exported over) or another
+reference answer for a finished problem is refused. An existing --output is kept unless --overwrite. Sampling flags
+apply to every round. Bad input prints one `error:` line and exits 1, before the weights load wherever the tokenizer
+and config.json suffice to find it.
 
 --model is a run directory (launch/train.py) or a Hugging Face folder, as for launch/generate.py. Templates:
 rsa (the RSA authors' prompt), rsa-harness (its typo fixed), markovian-zaya (Zyphra's proxy prompt), delethink (C = 1:
@@ -62,11 +65,14 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (the 
 _SEED = flags.DEFINE_integer("seed", 0, "Seed: problem i uses fold_in(key(seed), i), independent of the others.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write one JSON line per problem and a summary line here.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+_SAVE_TEXTS = flags.DEFINE_bool("save_texts", False, "Also write the final candidates' texts (\"texts\") into each "
+                                 "problem's --output line.")
 _RESUME = flags.DEFINE_bool("resume", False, "Go on from the finished problems of an interrupted run with the same "
                             "flags (<output>.partial); starts afresh when there is none.")
 # The flags that shape the results: a resumed run must repeat them (--output, --overwrite, --resume do not count).
 _SETTINGS = (_MODEL, _TOKENIZER, _STEP, _PROBLEM, _ANSWER, _PROBLEMS, _N, _C, _T, _TAU, _BETA, _BETA_FINAL,
-             _BETA_FIRST, _TAIL_SOURCE, _END_THINK, _TEMPLATE, _CHAT, _Q_MAX, _TEMPERATURE, _TOP_K, _TOP_P, _SEED)
+             _BETA_FIRST, _TAIL_SOURCE, _END_THINK, _TEMPLATE, _CHAT, _Q_MAX, _TEMPERATURE, _TOP_K, _TOP_P, _SEED,
+             _SAVE_TEXTS)
 
 
 def _problems() -> list[cli.Problem]:
@@ -102,6 +108,10 @@ def _resumed(rows: list[dict], problems: list[cli.Problem]) -> dict[int, cli.Pro
     if report.index >= len(problems) or problems[report.index].problem != report.problem:
       raise cli.CLIError(f"--resume: {_OUTPUT.value}.partial answers another problem {report.index + 1} than the "
                          "problem file's; delete it to start over")
+    if problems[report.index].answer != report.reference:  # its line would be scored against the old answer
+      raise cli.CLIError(f"--resume: problem {report.index + 1}'s reference answer is {problems[report.index].answer!r}"
+                         f" in the problem file but {report.reference!r} in {_OUTPUT.value}.partial; restore it, or "
+                         "delete the partial file to start over")
     done[report.index] = report
   return done
 
@@ -121,11 +131,16 @@ def main(argv) -> int:
   # Checked before the model loads: flag errors (C > N, τ > β, ...) should not wait for the weights.
   rsa_config_from_flags(tail_source="all", end_think=(), q_max=1, max_context=None, pad_id=0)
   cli.check_output_is_not_input(_OUTPUT.value, problems=_PROBLEMS.value)
-  settings = {flag.name: flag.value for flag in _SETTINGS}
+  loaded = cli.load_model(_MODEL.value, tokenizer_path=_TOKENIZER.value, step=_STEP.value)  # weights: on first use
+  print(f"model: {loaded.describe()}", file=sys.stderr)
+  # What shapes the results: the flags, and the weights themselves (a run directory that went on training, or a
+  # folder exported over, must not resume a partial file with another model). Written into the summary line too.
+  provenance = {"flags": {f"--{flag.name}": flag.value for flag in _SETTINGS},
+                "model": {"step": loaded.step, "fingerprint": loaded.fingerprint}}
+  settings = {**provenance["flags"], "model step": loaded.step, "model fingerprint": loaded.fingerprint}
   with cli.AtomicJsonl(_OUTPUT.value, overwrite=_OVERWRITE.value, resumable=True, resume=_RESUME.value,
                        settings=settings) as out:
     done = _resumed(out.done, problems)
-    loaded = cli.load_model(_MODEL.value, tokenizer_path=_TOKENIZER.value, step=_STEP.value)  # weights: on first use
     tokenizer = loaded.tokenizer
     chat = cli.chat_format(loaded, _CHAT.value)
     try:
@@ -169,10 +184,10 @@ def main(argv) -> int:
         print(f"  round {r}: {int(state.generated_R[r])} new tokens, longest call {int(state.max_context_R[r])} "
               "tokens", flush=True)
 
-      report, _ = cli.solve_problem(cfg, pieces, decode_fn, tokenizer, problem, jax.random.fold_in(key, problem.index),
-                                    loaded.stop_ids, on_round=on_round)
+      report, texts = cli.solve_problem(cfg, pieces, decode_fn, tokenizer, problem,
+                                        jax.random.fold_in(key, problem.index), loaded.stop_ids, on_round=on_round)
       reports.append(report)
-      out.write(report.to_json())
+      out.write({**report.to_json(), **({"texts": texts} if _SAVE_TEXTS.value else {})})
       shown = ", ".join("-" if a is None else repr(a) for a in report.answers)
       print(f"  answers: {shown}")
       vote = "no answer" if report.majority is None else f"{report.majority!r} ({report.votes} of {cfg.n})"
@@ -182,7 +197,7 @@ def main(argv) -> int:
                    f"{sum(report.correct)}/{cfg.n} candidates correct")
       print(f"  vote: {vote}{verdict}", flush=True)
     summary = cli.summarize(reports)
-    out.write(summary)
+    out.write({**summary, "run": provenance})
   print(cli.format_summary(summary))
   if _OUTPUT.value:
     print(f"wrote {len(reports)} problem(s) and a summary line to {_OUTPUT.value}", file=sys.stderr)

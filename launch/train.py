@@ -1,7 +1,7 @@
 """Pretraining from the command line: a registered experiment config, overridden field by field.
 
   python launch/train.py --config=tiny --workdir=runs/tiny
-  python launch/train.py --config=tiny --workdir=runs/tiny2 --set=optimizer.lr=1e-3 --set=model.num_layers=4 \
+  python launch/train.py --config=tiny --workdir=runs/tiny2 --set=optimizer.lr=1e-3 --set=model.num_layers=4 \\
       --steps=500 --data=/path/to/texts --tokenizer=/path/to/tokenizer.json
   python launch/train.py --list_configs
 

@@ -231,6 +231,8 @@ def test_flag_validation_names_the_flags():
     rsa_cfg(tau=32)
   with pytest.raises(cli.CLIError, match="--top_p must lie in"):
     cli.sampling_config(1.0, 0, 0.0)
+  with pytest.raises(cli.CLIError, match=r"--top_k must be >= 1, or 0 for no limit; got -3"):
+    cli.sampling_config(1.0, -3, 1.0)
   assert cli.sampling_config(0.5, 0, 1.0) == SamplingConfig(0.5, None, 1.0)
 
 
@@ -265,8 +267,10 @@ def test_generate_cli_writes_what_the_library_generates(tmp_path, hf_dir, chat_s
                                "--max_new_tokens=8", "--temperature=1.0", "--seed=3", f"--output={output}"))
   assert rc == 0, err
   rows = [json.loads(line) for line in output.read_text().splitlines()]
-  assert rows == [c.to_json() for c in chat_samples]
-  assert out.count("=== prompt ") == 4 and "=== prompt 2, sample 2 (8 tokens" in out
+  model = {"model": str(hf_dir), "step": None, "fingerprint": cli.load_model(str(hf_dir)).fingerprint}
+  assert rows == [{**c.to_json(), **model} for c in chat_samples]
+  assert out.count("=== prompt ") == 4 and "=== prompt 2 'import os', sample 2 (8 tokens" in out
+  assert f"model: {hf_dir} (Hugging Face folder)" in err
   assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl", "samples.jsonl"]  # no temporary file left behind
 
 
@@ -357,12 +361,17 @@ def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp
   problems.write_text('{"problem": "What is 2+2?", "answer": "4"}\n{"question": "Compute 3*3.", "answer": 9}\n'
                       '{"problem": "Name a prime."}\n')
   output = tmp_path / "rsa.jsonl"
-  args = [RSA, f"--model={hf_dir}", f"--problems={problems}", *[f"--{k}={v}" for k, v in RSA_FLAGS.items()],
-          "--seed=5"]
+  model_dir = tmp_path / "model"  # a copy: exported over below
+  shutil.copytree(hf_dir, model_dir)
+  args = [RSA, f"--model={model_dir}", f"--problems={problems}", *[f"--{k}={v}" for k, v in RSA_FLAGS.items()],
+          "--seed=5", "--save_texts"]
   rc, out, err = finish(launch(*args, f"--output={output}"))
   assert rc == 0, err
   lines = [json.loads(line) for line in output.read_text().splitlines()]
   assert len(lines) == 4 and lines[-1]["summary"] and "summary over 3 problem(s), 2 with a reference" in out
+  run = lines[-1].pop("run")  # provenance: the flags and the weights (a copied folder has the same fingerprint)
+  assert run["model"] == {"step": None, "fingerprint": hf.fingerprint} and run["flags"]["--seed"] == 5
+  assert f"model: {model_dir} (Hugging Face folder)" in err
   assert out.count("round 1:") == 3 and out.count("vote:") == 3
   assert "1 of 3 problem(s) have no \"answer\" field (e.g. line 3)" in err  # said before decoding
 
@@ -370,9 +379,10 @@ def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp
   cfg = rsa_cfg(seed=5, stop_ids=hf.stop_ids)  # as launch/rsa.py builds it
   pieces = P.encode_pieces(hf.tokenizer.hf, P.RSA_REFERENCE, 2, None)
   decode_fn = make_decode_fn(hf.model, sampling=SamplingConfig(temperature=1.0), stop_token_ids=hf.stop_ids)
-  reports = [cli.solve_problem(cfg, pieces, decode_fn, hf.tokenizer, p, jax.random.fold_in(jax.random.key(5), p.index),
-                               hf.stop_ids)[0] for p in cli.read_problems(str(problems))]
-  assert lines[:3] == [json.loads(json.dumps(r.to_json())) for r in reports]
+  solved = [cli.solve_problem(cfg, pieces, decode_fn, hf.tokenizer, p, jax.random.fold_in(jax.random.key(5), p.index),
+                              hf.stop_ids) for p in cli.read_problems(str(problems))]
+  reports = [report for report, _ in solved]
+  assert lines[:3] == [json.loads(json.dumps({**r.to_json(), "texts": texts})) for r, texts in solved]
   assert lines[3] == cli.summarize(reports)
   bound, n, rounds = context_bound(cfg, pieces), cfg.n, cfg.rounds
   for r in reports:
@@ -389,12 +399,20 @@ def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp
   assert rc == 128 + signal.SIGTERM and "run again with --resume" in err, err
   partial = tmp_path / "rsa2.jsonl.partial"
   assert not second.exists() and [json.loads(x) for x in partial.read_text().splitlines()] == lines[:1]
+  # Other weights under the same path (a model exported over the folder) do not resume the partial file.
+  shutil.move(model_dir / "model.safetensors", tmp_path / "kept.safetensors")
+  zaya_jax.save_hf(random_model(seed=2), tmp_path / "other")
+  shutil.move(tmp_path / "other" / "model.safetensors", model_dir / "model.safetensors")
+  shutil.rmtree(tmp_path / "other")
+  rc, _, err = finish(launch(*args, f"--output={second}", "--resume"))
+  assert rc == 1 and "other settings: model fingerprint=" in err, err
+  shutil.move(tmp_path / "kept.safetensors", model_dir / "model.safetensors")
   # --resume decodes problems 2 and 3 only; the file equals the uninterrupted run's.
   rc, out, err = finish(launch(*args, f"--output={second}", "--resume"))
   assert rc == 0, err
   assert out.count("done before") == 1 and out.count("round 1:") == 2
   assert second.read_text() == output.read_text()
-  assert sorted(os.listdir(tmp_path)) == ["problems.jsonl", "rsa.jsonl", "rsa2.jsonl"]
+  assert sorted(os.listdir(tmp_path)) == ["model", "problems.jsonl", "rsa.jsonl", "rsa2.jsonl"]
 
 
 def test_output_is_kept_and_partial_lines_resume_only_with_the_same_settings(tmp_path):
@@ -409,20 +427,20 @@ def test_output_is_kept_and_partial_lines_resume_only_with_the_same_settings(tmp
     cli.check_output_is_not_input(str(path), problems=str(path))
 
   fresh = tmp_path / "fresh.jsonl"
-  with pytest.raises(RuntimeError), cli.AtomicJsonl(str(fresh), resumable=True, settings={"seed": 1}) as out:
+  with pytest.raises(RuntimeError), cli.AtomicJsonl(str(fresh), resumable=True, settings={"--seed": 1}) as out:
     raise RuntimeError("fails before any line")
   assert sorted(os.listdir(tmp_path)) == ["out.jsonl"]  # nothing kept: nothing was finished
-  with pytest.raises(KeyboardInterrupt), cli.AtomicJsonl(str(fresh), resumable=True, settings={"seed": 1}) as out:
+  with pytest.raises(KeyboardInterrupt), cli.AtomicJsonl(str(fresh), resumable=True, settings={"--seed": 1}) as out:
     out.write({"line": 1})
     raise KeyboardInterrupt
   partial = tmp_path / "fresh.jsonl.partial"
   with open(partial, "a") as f:
     f.write('{"line": 2, "cut')  # a kill in the middle of a line
   with pytest.raises(cli.CLIError, match="pass --resume"):
-    cli.AtomicJsonl(str(fresh), resumable=True, settings={"seed": 1}).__enter__()
+    cli.AtomicJsonl(str(fresh), resumable=True, settings={"--seed": 1}).__enter__()
   with pytest.raises(cli.CLIError, match=r"other settings: --seed=1 \(now 2\)"):
-    cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"seed": 2}).__enter__()
-  with cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"seed": 1}) as out:
+    cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 2}).__enter__()
+  with cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 1}) as out:
     assert out.done == [{"line": 1}]  # the cut line is dropped, to be decoded again
     out.write({"line": 2})
   assert fresh.read_text() == '{"line": 1}\n{"line": 2}\n'
@@ -478,7 +496,10 @@ def test_bad_input_exits_1_with_one_message_and_no_output(tmp_path, hf_dir):
 
 def test_run_directory_and_its_hf_export_generate_the_same_tokens(tmp_path, run_dir, chat_samples):
   run = cli.load_model(str(run_dir))
-  assert run.kind == "run" and run.stop_ids == (1,)
+  assert run.kind == "run" and run.stop_ids == (1,) and run.step == 12  # the latest, resolved before any weights
+  assert cli.load_model(str(run_dir), step=6).fingerprint != run.fingerprint
+  with pytest.raises(cli.CLIError, match=r"no complete checkpoint at step 7 \(it has 6, 12\)"):
+    cli.load_model(str(run_dir), step=7)
   exported = tmp_path / "exported"
   zaya_jax.save_hf(run.model, exported)
   _copy_tokenizer(run_dir, exported)

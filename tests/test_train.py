@@ -113,7 +113,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus, env, straight):
   rc, out = finish(start(env, tmp_path, corpus, 2 * N, N, "sigterm_after=4"))
   assert rc == 0 and "SIGTERM: saved step 4" in out and "preempted=True" in out, out
   with RunCheckpointer(tmp_path / "checkpoints", save_every=6, max_to_keep=3) as ck:
-    assert ck.latest_step() == 4  # off the save interval: the preemption save is forced
+    # Off the save interval, the preemption save is forced; nothing saved at step 1 (Orbax's default first save,
+    # which held one of the max_to_keep slots).
+    assert ck.all_steps() == [4]
 
 
 def run_balancing(data, mode: str, steps: int, last: int):
@@ -285,6 +287,10 @@ def test_main_job_trains_checkpoints_evaluates_and_samples(tmp_path, env):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   for expected in ("final eval loss", "sample (temperature 0.8):\nimport os\n", "done: step 4"):
     assert expected in proc.stdout, proc.stdout
+  with open(tmp_path / "metrics.jsonl") as f:
+    losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
+  # Logged at step 1 (the compile) and 4: that line reads the mean of steps 2-4, not step 4's batch alone.
+  assert f"loss {np.mean(losses[1:]):.4f} (mean of 3 steps)" in proc.stdout, proc.stdout
   assert RunCheckpointer(tmp_path / "checkpoints", save_every=1, max_to_keep=3).latest_step() == 4
   assert load_json(tmp_path / "config.json") == override(get_experiment("tiny"), ["loop.steps=4",
                                                                                   "loop.eval_batches=1",

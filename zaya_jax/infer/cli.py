@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -61,12 +62,40 @@ class LoadedModel:
   template) are found before gigabytes load."""
 
   def __init__(self, *, path: str, kind: str, tokenizer: Tokenizer, config: ZayaConfig,
-               load_weights: Callable[[], ZayaForCausalLM]):
+               load_weights: Callable[[], ZayaForCausalLM], step: int | None = None):
     self.path = path  # the model folder
     self.kind = kind  # "run" (Orbax run directory) or "hf" (Hugging Face folder)
+    self.step = step  # a run directory's checkpoint step (the latest when none was asked for); None for "hf"
     self.tokenizer = tokenizer
     self.config = config
     self._load_weights = load_weights
+
+  def describe(self) -> str:
+    return (f"{self.path} (run directory, checkpoint step {self.step})" if self.kind == "run" else
+            f"{self.path} (Hugging Face folder)")
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """Identifies the weights without reading them all: a hash of the config and of each weight file's name, size,
+    first and last 64 KiB and 16 blocks spread over it. A retrained checkpoint written over the same folder (or a
+    run directory's later step) differs; a copy of the folder elsewhere does not."""
+    if self.kind == "run":
+      root = os.path.join(self.path, "checkpoints", str(self.step))
+      files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+    else:
+      root = self.path
+      files = sorted(os.path.join(root, f) for f in os.listdir(root)
+                     if f.endswith(".safetensors") or f == "model.safetensors.index.json")
+    digest = hashlib.sha256()
+    for file in [os.path.join(self.path, "config.json"), *files]:
+      size = os.path.getsize(file)
+      digest.update(f"{os.path.relpath(file, self.path)}\0{size}\0".encode())
+      ends, inside = {0: 65536, max(size - 65536, 0): 65536}, {o: 4096 for o in range(0, size, max(size // 16, 1))}
+      with open(file, "rb") as f:
+        for offset, length in sorted({**inside, **ends}.items()):  # the ends (safetensors' header) read in full
+          f.seek(offset)
+          digest.update(f.read(length))
+    return digest.hexdigest()[:16]
 
   @functools.cached_property
   def model(self) -> ZayaForCausalLM:
@@ -169,13 +198,14 @@ def load_model(path: str, *, tokenizer_path: str | None = None, step: int | None
   try:
     tokenizer = load_tokenizer(token_file)
     if kind == "run":
-      from zaya_jax.train.checkpointing import load_run  # Orbax and grain: only imported for run directories
+      from zaya_jax.train.checkpointing import load_run, resolve_step  # Orbax, grain: only for run directories
       from zaya_jax.train.experiment import load_json
 
       try:
         config = load_json(os.path.join(path, "config.json")).model
       except (TypeError, ValueError) as e:  # a config.json without the ExperimentConfig fields
         raise CLIError(f"--model={path}: config.json is not a launch/train.py run config ({e})") from None
+      step = resolve_step(path, step)  # now: the weights load later, and a run may go on saving meanwhile
 
       def load_weights():
         return load_run(path, step=step)[0]
@@ -189,7 +219,7 @@ def load_model(path: str, *, tokenizer_path: str | None = None, step: int | None
     tokenizer.check_fits(config.vocab_size)
   except (CheckpointError, FileNotFoundError) as e:
     raise CLIError(f"cannot load --model={path}: {e}") from None
-  loaded = LoadedModel(path=path, kind=kind, tokenizer=tokenizer, config=config, load_weights=load_weights)
+  loaded = LoadedModel(path=path, kind=kind, tokenizer=tokenizer, config=config, load_weights=load_weights, step=step)
   _ = loaded.stop_ids  # a malformed generation_config.json is named now, not after the weights load
   return loaded
 
@@ -214,6 +244,8 @@ def encode_prompt(tokenizer: Tokenizer, text: str, chat: P.ChatFormat | None) ->
 
 def sampling_config(temperature: float, top_k: int | None, top_p: float) -> SamplingConfig:
   """From the flags; top_k 0 or None means no limit."""
+  if top_k is not None and top_k < 0:
+    raise CLIError(f"--top_k must be >= 1, or 0 for no limit; got {top_k}")
   try:
     return SamplingConfig(temperature=float(temperature), top_k=top_k or None, top_p=float(top_p))
   except ValueError as e:
@@ -363,7 +395,7 @@ class AtomicJsonl:
       raise CLIError(f"--resume: {settings_file} is unreadable ({e}); delete {partial} to start over") from None
     changed = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
     if changed:
-      was = ", ".join(f"--{k}={saved.get(k)!r} (now {self.settings.get(k)!r})" for k in changed)
+      was = ", ".join(f"{k}={saved.get(k)!r} (now {self.settings.get(k)!r})" for k in changed)
       raise CLIError(f"--resume: {partial} was written with other settings: {was}; rerun with those, or delete it")
     with open(partial, "rb") as f:
       data = f.read()

@@ -44,8 +44,12 @@ class RunCheckpointer:
 
   def __init__(self, directory: str | os.PathLike, *, save_every: int, max_to_keep: int, use_async: bool = True):
     self.directory = os.path.abspath(os.fspath(directory))
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=save_every, enable_async_checkpointing=use_async, create=True)
+    # Orbax's default policy also saves the first step it sees, which then holds one of the max_to_keep slots (a
+    # whole train state right after step 1): every save_every steps, plus the forced saves (last step, preemption).
+    policy = ocp.checkpoint_managers.AnySavePolicy([ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+                                                    ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_decision_policy=policy,
+                                           enable_async_checkpointing=use_async, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def __enter__(self):
@@ -136,6 +140,33 @@ def on_one_device(abstract_state):
   return with_shardings(abstract_state, jax.tree.map(lambda _: one, abstract_state))
 
 
+def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=ocp.CheckpointManagerOptions(
+      read_only=True, save_interval_steps=0, create=False))
+
+
+def _complete_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+  """`step`, or the latest, if the run holds it complete (a half-written one is never listed); else CheckpointError
+  naming the steps it has."""
+  steps = sorted(manager.all_steps())
+  if step is None and steps:
+    return steps[-1]
+  if step is None or step not in steps:
+    have = f" (it has {', '.join(map(str, steps))})" if steps else ""
+    raise CheckpointError(f"{os.fspath(manager.directory)} holds no complete checkpoint"
+                          + ("" if step is None else f" at step {step}") + have)
+  return step
+
+
+def resolve_step(workdir: str | os.PathLike, step: int | None = None) -> int:
+  """The checkpoint step `load_run(workdir, step)` would load, found without reading it."""
+  manager = _read_only_manager(os.path.abspath(os.fspath(workdir)))
+  try:
+    return _complete_step(manager, step)
+  finally:
+    manager.close()
+
+
 def load_run(workdir: str | os.PathLike, step: int | None = None):
   """(model, tokenizer or None, ExperimentConfig) from a run directory's latest (or given) complete checkpoint.
 
@@ -153,13 +184,10 @@ def load_run(workdir: str | os.PathLike, step: int | None = None):
   cfg = load_json(config_path)
   trainer, abstract_state = train_step_lib.create_abstract(cfg.model, cfg.optimizer, cfg.step, cfg.balancing,
                                                            cfg.loop.steps, cfg.loop.seed)
-  directory = os.path.join(workdir, "checkpoints")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, save_interval_steps=0, create=False))
+  manager = _read_only_manager(workdir)
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise CheckpointError(f"{directory} holds no complete checkpoint" + ("" if step is None else f" at step {step}"))
+    step = _complete_step(manager, step)
+    directory = os.path.join(workdir, "checkpoints")
     where = os.path.join(directory, str(step))
     try:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

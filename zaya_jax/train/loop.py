@@ -323,6 +323,7 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
     peak *= jax.device_count()
     last_loss = eval_loss = None
     step_times: list[float] = []
+    logged_losses: list[float] = []  # since the last log line: one batch's loss is too noisy to read a trend from
     lr_at = learning_rate_schedule(cfg.optimizer, loop.steps)  # the step's AdamW rate (Muon's has the same shape)
     for step in range(start, loop.steps):
       batch = next(data_iter)
@@ -340,6 +341,7 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
                             f"{'none' if kept is None else os.path.join(checkpointer.directory, str(kept))}")
       done = step + 1
       last_loss = row["loss"]
+      logged_losses.append(last_loss)
       timed = step_times[1:][-20:]  # the first step of a process compiles: no throughput from it
       seconds = float(np.median(timed)) if timed else None
       row.update(step=done, lr=float(lr_at(step)), tokens_per_s=tokens_per_step / seconds if timed else None,
@@ -349,7 +351,10 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
         speed = (f"{row['tokens_per_s']:,.0f} tok/s  MFU {100 * row['mfu']:.1f}% (of {peak_source})  "
                  f"ETA {seconds * (loop.steps - done) / 60:.1f} min" if timed else
                  f"compiled in {step_times[0]:.1f} s (throughput from the next step)")
-        log(f"step {done:>6}/{loop.steps}  loss {row['loss']:.4f}  {speed}")
+        mean = (f"loss {np.mean(logged_losses):.4f} (mean of {len(logged_losses)} steps)" if len(logged_losses) > 1
+                else f"loss {last_loss:.4f}")
+        log(f"step {done:>6}/{loop.steps}  {mean}  lr {row['lr']:.3g}  {speed}")
+        logged_losses.clear()
       preempted = preemption.reached(done)
       checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or preempted)
       if loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
