@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import logging
 import os
 
 import grain
@@ -140,9 +141,19 @@ def on_one_device(abstract_state):
   return with_shardings(abstract_state, jax.tree.map(lambda _: one, abstract_state))
 
 
+def _not_the_read_only_notice(record: logging.LogRecord) -> bool:
+  return not record.getMessage().startswith("Given directory is read only")
+
+
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=ocp.CheckpointManagerOptions(
-      read_only=True, save_interval_steps=0, create=False))
+  # Orbax warns that a read-only manager is read-only on every load_run; here that is the point, not news.
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_not_the_read_only_notice)
+  try:
+    return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=ocp.CheckpointManagerOptions(
+        read_only=True, save_interval_steps=0, create=False))
+  finally:
+    absl_logger.removeFilter(_not_the_read_only_notice)
 
 
 def _complete_step(manager: ocp.CheckpointManager, step: int | None) -> int:
