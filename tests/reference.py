@@ -11,7 +11,8 @@ import torch
 import transformers
 
 
-def make_reference(path, *, seed: int, dtype=torch.float32, skip_reachable: bool = False, **config_kwargs):
+def make_reference(path, *, seed: int, dtype=torch.float32, skip_reachable: bool = False, equal_biases: bool = False,
+                   router_out_scale: float = 1.0, **config_kwargs):
   """Builds a random `transformers` ZayaForCausalLM (eager attention and experts) and saves it to `path`.
 
   The returned model is the saved folder reloaded by `from_pretrained` in `dtype`, the way a user
@@ -19,7 +20,9 @@ def make_reference(path, *, seed: int, dtype=torch.float32, skip_reachable: bool
   the folder holds bf16 weights.
 
   All parameters and the balancing biases are redrawn: norms and scales around 1, temperatures
-  around 3, balancing biases random (the skip slot unreachable unless `skip_reachable`).
+  around 3, balancing biases random (the skip slot unreachable unless `skip_reachable`), or all 0 with
+  `equal_biases` (a new model's: exact ties between bf16 probabilities then decide the routing).
+  `router_out_scale` multiplies the routers' output projections (small: nearly uniform probabilities).
   """
   torch.manual_seed(seed)
   cfg = transformers.ZayaConfig(**config_kwargs)
@@ -38,6 +41,8 @@ def make_reference(path, *, seed: int, dtype=torch.float32, skip_reachable: bool
       else:
         fan_in = p.shape[-1] * (p.shape[-2] if p.ndim == 3 and "conv" in name else 1)
         p.copy_(noise / np.sqrt(fan_in))
+      if name.endswith("router_mlp.out_proj.weight"):
+        p.mul_(router_out_scale)
     for name, b in model.named_buffers():
       if name.endswith("balancing_biases"):
         # Non-negative expert biases keep the skip slot (bias -1) unreachable, as in released models;
@@ -45,6 +50,8 @@ def make_reference(path, *, seed: int, dtype=torch.float32, skip_reachable: bool
         b.copy_(0.05 * torch.randn(b.shape, generator=gen).abs())
         if skip_reachable:
           b.copy_(-0.9 - b)
+        if equal_biases:
+          b.zero_()
         b[-1] = -1.0
   model.save_pretrained(path)
   model = load_reference(path, dtype)

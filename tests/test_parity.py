@@ -46,8 +46,8 @@ def reference_forward(ref, ids):
   with torch.no_grad():
     out = ref(torch.as_tensor(ids, dtype=torch.long), output_router_logits=True)
   biases = [layer.mlp.gate.balancing_biases for layer in ref.model.layers]
-  choices = np.stack([
-      torch.argmax(torch.softmax(logits, -1).float() + b, -1).numpy().reshape(ids.shape)
+  choices = np.stack([  # chosen as the reference chooses: torch.topk, whose ties are not argmax's
+      torch.topk(torch.softmax(logits, -1).float() + b, 1, dim=-1).indices[..., 0].numpy().reshape(ids.shape)
       for logits, b in zip(out.router_logits, biases, strict=True)])
   return out.logits.float().numpy(), choices
 
@@ -90,6 +90,31 @@ def test_bf16_logits_within_one_ulp_of_reference(fp32_case, tmp_path):
   logits, choices, _ = ours_forward(model, ids)
   np.testing.assert_array_equal(choices, ref_choices)
   assert bf16_ulp_distance(logits, ref_logits).max() <= 1
+
+
+def test_tied_router_scores_route_as_the_reference(tmp_path):
+  """Equal balancing biases (a new model's) and bf16 probabilities: exact ties at the top are common, and the
+  reference's torch.topk does not take the first tied class (argmax did: every position differed)."""
+  from zaya_jax.model.moe import top1
+
+  ref = make_reference(tmp_path, seed=5, dtype=torch.bfloat16, equal_biases=True, router_out_scale=0.05,
+                       **CONFIGS["five_experts"], **COMMON)
+  model = zaya_jax.load_hf(tmp_path)
+  ids = np.random.default_rng(4).integers(0, model.config.vocab_size, (2, 24))
+  ref_logits, ref_choices = reference_forward(ref, ids)
+  logits, choices, out = ours_forward(model, ids)
+  probs = np.asarray(out.router.probs_LBTX1.astype(np.float32))
+  tied = (probs == probs.max(-1, keepdims=True)).sum(-1) > 1
+  first = probs.argmax(-1)
+  assert tied.mean() > 0.2 and (first != ref_choices).any()  # ties where argmax's rule would differ
+  np.testing.assert_array_equal(choices, ref_choices)
+  assert bf16_ulp_distance(logits, ref_logits).max() <= 1
+  # The rule itself, on rows full of ties, against torch.topk (5 to 63 classes: its nth_element path).
+  rng = np.random.default_rng(0)
+  for n in (5, 17, 33, 63):
+    scores = (rng.integers(0, 4, (400, n)) * 0.25).astype(np.float32)
+    want = torch.topk(torch.as_tensor(scores), 1, dim=-1).indices[:, 0].numpy()
+    np.testing.assert_array_equal(np.asarray(jax.jit(top1)(scores)), want, err_msg=f"{n} classes")
 
 
 def test_save_hf_loads_in_reference_with_same_logits(fp32_case, tmp_path):

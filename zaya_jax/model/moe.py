@@ -41,11 +41,73 @@ def _init_biases(num_classes: int) -> BalancingBiases:
   return param(biases, ("classes",), BalancingBiases)
 
 
+def _nth_element_top1(scores_X1):
+  """One token: the class torch.topk(k=1) picks on CPU. For fewer than 64 classes torch runs libstdc++'s
+  std::nth_element over (value, index) pairs with a strict "greater" comparator (ATen's TopKImpl.h); with k = 1 its
+  answer is decided by the introselect partitions (median-of-three pivot, unguarded Hoare partition; at most
+  2 floor(log2 n) of them), after which the insertion sort (or heap select) keeps the first maximum of the range
+  left. Emulated here step for step; checked against torch on rows full of ties (tests/test_parity.py)."""
+  n = scores_X1.shape[0]
+  v0 = jnp.where(jnp.isnan(scores_X1), jnp.inf, scores_X1)  # torch orders NaN first
+
+  def swap(v, ix, i, j):
+    return v.at[i].set(v[j]).at[j].set(v[i]), ix.at[i].set(ix[j]).at[j].set(ix[i])
+
+  def partition(state):  # the range is always [0, last): the wanted position 0 never leaves it
+    v, ix, last, depth = state
+    a, b, c = 1, last // 2, last - 1
+    ab, bc, ac = v[a] > v[b], v[b] > v[c], v[a] > v[c]
+    median = jnp.where(ab, jnp.where(bc, b, jnp.where(ac, c, a)), jnp.where(ac, a, jnp.where(bc, c, b)))
+    v, ix = swap(v, ix, 0, median)  # the pivot sits at 0
+
+    def step(s):
+      v, ix, lo, hi, _ = s
+      lo = jax.lax.while_loop(lambda i: v[i] > v[0], lambda i: i + 1, lo)
+      hi = jax.lax.while_loop(lambda i: v[0] > v[i], lambda i: i - 1, hi - 1)
+      done = lo >= hi
+      v, ix = jax.tree.map(lambda kept, swapped: jnp.where(done, kept, swapped), (v, ix), swap(v, ix, lo, hi))
+      return v, ix, jnp.where(done, lo, lo + 1), hi, done
+
+    v, ix, cut, _, _ = jax.lax.while_loop(lambda s: ~s[4], step, (v, ix, jnp.int32(1), last, jnp.bool_(False)))
+    return v, ix, cut, depth - 1
+
+  depth = 2 * (n.bit_length() - 1)
+  v, ix, last, _ = jax.lax.while_loop(lambda s: (s[2] > 3) & (s[3] > 0), partition,
+                                      (v0, jnp.arange(n, dtype=jnp.int32), jnp.int32(n), jnp.int32(depth)))
+  live = jnp.arange(n) < last
+  return ix[jnp.argmax(live & (v == jnp.max(jnp.where(live, v, -jnp.inf))))]
+
+
+def top1(scores_BTX1, ties_like_torch: bool = True):
+  """int32 argmax over the last axis, ties broken as the reference's torch.topk(k=1) breaks them on CPU.
+
+  Exact ties are common where the balancing biases are equal (a new model, training without PID) and the
+  probabilities are bf16; argmax would take the first tied class, torch another. On CPU the emulation runs only
+  for the tokens with a tie and only when a batch has one; other platforms keep the first tied class (torch's CUDA
+  topk has rules of its own), and from 64 classes on torch's partial sort also keeps the first. Without
+  `ties_like_torch` (fp32 probabilities, whose exact ties need identical logits) the first tied class is kept and
+  nothing more is compiled: the emulation costs ~0.3 s of compile time per layer."""
+  first_BT = jnp.argmax(scores_BTX1, axis=-1).astype(jnp.int32)
+  if scores_BTX1.shape[-1] >= 64 or not ties_like_torch:
+    return first_BT
+
+  def like_torch_cpu(scores):
+    tied_BT = jnp.sum(scores == jnp.max(scores, axis=-1, keepdims=True), axis=-1) > 1
+
+    def emulated():
+      flat = jax.vmap(_nth_element_top1)(scores.reshape(-1, scores.shape[-1])).reshape(first_BT.shape)
+      return jnp.where(tied_BT, flat, first_BT)
+
+    return jax.lax.cond(jnp.any(tied_BT), emulated, lambda: first_BT)
+
+  return jax.lax.platform_dependent(scores_BTX1, cpu=like_torch_cpu, default=lambda _: first_BT)
+
+
 def select(logits_BTX1, biases_X1, num_experts: int):
   """Top-1 over experts and the skip slot: (probs, choice, weight). The biases steer the choice only; the output is
   weighted by the unbiased probability, and a skipped token's weight is zero."""
   probs_BTX1 = in_f32(lambda x: jax.nn.softmax(x, axis=-1), logits_BTX1)
-  choice_BT = jnp.argmax(probs_BTX1.astype(F32) + biases_X1, axis=-1).astype(jnp.int32)
+  choice_BT = top1(probs_BTX1.astype(F32) + biases_X1, ties_like_torch=probs_BTX1.dtype != F32)
   weight_BT = jnp.take_along_axis(probs_BTX1, choice_BT[..., None], axis=-1)[..., 0]
   weight_BT = jnp.where(choice_BT == num_experts, jnp.zeros_like(weight_BT), weight_BT)
   return probs_BTX1, choice_BT, weight_BT
