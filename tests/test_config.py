@@ -29,10 +29,22 @@ def test_zaya1_8b_preset_matches_the_native_config():
     (lambda: AttentionConfig(backend="flash"), "attention.backend"),
     (lambda: MoEConfig(num_experts=0), "moe.num_experts"),
     (lambda: MoEConfig(backend="megablox"), "moe.backend"),
+    (lambda: ZayaConfig.tiny(num_layers=True), "num_layers"),
+    (lambda: ZayaConfig.tiny(initializer_range=-0.02), "initializer_range"),
+    (lambda: ZayaConfig.tiny(pad_token_id=512), "pad_token_id"),
+    (lambda: ZayaConfig.tiny(eos_token_id=(1, 600)), "eos_token_id"),
 ])
 def test_invalid_configs_name_the_field(make, field):
   with pytest.raises(ValueError, match=re.escape(f"ZayaConfig.{field}:")):
     make()
+
+
+def test_replace_changes_nested_fields_by_name():
+  cfg = ZayaConfig.tiny().replace(hidden_size=96, moe=dict(num_experts=6), attention=dict(head_dim=24))
+  assert (cfg.hidden_size, cfg.moe.num_experts, cfg.attention.head_dim) == (96, 6, 24)
+  assert cfg.moe.intermediate_size == ZayaConfig.tiny().moe.intermediate_size  # the rest kept
+  with pytest.raises(ValueError, match=re.escape("ZayaConfig.moe.num_experts:")):
+    ZayaConfig.tiny().replace(moe=dict(num_experts=0))
 
 
 def test_from_hf_native_with_sliding_layers(tmp_path):

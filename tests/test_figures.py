@@ -17,3 +17,11 @@ def test_zaya1_8b_figures_computed_abstractly():
   # Constant per-sequence state, as the decode state stores it: raw [q|k] context (1280 channels x 2, fp32) + the
   # delayed value (128, bf16), per layer.
   assert figures.recurrent_state_bytes_per_sequence == 40 * (1280 * 2 * 4 + 128 * 2)
+
+
+def test_untied_head_counts_among_the_active_parameters():
+  tied, untied = model_figures(ZayaConfig.tiny()), model_figures(ZayaConfig.tiny(tie_word_embeddings=False))
+  V, D = 512, 64
+  assert untied.total_params - tied.total_params == untied.embedding_params - tied.embedding_params == V * D
+  assert untied.active_params == tied.active_params
+  assert untied.active_params_with_embedding - untied.active_params == 2 * V * D  # lookup rows and head

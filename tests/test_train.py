@@ -6,6 +6,7 @@ cache (conftest.py), so only the first compiles. The corpus is a handful of stan
 main-job test.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -344,6 +345,37 @@ def test_gradient_accumulation_matches_one_batch():
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(m1["expert_load"], m2["expert_load"])  # the controller sees the whole batch
+
+
+def _norm_weight_penalty(model, out, micro):
+  """An extra loss for the hook's test: independent of the data, so any micro-batch split sums to the same."""
+  del out, micro
+  return 500.0 * jnp.sum(model.model.norm.weight[...] ** 2)
+
+
+def test_extra_loss_hook_adds_its_term_and_gradient():
+  cfg = ZayaConfig.tiny(vocab_size=512)
+  model = ZayaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  ids = np.random.default_rng(1).integers(0, 512, (4, 17))
+  batch = dict(input_ids=ids[:, :-1], targets=ids[:, 1:], segment_ids=np.ones((4, 16)), loss_mask=np.ones((4, 16)))
+  batch = {k: jnp.asarray(v, jnp.float32 if k == "loss_mask" else jnp.int32) for k, v in batch.items()}
+  rows = {}
+  for accum, extra in ((1, None), (1, _norm_weight_penalty), (2, _norm_weight_penalty)):
+    trainer, state = train_step_lib.create(model, OptimizerConfig(), train_step_lib.StepConfig(accum),
+                                           BalancingConfig(mode="none"), 10, 0)
+    trainer = dataclasses.replace(trainer, extra_loss=extra)
+    state, rows[accum, extra] = train_step_lib.jit_train_step(trainer, state, batch)
+    kept = trainer.model_of(state)
+    state, _ = train_step_lib.jit_train_step(trainer, state, batch)  # donates the state's arrays
+    assert np.isfinite(np.asarray(kept.model.norm.weight[...])).all()  # the copy outlives them
+  plain, with_extra, accumulated = rows.values()
+  assert "extra_loss" not in plain
+  np.testing.assert_allclose(with_extra["extra_loss"], 500.0 * 64, rtol=1e-6)  # norm weights start at 1
+  np.testing.assert_allclose(with_extra["loss"], plain["loss"] + 500.0 * 64, rtol=1e-6)
+  # Its gradient, 1000 * weight on the 64 norm weights, dominates the step's: norm 1000 * 8.
+  np.testing.assert_allclose(with_extra["grad_norm"], 8000.0, rtol=1e-3)
+  for name in ("loss", "extra_loss", "grad_norm"):  # split into two micro-batches: the same step
+    np.testing.assert_allclose(accumulated[name], with_extra[name], rtol=1e-5)
 
 
 def run_two_processes(env, workdir, corpus, port, rank1_options=(), timeout=240) -> list[str]:

@@ -34,7 +34,8 @@ def _require(condition: bool, field: str, message: str) -> None:
 def _positive(cfg: Any, prefix: str, *names: str) -> None:
   for name in names:
     value = getattr(cfg, name)
-    _require(isinstance(value, int) and value > 0, f"{prefix}{name}", f"must be a positive int, got {value!r}")
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{prefix}{name}",
+             f"must be a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +152,12 @@ class ZayaConfig:
     _require("hybrid_sliding" not in self.layer_types or self.attention.sliding_window is not None,
              "attention.sliding_window", "must be set when layer_types contains 'hybrid_sliding'")
     _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
+    _require(self.initializer_range >= 0, "initializer_range", f"must be non-negative, got {self.initializer_range}")
+    eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+    for name, ids in (("bos_token_id", (self.bos_token_id,)), ("eos_token_id", eos), ("pad_token_id",
+                                                                                    (self.pad_token_id,))):
+      _require(all(i is None or (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size)
+                   for i in ids), name, f"{getattr(self, name)!r} is not a token id below vocab_size={self.vocab_size}")
     for name in ("dtype", "param_dtype"):
       _require(getattr(self, name) in _DTYPES, name, f"{getattr(self, name)!r} is not one of {_DTYPES}")
 
@@ -167,6 +174,11 @@ class ZayaConfig:
     return jnp.dtype(self.param_dtype)
 
   def replace(self, **changes) -> ZayaConfig:
+    """A copy with `changes`; a dict for `attention` or `moe` changes only the fields it names, e.g.
+    `cfg.replace(moe=dict(num_experts=8))`."""
+    for name in ("attention", "moe"):
+      if isinstance(changes.get(name), dict):
+        changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
     return dataclasses.replace(self, **changes)
 
   # -- presets -------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ class ModelFigures:
   embedding_params: int
   expert_params: int  # all experts of all layers
   active_params: int  # per token, excluding the embedding: one expert per layer (top-1)
-  active_params_with_embedding: int
+  active_params_with_embedding: int  # plus the embedding and an untied LM head
   kv_cache_bytes_per_token: int  # all layers, what the decode cache grows by per token (CCA: keys and values)
   mha_kv_cache_bytes_per_token: int  # the same for full multi-head attention with hidden/head_dim heads
   recurrent_state_bytes_per_sequence: int  # the part that does not grow (CCA: conv state + delayed value), all layers
@@ -45,7 +45,8 @@ def model_figures(cfg: ZayaConfig) -> ModelFigures:
   kv, state = decode_state_bytes(cfg)
   mha_heads = cfg.hidden_size // cfg.attention.head_dim
   mha = cfg.num_layers * 2 * mha_heads * cfg.attention.head_dim * jnp.dtype(cfg.dtype).itemsize
-  return ModelFigures(total, embedding, experts, active, active + sizes["model.embed_tokens.weight"], kv, mha, state)
+  # The embedding rows a token reads and, untied, the LM head it multiplies by (tied: the same matrix, once).
+  return ModelFigures(total, embedding, experts, active, active + embedding, kv, mha, state)
 
 
 def decode_state_bytes(cfg: ZayaConfig) -> tuple[int, int]:

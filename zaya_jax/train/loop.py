@@ -55,8 +55,8 @@ class RunResult:
   last_loss: float | None
   eval_loss: float | None
   sample: str | None
-  trainer: train_step_lib.Trainer | None = None  # with `state`: the trained model is trainer.merge(state.params,
-  state: train_step_lib.TrainState | None = None  # state.biases)
+  trainer: train_step_lib.Trainer | None = None  # with `state`: the trained model is trainer.model_of(state)
+  state: train_step_lib.TrainState | None = None
 
 
 # Peak dense bf16 FLOP/s per accelerator, for the MFU estimate (vendor figures, no sparsity).

@@ -65,9 +65,18 @@ class Trainer:
   optimizer: optax.GradientTransformation
   step_config: StepConfig
   balancing: BalancingConfig
+  # A term of your own (ablations): extra_loss(model, out, micro_batch) -> scalar, added to each micro-batch's loss
+  # (divided by grad_accum, as the aux loss) and logged as `extra_loss`; `out` is the model's ForwardOutput (logits,
+  # router). Set it with dataclasses.replace(trainer, extra_loss=fn); a module-level function keeps one compile.
+  extra_loss: Callable[[ZayaForCausalLM, Any, dict], jax.Array] | None = None
 
   def merge(self, params, biases) -> ZayaForCausalLM:
+    """A model over these very arrays: a later jit_train_step donates them, and the model dies with them."""
     return nnx.merge(self.graphdef, params, biases)
+
+  def model_of(self, state: TrainState) -> ZayaForCausalLM:
+    """The state's model over copies of its parameters: usable after further (donating) train steps."""
+    return self.merge(*jax.tree.map(jnp.copy, (state.params, state.biases)))
 
 
 def split_model(model: ZayaForCausalLM):
@@ -175,6 +184,9 @@ def _micro_loss(trainer: Trainer, params, biases, micro: dict, num_scored):
     loss = loss + trainer.balancing.aux_loss_weight * aux / trainer.step_config.grad_accum
   stats = dict(ce_sum=ce_sum, z_sum=z_sum, counts_LX1=counts_LX1, entropy_sum_L=entropy_sum_L,
                valid=valid_BT.sum(), aux=aux / trainer.step_config.grad_accum)
+  if trainer.extra_loss is not None:
+    extra = jnp.asarray(trainer.extra_loss(model, out, micro), jnp.float32) / trainer.step_config.grad_accum
+    loss, stats["extra"] = loss + extra, extra
   return loss, stats
 
 
@@ -219,6 +231,8 @@ def train_step(trainer: Trainer, state: TrainState, batch: dict) -> tuple[TrainS
       loss=loss, ce_loss=stats["ce_sum"] / num_scored, z_loss=stats["z_sum"] / num_scored, aux_loss=stats["aux"],
       grad_norm=grad_norm, finite=finite, scored_tokens=num_scored, router_entropy=stats["entropy_sum_L"] / valid,
       **balancing.routing_metrics(stats["counts_LX1"]))
+  if "extra" in stats:
+    metrics["extra_loss"] = stats["extra"]
   return new_state, metrics
 
 
