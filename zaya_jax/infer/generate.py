@@ -36,12 +36,9 @@ class GenerateOutput(NamedTuple):
 
 def pad_id(model: ZayaForCausalLM) -> int:
   """The id written after a row's end: the config's pad_token_id, or 0 when it has none. `model` may be anything
-  with the model's `.config` (cli.LoadedModel before its weights load). A pad id outside the vocabulary is refused:
-  it would be fed back to finished rows and returned as a token."""
-  pad, vocab = model.config.pad_token_id, model.config.vocab_size
-  if pad is not None and not 0 <= int(pad) < vocab:
-    raise ValueError(f"config pad_token_id={pad} lies outside the vocabulary [0, {vocab}); generation writes it after "
-                     "each row's end: set it to an id of the vocabulary (or None for 0)")
+  with the model's `.config` (cli.LoadedModel before its weights load). ZayaConfig refuses a pad id outside the
+  vocabulary, which would be fed back to finished rows and returned as a token."""
+  pad = model.config.pad_token_id
   return 0 if pad is None else int(pad)
 
 
