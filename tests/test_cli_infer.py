@@ -407,6 +407,12 @@ def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp
   rc, _, err = finish(launch(*args, f"--output={second}", "--resume"))
   assert rc == 1 and "other settings: model fingerprint=" in err, err
   shutil.move(tmp_path / "kept.safetensors", model_dir / "model.safetensors")
+  # Nor does a finished problem whose reference answer changed in the file: its line was scored against the old one.
+  text = problems.read_text()
+  problems.write_text(text.replace('"answer": "4"', '"answer": "5"'))
+  rc, _, err = finish(launch(*args, f"--output={second}", "--resume"))
+  assert rc == 1 and "problem 1's reference answer is '5' in the problem file but '4'" in err, err
+  problems.write_text(text)
   # --resume decodes problems 2 and 3 only; the file equals the uninterrupted run's.
   rc, out, err = finish(launch(*args, f"--output={second}", "--resume"))
   assert rc == 0, err
