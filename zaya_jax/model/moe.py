@@ -83,8 +83,9 @@ def top1(scores_BTX1, ties_like_torch: bool = True):
 
   Exact ties are common where the balancing biases are equal (a new model, training without PID) and the
   probabilities are bf16; argmax would take the first tied class, torch another. On CPU the emulation runs only
-  for the tokens with a tie and only when a batch has one; other platforms keep the first tied class (torch's CUDA
-  topk has rules of its own), and from 64 classes on torch's partial sort also keeps the first. Without
+  when a batch has a tie (over all its tokens at once; the tied ones take its answer); other platforms keep the
+  first tied class (torch's CUDA topk has rules of its own), and from 64 classes on torch's partial sort also keeps
+  the first. Without
   `ties_like_torch` (fp32 probabilities, whose exact ties need identical logits) the first tied class is kept and
   nothing more is compiled: the emulation costs ~0.3 s of compile time per layer."""
   first_BT = jnp.argmax(scores_BTX1, axis=-1).astype(jnp.int32)

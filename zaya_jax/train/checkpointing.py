@@ -198,8 +198,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None):
   manager = _read_only_manager(workdir)
   try:
     step = _complete_step(manager, step)
-    directory = os.path.join(workdir, "checkpoints")
-    where = os.path.join(directory, str(step))
+    where = os.path.join(os.fspath(manager.directory), str(step))
     try:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:
@@ -209,7 +208,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None):
       state = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(on_one_device(abstract_state))))["state"]
     except Exception as e:
-      raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} cannot be restored: "
+      raise CheckpointError(f"checkpoint {where} cannot be restored: "
                             f"{type(e).__name__}: {e}") from e
   finally:
     manager.close()
