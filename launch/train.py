@@ -3,6 +3,8 @@
   python launch/train.py --config=tiny --workdir=runs/tiny
   python launch/train.py --config=tiny --workdir=runs/tiny2 --set=optimizer.lr=1e-3 --set=model.num_layers=4 \\
       --steps=500 --data=/path/to/texts --tokenizer=/path/to/tokenizer.json
+  python launch/train.py --config=zaya1_8b --init_from=/ckpt/ZAYA1-8B --workdir=runs/cpt --data=/my/texts \\
+      --set=optimizer.lr=3e-5 --mesh=fsdp:8                    # continued training of a Hugging Face checkpoint
   python launch/train.py --list_configs
 
 Multi-host: launch/cluster/ (SLURM or one command per node), or --coordinator_address/--num_processes/--process_id.
@@ -21,7 +23,7 @@ from zaya_jax import host_memory
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.parallel import distributed
 from zaya_jax.sharding import ShardingError
-from zaya_jax.train.experiment import experiment_names, get_experiment, override
+from zaya_jax.train.experiment import experiment_names, from_hf_checkpoint, get_experiment, override
 from zaya_jax.train.loop import TrainingError, train
 
 _CONFIG = flags.DEFINE_string("config", "tiny", "Registered experiment config (see --list_configs).")
@@ -40,6 +42,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: hos
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: processes in the run (with "
                                       "--coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (with --coordinator_address).")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "A Hugging Face folder (e.g. ZAYA1-8B) to continue training: "
+                                 "its architecture, weights and tokenizer; --config gives the rest (dtypes, data, "
+                                 "optimizer, ...). Read at the first launch; later ones resume the run.")
 _LIST = flags.DEFINE_bool("list_configs", False, "Print the registered configs and exit.")
 
 
@@ -72,7 +77,10 @@ def main(argv):
     source = distributed.initialize(None if given == (None, None, None) else distributed.DistributedConfig(*given))
     if jax.process_count() > 1:
       print(f"process {jax.process_index()} of {jax.process_count()} ({source})")
-    cfg = override(get_experiment(_CONFIG.value), assignments)
+    cfg = get_experiment(_CONFIG.value)
+    if _INIT_FROM.value:  # before the overrides, so that --set can still change how the model runs
+      cfg = from_hf_checkpoint(cfg, _INIT_FROM.value)
+    cfg = override(cfg, assignments)
     result = train(cfg, _WORKDIR.value)
   except (ValueError, OSError, CheckpointError, TrainingError, ShardingError) as e:  # OSError: e.g. a file as --workdir
     print(f"error: {e}", file=sys.stderr)

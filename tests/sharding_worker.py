@@ -130,6 +130,8 @@ def strategies(out_path: str) -> None:
     results["dispatch"] = dispatch_checks()
     results["ragged"] = ragged_checks()
     results["errors"] = error_checks()
+    mesh, zero1 = STRATEGIES["data2_expert2_tensor2_zero1"]
+    results["init_from"] = init_from_checks(ParallelConfig(mesh=mesh, zero1=zero1))
   with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
 
@@ -267,6 +269,37 @@ def error_checks() -> dict:
   return out
 
 
+def init_from_checks(parallel: ParallelConfig, process_tag: str = "") -> dict:
+  """A Hugging Face folder loaded straight onto a mesh (`create_from_hf`): every array is the saved model's and sits
+  where the plan puts a freshly initialised state's. Each process writes (and reads) its own copy of the folder."""
+  import tempfile
+
+  from zaya_jax.checkpoint.hf import save_hf
+
+  model = ZayaForCausalLM(CFG, rngs=nnx.Rngs(7))
+  folder = os.path.join(tempfile.mkdtemp(prefix=f"init_from{process_tag}-"), "hf")
+  save_hf(model, folder)
+  plan = ShardingPlan.from_config(parallel)
+  args = (OptimizerConfig(), step_lib.StepConfig(), BalancingConfig(), 10, 0)
+  _, state = step_lib.create_from_hf(folder, CFG, *args, state_shardings=plan.state_shardings)
+  _, fresh = step_lib.create_abstract(CFG, *args)
+  want = plan.state_shardings(fresh)
+  saved = flat(nnx.state(model))
+  loaded = {**dict(_named(state.params)), **dict(_named(state.biases))}
+  # Each process compares the shards its devices hold with the same slices of the saved arrays.
+  shards_equal = set(loaded) == set(saved) and all(
+      np.array_equal(np.asarray(shard.data), saved[k][shard.index])
+      for k, array in loaded.items() for shard in array.addressable_shards)
+  placed = all(leaf.sharding == s for leaf, s in zip(jax.tree.leaves(state), jax.tree.leaves(want)))
+  return {"shards_equal": bool(shards_equal), "placed_as_planned": bool(placed), "step": int(state.step),
+          "sharded_params": sum(not a.sharding.is_fully_replicated for a in jax.tree.leaves(state.params)),
+          "mesh": plan.describe()}
+
+
+def _named(tree):
+  return ((".".join(map(str, k)), v.get_value()) for k, v in nnx.to_flat_state(tree))
+
+
 # What the two processes train on (4 devices each): data spans the processes through --dcn_mesh, the hybrid-mesh
 # path of a multi-node launch (each process is a granule), expert and tensor inside each.
 TWO_PROCESS_MESH = ("expert:2,tensor:2", "data:2", True)
@@ -303,7 +336,13 @@ def train_two_process(rank: int, workdir: str, port: int) -> None:
                                                  tiled=True)
     state, metrics = train(state, sharded.global_batch(plan, local))
     losses.append(float(metrics["loss"]))
+  init_from = init_from_checks(ParallelConfig(mesh=mesh, dcn_mesh=dcn_mesh, zero1=zero1), process_tag=f"-rank{rank}")
+  init_from_ok = multihost_utils.process_allgather(np.asarray([init_from["shards_equal"],
+                                                               init_from["placed_as_planned"]]))
   if rank == 0:
+    init_from.update(shards_equal=bool(init_from_ok[:, 0].all()), placed_as_planned=bool(init_from_ok[:, 1].all()))
+    with open(os.path.join(workdir, "init_from.json"), "w") as f:
+      json.dump(init_from, f)
     np.savez(os.path.join(workdir, "params.npz"), **{".".join(map(str, k)): np.asarray(v) for k, v in params.items()})
     with open(os.path.join(workdir, "train.json"), "w") as f:
       data_owners = [sorted({d.process_index for d in row.flat}) for row in plan.mesh.devices]  # per data index

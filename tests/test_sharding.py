@@ -99,6 +99,13 @@ def test_strategies_hold_the_promised_bytes_per_device(results):
   assert combo["opt_device"] <= 1.05 * combo["params_device"] < 2 * combo["params_device"]
 
 
+def test_hf_checkpoint_loads_straight_onto_the_mesh(results):
+  r = results["init_from"]  # create_from_hf on data 2 x expert 2 x tensor 2 with ZeRO-1
+  assert r["step"] == 0 and r["sharded_params"] > 0, r
+  assert r["shards_equal"], "a device holds a shard that differs from the saved tensor's slice"
+  assert r["placed_as_planned"], "the loaded state is not placed as a freshly initialised one would be"
+
+
 @pytest.mark.parametrize("mesh", ["expert:8", "expert:4,tensor:2"])
 def test_expert_dispatch_is_dropless_or_counts_every_drop(results, mesh):
   d = results["dispatch"][mesh]
@@ -197,6 +204,8 @@ def test_two_processes_train_save_and_one_process_restores_on_another_mesh(tmp_p
   trained = json.loads((tmp_path / "train.json").read_text())
   assert trained["process_count"] == 2
   assert trained["data_owners"] == [[0], [1]]  # the dcn part of `data` runs across the processes, nothing else does
+  init_from = json.loads((tmp_path / "init_from.json").read_text())  # each process placed its part of a folder
+  assert init_from["shards_equal"] and init_from["placed_as_planned"] and init_from["sharded_params"] > 0, init_from
   run_worker("restore", str(tmp_path), str(tmp_path / "restore.json"), timeout=240)
   restored = json.loads((tmp_path / "restore.json").read_text())
   assert restored["mesh"] != trained["mesh"] and restored["on_new_mesh"]

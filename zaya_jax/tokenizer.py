@@ -160,8 +160,17 @@ def load_or_train(run_dir: str | os.PathLike, texts: Callable[[], Iterable[str]]
   return train_bpe(texts(), vocab_size, path)
 
 
+# What a tokenizer folder holds besides tokenizer.json: eos/pad names and the chat template (transformers' layout).
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def side_files(folder: str | os.PathLike) -> list[str]:
+  """The TOKENIZER_SIDE_FILES that `folder` has."""
+  return [p for p in (os.path.join(os.fspath(folder), name) for name in TOKENIZER_SIDE_FILES) if os.path.isfile(p)]
+
+
 def copy_into(path: str | os.PathLike, run_dir: str | os.PathLike, model_vocab_size: int | None = None) -> Tokenizer:
-  """Copies tokenizer.json (+ tokenizer_config.json, which names eos/pad) into `run_dir` and loads the copy.
+  """Copies tokenizer.json (+ its TOKENIZER_SIDE_FILES: eos/pad names, chat template) into `run_dir` and loads it.
 
   The source is read (and checked against `model_vocab_size`) first: a file that fails is never copied, so it
   cannot block later launches in the run directory. A different tokenizer.json already in `run_dir` is an error:
@@ -178,9 +187,8 @@ def copy_into(path: str | os.PathLike, run_dir: str | os.PathLike, model_vocab_s
         raise ValueError(f"{dst} differs from the requested tokenizer {src}; use a new run directory or remove it")
   elif not os.path.isfile(dst):
     os.makedirs(os.fspath(run_dir), exist_ok=True)
-    src_config = os.path.join(os.path.dirname(src), "tokenizer_config.json")
-    if os.path.isfile(src_config):
-      shutil.copyfile(src_config, os.path.join(os.fspath(run_dir), "tokenizer_config.json"))
+    for side_file in side_files(os.path.dirname(src)):
+      shutil.copyfile(side_file, os.path.join(os.fspath(run_dir), os.path.basename(side_file)))
     tmp = f"{dst}.{uuid.uuid4().hex}.tmp"
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)

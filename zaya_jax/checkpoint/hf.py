@@ -9,13 +9,15 @@ never found under the target name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -32,6 +34,7 @@ SAFE_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+_SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 BALANCING_SUFFIX = "mlp.gate.balancing_biases"
 GATE_UP_SUFFIX = "mlp.experts.gate_up_proj"
 
@@ -256,6 +259,33 @@ def _stored_float_dtype(entries: dict[str, _TensorEntry]) -> str | None:
   return np.dtype(SAFE_DTYPES[codes[0]]).name if codes else None
 
 
+def read_hf_config(path: str | os.PathLike, **overrides) -> ZayaConfig:
+  """The `ZayaConfig` of a Hugging Face folder; without a dtype in config.json, compute and parameters default to
+  the stored weights' dtype (what transformers loads; the config's default would round fp32 weights).
+  `overrides` replace top-level fields."""
+  raw, entries = _open(path)
+  return _config(raw, entries, overrides)
+
+
+def _open(path: str | os.PathLike) -> tuple[dict, dict[str, _TensorEntry]]:
+  path = os.fspath(path)
+  config_file = os.path.join(path, "config.json")
+  if not os.path.exists(config_file):
+    raise CheckpointError(f"{path}: no config.json")
+  with open(config_file) as f:
+    raw = json.load(f)
+  return raw, _index_checkpoint(path)
+
+
+def _config(raw: dict, entries: dict[str, _TensorEntry], overrides: dict) -> ZayaConfig:
+  overrides = dict(overrides)
+  stored = _stored_float_dtype(entries)
+  if not (raw.get("dtype") or raw.get("torch_dtype")) and stored is not None:
+    overrides.setdefault("dtype", stored)
+    overrides.setdefault("param_dtype", stored)
+  return ZayaConfig.from_hf(raw, **overrides)
+
+
 def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
             **config_overrides) -> ZayaForCausalLM:
   """Loads a Hugging Face ZAYA1 folder (native or legacy layout) into a `ZayaForCausalLM`.
@@ -263,30 +293,76 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
   `dtype` / `param_dtype` default to the checkpoint's dtype; `config_overrides` replace config fields
   (e.g. backends). Balancing biases stay fp32.
   """
-  path = os.fspath(path)
-  config_file = os.path.join(path, "config.json")
-  if not os.path.exists(config_file):
-    raise CheckpointError(f"{path}: no config.json")
-  with open(config_file) as f:
-    raw = json.load(f)
-  entries = _index_checkpoint(path)
+  raw, entries = _open(path)
   overrides = dict(config_overrides)
-  stored = _stored_float_dtype(entries)
-  if not (raw.get("dtype") or raw.get("torch_dtype")) and stored is not None:
-    overrides.setdefault("dtype", stored)  # what transformers loads; the config's default would round fp32 weights
-    overrides.setdefault("param_dtype", stored)
   if dtype is not None:
     overrides["dtype"] = dtype
   if param_dtype is not None:
     overrides["param_dtype"] = param_dtype
-  cfg = ZayaConfig.from_hf(raw, **overrides)
+  cfg = _config(raw, entries, overrides)
+  graphdef, state = nnx.split(abstract_model(cfg))
+  # On CPU the aligned buffer becomes the array's storage (no second copy). Waiting for the transfer bounds host
+  # memory to one tensor in flight wherever it is copied instead (other backends).
+  _fill(os.fspath(path), raw, entries, cfg, flat_params(state),
+        lambda key, host: jax.block_until_ready(jax.device_put(host)))
+  return nnx.merge(graphdef, state)
 
+
+def load_hf_into(path: str | os.PathLike, cfg: ZayaConfig, states: Sequence[nnx.State],
+                 shardings: Sequence[Any] | None = None) -> None:
+  """Fills abstract model states (e.g. a train state's `params` and `biases`, built from `cfg`) with a Hugging Face
+  folder's tensors, each converted to its variable's dtype and placed on its sharding as it is read.
+
+  `shardings` mirrors `states` (e.g. `ShardingPlan.shardings(state.params)`); without it every tensor goes to the
+  default device. Each process reads whole tensors and keeps the shards its devices hold. The folder's architecture
+  must be `cfg`'s (`check_same_architecture`); tensors are checked as `load_hf` checks them.
+  """
+  raw, entries = _open(path)
+  check_same_architecture(cfg, _config(raw, entries, {}), what=os.fspath(path))
+  expected: dict[str, nnx.Variable] = {}
+  placement: dict[str, Any] = {}
+  for i, state in enumerate(states):
+    expected.update(flat_params(state))
+    if shardings is not None:
+      placement.update({k: v.get_value() if isinstance(v, nnx.Variable) else v
+                        for k, v in flat_params(shardings[i]).items()})
+
+  def place(key, host):
+    sharding = placement.get(key)
+    if sharding is None:
+      return jax.block_until_ready(jax.device_put(host))
+    return jax.block_until_ready(jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]))
+
+  _fill(os.fspath(path), raw, entries, cfg, expected, place)
+
+
+# Fields that change how a model runs or what it is told, not the function its weights compute.
+_RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "attention.backend", "moe.backend", "max_position_embeddings",
+                             "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id"})
+
+
+def check_same_architecture(cfg: ZayaConfig, checkpoint: ZayaConfig, *, what: str) -> None:
+  """Raises CheckpointError naming each architecture field in which `cfg` differs from the checkpoint's config
+  (runtime settings such as dtypes, backends and the context limit may differ)."""
+  def flat(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from flat(v, f"{prefix}{k}.")
+      else:
+        yield f"{prefix}{k}", v
+  ours, theirs = dict(flat(dataclasses.asdict(cfg))), dict(flat(dataclasses.asdict(checkpoint)))
+  differ = [f"model.{k}: {ours[k]!r} here, {theirs[k]!r} in the checkpoint" for k in ours
+            if k not in _RUNTIME_FIELDS and ours[k] != theirs.get(k)]
+  if differ:
+    raise CheckpointError(f"{what}: the model config differs from the checkpoint's config.json: " + "; ".join(differ))
+
+
+def _fill(path: str, raw: dict, entries: dict[str, _TensorEntry], cfg: ZayaConfig,
+          expected: dict[str, nnx.Variable], place: Callable[[str, np.ndarray], jax.Array]) -> None:
+  """Sets each expected variable to its checkpoint tensor (in the variable's dtype), placed by `place(key, host)`,
+  one tensor at a time; every expected tensor must be stored and every stored one used."""
   legacy = is_legacy_hf_config(raw) or is_legacy_checkpoint(entries)
   plan, unused = _plan(entries, cfg.num_layers, legacy)
-
-  abstract = abstract_model(cfg)
-  graphdef, state = nnx.split(abstract)
-  expected = flat_params(state)
   if cfg.tie_word_embeddings and "lm_head.weight" in plan:
     unused.append("lm_head.weight")  # tied models must not carry a separate head
     del plan["lm_head.weight"]
@@ -317,20 +393,17 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
       host, stored = _aligned_empty(host.shape, np.dtype(var.dtype)), host
       np.copyto(host, stored, casting="unsafe")  # numpy's rounding, as jnp.asarray(host, dtype) did
       del stored
-    # On CPU the aligned buffer becomes the array's storage (no second copy). Waiting for the transfer
-    # bounds host memory to one tensor in flight wherever it is copied instead (other backends).
-    var.set_value(jax.block_until_ready(jax.device_put(host)))
+    var.set_value(place(key, host))
     del host
   if reachable:
     warnings.warn(
         f"{len(reachable)} layer(s) have balancing biases under which the router's skip slot can win "
         f"(1 + b_skip > max expert bias), e.g. {reachable[0]}. Skipped tokens get a zero MoE output here "
-        "(native transformers semantics); the legacy fork gives them h * p_skip instead.", stacklevel=2)
+        "(native transformers semantics); the legacy fork gives them h * p_skip instead.", stacklevel=3)
   if unusual_skip:
     warnings.warn(
         f"{len(unusual_skip)} layer(s) store a skip-slot balancing bias other than -1, e.g. {unusual_skip[0]}. "
-        "It is kept as stored; note that transformers resets it to -1 when it loads a checkpoint.", stacklevel=2)
-  return nnx.merge(graphdef, state)
+        "It is kept as stored; note that transformers resets it to -1 when it loads a checkpoint.", stacklevel=3)
 
 
 def _shards(arrays: dict[str, np.ndarray], max_shard_bytes: int) -> Iterator[dict[str, np.ndarray]]:
@@ -345,17 +418,42 @@ def _shards(arrays: dict[str, np.ndarray], max_shard_bytes: int) -> Iterator[dic
     yield shard
 
 
+def _permissions_as_created(folder: str) -> None:
+  """The modes a plain mkdir and open would have given (the umask's): mkdtemp makes the folder private (0700),
+  which would hide an export from the other users of a shared cluster."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(folder, 0o777 & ~umask)
+  for name in os.listdir(folder):
+    os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
-            overwrite: bool = False) -> None:
+            overwrite: bool = False, dtype: str | None = None, extra_files: Sequence[str] = ()) -> None:
   """Writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-  Parameters are written in their stored dtype, sharded with an index past `max_shard_bytes`.
+  Parameters are written in their stored dtype, or converted to `dtype` (round to nearest even, as torch's `.to`;
+  the balancing biases stay fp32), sharded with an index past `max_shard_bytes`. `extra_files` (e.g. a tokenizer's
+  files) are copied in under their own names; the folder appears complete or not at all.
   """
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and os.listdir(path) and not overwrite:
     raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
   hf_config = model.config.to_hf()  # raises for an ablation variant, before anything is written
-  arrays = {k: np.asarray(jax.device_get(v[...])) for k, v in flat_params(model).items()}
+  if dtype is not None:
+    if dtype not in _SAVE_DTYPES:
+      raise ValueError(f"save_hf: dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
+    hf_config["dtype"] = dtype
+  for file in extra_files:
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"save_hf: extra file {file} does not exist")
+
+  def stored(key, var):
+    array = np.asarray(jax.device_get(var[...]))
+    if dtype is None or key.endswith(BALANCING_SUFFIX):
+      return array
+    return array.astype(_SAVE_DTYPES[dtype])
+  arrays = {k: stored(k, v) for k, v in flat_params(model).items()}
   for key in [k for k in arrays if k.endswith(GATE_UP_SUFFIX)]:
     arrays[key] = np.ascontiguousarray(deinterleave_gate_up(arrays[key]))  # the reference's gate, then up rows
   parent = os.path.dirname(path)
@@ -376,6 +474,9 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
+    for file in extra_files:
+      shutil.copyfile(file, os.path.join(tmp, os.path.basename(file)))
+    _permissions_as_created(tmp)
     if os.path.exists(path):
       shutil.rmtree(path)
     os.replace(tmp, path)

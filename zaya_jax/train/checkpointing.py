@@ -181,8 +181,8 @@ def resolve_step(workdir: str | os.PathLike, step: int | None = None) -> int:
 def load_run(workdir: str | os.PathLike, step: int | None = None):
   """(model, tokenizer or None, ExperimentConfig) from a run directory's latest (or given) complete checkpoint.
 
-  For inference: the model carries the trained parameters and balancing biases in the run's dtypes. Restores the
-  whole train state (optimizer moments included), so it needs about three times the parameters' memory.
+  For inference and export: the model carries the trained parameters and balancing biases in the run's dtypes.
+  Only those are read (a partial restore): the optimizer moments, twice the parameters' size, stay on disk.
   """
   from zaya_jax.tokenizer import load_tokenizer
   from zaya_jax.train import step as train_step_lib
@@ -204,9 +204,12 @@ def load_run(workdir: str | os.PathLike, step: int | None = None):
     except Exception as e:
       raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from e
     _check_layout(meta, where)
+    target = on_one_device(abstract_state)
+    target = {"params": target.params, "biases": target.biases}
     try:
-      state = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(on_one_device(abstract_state))))["state"]
+      restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                       partial_restore=True)
+      state = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
     except Exception as e:
       raise CheckpointError(f"checkpoint {where} cannot be restored: "
                             f"{type(e).__name__}: {e}") from e
@@ -214,4 +217,4 @@ def load_run(workdir: str | os.PathLike, step: int | None = None):
     manager.close()
   tokenizer_path = os.path.join(workdir, "tokenizer.json")
   tokenizer = load_tokenizer(tokenizer_path) if os.path.exists(tokenizer_path) else None
-  return trainer.merge(state.params, state.biases), tokenizer, cfg
+  return trainer.merge(state["params"], state["biases"]), tokenizer, cfg

@@ -130,6 +130,11 @@ class DataConfig:
     if self.doc_separator == "":
       raise ValueError("DataConfig.doc_separator: must be a non-empty string or None")
 
+  @property
+  def reads_token_records(self) -> bool:
+    """Whether `paths` are ArrayRecord files of token ids (no tokenizer needed) rather than text."""
+    return self.paths is not None and all(p.endswith(ARRAY_RECORD_SUFFIXES) for p in self.paths)
+
 
 @dataclasses.dataclass(frozen=True)
 class CorpusInfo:
@@ -519,7 +524,7 @@ def make_data(cfg: DataConfig, run_dir: str | os.PathLike, *, model_vocab_size: 
   os.makedirs(run_dir, exist_ok=True)
 
   paths = cfg.paths
-  records = paths is not None and all(p.endswith(ARRAY_RECORD_SUFFIXES) for p in paths)
+  records = cfg.reads_token_records
   if paths is not None and not records and any(p.endswith(ARRAY_RECORD_SUFFIXES) for p in paths):
     raise ValueError(f"DataConfig.paths mixes ArrayRecord files and text: {paths}")
   if records:

@@ -41,6 +41,7 @@ class LoopConfig:
   sample_tokens: int = 48  # sample printed at the end (0: none)
   sample_prompt: str = "import os\n"
   sample_temperature: float = 0.8  # with top_p 0.95 and a fixed key; 0 = greedy (tiny models repeat one token)
+  init_from: str | None = None  # a Hugging Face folder whose weights start the run (see from_hf_checkpoint)
 
   def __post_init__(self):
     for name in ("steps", "log_every", "eval_batches", "checkpoint_every", "max_to_keep"):
@@ -50,6 +51,8 @@ class LoopConfig:
     for name in ("eval_every", "sample_tokens"):
       if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
         raise ValueError(f"LoopConfig.{name}: must be a non-negative int, got {getattr(self, name)!r}")
+    if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+      raise ValueError(f"LoopConfig.init_from: must be a folder path or None, got {self.init_from!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,28 @@ class ExperimentConfig:
 
   # Cross-field checks live where both sides are known for sure: make_data checks the tokenizer against the model's
   # vocabulary (a user tokenizer makes data.vocab_size moot), so overrides can be applied in any order.
+
+
+def from_hf_checkpoint(cfg: ExperimentConfig, path: str | os.PathLike) -> ExperimentConfig:
+  """`cfg` set up to continue training the Hugging Face checkpoint in folder `path` (ZAYA1-8B, or a `save_hf` export).
+
+  The model's architecture becomes the checkpoint's config.json; `cfg.model` keeps only how it runs (compute and
+  parameter dtypes, backends). The folder's tokenizer.json (with its tokenizer_config.json) becomes the data's
+  tokenizer unless `cfg` names one. `loop.init_from` records the folder: the first launch of a run loads its weights
+  (`train_step.create_from_hf`); later launches resume from the run's own checkpoints and read only its config and
+  tokenizer. Apply `--set` overrides afterwards; the loader refuses architecture fields that then differ.
+  """
+  from zaya_jax.checkpoint.hf import read_hf_config
+  from zaya_jax.tokenizer import TOKENIZER_FILE
+
+  path = os.path.abspath(os.fspath(path))
+  runtime = cfg.model
+  model = read_hf_config(path, dtype=runtime.dtype, param_dtype=runtime.param_dtype).replace(
+      attention=dict(backend=runtime.attention.backend), moe=dict(backend=runtime.moe.backend))
+  data = cfg.data
+  if data.tokenizer is None and os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+    data = dataclasses.replace(data, tokenizer=path)
+  return dataclasses.replace(cfg, model=model, data=data, loop=dataclasses.replace(cfg.loop, init_from=path))
 
 
 _REGISTRY: dict[str, Callable[[], ExperimentConfig]] = {}

@@ -212,6 +212,19 @@ def _changed_since(old: dict | None, cfg: ExperimentConfig) -> list[str]:
   return [f"{name}: {at(old, name)!r} -> {at(new, name)!r}" for name in changed_settings(old, new)]
 
 
+def _check_init_from(cfg: ExperimentConfig) -> None:
+  """Before the data is built: the checkpoint's architecture is the run's, and its tokenizer is the data's."""
+  from zaya_jax.checkpoint.hf import check_same_architecture, read_hf_config
+
+  path = cfg.loop.init_from
+  if cfg.data.tokenizer is None and not cfg.data.reads_token_records:
+    raise ValueError(f"loop.init_from = {path} but data.tokenizer is unset: a tokenizer trained on this corpus would "
+                     "not match the checkpoint's embeddings. Give the checkpoint's tokenizer.json (--tokenizer=...); "
+                     "launch/train.py --init_from takes the folder's own when it has one")
+  # Every launch: a resume reads the folder's config and tokenizer too (not its weights), so it must stay readable.
+  check_same_architecture(cfg.model, read_hf_config(path), what=f"loop.init_from = {path}")
+
+
 class _PreemptionNotice:
   """SIGTERM as a preemption notice, answered at the same step by every process of the run.
 
@@ -253,6 +266,8 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
   if cfg.data.seq_len > cfg.model.max_position_embeddings:
     raise ValueError(f"data.seq_len = {cfg.data.seq_len} is longer than the model's context "
                      f"model.max_position_embeddings = {cfg.model.max_position_embeddings}")
+  if cfg.loop.init_from is not None:
+    _check_init_from(cfg)
   data = make_data(cfg.data, workdir, model_vocab_size=cfg.model.vocab_size)
   config_path = os.path.join(workdir, "config.json")
   previous = _last_launch(config_path)
@@ -276,8 +291,13 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
       if plan is not None:
         plan.check_batch(cfg.data.batch_size, cfg.step.grad_accum)  # as launch/plan.py checks it
       # Built sharded: resolving the plan's shardings (which names any dimension the mesh does not divide) comes first.
-      trainer, state = train_step_lib.create_initialised(
-          cfg.model, *args, state_shardings=None if plan is None else plan.state_shardings)
+      shardings = None if plan is None else plan.state_shardings
+      if cfg.loop.init_from is None:
+        trainer, state = train_step_lib.create_initialised(cfg.model, *args, state_shardings=shardings)
+      else:
+        trainer, state = train_step_lib.create_from_hf(cfg.loop.init_from, cfg.model, *args,
+                                                       state_shardings=shardings)
+        log(f"initialised from {cfg.loop.init_from} (optimizer moments and the PID controller start fresh)")
     else:  # no random initialisation to throw away: restore straight into the state's shapes
       trainer, abstract_state = train_step_lib.create_abstract(cfg.model, *args)
       if plan is not None:

@@ -259,3 +259,26 @@ def eval_loss(trainer: Trainer, state: TrainState, batch: dict):
 
 
 jit_eval_loss = jax.jit(eval_loss, static_argnums=0)
+
+
+def create_from_hf(path: str, model_config: ZayaConfig, opt_cfg: OptimizerConfig, step_cfg: StepConfig,
+                   bal_cfg: BalancingConfig, total_steps: int, seed: int, *,
+                   state_shardings: Callable[[TrainState], Any] | None = None) -> tuple[Trainer, TrainState]:
+  """The trainer and a state at step 0 whose parameters and balancing biases are a Hugging Face checkpoint's
+  (continued pretraining, fine-tuning); optimizer moments, controller state and key start fresh.
+
+  The folder's architecture must be `model_config`'s (dtypes and backends may differ: tensors are converted to
+  `param_dtype`). Each tensor is placed on its sharding as it is read (`load_hf_into`), so no device and no host
+  ever holds more than its part of the parameters plus one tensor.
+  """
+  from zaya_jax.checkpoint.hf import load_hf_into
+
+  trainer, abstract = create_abstract(model_config, opt_cfg, step_cfg, bal_cfg, total_steps, seed)
+  shardings = None if state_shardings is None else state_shardings(abstract)
+  params, biases = abstract.params, abstract.biases
+  load_hf_into(path, model_config, (params, biases),
+               None if shardings is None else (shardings.params, shardings.biases))
+  # The loaded arrays are donated: the state's copies take their place.
+  build = jax.jit(lambda p, b: init_state(trainer, p, b, seed), donate_argnums=(0, 1),
+                  out_shardings=shardings)
+  return trainer, build(params, biases)

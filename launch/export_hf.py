@@ -1,0 +1,65 @@
+"""Exports a training run's checkpoint as a Hugging Face folder.
+
+  python launch/export_hf.py --workdir=runs/tiny --output=exports/tiny
+  python launch/export_hf.py --workdir=runs/cpt --step=4000 --dtype=bfloat16 --output=exports/cpt-4000
+
+The folder holds config.json, the weights as safetensors (sharded past --max_shard_gb) and the run's tokenizer files
+(tokenizer.json, and tokenizer_config.json, special_tokens_map.json, chat_template.jinja where the run has them). It
+loads with `transformers.AutoModelForCausalLM.from_pretrained`, `zaya_jax.load_hf`, launch/generate.py and
+launch/rsa.py, and starts another run through `launch/train.py --init_from`. Only the model is read from the
+checkpoint (not the optimizer state). --dtype converts the weights (round to nearest even, as torch does; the
+balancing biases stay fp32); the default keeps the run's parameter dtype (fp32 masters for training configs).
+The folder is written beside its final name and renamed into place: it appears complete or not at all. An existing
+--output is kept unless --overwrite. Bad input prints one `error:` line and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+from zaya_jax.checkpoint.hf import save_hf
+from zaya_jax.infer import cli
+from zaya_jax.tokenizer import TOKENIZER_FILE, side_files
+from zaya_jax.train.checkpointing import load_run, resolve_step
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (as launch/train.py writes it).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
+_OUTPUT = flags.DEFINE_string("output", None, "The Hugging Face folder to write.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "Weight dtype of the export (default: the run's parameter dtype).")
+_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors file, in GiB; more weights are sharded "
+                                   "with an index, as transformers does.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+
+
+def main(argv) -> int:
+  del argv
+  if not _WORKDIR.value or not _OUTPUT.value:
+    raise cli.CLIError("--workdir and --output are required")
+  if _MAX_SHARD_GB.value <= 0:
+    raise cli.CLIError(f"--max_shard_gb must be positive, got {_MAX_SHARD_GB.value}")
+  output = os.path.abspath(_OUTPUT.value)
+  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)) and not _OVERWRITE.value:
+    raise cli.CLIError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+  workdir = os.path.abspath(_WORKDIR.value)
+  if output == workdir or workdir.startswith(output + os.sep):
+    raise cli.CLIError(f"--output {output} would replace the run directory {workdir}")
+  step = resolve_step(workdir, _STEP.value)  # a run directory with this step, or a CheckpointError naming the steps
+  model, tokenizer, cfg = load_run(workdir, step)
+  tokenizer_files = []
+  if tokenizer is not None:
+    tokenizer_files = [os.path.join(workdir, TOKENIZER_FILE), *side_files(workdir)]
+  else:  # a run on ArrayRecord token ids without a tokenizer: the folder is still a loadable model
+    print(f"note: {workdir} has no {TOKENIZER_FILE}; the export holds the model only", file=sys.stderr)
+  save_hf(model, output, dtype=_DTYPE.value, overwrite=_OVERWRITE.value, extra_files=tokenizer_files,
+          max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
+  dtype = _DTYPE.value or cfg.model.param_dtype
+  print(f"wrote {output}: {dtype} weights of {workdir} at step {step}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(cli.main_wrapper(main))
