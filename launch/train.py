@@ -78,7 +78,7 @@ def main(argv):
     if jax.process_count() > 1:
       print(f"process {jax.process_index()} of {jax.process_count()} ({source})")
     cfg = get_experiment(_CONFIG.value)
-    if _INIT_FROM.value:  # before the overrides, so that --set can still change how the model runs
+    if _INIT_FROM.value is not None:  # before the overrides, so that --set can still change how the model runs
       cfg = from_hf_checkpoint(cfg, _INIT_FROM.value)
     cfg = override(cfg, assignments)
     result = train(cfg, _WORKDIR.value)

@@ -15,12 +15,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
 from reference import load_reference, make_reference, reference_logits
 
 import zaya_jax
 from zaya_jax.checkpoint.hf import CheckpointError, flat_params, read_hf_config, save_hf
-from zaya_jax.tokenizer import train_bpe
+from zaya_jax.tokenizer import load_tokenizer, train_bpe
 from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.checkpointing import load_run
 from zaya_jax.train.data import make_data
@@ -119,12 +120,24 @@ def test_export_loads_in_transformers_and_starts_another_run(checkpoint, trained
                          "--step=2", f"--output={export}"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "at step 2" in proc.stdout
-  assert sorted(os.listdir(export)) == ["config.json", "model.safetensors", "tokenizer.json"]
+  assert sorted(os.listdir(export)) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
   umask = os.umask(0)
   os.umask(umask)
   assert stat.S_IMODE(os.stat(export).st_mode) == 0o777 & ~umask  # readable by others where the umask allows
   with open(export / "tokenizer.json", "rb") as a, open(os.path.join(folder, "tokenizer.json"), "rb") as b:
     assert a.read() == b.read()
+  # The run's BPE had no tokenizer_config.json; the export's names its tokens, so transformers encodes as we do.
+  ours, theirs_tok = load_tokenizer(workdir), transformers.AutoTokenizer.from_pretrained(export)
+  text = open(os.path.join(STDLIB, "fnmatch.py")).read()[:2000] + " ünïcode"
+  assert theirs_tok(text)["input_ids"] == ours.encode(text)
+  assert (theirs_tok.eos_token_id, theirs_tok.pad_token_id) == (ours.eos_id, ours.pad_id)
+
+  # An export into the run directory (here: over its checkpoints) is refused, and the run keeps its checkpoints.
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export_hf.py"), f"--workdir={workdir}",
+                         f"--output={workdir / 'checkpoints'}", "--overwrite"], capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 1 and "must lie outside the run directory" in proc.stderr, proc.stderr[-3000:]
+  assert "2" in os.listdir(workdir / "checkpoints") and not (workdir / "checkpoints" / "config.json").exists()
 
   ids = np.random.default_rng(5).integers(0, REFERENCE["vocab_size"], (2, 9))
   theirs = reference_logits(load_reference(export), ids).logits.numpy()
@@ -154,15 +167,46 @@ def test_an_architecture_override_or_a_missing_tokenizer_is_refused_before_the_d
   folder, _ = checkpoint
   with pytest.raises(CheckpointError, match=r"model\.num_layers: 2 here, 3 in the checkpoint"):
     train(run_config(folder, corpus, 2, "model.num_layers=2"), tmp_path / "a", log=lambda _: None)
-  assert not [n for n in os.listdir(tmp_path / "a") if n.startswith("tokens-")]  # nothing tokenized
+  assert not (tmp_path / "a").exists()  # nothing tokenized, no empty run directory left behind
 
   bare = tmp_path / "no_tokenizer"
   shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("tokenizer*"))
   with pytest.raises(ValueError, match=r"data\.tokenizer is unset"):
     train(run_config(str(bare), corpus, 2), tmp_path / "b", log=lambda _: None)
 
+  with pytest.raises(ValueError, match="empty path"):
+    from_hf_checkpoint(get_experiment("tiny"), "")
+  with pytest.raises(CheckpointError, match="no such folder"):
+    read_hf_config(tmp_path / "nowhere")
+
   # Through the command line: --init_from, then the --set overrides, then the same check.
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--init_from={folder}",
                          "--set=model.num_layers=2", f"--workdir={tmp_path / 'c'}", f"--data={corpus}"],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and proc.stderr.startswith("error:") and "model.num_layers" in proc.stderr, proc.stderr
+
+
+def test_a_run_keeps_the_start_it_began_with(checkpoint, corpus, trained, tmp_path):
+  """A resume would ignore another --init_from (and record it as used): refused, as is dropping it."""
+  folder, _ = checkpoint
+  workdir, _, _ = trained
+  with open(workdir / "config.json") as f:
+    before = f.read()
+  elsewhere = tmp_path / "copy"
+  shutil.copytree(folder, elsewhere)
+  with pytest.raises(ValueError, match=f"began from {folder}.*resume with --init_from={folder}"):
+    train(run_config(str(elsewhere), corpus, 4), workdir, log=lambda _: None)
+  scratch = override(get_experiment("tiny"), [f"data.paths=({corpus!r},)", "loop.steps=4"])
+  with pytest.raises(ValueError, match=f"began from {folder}"):
+    train(scratch, workdir, log=lambda _: None)
+  with open(workdir / "config.json") as f:
+    assert f.read() == before
+
+  # And a run that began from a random initialisation cannot switch to a checkpoint.
+  random_start = tmp_path / "random_start"
+  random_start.mkdir()
+  (random_start / "config.json").write_text(json.dumps({"loop": {"init_from": None}}))
+  with pytest.raises(ValueError, match="began from a random initialisation"):
+    train(run_config(folder, corpus, 2), random_start, log=lambda _: None)
+  with pytest.raises(CheckpointError, match="training run directory"):
+    read_hf_config(workdir)

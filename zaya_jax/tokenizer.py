@@ -164,6 +164,17 @@ def load_or_train(run_dir: str | os.PathLike, texts: Callable[[], Iterable[str]]
 TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
+def transformers_config(tokenizer: Tokenizer) -> dict:
+  """A tokenizer_config.json for a folder that has none (a BPE trained here), so that transformers' AutoTokenizer
+  loads tokenizer.json as it is, with these special tokens, instead of guessing a class from the model type."""
+  name = tokenizer.hf.id_to_token
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+            "eos_token": name(tokenizer.eos_id), "pad_token": name(tokenizer.pad_id)}
+  if tokenizer.bos_id is not None:
+    config["bos_token"] = name(tokenizer.bos_id)
+  return config
+
+
 def side_files(folder: str | os.PathLike) -> list[str]:
   """The TOKENIZER_SIDE_FILES that `folder` has."""
   return [p for p in (os.path.join(os.fspath(folder), name) for name in TOKENIZER_SIDE_FILES) if os.path.isfile(p)]

@@ -269,11 +269,16 @@ def read_hf_config(path: str | os.PathLike, **overrides) -> ZayaConfig:
 
 def _open(path: str | os.PathLike) -> tuple[dict, dict[str, _TensorEntry]]:
   path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: no such folder" if not os.path.exists(path) else f"{path} is not a folder")
   config_file = os.path.join(path, "config.json")
   if not os.path.exists(config_file):
     raise CheckpointError(f"{path}: no config.json")
   with open(config_file) as f:
     raw = json.load(f)
+  if "model_type" not in raw and os.path.isdir(os.path.join(path, "checkpoints")):
+    raise CheckpointError(f"{path} is a training run directory, not a Hugging Face folder: export it with "
+                          "launch/export_hf.py (or load it with zaya_jax.train.checkpointing.load_run)")
   return raw, _index_checkpoint(path)
 
 

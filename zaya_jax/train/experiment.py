@@ -75,12 +75,15 @@ def from_hf_checkpoint(cfg: ExperimentConfig, path: str | os.PathLike) -> Experi
   The model's architecture becomes the checkpoint's config.json; `cfg.model` keeps only how it runs (compute and
   parameter dtypes, backends). The folder's tokenizer.json (with its tokenizer_config.json) becomes the data's
   tokenizer unless `cfg` names one. `loop.init_from` records the folder: the first launch of a run loads its weights
-  (`train_step.create_from_hf`); later launches resume from the run's own checkpoints and read only its config and
-  tokenizer. Apply `--set` overrides afterwards; the loader refuses architecture fields that then differ.
+  (`train_step.create_from_hf`); later launches (with the same folder: `train` refuses another) resume from the
+  run's own checkpoints and read only its config and tokenizer. Apply `--set` overrides afterwards; `train` refuses
+  architecture fields that then differ from the folder's.
   """
   from zaya_jax.checkpoint.hf import read_hf_config
   from zaya_jax.tokenizer import TOKENIZER_FILE
 
+  if not os.fspath(path):
+    raise ValueError("init_from: empty path (a Hugging Face folder is expected)")
   path = os.path.abspath(os.fspath(path))
   runtime = cfg.model
   model = read_hf_config(path, dtype=runtime.dtype, param_dtype=runtime.param_dtype).replace(

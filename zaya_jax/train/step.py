@@ -268,8 +268,8 @@ def create_from_hf(path: str, model_config: ZayaConfig, opt_cfg: OptimizerConfig
   (continued pretraining, fine-tuning); optimizer moments, controller state and key start fresh.
 
   The folder's architecture must be `model_config`'s (dtypes and backends may differ: tensors are converted to
-  `param_dtype`). Each tensor is placed on its sharding as it is read (`load_hf_into`), so no device and no host
-  ever holds more than its part of the parameters plus one tensor.
+  `param_dtype`). Each tensor is placed on its sharding as it is read (`load_hf_into`) and becomes the state's own
+  array, so no device and no host ever holds more than its part of the parameters plus one tensor.
   """
   from zaya_jax.checkpoint.hf import load_hf_into
 
@@ -278,7 +278,10 @@ def create_from_hf(path: str, model_config: ZayaConfig, opt_cfg: OptimizerConfig
   params, biases = abstract.params, abstract.biases
   load_hf_into(path, model_config, (params, biases),
                None if shardings is None else (shardings.params, shardings.biases))
-  # The loaded arrays are donated: the state's copies take their place.
-  build = jax.jit(lambda p, b: init_state(trainer, p, b, seed), donate_argnums=(0, 1),
-                  out_shardings=shardings)
-  return trainer, build(params, biases)
+
+  # The rest of the state (optimizer moments, controller, key) in one program; the loaded arrays are not copied
+  # (a donation would not avoid that on CPU, where the arrays share the host buffers they were read into).
+  def rest(p, b) -> TrainState:
+    return init_state(trainer, p, b, seed)._replace(params=None, biases=None)
+  out = None if shardings is None else shardings._replace(params=None, biases=None)
+  return trainer, jax.jit(rest, out_shardings=out)(params, biases)._replace(params=params, biases=biases)
