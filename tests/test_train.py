@@ -133,6 +133,24 @@ def run_balancing(data, mode: str, steps: int, last: int):
   return np.median(np.array(ratios[-last:]), axis=0), np.array(skips[-last:]).mean(0)
 
 
+def test_a_resume_on_an_edited_corpus_says_so(tmp_path, corpus, straight):
+  """The data position is an index into the document list: on another corpus a resume cannot repeat the straight
+  run, and the log says so (the checkpoint records the corpus's fingerprint)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(straight[0], workdir)
+  edited = tmp_path / "corpus"
+  shutil.copytree(corpus, edited)
+  name = sorted(os.listdir(edited))[0]
+  with open(edited / name, "a") as f:
+    f.write("\n# one more line\n")
+  for data, noted in ((corpus, False), (str(edited), True)):
+    lines = []
+    cfg = small_config(corpus, 2 * N, N, [f"data.paths=({data!r},)", "loop.sample_tokens=0"])
+    train(cfg, workdir, log=lines.append)
+    assert any(x.startswith("resumed from") for x in lines), lines
+    assert any("the corpus differs" in x for x in lines) == noted, lines
+
+
 def test_pid_controller_balances_expert_load(tmp_path, corpus):
   data = make_data(DataConfig(paths=(corpus,), seq_len=32, batch_size=8, vocab_size=512, eval_fraction=0.0),
                    tmp_path, model_vocab_size=512)

@@ -69,13 +69,23 @@ class RunCheckpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_iter, model_config: ZayaConfig, *, force: bool = False) -> bool:
-    """Starts saving (returns once the arrays are copied off the device); False when the interval skips the step."""
+  def save(self, step: int, state, data_iter, model_config: ZayaConfig, *, force: bool = False,
+           data_fingerprint: str | None = None) -> bool:
+    """Starts saving (returns once the arrays are copied off the device); False when the interval skips the step.
+    `data_fingerprint` (CorpusInfo.fingerprint) lets a resume tell whether the corpus it continues is the same."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
         meta=ocp.args.JsonSave({"step": int(step), "model_config": dataclasses.asdict(model_config),
-                                "param_layout": PARAM_LAYOUT}))
+                                "param_layout": PARAM_LAYOUT, "data_fingerprint": data_fingerprint}))
     return self.manager.save(step, args=args, force=force)
+
+  def meta(self, step: int) -> dict:
+    """What the checkpoint at `step` records besides the arrays: step, model config, layout, data fingerprint."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # Orbax raises many types for unreadable folders
+      raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} is unreadable: "
+                            f"{type(e).__name__}: {e}") from e
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -83,10 +93,7 @@ class RunCheckpointer:
   def restore(self, step: int, abstract_state, data_iter, model_config: ZayaConfig):
     """The state saved at `step` (shaped and sharded like `abstract_state`); moves `data_iter` to its position."""
     where = os.path.join(self.directory, str(step))
-    try:
-      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # Orbax raises many types for unreadable folders
-      raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from e
+    meta = self.meta(step)
     _check_layout(meta, where)
     saved = meta.get("model_config", {})
     current = dataclasses.asdict(model_config)
@@ -95,32 +102,27 @@ class RunCheckpointer:
       described = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(differing.items()))
       raise CheckpointError(f"checkpoint {where} was written for another model ({described}); start a new workdir "
                             "or run with the checkpoint's config")
-    saved_position = _data_position_of_another_process_count(where)
-    parts = {"state": ocp.args.StandardRestore(abstract_state)}
-    if saved_position is None:
-      parts["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    saved_position = _saved_data_position(where)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**parts))
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     except Exception as e:
       detail = str(e) if len(str(e)) <= 600 else str(e)[:600] + " ..."  # Orbax dumps whole tree diffs
       raise CheckpointError(f"checkpoint {where} cannot be restored into this run's state (another optimizer or "
                             f"train-state layout?): {type(e).__name__}: {detail}") from e
-    if saved_position is not None:
-      data_iter.set_state(saved_position)
+    data_iter.set_state(as_saved_by_grain(saved_position))
     return restored["state"]
 
 
-def _data_position_of_another_process_count(where: str) -> dict | None:
-  """The saved data-iterator state when the checkpoint was written by another number of processes, else None.
+def _saved_data_position(where: str) -> dict:
+  """The data-iterator state the checkpoint saved (grain's process_<i>-of-<n>.json, as JSON reads it back).
 
-  grain saves one file per process (process_<i>-of-<n>.json). Every host runs the same pipeline and keeps its own
-  block of each global batch (data.py), so all hosts' files hold one and the same position, and it is the position
-  of any host count: a run resumes exactly on more or fewer hosts, or on one.
+  Every host runs the same pipeline and keeps its own block of each global batch (data.py), so all hosts' files hold
+  one and the same position, and it is the position of any host count: a run resumes exactly on more or fewer hosts,
+  or on one. This process's own file is read when there is one.
   """
   folder = os.path.join(where, "data")
-  if os.path.exists(os.path.join(folder, f"process_{jax.process_index()}-of-{jax.process_count()}.json")):
-    return None
-  saved = sorted(glob.glob(os.path.join(folder, "process_*-of-*.json")))
+  own = os.path.join(folder, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+  saved = [own] if os.path.exists(own) else sorted(glob.glob(os.path.join(folder, "process_*-of-*.json")))
   if not saved:
     raise CheckpointError(f"checkpoint {where} holds no data-iterator position ({folder} has no process_*.json)")
   positions = []
@@ -131,6 +133,22 @@ def _data_position_of_another_process_count(where: str) -> dict | None:
     raise CheckpointError(f"checkpoint {where}: its {len(saved)} processes saved different data positions, so it "
                           f"resumes only with {len(saved)} processes")
   return positions[0]
+
+
+def as_saved_by_grain(position):
+  """A data-iterator state read back from JSON, with the tuples grain wrote restored.
+
+  grain's packer (concat-then-split) keeps `remainder_slices` as (start, stop) tuples and tests them against the
+  tuple (-1, -1) ("no remainder"); JSON gives lists back, which never equal it, so a position saved where a document
+  had just ended made the restored packer slice an empty remainder out of the next document, which was then lost
+  (grain's own CheckpointRestore reads the file the same way). Every such pair becomes a tuple again.
+  """
+  if isinstance(position, dict):
+    return {k: ({f: tuple(v) for f, v in value.items()} if k == "remainder_slices" and isinstance(value, dict)
+                else as_saved_by_grain(value)) for k, value in position.items()}
+  if isinstance(position, list):
+    return [as_saved_by_grain(v) for v in position]
+  return position
 
 
 def on_one_device(abstract_state):

@@ -35,8 +35,10 @@ with the smallest hashes are eval (at least one when eval_fraction > 0). Adding 
 the cut, since the others keep their hash order.
 
 Inputs (`DataConfig.paths`):
-- text files, folders (walked recursively, hidden entries skipped), globs; `.gz` files are decompressed; binary files
-  (a NUL byte in the first 8 KiB) are skipped inside folders. One file is one document unless `doc_separator` is set.
+- text files, folders (walked recursively, hidden entries skipped), globs; `.gz`, `.bz2` and `.xz` files are
+  decompressed; binary files (a NUL byte in the first 8 KiB: UTF-16 text too) are skipped inside folders, and text
+  that is not valid UTF-8 is read with U+FFFD for its undecodable bytes: both are listed in `CorpusInfo.skipped` and
+  counted in its description (which the training loop logs). One file is one document unless `doc_separator` is set.
   Documents are encoded with the tokenizer's own post-processor (Gemma's adds <bos>) and get `eos` appended; the ids
   are cached as `run_dir/tokens-<key>.npz`, key = sha256(tokenizer.json, document names and texts).
   The tokenizer is `run_dir/tokenizer.json`: a BPE trained on the corpus at first use, or a copy of
@@ -58,11 +60,13 @@ Inputs (`DataConfig.paths`):
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import functools
 import glob
 import gzip
 import hashlib
+import lzma
 import math
 import os
 import sysconfig
@@ -149,6 +153,8 @@ class CorpusInfo:
   cache_hit: bool
   tokenizer_seconds: float  # load or train
   tokenize_seconds: float  # read + encode, or load the cache
+  fingerprint: str = ""  # of the documents as read (names and contents; ArrayRecord: names, sizes, record counts)
+  skipped: tuple[str, ...] = ()  # files of the given paths not read as text, or read lossily, with the reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,18 +171,32 @@ class Data:
 # Reading text
 
 
-def _read_text(path: str) -> str | None:
-  """The file as text, or None when it looks binary. Undecodable bytes become U+FFFD rather than failing the run."""
+_DECOMPRESS = {".gz": ("gzip", gzip.decompress), ".bz2": ("bzip2", bz2.decompress), ".xz": ("xz", lzma.decompress)}
+
+
+def _read_text(path: str, skipped: list[str] | None = None) -> str | None:
+  """The file as text (.gz, .bz2 and .xz decompressed), or None when it looks binary (a NUL byte in its first 8 KiB).
+  Undecodable bytes become U+FFFD rather than failing the run. Each file skipped or read lossily is described in
+  `skipped`, when given, so that the caller can report it."""
   with open(path, "rb") as f:
     data = f.read()
-  if path.endswith(".gz"):
+  suffix = os.path.splitext(path)[1]
+  if suffix in _DECOMPRESS:
+    kind, decompress = _DECOMPRESS[suffix]
     try:
-      data = gzip.decompress(data)
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut file raises EOFError
-      raise ValueError(f"data file {path} is not a readable gzip file ({e}); remove it or fix it") from None
+      data = decompress(data)
+    except (OSError, EOFError, lzma.LZMAError) as e:  # BadGzipFile is an OSError; a cut file raises EOFError
+      raise ValueError(f"data file {path} is not a readable {kind} file ({e}); remove it or fix it") from None
   if b"\0" in data[:8192]:
+    if skipped is not None:
+      skipped.append(f"{path} (binary)")
     return None
-  return data.decode("utf-8", errors="replace")
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError:
+    if skipped is not None:
+      skipped.append(f"{path} (not UTF-8: undecodable bytes read as U+FFFD)")
+    return data.decode("utf-8", errors="replace")
 
 
 def _walk(root: str) -> list[str]:
@@ -207,8 +227,10 @@ def _split(name: str, text: str, separator: str | None) -> list[tuple[str, str]]
   return [(f"{name}#{k}", piece) for k, piece in enumerate(text.split(separator)) if piece.strip()]
 
 
-def text_documents(paths: Sequence[str], doc_separator: str | None = None) -> list[tuple[str, str]]:
-  """(name, text) per document. Names are paths relative to the given folder / glob root (a file: its basename)."""
+def text_documents(paths: Sequence[str], doc_separator: str | None = None, *, skipped: list[str] | None = None
+                   ) -> list[tuple[str, str]]:
+  """(name, text) per document. Names are paths relative to the given folder / glob root (a file: its basename).
+  Files skipped as binary, or read with undecodable bytes replaced, are listed in `skipped` when it is given."""
   docs, seen = [], set()
   for path in paths:
     path = os.path.expanduser(path)
@@ -227,13 +249,17 @@ def text_documents(paths: Sequence[str], doc_separator: str | None = None) -> li
     else:
       raise FileNotFoundError(f"data path not found: {path}")
     found, repeated = [], 0
+    records = [f for _, f in named if f.endswith(ARRAY_RECORD_SUFFIXES)]
+    if records:  # walked as text they would be skipped as binary
+      raise ValueError(f"data path {path} holds ArrayRecord files (e.g. {records[0]}): give them as files or a glob "
+                       f"(e.g. {os.path.join(path, '*' + ARRAY_RECORD_SUFFIXES[0])}), not in a folder of text")
     for name, file in named:
       real = os.path.realpath(file)
       if real in seen or not os.path.isfile(real):
         repeated += real in seen
         continue
       seen.add(real)
-      text = _read_text(file)
+      text = _read_text(file, skipped)
       if text is not None:
         found += _split(name, text, doc_separator)
     if not found and repeated:
@@ -427,7 +453,7 @@ def write_token_records(path: str | os.PathLike, docs, eos_id: int | None = None
 
 
 def _expand_record_paths(paths: Sequence[str]) -> list[str]:
-  files = []
+  files, seen = [], {}
   for path in paths:
     path = os.path.expanduser(path)
     matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
@@ -436,6 +462,10 @@ def _expand_record_paths(paths: Sequence[str]) -> list[str]:
     for f in matches:
       if not os.path.isfile(f):
         raise FileNotFoundError(f"ArrayRecord file not found: {f}")
+      real = os.path.realpath(f)
+      if real in seen:  # its records would be trained on twice, and could sit on both sides of the eval split
+        raise ValueError(f"ArrayRecord file {f} is given twice (also as {seen[real]}); give each file once")
+      seen[real] = f
     files += matches
   return files
 
@@ -531,12 +561,15 @@ def make_data(cfg: DataConfig, run_dir: str | os.PathLike, *, model_vocab_size: 
     return _record_data(cfg, run_dir, model_vocab_size, process_index, process_count)
 
   t0 = time.perf_counter()
+  skipped: list[str] = []
   if paths is None:
     what = "default corpus"
     docs = _subset(default_documents(), cfg.default_corpus_bytes)
   else:
     what = f"text {', '.join(paths)}"
-    docs = text_documents(paths, cfg.doc_separator)
+    docs = text_documents(paths, cfg.doc_separator, skipped=skipped)
+    if skipped:
+      what += f" ({len(skipped)} file(s) skipped or read lossily, e.g. {skipped[0]}; CorpusInfo.skipped lists them)"
   t_read = time.perf_counter() - t0
   if cfg.tokenizer is not None:
     tokenizer = copy_into(cfg.tokenizer, run_dir, model_vocab_size)
@@ -555,7 +588,8 @@ def make_data(cfg: DataConfig, run_dir: str | os.PathLike, *, model_vocab_size: 
       description=what, num_docs=len(hashes_N), num_train_docs=len(train_N), num_eval_docs=len(eval_N),
       num_train_tokens=train_docs.num_positions(), num_eval_tokens=eval_docs.num_positions(),
       num_bytes=sum(len(text.encode("utf-8", "surrogateescape")) for _, text in docs), cache_file=cache_file,
-      cache_hit=hit, tokenizer_seconds=t1 - t0 - t_read, tokenize_seconds=t_read + t2 - t1)
+      cache_hit=hit, tokenizer_seconds=t1 - t0 - t_read, tokenize_seconds=t_read + t2 - t1,
+      fingerprint=_corpus_key(tokenizer, docs), skipped=tuple(skipped))
   return _data(train_docs, eval_docs if len(eval_N) else None, cfg, tokenizer, tokenizer.pad_id, info,
                process_index, process_count)
 
@@ -567,7 +601,7 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
   t1 = time.perf_counter()
   files = _expand_record_paths(cfg.paths)
   what = f"ArrayRecord {', '.join(files)}"
-  hashes = []
+  hashes, fingerprint = [], hashlib.sha256()
   for f in files:
     try:
       n = len(grain.sources.ArrayRecordDataSource([f]))
@@ -576,6 +610,7 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
     if n == 0:
       raise ValueError(f"ArrayRecord file {f}: no records")
     hashes.append(_mix64(np.uint64(_name_hash(os.path.basename(f))) ^ np.arange(n, dtype=np.uint64)))
+    fingerprint.update(f"{os.path.basename(f)}\0{os.path.getsize(f)}\0{n}\0".encode())
   hashes_N = np.concatenate(hashes)
   train_N, eval_N = _split_indices(hashes_N, cfg.eval_fraction, what)
   max_id = None if model_vocab_size is None else model_vocab_size - 1
@@ -591,7 +626,7 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
   info = CorpusInfo(
       description=what, num_docs=len(hashes_N), num_train_docs=len(train_N), num_eval_docs=len(eval_N),
       num_train_tokens=None, num_eval_tokens=None, num_bytes=None, cache_file=None, cache_hit=False,
-      tokenizer_seconds=t1 - t0, tokenize_seconds=0.0)
+      tokenizer_seconds=t1 - t0, tokenize_seconds=0.0, fingerprint=fingerprint.hexdigest())
   eval_docs = _RecordDocuments(files, eval_N, max_id) if len(eval_N) else None
   pad_id = tokenizer.pad_id if tokenizer is not None else 0
   return _data(train_docs, eval_docs, cfg, tokenizer, pad_id, info, process_index, process_count)

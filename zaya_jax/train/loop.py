@@ -212,11 +212,20 @@ def _changed_since(old: dict | None, cfg: ExperimentConfig) -> list[str]:
   return [f"{name}: {at(old, name)!r} -> {at(new, name)!r}" for name in changed_settings(old, new)]
 
 
-def _check_init_from(cfg: ExperimentConfig) -> None:
-  """Before the data is built: the checkpoint's architecture is the run's, and its tokenizer is the data's."""
+def _check_init_from(cfg: ExperimentConfig, previous: dict | None, workdir: str) -> None:
+  """Before the data is built: a run keeps the start it was launched with; a Hugging Face start's architecture is the
+  run's, and its tokenizer is the data's."""
   from zaya_jax.checkpoint.hf import check_same_architecture, read_hf_config
 
   path = cfg.loop.init_from
+  if previous is not None and previous.get("loop", {}).get("init_from") != path:
+    # A resume would silently ignore a new start (and record it as if it had been used).
+    before = previous.get("loop", {}).get("init_from")
+    began = f"from {before}" if before else "from a random initialisation"
+    raise ValueError(f"{workdir} holds a run that began {began}; loop.init_from = {path!r} cannot change it: use a "
+                     "new --workdir" + (f", or resume with --init_from={before}" if before else ""))
+  if path is None:
+    return
   if cfg.data.tokenizer is None and not cfg.data.reads_token_records:
     raise ValueError(f"loop.init_from = {path} but data.tokenizer is unset: a tokenizer trained on this corpus would "
                      "not match the checkpoint's embeddings. Give the checkpoint's tokenizer.json (--tokenizer=...); "
@@ -261,16 +270,15 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
     raise ValueError(f"this run has {jax.process_count()} processes but no mesh, so each would train alone on its "
                      f"own rows of the batch: give one, e.g. --mesh=data:-1 --dcn_mesh=data:{jax.process_count()}")
   workdir = os.path.abspath(os.fspath(workdir))
-  os.makedirs(workdir, exist_ok=True)
   loop = cfg.loop
   if cfg.data.seq_len > cfg.model.max_position_embeddings:
     raise ValueError(f"data.seq_len = {cfg.data.seq_len} is longer than the model's context "
                      f"model.max_position_embeddings = {cfg.model.max_position_embeddings}")
-  if cfg.loop.init_from is not None:
-    _check_init_from(cfg)
-  data = make_data(cfg.data, workdir, model_vocab_size=cfg.model.vocab_size)
   config_path = os.path.join(workdir, "config.json")
   previous = _last_launch(config_path)
+  _check_init_from(cfg, previous, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  data = make_data(cfg.data, workdir, model_vocab_size=cfg.model.vocab_size)
   changed = _changed_since(previous, cfg)
   previous_steps = None if previous is None else previous.get("loop", {}).get("steps")
   log(f"data: {data.info.description}")
@@ -316,6 +324,11 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
                                 + "; ".join(changed)) from None
         raise
       log(f"resumed from {os.path.join(checkpointer.directory, str(resumed_from))}")
+      saved_corpus = checkpointer.meta(resumed_from).get("data_fingerprint")
+      if saved_corpus not in (None, data.info.fingerprint):  # None: a checkpoint from before fingerprints
+        log(f"note: the corpus differs from the one checkpoint {resumed_from} was trained on (files added, removed "
+            "or edited, or another tokenizer): the data position resumes by document index into the new corpus, "
+            "so this run no longer repeats the batches an uninterrupted run would have seen")
       if changed:  # a resume repeats the straight run exactly only with the same settings
         log("settings changed since the last launch in this workdir: " + "; ".join(changed))
       if previous_steps not in (None, loop.steps) and resumed_from < loop.steps:
@@ -376,7 +389,8 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
         log(f"step {done:>6}/{loop.steps}  {mean}  lr {row['lr']:.3g}  {speed}")
         logged_losses.clear()
       preempted = preemption.reached(done)
-      checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or preempted)
+      checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or preempted,
+                        data_fingerprint=data.info.fingerprint)
       if loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
         eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
         metrics_out.write({"step": done, "eval_loss": eval_loss, "eval_tokens": n})
