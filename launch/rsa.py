@@ -17,12 +17,14 @@ to --output when every problem is): after a crash, Ctrl-C or SIGTERM, rerun with
 only the rest (problem i always uses fold_in(key(seed), i), so the results equal an uninterrupted run's); a resume
 with other flags, other weights (a run directory that saved a later step, a folder exported over) or another
 reference answer for a finished problem is refused. An existing --output is kept unless --overwrite. Sampling flags
-apply to every round. Bad input prints one `error:` line and exits 1, before the weights load wherever the tokenizer
+apply to every round. Answers come from the whole output, or with --answer_after_think only from what follows the
+last --end_think. Bad input prints one `error:` line and exits 1, before the weights load wherever the tokenizer
 and config.json suffice to find it.
 
 --model is a run directory (launch/train.py) or a Hugging Face folder, as for launch/generate.py. Templates:
 rsa (the RSA authors' prompt), rsa-harness (its typo fixed), markovian-zaya (Zyphra's proxy prompt), delethink (C = 1:
-the tail continues the assistant's own answer).
+the tail continues the assistant's own answer; a chain that ended is not continued). With an aggregation template and
+--c=1 every trace is refined every round, finished or not (the report's Delethink-like baseline).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ _BETA_FIRST = flags.DEFINE_integer("beta_first", None, "New-token budget of roun
 _TAIL_SOURCE = flags.DEFINE_enum("tail_source", "all", TAIL_SOURCES,
                                  "'all': tails end at the end of the output; 'reasoning': at --end_think if present.")
 _END_THINK = flags.DEFINE_string("end_think", "</think>", "End-of-thinking marker text (for --tail_source=reasoning).")
+_ANSWER_AFTER_THINK = flags.DEFINE_bool("answer_after_think", False, "Score only the text after the last --end_think "
+                                         "marker (a candidate without one has no answer, as Delethink scores); "
+                                         "default: the whole output.")
 _TEMPLATE = flags.DEFINE_enum("template", "rsa", sorted(cli.TEMPLATES), "Aggregation prompt template.")
 _CHAT = flags.DEFINE_bool("chat", False, "Render prompts as user messages with the tokenizer folder's chat template.")
 _Q_MAX = flags.DEFINE_integer("q_max", None, "Question capacity in tokens (default: the longest question, rounded up "
@@ -72,7 +77,7 @@ _RESUME = flags.DEFINE_bool("resume", False, "Go on from the finished problems o
 # The flags that shape the results: a resumed run must repeat them (--output, --overwrite, --resume do not count).
 _SETTINGS = (_MODEL, _TOKENIZER, _STEP, _PROBLEM, _ANSWER, _PROBLEMS, _N, _C, _T, _TAU, _BETA, _BETA_FINAL,
              _BETA_FIRST, _TAIL_SOURCE, _END_THINK, _TEMPLATE, _CHAT, _Q_MAX, _TEMPERATURE, _TOP_K, _TOP_P, _SEED,
-             _SAVE_TEXTS)
+             _SAVE_TEXTS, _ANSWER_AFTER_THINK)
 
 
 def _problems() -> list[cli.Problem]:
@@ -166,8 +171,12 @@ def main(argv) -> int:
     # pad_id must be generate's (rows are compared and scrubbed with it); max_context is the model's positions,
     # which also bound make_decode_fn's cache (prompt capacity + budget - 1 per call). Tails end before a final stop
     # token, which marks a trace finished.
+    # True Delethink (the continuation template) stops a chain at EOS; with an aggregation template and --c=1 (the
+    # report's Delethink-like baseline) every trace is refined every round, finished or not.
+    keep_finished = cli.TEMPLATES[_TEMPLATE.value].continuation and _C.value == 1 and _T.value > 0
     cfg = rsa_config_from_flags(tail_source=_TAIL_SOURCE.value, end_think=end_think, q_max=q_max,
-                                max_context=loaded.context, pad_id=pad_id(loaded), stop_ids=loaded.stop_ids)
+                                max_context=loaded.context, pad_id=pad_id(loaded), stop_ids=loaded.stop_ids,
+                                keep_finished=keep_finished)
     cli.check_rsa_context(cfg, pieces, loaded.context, longest)
     key = jax.random.key(_SEED.value)
     reports, decode_fn = [], None
@@ -185,7 +194,8 @@ def main(argv) -> int:
               "tokens", flush=True)
 
       report, texts = cli.solve_problem(cfg, pieces, decode_fn, tokenizer, problem,
-                                        jax.random.fold_in(key, problem.index), loaded.stop_ids, on_round=on_round)
+                                        jax.random.fold_in(key, problem.index), loaded.stop_ids, on_round=on_round,
+                                        answer_after=_END_THINK.value if _ANSWER_AFTER_THINK.value else None)
       reports.append(report)
       out.write({**report.to_json(), **({"texts": texts} if _SAVE_TEXTS.value else {})})
       shown = ", ".join("-" if a is None else repr(a) for a in report.answers)

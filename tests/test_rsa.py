@@ -363,7 +363,7 @@ def test_an_answer_before_the_last_tau_tokens_is_invisible(position, visible):
 
 # ------------------------------------------------------------------------------------------- special cases
 
-DELETHINK = RSAConfig.delethink(n=3, t=3, beta=6, tau=4, q_max=4)
+DELETHINK = RSAConfig.delethink(n=3, t=3, beta=6, tau=4, q_max=4, keep_finished=True)  # true Delethink
 CONTINUE_PIECES = PromptPieces(initial=((1, 2), (3,)), prefix=(1, 2), heads=((3,),), suffix=())  # tail = own prefix
 
 
@@ -411,6 +411,20 @@ def test_delethink_keeps_a_finished_trace_and_counts_only_live_ones():
   np.testing.assert_array_equal(state.generated_R, [3 + 2 * 6] + [2 * 6] * cfg.t)
   prompt = len(CONTINUE_PIECES.prefix) + len(QUESTION) + len(CONTINUE_PIECES.heads[0]) + cfg.tau
   np.testing.assert_array_equal(state.prefilled_R[1:], [2 * prompt] * cfg.t)
+
+
+def test_c1_aggregation_refines_a_finished_trace_too():
+  """The report's C = 1 baseline (an aggregation template, keep_finished off): a trace that ended is still refined
+  in every round, as Zyphra's proxy rebuilds every row each iteration; only true Delethink keeps it."""
+  cfg = dataclasses.replace(DELETHINK, stop_ids=(EOS,), keep_finished=False)
+  state = rsa.run(cfg, CONTINUE_PIECES, stop_row0_decoder, QUESTION, KEY)
+  assert_states_equal(state, rsa.run_loop(cfg, CONTINUE_PIECES, stop_row0_decoder, QUESTION, KEY))
+  np.testing.assert_array_equal(state.generated_R, [3 + 2 * 6] * cfg.rounds)  # row 0 decoded (3 tokens) each round
+  # Row 0 holds its last round's output, a continuation (kept, it would still be round 0's [1000, 1001, EOS]).
+  row0 = np.asarray(state.pool_NG)[0, :3].tolist()
+  assert row0[2] == EOS and row0[:2] != [1000, 1001] and int(state.pool_len_N[0]) == 3, row0
+  with pytest.raises(ValueError, match="keep_finished needs self-continuation"):
+    RSAConfig(n=4, c=2, t=1, tau=2, beta=4, keep_finished=True)
 
 
 def test_a_decoder_that_skips_empty_prompts_gets_none_for_frozen_rows():
@@ -615,6 +629,10 @@ def test_normalize_answer():
                    ["1{,}000", "1000", "1,000"], ["1,234.5", "1234.5"], ["0.50", ".5", "0.5"], ["+5", "5", "5.0"],
                    [r"\$1000", "1000"], ["(A)", "A"], ["-.5", "-0.5"]):
     assert len({n(v) for v in variants}) == 1, variants
+  # AIME's zero-padded integers, a grouping brace around the whole answer.
+  for variants in (["007", "7", "7.0"], ["-007", "-7"], ["{7}", "7"], ["033", "33"], ["0", "00"]):
+    assert len({n(v) for v in variants}) == 1, variants
+  assert n("0.5") == "0.5" and n("100") == "100" and n(r"\{1,2\}") != n("12")
   assert n("(1,2)") == "(1,2)" and n(r"\frac{12}{5}") != n(r"\frac{1}{25}") and n("10") != n("1")
   assert n("12") != n("13")
   for raw in ("x = y = 3", r"$\text{\textbf{\mathrm{\text{5}}}}$", "5.00 .", "1,000", r"\dfrac12", "1{,}000.50",
@@ -641,3 +659,15 @@ def test_population_metrics():
   assert ans.majority_at_n(answers, "7") == 1.0 and ans.majority_at_n(answers, "3") == 0.0
   assert ans.answer_entropy(["1"] * 4) == 0.0
   assert abs(ans.answer_entropy(["1", "2"]) - math.log(2)) < 1e-12
+
+
+def test_answer_after_think_scores_only_what_follows_the_reasoning():
+  from zaya_jax.infer import cli
+
+  assert cli.answer_section("a </think> b </think> c", "</think>") == " c" and cli.answer_section("x", None) == "x"
+  texts = [r"<think>try \boxed{7}? hmm, let me recheck", r"<think>\boxed{8}</think>so \boxed{7}."]
+  problem = cli.Problem(0, 0, "q", "7")
+  whole = cli.report_problem(problem, texts, [False, True], 10, 10, 10)
+  after = cli.report_problem(problem, texts, [False, True], 10, 10, 10, answer_after="</think>")
+  assert whole.answers == ("7", "7") and whole.mean_correct == 1.0
+  assert after.answers == (None, "7") and after.mean_correct == 0.5  # a box inside cut-off reasoning is no answer

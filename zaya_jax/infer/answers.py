@@ -91,8 +91,9 @@ def normalize_answer(answer: str | None) -> str | None:
   Steps, each chosen because it only removes presentation: strip `$` and `\\$`, spacing macros,
   `\\left`/`\\right`, text wrappers (`\\text{cm}` -> `cm`), degree marks and `%`; `\\dfrac`/`\\tfrac` ->
   `\\frac`, `\\frac12` -> `\\frac{1}{2}`, `\\sqrt2` -> `\\sqrt{2}`; drop whitespace and a trailing period;
-  `x = 5` -> `5` for a single-letter left side; a choice `(A)` -> `A`; numbers: `1,000` and `1{,}000` -> `1000`,
-  `+5` -> `5`, `.5` -> `0.5`, `0.50` -> `0.5`, `5.00` -> `5`.
+  `x = 5` -> `5` for a single-letter left side; a choice `(A)` -> `A`; braces around the whole answer dropped
+  (`{7}` -> `7`); numbers: `1,000` and `1{,}000` -> `1000`, `+5` -> `5`, `.5` -> `0.5`,
+  `0.50` -> `0.5`, `5.00` -> `5`, `007` -> `7`.
   """
   if answer is None:
     return None
@@ -120,8 +121,13 @@ def _normalize_once(answer: str) -> str | None:
   s = re.sub(r"\s+", "", s).rstrip(".")
   s = re.sub(r"^[a-zA-Z]=", "", s)
   s = re.sub(r"^\(([A-Z])\)$", r"\1", s)
+  if re.fullmatch(r"\{[^{}]*\}", s):  # a grouping brace around the whole answer: \boxed{{7}}
+    s = s[1:-1]
   if _THOUSANDS.match(s):
     s = s.replace(",", "")
+  leading_zeros = re.fullmatch(r"(-?)0+(\d+(?:\.\d+)?)", s)  # AIME's 007
+  if leading_zeros:
+    s = leading_zeros.group(1) + leading_zeros.group(2)
   if re.fullmatch(r"\+\d*\.?\d+", s):
     s = s[1:]
   if re.fullmatch(r"-?\.\d+", s):

@@ -512,11 +512,12 @@ def generate_completions(loaded: LoadedModel, prompts: Sequence[str], *, chat: P
 
 def rsa_config(*, n: int, c: int, t: int, tau: int, beta: int, beta_final: int | None, tail_source: str,
                end_think: Sequence[int], q_max: int, max_context: int, pad_id: int, seed: int,
-               stop_ids: Sequence[int] = (), beta_first: int | None = None) -> rsa.RSAConfig:
+               stop_ids: Sequence[int] = (), beta_first: int | None = None, keep_finished: bool = False
+               ) -> rsa.RSAConfig:
   """RSAConfig from the flags; its validation message (C > N, τ > β, ...) with the flag names."""
   try:
     return rsa.RSAConfig(n=n, c=c, t=t, tau=tau, beta=beta, beta_final=beta_final, beta_first=beta_first,
-                         tail_source=tail_source,
+                         tail_source=tail_source, keep_finished=keep_finished,
                          end_think=tuple(end_think), stop_ids=tuple(stop_ids), q_max=q_max, max_context=max_context,
                          pad_id=pad_id, seed=seed)
   except ValueError as e:
@@ -578,10 +579,21 @@ class ProblemReport:
     return cls(**{**fields, "answers": tuple(fields["answers"]), "finished": tuple(fields["finished"])})
 
 
+def answer_section(text: str, after: str | None) -> str:
+  """The part of a candidate scored for its answer: the whole text, or with `after` (the end-of-thinking marker) only
+  what follows its last occurrence, empty without one (Delethink's rule: a trace cut inside its reasoning has no
+  answer, however many tentative boxes it wrote)."""
+  if after is None:
+    return text
+  _, marker, tail = text.rpartition(after)
+  return tail if marker else ""
+
+
 def report_problem(problem: Problem, texts: Sequence[str], finished: Sequence[bool], generated: int, prefilled: int,
-                   max_context: int) -> ProblemReport:
-  """Answers (last \\boxed{}), the vote and the accounting of one problem's final population."""
-  answers = tuple(ans.extract_boxed(t) for t in texts)
+                   max_context: int, answer_after: str | None = None) -> ProblemReport:
+  """Answers (last \\boxed{} of each candidate's `answer_section`), the vote and the accounting of one problem's final
+  population."""
+  answers = tuple(ans.extract_boxed(answer_section(t, answer_after)) for t in texts)
   vote = ans.majority_vote(answers, finished)
   return ProblemReport(problem.index, problem.problem, problem.answer, answers, tuple(bool(f) for f in finished),
                        None if vote is None else vote.answer, 0 if vote is None else vote.count, int(generated),
@@ -590,8 +602,10 @@ def report_problem(problem: Problem, texts: Sequence[str], finished: Sequence[bo
 
 def solve_problem(cfg: rsa.RSAConfig, pieces: rsa.PromptPieces, decode_fn: rsa.DecodeFn, tokenizer: Tokenizer,
                   problem: Problem, key: jax.Array, stop_ids: Sequence[int],
-                  on_round: Callable[[int, rsa.RSAState], None] | None = None) -> tuple[ProblemReport, list[str]]:
-  """Markovian RSA on one problem (host loop over rounds, so on_round sees each); (report, final texts)."""
+                  on_round: Callable[[int, rsa.RSAState], None] | None = None, answer_after: str | None = None
+                  ) -> tuple[ProblemReport, list[str]]:
+  """Markovian RSA on one problem (host loop over rounds, so on_round sees each); (report, final texts).
+  `answer_after`: score only the text after this marker (see `answer_section`)."""
   question = P.encode_question(tokenizer.hf, problem.problem)
   state = rsa.run_loop(cfg, pieces, decode_fn, question, key=key, on_round=on_round)
   texts, finished = [], []
@@ -600,7 +614,7 @@ def solve_problem(cfg: rsa.RSAConfig, pieces: rsa.PromptPieces, decode_fn: rsa.D
     texts.append(text)
   finished = np.asarray(state.finished_N).tolist()
   report = report_problem(problem, texts, finished, int(state.generated), int(state.prefilled),
-                          int(state.max_context))
+                          int(state.max_context), answer_after)
   return report, texts
 
 

@@ -16,9 +16,10 @@ The model enters only through `decode_fn(key, prompts[B, L] int32, prompt_lens[B
 are ignored (scrubbed to pad_id); lengths are clipped to [0, max_new]. A row counts as finished (rather than cut at
 the budget) when it is shorter than max_new or ends in one of `RSAConfig.stop_ids`; a final stop token stays in the
 pool and in the token counts (the decoder generated it) but is no part of the trace's text, so tails end before it.
-In self-continuation (c = 1, Delethink), a finished trace is done: later rounds keep it as it is (its row is still
-decoded, for static shapes, and the result discarded and left out of the accounting), as Delethink stops a trace
-at EOS. Aggregation (c > 1) builds every new trace from candidates, finished or not.
+With `keep_finished` (true Delethink: c = 1, self-continuation), a finished trace is done: later rounds keep it as
+it is (its row is still decoded, for static shapes, and the result discarded and left out of the accounting), as
+Delethink stops a trace at EOS. Otherwise every round builds every new trace from its candidates, finished or not
+(the ZAYA report's C = 1 baseline refines a finished trace too).
 
 Two drivers give identical states for the same key: `run` (one jit: round 0, `lax.scan` over the middle rounds,
 final round) and `run_loop` (a host loop over jitted prompt building and state updates, calling decode_fn on the
@@ -66,6 +67,10 @@ class RSAConfig:
   end_think: tuple[int, ...] = ()  # token ids of the end-of-thinking marker (a sequence, e.g. (id of </think>,))
   stop_ids: tuple[int, ...] = ()  # the decoder's stop tokens (EOS, end of turn): a trace ending in one is finished
   self_continue: bool = True  # with c == 1, trace i aggregates its own previous trace i (no draw)
+  # With self-continuation: a finished trace (ending in a stop id) stays as it is in later rounds, as true Delethink
+  # stops a chain at EOS (use with prompts.DELETHINK). False: every trace is refined every round, as the ZAYA report's
+  # C = 1 baseline with an aggregation template does (Zyphra's proxy rebuilds every row each iteration).
+  keep_finished: bool = False
   q_max: int = 2048  # question capacity Q (static shape of the question buffer)
   max_context: int | None = None  # if set, prompt capacity + max budget must fit (the decoder's cache length)
   pad_id: int = 0
@@ -111,6 +116,11 @@ class RSAConfig:
       if not all(_is_int(i) and i >= 0 for i in ids):
         raise ValueError(f"RSAConfig.{name} must be token ids >= 0, got {value!r}")
       object.__setattr__(self, name, tuple(int(i) for i in ids))
+    if self.keep_finished and not (self.c == 1 and self.self_continue):
+      raise ValueError(
+        f"RSAConfig.keep_finished needs self-continuation (c = 1, self_continue): with c = {self.c} a new trace "
+        "aggregates drawn candidates and is not the continuation of a finished one"
+      )
     if self.tail_source == "reasoning" and not self.end_think:
       raise ValueError(
         "RSAConfig.tail_source = 'reasoning' needs the end-of-thinking marker ids in RSAConfig.end_think; "
@@ -154,8 +164,9 @@ class RSAConfig:
     are the ZAYA report's parallel Delethink-like baseline (β = 8K, τ = 4K, an aggregation template). True
     Delethink (the Markovian Thinker, spec §2.1) uses `prompts.DELETHINK`, where the tail is the assistant's own
     prefix, with chunk size C and carry m: the first chunk gets C new tokens, later ones C - m, so
-    `delethink(beta=C - m, tau=m, beta_first=C)`, e.g. C = 8192, m = 4096. (Its folding of chunk 1's first 100
-    tokens into the question is not modelled.)"""
+    `delethink(beta=C - m, tau=m, beta_first=C, keep_finished=True)`, e.g. C = 8192, m = 4096: a chain that ended
+    in EOS is not continued. (Its folding of chunk 1's first 100 tokens into the question is not modelled, nor a
+    carry m > C - m taken across several chunks.)"""
     return cls(n=n, c=1, t=t, tau=tau, beta=beta, self_continue=True, **kw)
 
 
@@ -397,9 +408,9 @@ def prepare_aggregation(cfg: RSAConfig, pieces: PromptPieces, state: RSAState, q
 
 
 def frozen_rows(cfg: RSAConfig, state: RSAState) -> jax.Array:
-  """bool [N]: the traces an aggregation round keeps as they are: in self-continuation (c = 1), those already
-  finished (Delethink stops a trace at EOS); none when traces aggregate candidates."""
-  if cfg.c == 1 and cfg.self_continue:
+  """bool [N]: the traces an aggregation round keeps as they are: with `keep_finished` (true Delethink), those already
+  finished; none otherwise."""
+  if cfg.keep_finished:
     return state.finished_N
   return jnp.zeros((cfg.n,), bool)
 
