@@ -151,12 +151,39 @@ def test_sampler_prompts_equal_host_strings(tok):
   assert int(plen_N.max()) <= pieces.template_len + len(q) + cfg.c * cfg.tau
 
 
-def test_a_piece_that_merges_with_its_neighbour_is_rejected(tok):
+def test_a_piece_that_merges_with_its_neighbour_is_spliced_as_its_own_ids_with_a_warning(tok):
   bad = dataclasses.replace(P.RSA_REFERENCE, solution="Solution {i}: ")  # " " + tail start: one pre-token
-  with pytest.raises(ValueError, match=r"piece heads\[0\]"):
-    P.encode_pieces(tok, bad, 2)
+  with pytest.warns(UserWarning, match=r"piece heads\[0\]"):
+    pieces = P.encode_pieces(tok, bad, 2)
+  host = P.prompt_text(bad, QUESTION, TAILS[:2])
+  spliced = device_prompt(tok, pieces, QUESTION, TAILS[:2])
+  assert tok.decode(spliced, skip_special_tokens=False) == host  # the same text, whatever ids meet at the boundary
   with pytest.raises(ValueError, match="continuation"):
     P.encode_pieces(tok, P.DELETHINK, 2)
+
+
+def test_a_tokenizer_that_merges_across_whitespace_still_splices_the_host_text():
+  """A SentencePiece-style BPE (spaces as ▁, no pre-tokenizer split, as Gemma's family is built) may merge a
+  template's first characters with the question's last ("?\n") or its last with a tail's first: such pieces cannot
+  be tokenised independently of their neighbours. The sampler then splices their own ids (a warning says so), and
+  the prompt is still the host string's text."""
+  from tokenizers import normalizers
+
+  docs = []
+  for i in range(150):
+    docs.append(f"Is {i} prime?\nCandidate solutions (may contain mistakes):\n---- Solution 1 ----\nWe check {i}.\n\n")
+    docs.append(P.prompt_text(P.RSA_REFERENCE, f"What is {i}+{i}?", [f"so {2 * i}.", f"maybe {i}?"]))
+  sp = Tokenizer(models.BPE())
+  sp.normalizer = normalizers.Replace(" ", "\u2581")
+  sp.decoder = decoders.Replace("\u2581", " ")
+  alphabet = sorted(set("".join(docs).replace(" ", "\u2581")))
+  sp.train_from_iterator(docs * 3, trainers.BpeTrainer(vocab_size=800, special_tokens=["<pad>"],
+                                                       initial_alphabet=alphabet, show_progress=False))
+  with pytest.warns(UserWarning, match="merges across its boundary"):
+    pieces = P.encode_pieces(sp, P.RSA_REFERENCE, 2)
+  for question, tails in (("Is 7 prime?", ["We check 7.", "so 14."]), ("What is 3+3.", ["maybe 3?", "so 6."])):
+    host = P.prompt_text(P.RSA_REFERENCE, question, tails)
+    assert sp.decode(device_prompt(sp, pieces, question, tails)) == host
 
 
 def test_reference_wording_and_literal_braces():

@@ -12,8 +12,11 @@ Token-for-token equality of the two needs every piece boundary to be a boundary 
 A byte-level BPE with the GPT-2 split regex does not merge across `x|\\n`, `\\n|x` or `x| y`, but it *does* treat
 a run of whitespace differently at the end of a string than before text: alone, "Problem:\\n\\n" ends in one
 pre-token "\\n\\n" (often one token); followed by a question it splits "\\n" + "\\n". So each piece is tokenised
-in context — between probe texts standing for the question or a tail — and must come out the same for every probe,
-else `encode_pieces` raises naming the piece. Tails are token slices (the paper's unit), never re-tokenised: the
+in context — between probe texts standing for the question or a tail — and should come out the same for every probe.
+A tokenizer whose merges cross such a boundary (a SentencePiece-style BPE without a pre-tokenizer split may merge
+"?\n" or "\nSo"; Gemma's, ZAYA1's, could not be checked offline) has no such ids: the piece is then spliced as its
+own ids and `encode_pieces` warns naming it; the prompt is still the host string's text, its ids may differ from that
+string's tokenisation by a token at the boundary. Tails are token slices (the paper's unit), never re-tokenised: the
 spliced form is canonical, and it equals the tokenised host string when the tail texts are whole tokenisations
 that start and end with non-whitespace (the reference strips them; a token tail cannot be stripped).
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -272,7 +276,10 @@ _RIGHT_PROBES = ("A", "7", "\\")
 
 
 def _encode_in_context(tokenizer, text: str, name: str, after_text: bool, before_text: bool) -> tuple[int, ...]:
-  """The ids `text` has when spliced between variable texts; raises if that depends on the neighbours."""
+  """The ids `text` has when spliced between variable texts. A tokenizer whose merges cross the boundary (a
+  SentencePiece-style BPE without a pre-tokenizer split, which may merge "?\n" or "\nSo") gives no such ids: the
+  piece's own ids are used then, with a warning. The spliced prompt still decodes to the host string; its ids may
+  differ from that string's own tokenisation at this boundary."""
   if not text:
     return ()
   seen = set()
@@ -284,10 +291,11 @@ def _encode_in_context(tokenizer, text: str, name: str, after_text: bool, before
         inner = None  # the piece merges with its neighbour
       seen.add(None if inner is None else tuple(inner))
   if len(seen) != 1 or None in seen:
-    raise ValueError(
-      f"template piece {name} ({text!r}) does not tokenise the same next to different text; move the boundary to "
-      "a single newline or a non-whitespace character"
-    )
+    warnings.warn(
+      f"template piece {name} ({text!r}) tokenises differently next to different text (this tokenizer merges "
+      "across its boundary): it is spliced as its own ids, so an aggregation prompt may differ from the "
+      "tokenisation of its text by a token at that boundary (the same text)", stacklevel=3)
+    return tuple(_encode(tokenizer, text))
   return seen.pop()
 
 
