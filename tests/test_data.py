@@ -266,6 +266,19 @@ def test_files_not_read_as_text_are_reported_and_compressed_ones_read(tmp_path):
               process_index=0, process_count=1)
 
 
+def test_special_token_strings_in_documents_are_text(tmp_path):
+  folder = tmp_path / "texts"
+  folder.mkdir()
+  (folder / "a.txt").write_text("model.generate(stop='<eos>', pad='<pad>') " * 40)
+  cfg = DataConfig(paths=(str(folder),), seq_len=16, batch_size=2, eval_fraction=0.0, vocab_size=300, shuffle=False)
+  data = make_data(cfg, tmp_path / "run", process_index=0, process_count=1)
+  tok = data.tokenizer
+  assert tok.encode("<eos>") == [tok.eos_id]  # the tokenizer itself still knows its special tokens
+  ids = np.concatenate([b["input_ids"].ravel() for b in _take(iter(data.train), 20)])
+  assert not np.isin(ids, [tok.pad_id]).any()  # no pad fed as input
+  assert (ids == tok.eos_id).sum() <= 2  # ~640 positions, about one pass over the document: its one real eos
+
+
 def test_the_corpus_fingerprint_follows_the_documents(tmp_path):
   folder = tmp_path / "texts"
   folder.mkdir()
@@ -351,6 +364,18 @@ def test_array_record_input(tmp_path):
   assert train_docs[:len(train_want)] == train_want
   with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 255\]"):
     make_data(cfg, tmp_path / "run", model_vocab_size=256, process_index=0, process_count=1)
+
+  # A record that is not whole int32 ids (written by other means) is named, not a bare numpy error.
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  odd = tmp_path / "odd.array_record"
+  writer = ArrayRecordWriter(str(odd), "group_size:1")
+  for record in (np.arange(40, dtype="<i4").tobytes(), b"\1\2\3"):
+    writer.write(record)
+  writer.close()
+  odd_cfg = dataclasses.replace(cfg, paths=(str(odd),), eval_fraction=0.0, batch_size=1, seq_len=8)
+  with pytest.raises(ValueError, match=r"record 1: 3 bytes, not a whole number of int32 token ids"):
+    _take(iter(make_data(odd_cfg, tmp_path / "run_odd", process_index=0, process_count=1).train), 10)
 
 
 def test_bad_inputs(corpus, tmp_path):

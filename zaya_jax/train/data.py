@@ -82,7 +82,7 @@ from zaya_jax.tokenizer import Tokenizer, copy_into, load_or_train
 BATCH_KEYS = ("input_ids", "segment_ids", "targets", "loss_mask")
 BATCH_DTYPES = {"input_ids": np.int32, "segment_ids": np.int32, "targets": np.int32, "loss_mask": np.float32}
 ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
-_CACHE_FORMAT = "zaya_jax.train.data/1"  # bump when the cached ids would change for the same inputs
+_CACHE_FORMAT = "zaya_jax.train.data/2"  # bump when the cached ids would change (2: special-token strings are text)
 _ENCODE_CHUNK = 1024  # documents per encode_batch call: bounds the memory of the Encoding objects
 _STDLIB_SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "encodings", "pydoc_data"})
@@ -352,16 +352,23 @@ def _subset(docs: list[tuple[str, str]], max_bytes: int | None) -> list[tuple[st
 
 
 def _encode_documents(tokenizer: Tokenizer, docs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(ids_M, offsets_N1, hashes_N): every document ends in eos; documents with < 2 ids (nothing to predict) dropped."""
+  """(ids_M, offsets_N1, hashes_N): every document ends in eos; documents with < 2 ids (nothing to predict) dropped.
+  Documents are text: a literal "<eos>" or "<pad>" (or "<start_of_turn>") in a file is encoded as the characters it
+  is, not as the special token, which would end a document early or feed a pad id as input."""
   pieces, hashes = [], []
-  for start in range(0, len(docs), _ENCODE_CHUNK):
-    chunk = docs[start:start + _ENCODE_CHUNK]
-    for (name, _), ids_L in zip(chunk, tokenizer.encode_batch([text for _, text in chunk])):
-      if len(ids_L) == 0 or ids_L[-1] != tokenizer.eos_id:
-        ids_L = np.append(ids_L, np.int32(tokenizer.eos_id))
-      if len(ids_L) >= 2:
-        pieces.append(ids_L)
-        hashes.append(_name_hash(name))
+  literal = tokenizer.hf.encode_special_tokens
+  tokenizer.hf.encode_special_tokens = True
+  try:
+    for start in range(0, len(docs), _ENCODE_CHUNK):
+      chunk = docs[start:start + _ENCODE_CHUNK]
+      for (name, _), ids_L in zip(chunk, tokenizer.encode_batch([text for _, text in chunk])):
+        if len(ids_L) == 0 or ids_L[-1] != tokenizer.eos_id:
+          ids_L = np.append(ids_L, np.int32(tokenizer.eos_id))
+        if len(ids_L) >= 2:
+          pieces.append(ids_L)
+          hashes.append(_name_hash(name))
+  finally:
+    tokenizer.hf.encode_special_tokens = literal
   offsets_N1 = np.zeros(len(pieces) + 1, np.int64)
   np.cumsum([len(p) for p in pieces], out=offsets_N1[1:])
   ids_M = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
@@ -418,7 +425,11 @@ class _RecordDocuments(Sequence):
     return len(self._index_N)
 
   def __getitem__(self, i: int) -> np.ndarray:
-    ids_L = np.frombuffer(self._source[int(self._index_N[i])], "<i4").astype(np.int32)
+    record = self._source[int(self._index_N[i])]
+    if len(record) % 4:
+      raise ValueError(f"ArrayRecord {self._paths} record {int(self._index_N[i])}: {len(record)} bytes, not a whole "
+                       "number of int32 token ids (write records with write_token_records)")
+    ids_L = np.frombuffer(record, "<i4").astype(np.int32)
     if self._max_id is not None and len(ids_L) and (ids_L.max() > self._max_id or ids_L.min() < 0):
       raise ValueError(f"ArrayRecord {self._paths} record {int(self._index_N[i])}: ids in "
                        f"[{ids_L.min()}, {ids_L.max()}] outside the model's vocabulary [0, {self._max_id}]")
