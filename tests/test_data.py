@@ -277,6 +277,12 @@ def test_special_token_strings_in_documents_are_text(tmp_path):
   ids = np.concatenate([b["input_ids"].ravel() for b in _take(iter(data.train), 20)])
   assert not np.isin(ids, [tok.pad_id]).any()  # no pad fed as input
   assert (ids == tok.eos_id).sum() <= 2  # ~640 positions, about one pass over the document: its one real eos
+  # Chat-formatted text asks for its markers to be the special tokens.
+  parsed = make_data(dataclasses.replace(cfg, special_tokens_in_text=True), tmp_path / "run", process_index=0,
+                     process_count=1)
+  assert parsed.info.fingerprint != data.info.fingerprint  # and a cache of its own
+  ids = np.concatenate([b["input_ids"].ravel() for b in _take(iter(parsed.train), 20)])
+  assert (ids == tok.eos_id).sum() > 20 and np.isin(ids, [tok.pad_id]).any()
 
 
 def test_the_corpus_fingerprint_follows_the_documents(tmp_path):

@@ -106,6 +106,7 @@ class DataConfig:
   vocab_size: int = 8192  # of the BPE trained when `tokenizer` is None
   doc_separator: str | None = None  # split text files into documents at this string
   default_corpus_bytes: int | None = 12 * 2**20  # subset of the default corpus (see the module doc); None = all
+  special_tokens_in_text: bool = False  # True: "<eos>", "<start_of_turn>"... in documents are the special tokens
 
   def __post_init__(self):
     paths = self.paths
@@ -351,13 +352,15 @@ def _subset(docs: list[tuple[str, str]], max_bytes: int | None) -> list[tuple[st
   return [docs[i] for i in sorted(keep)]
 
 
-def _encode_documents(tokenizer: Tokenizer, docs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _encode_documents(tokenizer: Tokenizer, docs: list[tuple[str, str]], special_tokens_in_text: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(ids_M, offsets_N1, hashes_N): every document ends in eos; documents with < 2 ids (nothing to predict) dropped.
-  Documents are text: a literal "<eos>" or "<pad>" (or "<start_of_turn>") in a file is encoded as the characters it
-  is, not as the special token, which would end a document early or feed a pad id as input."""
+  By default documents are plain text: a literal "<eos>" or "<pad>" in a file is encoded as the characters it is, not
+  as the special token, which would end a document early or feed a pad id as input. `special_tokens_in_text` parses
+  them as the special tokens (chat-formatted text with "<start_of_turn>" markers)."""
   pieces, hashes = [], []
   literal = tokenizer.hf.encode_special_tokens
-  tokenizer.hf.encode_special_tokens = True
+  tokenizer.hf.encode_special_tokens = not special_tokens_in_text
   try:
     for start in range(0, len(docs), _ENCODE_CHUNK):
       chunk = docs[start:start + _ENCODE_CHUNK]
@@ -375,21 +378,21 @@ def _encode_documents(tokenizer: Tokenizer, docs: list[tuple[str, str]]) -> tupl
   return ids_M, offsets_N1, np.asarray(hashes, np.uint64)
 
 
-def _corpus_key(tokenizer: Tokenizer, docs: list[tuple[str, str]]) -> str:
-  h = hashlib.sha256(f"{_CACHE_FORMAT}\0{tokenizer.fingerprint}\0".encode())
+def _corpus_key(tokenizer: Tokenizer, docs: list[tuple[str, str]], special_tokens_in_text: bool = False) -> str:
+  h = hashlib.sha256(f"{_CACHE_FORMAT}\0{tokenizer.fingerprint}\0{int(special_tokens_in_text)}\0".encode())
   for name, text in docs:
     h.update(name.encode("utf-8", "surrogateescape") + b"\0")
     h.update(text.encode("utf-8", "surrogateescape") + b"\0\0")
   return h.hexdigest()
 
 
-def _cached_ids(tokenizer: Tokenizer, docs: list[tuple[str, str]], run_dir: str
+def _cached_ids(tokenizer: Tokenizer, docs: list[tuple[str, str]], run_dir: str, special_tokens_in_text: bool
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, bool]:
-  path = os.path.join(run_dir, f"tokens-{_corpus_key(tokenizer, docs)[:20]}.npz")
+  path = os.path.join(run_dir, f"tokens-{_corpus_key(tokenizer, docs, special_tokens_in_text)[:20]}.npz")
   if os.path.isfile(path):
     with np.load(path) as f:
       return f["ids"], f["offsets"], f["hashes"], path, True
-  ids_M, offsets_N1, hashes_N = _encode_documents(tokenizer, docs)
+  ids_M, offsets_N1, hashes_N = _encode_documents(tokenizer, docs, special_tokens_in_text)
   tmp = f"{path}.{uuid.uuid4().hex}.tmp.npz"  # unique across hosts sharing the run dir
   np.savez(tmp, ids=ids_M, offsets=offsets_N1, hashes=hashes_N)
   os.replace(tmp, path)  # atomic: hosts sharing a run dir never read half a file
@@ -589,7 +592,7 @@ def make_data(cfg: DataConfig, run_dir: str | os.PathLike, *, model_vocab_size: 
   if model_vocab_size is not None:
     tokenizer.check_fits(model_vocab_size)
   t1 = time.perf_counter()
-  ids_M, offsets_N1, hashes_N, cache_file, hit = _cached_ids(tokenizer, docs, run_dir)
+  ids_M, offsets_N1, hashes_N, cache_file, hit = _cached_ids(tokenizer, docs, run_dir, cfg.special_tokens_in_text)
   t2 = time.perf_counter()
   train_N, eval_N = _split_indices(hashes_N, cfg.eval_fraction, what)
   train_docs = _PackedDocuments(ids_M, offsets_N1, train_N)
@@ -600,7 +603,7 @@ def make_data(cfg: DataConfig, run_dir: str | os.PathLike, *, model_vocab_size: 
       num_train_tokens=train_docs.num_positions(), num_eval_tokens=eval_docs.num_positions(),
       num_bytes=sum(len(text.encode("utf-8", "surrogateescape")) for _, text in docs), cache_file=cache_file,
       cache_hit=hit, tokenizer_seconds=t1 - t0 - t_read, tokenize_seconds=t_read + t2 - t1,
-      fingerprint=_corpus_key(tokenizer, docs), skipped=tuple(skipped))
+      fingerprint=_corpus_key(tokenizer, docs, cfg.special_tokens_in_text), skipped=tuple(skipped))
   return _data(train_docs, eval_docs if len(eval_N) else None, cfg, tokenizer, tokenizer.pad_id, info,
                process_index, process_count)
 
