@@ -120,3 +120,11 @@ def test_prompt_longer_than_max_len_raises_before_jit(case):
     prefill(model, state, np.ones((2, 6), np.int64), np.array([3, 5]))
   with pytest.raises(ValueError, match=r"lengths must lie in \[0, 6\]"):
     prefill(model, state, np.ones((2, 6), np.int64), np.array([-1, 2]))
+  # Only each row's own tokens are checked against the vocabulary (as generate does): padding may hold anything.
+  vocab = model.config.vocab_size
+  with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, {vocab}\)"):
+    prefill(model, init_state(model.config, 2, 8), np.array([[5, vocab, 5], [5, 5, 5]]), np.array([3, 1]))
+  padded = np.array([[5, 6, 7], [5, -100, vocab + 7]])
+  logits_BV, _ = prefill(model, init_state(model.config, 2, 8), padded, np.array([3, 1]))
+  clean_BV, _ = prefill(model, init_state(model.config, 2, 8), np.array([[5, 6, 7], [5, 0, 0]]), np.array([3, 1]))
+  np.testing.assert_array_equal(np.asarray(logits_BV), np.asarray(clean_BV))

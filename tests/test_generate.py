@@ -195,6 +195,9 @@ def test_sampling_config_takes_numpy_scalars_and_refuses_overflowing_temperature
   assert hash(cfg) == hash(SamplingConfig(temperature=0.5, top_k=5, top_p=0.9))  # one compile for both
   with pytest.raises(ValueError, match="must be 0 \\(greedy\\) or a finite number >= 1e-06"):
     SamplingConfig(temperature=1e-39)  # sampled token 0 where the argmax was another
+  # Greedy ignores top_k / top_p: every greedy config is the same static key, so one compile serves them all.
+  assert SamplingConfig(temperature=0, top_k=5, top_p=0.5) == SamplingConfig(temperature=0)
+  assert hash(SamplingConfig(temperature=0.0, top_p=0.9)) == hash(SamplingConfig(temperature=0))
 
 
 def test_greedy_and_top_k_1_are_argmax_and_keys_matter():

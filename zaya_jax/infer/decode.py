@@ -85,18 +85,22 @@ def prefill(model: ZayaForCausalLM, state: DecodeState, tokens_BT, lengths_B, *,
   state: convolution and delayed-value states are taken at each row's last real token, cache entries past a row's
   length are not written. Raises ValueError, before compiling, when a row would not fit in max_len.
   """
-  check_token_ids(tokens_BT, model.config.vocab_size)
-  tokens_BT = np.asarray(tokens_BT, np.int32)
+  raw_BT = np.asarray(tokens_BT)
+  if not np.issubdtype(raw_BT.dtype, np.integer):
+    check_token_ids(raw_BT, model.config.vocab_size)  # names the dtype
   lengths = np.asarray(lengths_B)
-  if tokens_BT.ndim != 2:
-    raise ValueError(f"tokens must be [batch, seq], got shape {tokens_BT.shape}")
-  B, T = tokens_BT.shape
+  if raw_BT.ndim != 2:
+    raise ValueError(f"tokens must be [batch, seq], got shape {raw_BT.shape}")
+  B, T = raw_BT.shape
   if lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer):
     raise ValueError(f"lengths must be {B} integers (one per row), got {lengths.dtype} of shape {lengths.shape}")
   if state.lengths_B.shape != (B,):
     raise ValueError(f"the state holds {state.lengths_B.shape[0]} rows, the tokens {B}")
   if lengths.min() < 0 or lengths.max() > T:
     raise ValueError(f"lengths must lie in [0, {T}] (0 leaves a row as it is), got {lengths.tolist()}")
+  in_prompt_BT = np.arange(T)[None] < lengths[:, None]
+  check_token_ids(raw_BT[in_prompt_BT], model.config.vocab_size)  # the padding after a row's tokens is ignored
+  tokens_BT = np.where(in_prompt_BT, raw_BT, 0).astype(np.int32)
   cached = np.asarray(state.lengths_B)
   total = cached + lengths
   if total.max() > state.max_len:

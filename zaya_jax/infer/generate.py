@@ -5,14 +5,16 @@ Z number of stop token ids.
 
 Row b's prompt is prompts_BL[b, :prompt_lens_B[b]]. The first new token is drawn from the prefill's logits, each later
 one from a one-token `_extend` of the previous; step i draws with `fold_in(key, i)`, so a row's tokens depend on the
-key, the step and the logits only. A row is done when it emits a stop token (kept in the output and counted in its
+key, the step, the row's index in the batch and the logits only (not on the batch size or the other rows; equal rows
+draw independently). A row is done when it emits a stop token (kept in the output and counted in its
 length) or after N tokens; the loop ends when every row is done. Every position after a row's end holds `pad_id` =
 the config's pad_token_id (0 when it has none). A done row keeps being fed (pad tokens, results discarded): in a batch
 the step costs the same either way, and static shapes need no compaction.
 
 The cache holds a row's prompt and the N - 1 tokens fed back (the last token is never fed), so S >= max(prompt
-lengths) + N - 1; by default S = L + N - 1. Shapes, N, S, the sampling config and the pad id are static: one compile
-per (B, L, N, S, Z, sampling). Stop ids are traced values, so changing them (same count) does not recompile.
+lengths) + N - 1; by default S = L + N - 1, at most the model's context. Shapes, N, S, the sampling config and the
+pad id are static: one compile per (B, L, N, S, Z, sampling). Stop ids are traced values, so changing them (same
+count) does not recompile.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def _check_prompts(model: ZayaForCausalLM, prompts_BL, prompt_lens_B, max_new: i
   need = lens + max_new - 1  # the prompt and every generated token but the last pass through the cache
   if need.max() > min(max_len, context):
     b = int(need.argmax())
-    what = f"the cache max_len={max_len}" if max_len <= context else f"the model's context {context}"
+    what = f"the cache max_len={max_len}" if max_len < context else f"the model's context {context}"
     raise ValueError(f"row {b}: a {int(lens[b])}-token prompt and max_new_tokens={max_new} need {int(need[b])} "
                      f"positions, more than {what}")
   return prompts.astype(np.int32), lens.astype(np.int32)
@@ -149,6 +151,8 @@ def _prepared(model, prompts_BL, prompt_lens_B, max_new_tokens, sampling, stop_t
   stop_Z = _check_static(model, sampling, stop_token_ids, max_new_tokens, max_len)
   max_new = int(max_new_tokens)
   S = _cache_len(np.shape(prompts_BL)[-1], max_new, max_len)
+  if max_len is None:  # never more cache than the context: _check_prompts makes sure each row fits in it
+    S = min(S, model.config.max_position_embeddings)
   prompts, lens = _check_prompts(model, prompts_BL, prompt_lens_B, max_new, S)
   static = dict(max_new=max_new, max_len=S, sampling=sampling, pad=pad_id(model))
   return (prompts, lens, stop_Z), static

@@ -25,7 +25,8 @@ MIN_TEMPERATURE = 1e-6  # fp32 logits of a few tens divided by less overflow (1e
 class SamplingConfig:
   """How the next token is drawn. Frozen and hashable: it is a static argument of the jitted generate.
 
-  temperature: 0 means greedy (argmax; top_k and top_p are then irrelevant); >= MIN_TEMPERATURE divides the logits.
+  temperature: 0 means greedy (argmax; top_k and top_p are then ignored, and reset to None and 1.0);
+    >= MIN_TEMPERATURE divides the logits.
   top_k: keep the k most likely tokens (None: no limit).
   top_p: keep the smallest most-likely set with mass >= top_p (1.0: no limit).
   """
@@ -51,6 +52,9 @@ class SamplingConfig:
     p = self.top_p
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
       raise ValueError(f"SamplingConfig.top_p must lie in (0, 1] (1 = no limit), got {p!r}")
+    if t == 0:  # greedy ignores them: forgotten, so that every greedy config is one static key (one compile)
+      object.__setattr__(self, "top_k", None)
+      object.__setattr__(self, "top_p", 1.0)
 
   @property
   def greedy(self) -> bool:
