@@ -32,9 +32,13 @@ def test_pid_moves_overloaded_experts_down_and_leaves_the_skip_slot():
     new_LX1, state = balancing.pid_update(cfg, state, biases_LX1, counts_LX1)
   np.testing.assert_allclose(new_LX1[0, :4].sum(), 0.0, atol=1e-6)
   assert float(jnp.abs(state.integral_LX).max()) == pytest.approx(0.6)
-  # A layer that routed nothing to experts holds.
-  held, _ = balancing.pid_update(cfg, balancing.init_pid(1, 4), biases_LX1[:1], jnp.array([[0, 0, 0, 0, 100]]))
-  np.testing.assert_array_equal(held, biases_LX1[:1])
+  # A layer that routed nothing to experts holds: biases and controller state, even with an integral built up (a
+  # review found the integral term still pushing, and the next routed step taking a derivative kick).
+  skipped_LX1 = jnp.array([[0, 0, 0, 0, 100], [25, 25, 25, 25, 0]])
+  held, held_state = balancing.pid_update(cfg, state, new_LX1, skipped_LX1)
+  np.testing.assert_array_equal(held[0], new_LX1[0])
+  np.testing.assert_array_equal(held_state.integral_LX[0], state.integral_LX[0])
+  np.testing.assert_array_equal(held_state.previous_error_LX[0], state.previous_error_LX[0])
 
 
 def test_balance_loss_is_one_when_balanced_and_x_when_collapsed():
@@ -77,6 +81,28 @@ def test_optimizer_parameter_classes():
   assert by_name["['model']['embed_tokens']['weight'].value"] is None
   assert by_name["['model']['layers'][0]['self_attn']['qkv_proj']['conv_qk_grouped']['weight'].value"] is None
   assert by_name["['model']['norm']['weight'].value"] is None
+  # An untied LM head stays on AdamW, as the embedding does (the Muon recipe).
+  _, untied, _ = split_model(abstract_model(ZayaConfig.tiny(tie_word_embeddings=False)))
+  head = [d for path, d in jax.tree_util.tree_leaves_with_path(
+      muon_dimensions(untied), is_leaf=lambda d: d is None or isinstance(d, optax.contrib.MuonDimensionNumbers))
+      if "lm_head" in jax.tree_util.keystr(path)]
+  assert head == [None]
+
+
+def test_muon_matrices_decay_per_step_as_adamw_parameters_do():
+  cfg = OptimizerConfig(name="muon", lr=3e-4, muon_lr=0.02, weight_decay=0.1, warmup_steps=0, schedule="constant",
+                        clip_norm=0.0)
+  assert cfg.muon_decay == pytest.approx(0.1 * 3e-4 / 0.02)
+  params = {"proj": {"weight": jnp.ones((4, 3))}, "embed_tokens": {"weight": jnp.ones((4, 3))}}
+  dims = muon_dimensions(params)
+  assert dims["proj"]["weight"] is not None and dims["embed_tokens"]["weight"] is None
+  tx = make_optimizer(cfg, params, 10)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  # With a zero gradient only the decay moves them: lr * weight_decay per step for both kinds.
+  np.testing.assert_allclose(updates["proj"]["weight"], -3e-5, rtol=1e-4)
+  np.testing.assert_allclose(updates["embed_tokens"]["weight"], -3e-5, rtol=1e-4)
+  explicit = OptimizerConfig(name="muon", muon_weight_decay=0.5)
+  assert explicit.muon_decay == 0.5
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])
@@ -118,3 +144,17 @@ def test_compiled_initialisation_equals_the_eager_model():
     for (path, a), (_, b) in zip(got, want):
       np.testing.assert_allclose(a[...], b[...], rtol=3e-7, atol=1e-9, err_msg=str(path))
   assert int(state.step) == 0 and all(not np.any(x) for x in jax.tree.leaves(state.opt_state) if x.ndim)
+
+
+def test_flops_per_token_counts_a_sliding_window_layer_by_its_window():
+  import dataclasses
+
+  from zaya_jax.train.experiment import get_experiment
+  from zaya_jax.train.loop import train_flops_per_token
+
+  base = get_experiment("tiny")
+  T, att = base.data.seq_len, base.model.attention
+  model = base.model.replace(layer_types=("hybrid", "hybrid_sliding"), attention=dict(sliding_window=16))
+  sliding = train_flops_per_token(dataclasses.replace(base, model=model))
+  # Layer 1's queries see ~16 keys, not ~T/2: its span counts as 2 * 16 instead of T.
+  assert train_flops_per_token(base) - sliding == pytest.approx(6 * att.num_heads * att.head_dim * (T - 32))

@@ -11,7 +11,7 @@ The skip slot is outside the loop: its bias is never moved, so how often a layer
 skip rate is logged). The update is centred over experts (the errors sum to zero already; a clipped integral may
 not), so it leaves the mean expert bias, and therefore the experts' standing against the skip slot, unchanged.
 Padding tokens are not counted. A layer that routed no token to an expert this step has no load to measure: its
-controller holds (zero error).
+controller holds (biases, integral and previous error unchanged).
 
 The auxiliary-loss alternative is the Switch-Transformer loss over the experts, X · Σ_x load_x · mean router prob_x,
 with probabilities renormalised over the experts (again excluding the skip slot).
@@ -72,13 +72,18 @@ def pid_update(cfg: BalancingConfig, state: PIDState, biases_LX1, counts_LX1):
   """One controller step from this step's per-class token counts: (new biases [L, X1], new state)."""
   load_LX, routed_L = expert_load(counts_LX1)
   X = load_LX.shape[1]
-  error_LX = jnp.where(routed_L[:, None], load_LX - 1.0 / X, 0.0)
+  routed_L1 = routed_L[:, None]
+  error_LX = jnp.where(routed_L1, load_LX - 1.0 / X, 0.0)
   integral_LX = jnp.clip(state.integral_LX + error_LX, -cfg.integral_limit, cfg.integral_limit)
   delta_LX = cfg.kp * error_LX + cfg.ki * integral_LX + cfg.kd * (error_LX - state.previous_error_LX)
   # Errors sum to zero over experts, but a clipped integral need not: centring keeps the mean expert bias exact.
   delta_LX = delta_LX - delta_LX.mean(axis=1, keepdims=True)
+  # A layer with no routed token holds: biases, integral and previous error as they were (no integral push, and no
+  # derivative kick at its next routed step).
+  delta_LX = jnp.where(routed_L1, delta_LX, 0.0)
   biases_LX1 = biases_LX1.at[:, :-1].add(-delta_LX.astype(biases_LX1.dtype))
-  return biases_LX1, PIDState(integral_LX, error_LX)
+  return biases_LX1, PIDState(jnp.where(routed_L1, integral_LX, state.integral_LX),
+                              jnp.where(routed_L1, error_LX, state.previous_error_LX))
 
 
 def aux_loss(probs_LMX1, choice_LM, valid_M):

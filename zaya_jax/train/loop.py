@@ -80,11 +80,18 @@ def peak_flops_per_device() -> tuple[float, str]:
 
 
 def train_flops_per_token(cfg: ExperimentConfig) -> float:
-  """6 x active parameters (with the LM head) + causal attention scores and mixing, forward and backward."""
-  figures = model_figures(cfg.model)
-  att = cfg.model.attention
-  head = cfg.model.vocab_size * cfg.model.hidden_size
-  attention = 6 * cfg.model.num_layers * att.num_heads * att.head_dim * cfg.data.seq_len
+  """6 x active parameters (with the LM head) + causal attention scores and mixing, forward and backward.
+
+  A causal layer's query sees seq_len / 2 keys on average (6·H·d·seq_len per token); a sliding-window layer about
+  `window` keys, so its span counts as min(seq_len, 2·window)."""
+  model = cfg.model
+  figures = model_figures(model)
+  att = model.attention
+  head = model.vocab_size * model.hidden_size
+  T, window = cfg.data.seq_len, att.sliding_window
+  spans = [min(T, 2 * window) if window and model.layer_type(i) == "hybrid_sliding" else T
+           for i in range(model.num_layers)]
+  attention = 6 * att.num_heads * att.head_dim * sum(spans)
   return 6 * (figures.active_params + head) + attention
 
 
