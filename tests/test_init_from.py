@@ -159,7 +159,7 @@ def test_export_loads_in_transformers_and_starts_another_run(checkpoint, trained
     if key.endswith("balancing_biases"):
       assert half[key].dtype == np.float32 and np.array_equal(half[key], value)
     else:
-      want = torch.from_numpy(value).to(torch.bfloat16).float().numpy()
+      want = torch.from_numpy(np.array(value)).to(torch.bfloat16).float().numpy()
       assert half[key].dtype == ml_dtypes.bfloat16 and np.array_equal(half[key].astype(np.float32), want), key
 
 
