@@ -1,6 +1,7 @@
 """Checkpoint I/O: legacy layout, sharding, named errors for bad checkpoints, the skip-slot warning."""
 
 import json
+import os
 import re
 import shutil
 
@@ -138,6 +139,30 @@ def test_save_refuses_to_clobber_and_leaves_no_partial_folder(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left behind
 
 
+def test_an_overwrite_that_fails_keeps_the_old_folder(tmp_path, monkeypatch):
+  from zaya_jax.checkpoint import hf
+
+  old = zaya_jax.ZayaForCausalLM(ZayaConfig.tiny(), rngs=nnx.Rngs(0))
+  target = tmp_path / "ckpt"
+  zaya_jax.save_hf(old, target)
+  real_replace = os.replace
+
+  def crash_on_the_new_folder(src, dst):
+    if os.fspath(dst) == os.fspath(target) and ".tmp-" in os.fspath(src):
+      raise KeyboardInterrupt  # killed between moving the old folder aside and renaming the new one in
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(hf.os, "replace", crash_on_the_new_folder)
+  with pytest.raises(KeyboardInterrupt):
+    zaya_jax.save_hf(zaya_jax.ZayaForCausalLM(ZayaConfig.tiny(), rngs=nnx.Rngs(1)), target, overwrite=True)
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the old folder back, nothing else left
+  back = flat_params(zaya_jax.load_hf(target))
+  assert all(np.array_equal(np.asarray(v[...]), np.asarray(back[k][...])) for k, v in flat_params(old).items())
+  with pytest.raises(ValueError, match=r"would replace the folder's own config\.json"):
+    zaya_jax.save_hf(old, tmp_path / "other", extra_files=[str(target / "config.json")])
+
+
 def test_a_config_without_dtype_loads_the_stored_dtype(reference_dir, tmp_path, ids):
   path, ref = reference_dir
   shutil.copytree(path, tmp_path / "run")
@@ -191,6 +216,59 @@ def test_bad_tensors_are_named(reference_dir, tmp_path, edit, message):
   bad = corrupt(path, tmp_path / "bad", edit)
   with pytest.raises(CheckpointError, match=message):
     zaya_jax.load_hf(bad)
+
+
+def _rewrite_header(file, edit):
+  """The safetensors file with its JSON header edited (the data bytes untouched)."""
+  raw = file.read_bytes()
+  n = int.from_bytes(raw[:8], "little")
+  header = json.loads(raw[8:8 + n])
+  text = edit(header)
+  text = (text if isinstance(text, str) else json.dumps(header)).encode()
+  text += b" " * (-len(text) % 8)
+  file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["model.norm.weight"].update(dtype="F16"), r"model.norm.weight holds 128 bytes, not the \[32\] F16"),
+    (lambda h: h["model.layers.1.input_layernorm.weight"].update(
+        data_offsets=h["model.layers.0.input_layernorm.weight"]["data_offsets"]), "overlap"),
+    (lambda h: h["model.norm.weight"].update(shape=[32.0]), "are not integers"),
+    (lambda h: json.dumps(h)[:-1] + ', "model.norm.weight": ' + json.dumps(h["model.norm.weight"]) + "}",
+     "keys listed twice"),
+])
+def test_inconsistent_safetensors_headers_are_refused(reference_dir, tmp_path, edit, message):
+  """What the safetensors library itself refuses: a reader that trusted the header returned wrong arrays."""
+  path, _ = reference_dir
+  shutil.copytree(path, tmp_path / "bad")
+  _rewrite_header(tmp_path / "bad" / "model.safetensors", edit)
+  with pytest.raises(CheckpointError, match=message):
+    zaya_jax.load_hf(tmp_path / "bad")
+
+
+def test_unreadable_json_and_missing_shards_are_named(reference_dir, tmp_path, ids):
+  path, ref = reference_dir
+  shutil.copytree(path, tmp_path / "cfg")
+  (tmp_path / "cfg" / "config.json").write_text("{not json")
+  with pytest.raises(CheckpointError, match=r"config.json: unreadable config"):
+    zaya_jax.load_hf(tmp_path / "cfg")
+  model = zaya_jax.load_hf(path)
+  zaya_jax.save_hf(model, tmp_path / "sharded", max_shard_bytes=4096)
+  shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[1]
+  shard.unlink()
+  with pytest.raises(CheckpointError, match=rf"lists the shard {shard.name}"):
+    zaya_jax.load_hf(tmp_path / "sharded")
+  # A folder holding both forms: the single file wins, as in transformers.
+  shutil.copy(path / "model.safetensors", tmp_path / "sharded" / "model.safetensors")
+  assert np.abs(logits_of(zaya_jax.load_hf(tmp_path / "sharded"), ids) - reference_forward(ref, ids)[0]).max() <= 1e-5
+
+
+def test_legacy_rope_scaling_is_dropped_as_the_converter_drops_it():
+  legacy = dict(model_type="zaya", ffn_hidden_size=64, zaya_mlp_expansion=8, num_hidden_layers=4, hidden_size=32,
+                num_attention_heads=4, num_key_value_heads=2, kv_channels=8, vocab_size=96, num_experts=3,
+                bos_token_id=2, eos_token_id=1, pad_token_id=0, rope_theta=1e4,
+                rope_scaling={"type": "linear", "factor": 1.0})
+  assert ZayaConfig.from_hf(legacy).attention.rope_theta == 1e4
 
 
 def test_wrong_model_type_is_named(reference_dir, tmp_path):

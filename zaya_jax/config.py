@@ -340,7 +340,8 @@ def _legacy_to_native_config(raw: dict) -> dict:
   legacy_layers = raw.get("num_hidden_layers", 80)
   if legacy_layers % 2:
     raise ValueError(f"config.json: num_hidden_layers={legacy_layers} must be even in the legacy layout")
-  native = {k: v for k, v in raw.items() if k not in _LEGACY_MARKERS}
+  # rope_scaling is dropped as the converter drops it (§1.2): kept, it would win over the rope_parameters built here.
+  native = {k: v for k, v in raw.items() if k not in _LEGACY_MARKERS and k != "rope_scaling"}
   native["num_hidden_layers"] = legacy_layers // 2
   if "ffn_hidden_size" in raw:
     native["moe_intermediate_size"] = raw["ffn_hidden_size"] // 2
@@ -361,5 +362,7 @@ def _legacy_to_native_config(raw: dict) -> dict:
   if swa:
     per_block = swa[::2]
     native["layer_types"] = ["hybrid_sliding" if w and w > 0 else "hybrid" for w in per_block]
-    native["sliding_window"] = max(per_block) + 1  # legacy counts previous tokens only
+    windows = [w for w in swa if w]
+    if windows:
+      native["sliding_window"] = max(windows) + 1  # legacy counts previous tokens only
   return native

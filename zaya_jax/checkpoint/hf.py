@@ -10,6 +10,7 @@ never found under the target name.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -63,19 +64,49 @@ def _read_header(file: str) -> dict[str, _TensorEntry]:
       raise CheckpointError(f"{file} is not a safetensors file: its {size} bytes do not start with a header length "
                             "that fits the file (truncated or another format?)")
     try:
-      header = json.loads(f.read(length))
+      header = json.loads(f.read(length), object_pairs_hook=_unique_keys)
       base = 8 + length
       entries = {}
       for key, info in header.items():
         if key == "__metadata__":
           continue
         start, end = info["data_offsets"]
+        shape, code = info["shape"], info["dtype"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end, *shape)):
+          raise ValueError(f"tensor {key}'s shape {shape} or offsets {[start, end]} are not integers")
         if not 0 <= start <= end <= size - base:
           raise ValueError(f"tensor {key}'s bytes [{start}, {end}) run past the file's data")
-        entries[key] = _TensorEntry(file, info["dtype"], info["shape"], base + start, base + end)
+        itemsize = np.dtype(SAFE_DTYPES[code]).itemsize if code in SAFE_DTYPES else None  # other codes: refused later
+        if itemsize is not None and end - start != int(np.prod(shape, dtype=np.int64)) * itemsize:
+          raise ValueError(f"tensor {key} holds {end - start} bytes, not the {shape} {code} its header declares")
+        entries[key] = _TensorEntry(file, code, shape, base + start, base + end)
+      # As the safetensors library requires: the tensors tile the data block, none overlapping another.
+      ends = sorted((e.start, e.end, k) for k, e in entries.items())
+      for (_, end_a, a), (start_b, _, b) in itertools.pairwise(ends):
+        if start_b < end_a:
+          raise ValueError(f"tensors {a} and {b} overlap in the file")
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # json's errors are ValueErrors
       raise CheckpointError(f"{file} has an unreadable safetensors header: {e}") from None
   return entries
+
+
+def _unique_keys(pairs):
+  keys = [k for k, _ in pairs]
+  if len(set(keys)) != len(keys):
+    raise ValueError(f"keys listed twice: {sorted({k for k in keys if keys.count(k) > 1})[:5]}")
+  return dict(pairs)
+
+
+def _read_json(file: str, what: str) -> dict:
+  """A JSON object from `file`; CheckpointError naming the file otherwise."""
+  try:
+    with open(file, encoding="utf-8") as f:
+      value = json.load(f)
+  except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    raise CheckpointError(f"{file}: unreadable {what}: {e}") from None
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{file}: the {what} is a JSON {type(value).__name__}, not an object")
+  return value
 
 
 # XLA:CPU adopts host memory aligned to this many bytes instead of copying it (numpy's malloc gives 16).
@@ -107,12 +138,18 @@ def _read_tensor(entry: _TensorEntry, out: np.ndarray | None = None) -> np.ndarr
 def _index_checkpoint(path: str) -> dict[str, _TensorEntry]:
   index_file = os.path.join(path, "model.safetensors.index.json")
   single_file = os.path.join(path, "model.safetensors")
+  if os.path.exists(single_file):  # transformers reads this one when both are there
+    return _read_header(single_file)
   if os.path.exists(index_file):
-    with open(index_file) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = _read_json(index_file, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise CheckpointError(f"{index_file}: no \"weight_map\" of tensor names to file names")
     entries = {}
     for file in sorted(set(weight_map.values())):
-      for key, entry in _read_header(os.path.join(path, file)).items():
+      shard = os.path.join(path, file)
+      if not os.path.isfile(shard):
+        raise CheckpointError(f"{index_file} lists the shard {file}, which {path} does not hold")
+      for key, entry in _read_header(shard).items():
         if weight_map.get(key) != file:
           raise CheckpointError(f"{file}: tensor {key!r} is not listed for this file in the index")
         entries[key] = entry
@@ -120,8 +157,6 @@ def _index_checkpoint(path: str) -> dict[str, _TensorEntry]:
     if missing:
       raise CheckpointError(f"index lists tensors no shard holds: {missing[:5]}")
     return entries
-  if os.path.exists(single_file):
-    return _read_header(single_file)
   raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -233,12 +268,12 @@ def _assemble(native_key: str, parts, shape: tuple[int, ...]) -> np.ndarray:
   indices = sorted(p[1] for p in parts)
   if indices != list(range(shape[0])):
     raise CheckpointError(f"tensor {native_key!r}: legacy experts {indices} stored, expected 0..{shape[0] - 1}")
-  out = None
+  # Stacked in the widest stored dtype: experts stored in mixed dtypes lose nothing before the final conversion.
+  widest = np.result_type(*{np.dtype(SAFE_DTYPES[entry.code]) for entry, _, _ in parts})
+  out = _aligned_empty(shape, widest.newbyteorder("<"))
   for entry, e, stored_key in parts:
     if entry.shape != shape[1:]:
       raise CheckpointError(f"tensor {stored_key!r}: shape {list(entry.shape)} != expected {list(shape[1:])}")
-    if out is None:
-      out = _aligned_empty(shape, np.dtype(SAFE_DTYPES[entry.code]).newbyteorder("<"))
     if out.dtype == np.dtype(SAFE_DTYPES[entry.code]):
       _read_tensor(entry, out=out[e])  # straight into the stack: no per-expert temporary
     else:
@@ -274,8 +309,7 @@ def _open(path: str | os.PathLike) -> tuple[dict, dict[str, _TensorEntry]]:
   config_file = os.path.join(path, "config.json")
   if not os.path.exists(config_file):
     raise CheckpointError(f"{path}: no config.json")
-  with open(config_file) as f:
-    raw = json.load(f)
+  raw = _read_json(config_file, "config")
   if "model_type" not in raw and os.path.isdir(os.path.join(path, "checkpoints")):
     raise CheckpointError(f"{path} is a training run directory, not a Hugging Face folder: export it with "
                           "launch/export_hf.py (or load it with zaya_jax.train.checkpointing.load_run)")
@@ -355,7 +389,11 @@ def check_same_architecture(cfg: ZayaConfig, checkpoint: ZayaConfig, *, what: st
         yield from flat(v, f"{prefix}{k}.")
       else:
         yield f"{prefix}{k}", v
-  ours, theirs = dict(flat(dataclasses.asdict(cfg))), dict(flat(dataclasses.asdict(checkpoint)))
+  def fields(c: ZayaConfig) -> dict:
+    d = dataclasses.asdict(c)
+    d["layer_types"] = tuple(c.layer_type(i) for i in range(c.num_layers))  # () is every layer "hybrid"
+    return dict(flat(d))
+  ours, theirs = fields(cfg), fields(checkpoint)
   differ = [f"model.{k}: {ours[k]!r} here, {theirs[k]!r} in the checkpoint" for k in ours
             if k not in _RUNTIME_FIELDS and ours[k] != theirs.get(k)]
   if differ:
@@ -449,9 +487,12 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
     if dtype not in _SAVE_DTYPES:
       raise ValueError(f"save_hf: dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
     hf_config["dtype"] = dtype
-  for file in extra_files:
+  names = [os.path.basename(f) for f in extra_files]
+  for file, name in zip(extra_files, names, strict=True):
     if not os.path.isfile(file):
       raise FileNotFoundError(f"save_hf: extra file {file} does not exist")
+    if name == "config.json" or (name.startswith("model") and ".safetensors" in name) or names.count(name) > 1:
+      raise ValueError(f"save_hf: extra file {file} would replace the folder's own {name}")
 
   def stored(key, var):
     array = np.asarray(jax.device_get(var[...]))
@@ -464,6 +505,7 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  old = None
   try:
     shards = list(_shards(arrays, max_shard_bytes))
     if len(shards) == 1:
@@ -482,9 +524,17 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
     for file in extra_files:
       shutil.copyfile(file, os.path.join(tmp, os.path.basename(file)))
     _permissions_as_created(tmp)
+    # The old folder moves aside first and is deleted only once the new one holds the name: an error puts it back,
+    # and a crash leaves a complete folder under the name, or none and the old one beside it.
     if os.path.exists(path):
-      shutil.rmtree(path)
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+      os.replace(path, os.path.join(old, "folder"))
     os.replace(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None and not os.path.exists(path):
+      os.replace(os.path.join(old, "folder"), path)
+      shutil.rmtree(old, ignore_errors=True)
     raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
