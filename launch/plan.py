@@ -30,7 +30,8 @@ _BATCH = flags.DEFINE_integer("batch", None, "Global batch in sequences (default
 _SEQ = flags.DEFINE_integer("seq_len", None, "Sequence length (default: the config's).")
 _ACCUM = flags.DEFINE_integer("grad_accum", None, "Micro-batches per step (default: the config's step.grad_accum when "
                               "it is set, by --set or in the config; else 1 sequence per device).")
-_MEMORY = flags.DEFINE_float("device_memory_gb", 192.0, "Memory per device in GB (MI300X: 192).", lower_bound=0.001)
+_MEMORY = flags.DEFINE_float("device_memory_gb", 205.82, "Memory per device in GB of 1e9 bytes (MI300X: its \"192 GB\" "
+                              "of HBM3 are 205.82e9 bytes, 191.7 GiB, as rocm-smi reports).", lower_bound=0.001)
 _LAYERS = flags.DEFINE_integer("compile_layers", 2, "Compile 1 and N (at least 2) layers to measure activations "
                                "per layer (0: skip).")
 

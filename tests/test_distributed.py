@@ -13,15 +13,28 @@ from zaya_jax.parallel import distributed
 from zaya_jax.parallel.distributed import DistributedConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLURM = {"SLURM_NTASKS": "32", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "mi300x-[001-004]"}
+SLURM = {"SLURM_NTASKS": "32", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "mi300x-[001-004]",
+         "SLURM_STEP_NODELIST": "mi300x-[001-004]"}
 
 
 def test_settings_come_from_zaya_variables_then_slurm_then_nothing():
   cfg, source = distributed.from_env({"ZAYA_COORDINATOR_ADDRESS": "10.0.0.1:12355", "ZAYA_NUM_PROCESSES": "4",
                                       "ZAYA_PROCESS_ID": "3", **SLURM})
   assert (cfg, source) == (DistributedConfig("10.0.0.1:12355", 4, 3), "ZAYA_* environment")
-  with pytest.raises(ValueError, match=r"\['ZAYA_PROCESS_ID'\] are not"):
+  with pytest.raises(ValueError, match=r"set but \['ZAYA_PROCESS_ID'\] not"):
     distributed.from_env({"ZAYA_COORDINATOR_ADDRESS": "10.0.0.1:12355", "ZAYA_NUM_PROCESSES": "4"})
+  # Any partial set is refused (it would otherwise fall back to SLURM, or to one process, silently); so are ranks
+  # out of range and counts that are not numbers, by the variable's name.
+  with pytest.raises(ValueError, match=r"set but \['ZAYA_COORDINATOR_ADDRESS'\] not"):
+    distributed.from_env({"ZAYA_NUM_PROCESSES": "2", "ZAYA_PROCESS_ID": "1", **SLURM})
+  zaya = {"ZAYA_COORDINATOR_ADDRESS": "10.0.0.1:12355", "ZAYA_NUM_PROCESSES": "2"}
+  with pytest.raises(ValueError, match="ZAYA_PROCESS_ID=5 must be below ZAYA_NUM_PROCESSES=2"):
+    distributed.from_env({**zaya, "ZAYA_PROCESS_ID": "5"})
+  with pytest.raises(ValueError, match="ZAYA_NUM_PROCESSES='two' is not"):
+    distributed.from_env({**zaya, "ZAYA_NUM_PROCESSES": "two", "ZAYA_PROCESS_ID": "1"})
+  # A multi-node batch script's shell (no srun): the job's task count without a step's variables.
+  with pytest.raises(ValueError, match="start the launch with srun"):
+    distributed.from_env({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"})
   assert distributed.from_env({}) == (None, "single process")
   assert distributed.from_env({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == (None, "single process")
 

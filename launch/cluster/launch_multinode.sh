@@ -2,7 +2,8 @@
 # ZAYA1 pretraining on MI300X nodes without a scheduler: run this once on every node.
 #
 #   NODE_RANK=0 NUM_NODES=2 COORDINATOR=10.0.0.1:12355 launch/cluster/launch_multinode.sh \
-#       --config=zaya1_8b --workdir=/shared/runs/zaya1 --mesh=data:8 --dcn_mesh=data:2 --zero1
+#       --config=zaya1_8b --workdir=/shared/runs/zaya1 --mesh=data:8 --dcn_mesh=data:2 --zero1 \
+#       --set=step.grad_accum=64
 #
 # COORDINATOR is node 0's address and a free port; every node must reach it. The workdir must be on a file system
 # that all nodes share (Orbax writes one checkpoint from all processes).

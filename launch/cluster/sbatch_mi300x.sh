@@ -2,7 +2,7 @@
 # ZAYA1 pretraining on MI300X nodes under SLURM: one task per node, each driving the node's 8 GPUs.
 #
 #   sbatch --nodes=16 launch/cluster/sbatch_mi300x.sh --config=zaya1_8b --workdir=/shared/runs/zaya1 \
-#       --mesh=data:8 --dcn_mesh=data:16 --zero1
+#       --mesh=data:8 --dcn_mesh=data:16 --zero1 --set=step.grad_accum=8
 #
 # JAX reads SLURM_* itself (zaya_jax/parallel/distributed.py): the first node is the coordinator. Plan first:
 #   python launch/plan.py --config=zaya1_8b --mesh=data:8 --dcn_mesh=data:16 --zero1

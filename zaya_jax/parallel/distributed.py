@@ -38,13 +38,26 @@ class DistributedConfig:
 def from_env(env=None) -> tuple[DistributedConfig | None, str]:
   """(config, where it came from): ZAYA_* variables, else SLURM auto-detection, else (None, "single process")."""
   env = os.environ if env is None else env
-  if env.get("ZAYA_COORDINATOR_ADDRESS"):
-    missing = [k for k in ("ZAYA_NUM_PROCESSES", "ZAYA_PROCESS_ID") if not env.get(k)]
+  zaya = ("ZAYA_COORDINATOR_ADDRESS", "ZAYA_NUM_PROCESSES", "ZAYA_PROCESS_ID")
+  if any(env.get(k) for k in zaya):  # a partial set would silently fall back to SLURM or a single process
+    missing = [k for k in zaya if not env.get(k)]
     if missing:
-      raise ValueError(f"ZAYA_COORDINATOR_ADDRESS is set but {missing} are not")
-    return DistributedConfig(env["ZAYA_COORDINATOR_ADDRESS"], int(env["ZAYA_NUM_PROCESSES"]),
-                             int(env["ZAYA_PROCESS_ID"])), "ZAYA_* environment"
+      raise ValueError(f"{[k for k in zaya if k not in missing]} set but {missing} not: the three go together")
+    numbers = {}
+    for k in zaya[1:]:
+      if not env[k].strip().isdigit():
+        raise ValueError(f"{k}={env[k]!r} is not a non-negative integer")
+      numbers[k] = int(env[k])
+    if numbers["ZAYA_PROCESS_ID"] >= numbers["ZAYA_NUM_PROCESSES"]:
+      raise ValueError(f"ZAYA_PROCESS_ID={numbers['ZAYA_PROCESS_ID']} must be below "
+                       f"ZAYA_NUM_PROCESSES={numbers['ZAYA_NUM_PROCESSES']} (ranks count from 0)")
+    return DistributedConfig(env["ZAYA_COORDINATOR_ADDRESS"], numbers["ZAYA_NUM_PROCESSES"],
+                             numbers["ZAYA_PROCESS_ID"]), "ZAYA_* environment"
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:
+    if "SLURM_STEP_NODELIST" not in env or "SLURM_LOCALID" not in env:
+      # A batch script's own shell has the job's task count but not a step's variables, which JAX's detection reads.
+      raise ValueError("SLURM job of several tasks, but this process is not one of a job step's tasks: start the "
+                       "launch with srun (launch/cluster/sbatch_mi300x.sh does)")
     tasks_per_node = re.match(r"\d+", env.get("SLURM_TASKS_PER_NODE", "") or env.get("SLURM_NTASKS_PER_NODE", ""))
     if tasks_per_node is None or int(tasks_per_node.group()) != 1:
       return DistributedConfig(), "SLURM"
