@@ -532,9 +532,10 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
     os.replace(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None and not os.path.exists(path):
-      os.replace(os.path.join(old, "folder"), path)
-      shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+      if not os.path.exists(path):  # moved aside, the new one not in: put it back
+        os.replace(os.path.join(old, "folder"), path)
+      shutil.rmtree(old, ignore_errors=True)  # empty now (or the move aside itself failed)
     raise
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
