@@ -25,6 +25,7 @@ import tempfile
 from absl import app, flags
 
 from zaya_jax.checkpoint.hf import save_hf
+from zaya_jax.config import DTYPES
 from zaya_jax.infer import cli
 from zaya_jax.tokenizer import TOKENIZER_FILE, side_files, transformers_config
 from zaya_jax.train.checkpointing import load_run, resolve_step
@@ -32,7 +33,7 @@ from zaya_jax.train.checkpointing import load_run, resolve_step
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (as launch/train.py writes it).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
 _OUTPUT = flags.DEFINE_string("output", None, "The Hugging Face folder to write.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+_DTYPE = flags.DEFINE_enum("dtype", None, DTYPES,
                            "Weight dtype of the export (default: the run's parameter dtype).")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors file, in GiB; more weights are sharded "
                                    "with an index, as transformers does.")
@@ -60,7 +61,7 @@ def main(argv) -> int:
     tokenizer_files = []
     if tokenizer is not None:
       tokenizer_files = [os.path.join(workdir, TOKENIZER_FILE), *side_files(workdir)]
-      if not os.path.isfile(os.path.join(workdir, "tokenizer_config.json")):  # a BPE trained by the run
+      if not any(f.endswith("tokenizer_config.json") for f in tokenizer_files):  # a BPE trained by the run
         generated = os.path.join(scratch, "tokenizer_config.json")
         with open(generated, "w") as f:
           json.dump(transformers_config(tokenizer), f, indent=2)

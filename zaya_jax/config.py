@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 LayerType = Literal["hybrid", "hybrid_sliding"]
 _LAYER_TYPES = ("hybrid", "hybrid_sliding")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 # "cca" is ZAYA1's. The others exist for ablations (experiments/ablate.py) and share the model's code around them:
 # "gqa" plain grouped-query attention (multi-head when num_kv_heads == num_heads), "mla" multi-head latent attention
@@ -159,7 +159,7 @@ class ZayaConfig:
       _require(all(i is None or (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size)
                    for i in ids), name, f"{getattr(self, name)!r} is not a token id below vocab_size={self.vocab_size}")
     for name in ("dtype", "param_dtype"):
-      _require(getattr(self, name) in _DTYPES, name, f"{getattr(self, name)!r} is not one of {_DTYPES}")
+      _require(getattr(self, name) in DTYPES, name, f"{getattr(self, name)!r} is not one of {DTYPES}")
 
   # -- derived -------------------------------------------------------------------------------------
   def layer_type(self, i: int) -> str:
@@ -303,8 +303,8 @@ def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
   if layer_types and all(t == "hybrid" for t in layer_types):
     layer_types = ()
   dtype = raw.get("dtype") or raw.get("torch_dtype") or defaults.param_dtype
-  if dtype not in _DTYPES:
-    raise ValueError(f"config.json: dtype={dtype!r} is not one of {_DTYPES}")
+  if dtype not in DTYPES:
+    raise ValueError(f"config.json: dtype={dtype!r} is not one of {DTYPES}")
   eos = raw.get("eos_token_id", defaults.eos_token_id)
   return dict(
       vocab_size=raw.get("vocab_size", defaults.vocab_size),

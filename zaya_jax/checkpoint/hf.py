@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from zaya_jax.config import ZayaConfig, is_legacy_hf_config
+from zaya_jax.config import DTYPES, ZayaConfig, is_legacy_hf_config
 from zaya_jax.model.decoder import ZayaForCausalLM, abstract_model
 from zaya_jax.model.moe import deinterleave_gate_up, gate_up_pairs
 
@@ -35,7 +35,6 @@ SAFE_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16")
-_SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 BALANCING_SUFFIX = "mlp.gate.balancing_biases"
 GATE_UP_SUFFIX = "mlp.experts.gate_up_proj"
 
@@ -484,8 +483,8 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
     raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
   hf_config = model.config.to_hf()  # raises for an ablation variant, before anything is written
   if dtype is not None:
-    if dtype not in _SAVE_DTYPES:
-      raise ValueError(f"save_hf: dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+      raise ValueError(f"save_hf: dtype must be one of {DTYPES}, got {dtype!r}")
     hf_config["dtype"] = dtype
   names = [os.path.basename(f) for f in extra_files]
   for file, name in zip(extra_files, names, strict=True):
@@ -498,7 +497,7 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
     array = np.asarray(jax.device_get(var[...]))
     if dtype is None or key.endswith(BALANCING_SUFFIX):
       return array
-    return array.astype(_SAVE_DTYPES[dtype])
+    return array.astype(np.dtype(dtype))  # "bfloat16": ml_dtypes' type (imported above)
   arrays = {k: stored(k, v) for k, v in flat_params(model).items()}
   for key in [k for k in arrays if k.endswith(GATE_UP_SUFFIX)]:
     arrays[key] = np.ascontiguousarray(deinterleave_gate_up(arrays[key]))  # the reference's gate, then up rows
