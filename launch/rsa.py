@@ -17,9 +17,12 @@ to --output when every problem is): after a crash, Ctrl-C or SIGTERM, rerun with
 only the rest (problem i always uses fold_in(key(seed), i), so the results equal an uninterrupted run's); a resume
 with other flags, other weights (a run directory that saved a later step, a folder exported over) or another
 reference answer for a finished problem is refused. An existing --output is kept unless --overwrite. Sampling flags
-apply to every round. Answers come from the whole output, or with --answer_after_think only from what follows the
-last --end_think. Bad input prints one `error:` line and exits 1, before the weights load wherever the tokenizer
-and config.json suffice to find it.
+apply to every round; --final_temperature, --final_top_k and --final_top_p replace them in the last round (round 0
+when --t=0). Each problem's line also scores every round's population ("rounds": answers, vote, answer entropy,
+tokens, correctness), and the summary averages them per round ("by_round"), as the RSA authors log per loop.
+Answers come from the whole output, or with --answer_after_think only from what follows the last --end_think. Bad
+input prints one `error:` line and exits 1, before the weights load wherever the tokenizer and config.json suffice to
+find it.
 
 --model is a run directory (launch/train.py) or a Hugging Face folder, as for launch/generate.py. Templates:
 rsa (the RSA authors' prompt), rsa-harness (its typo fixed), markovian-zaya (Zyphra's proxy prompt), delethink (C = 1:
@@ -67,6 +70,12 @@ _Q_MAX = flags.DEFINE_integer("q_max", None, "Question capacity in tokens (defau
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy (the report uses 1.0).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = no limit).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (the report uses 1.0).")
+_FINAL_TEMPERATURE = flags.DEFINE_float("final_temperature", None, "Sampling temperature of the last round (default: "
+                                        "--temperature); Zyphra's RSA proxy samples its final call at 0.6.")
+_FINAL_TOP_K = flags.DEFINE_integer("final_top_k", None, "--top_k of the last round (default: --top_k; the "
+                                    "proxy's 40).")
+_FINAL_TOP_P = flags.DEFINE_float("final_top_p", None, "--top_p of the last round (default: --top_p; the "
+                                  "proxy's 0.95).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed: problem i uses fold_in(key(seed), i), independent of the others.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write one JSON line per problem and a summary line here.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
@@ -76,8 +85,8 @@ _RESUME = flags.DEFINE_bool("resume", False, "Go on from the finished problems o
                             "flags (<output>.partial); starts afresh when there is none.")
 # The flags that shape the results: a resumed run must repeat them (--output, --overwrite, --resume do not count).
 _SETTINGS = (_MODEL, _TOKENIZER, _STEP, _PROBLEM, _ANSWER, _PROBLEMS, _N, _C, _T, _TAU, _BETA, _BETA_FINAL,
-             _BETA_FIRST, _TAIL_SOURCE, _END_THINK, _TEMPLATE, _CHAT, _Q_MAX, _TEMPERATURE, _TOP_K, _TOP_P, _SEED,
-             _SAVE_TEXTS, _ANSWER_AFTER_THINK)
+             _BETA_FIRST, _TAIL_SOURCE, _END_THINK, _TEMPLATE, _CHAT, _Q_MAX, _TEMPERATURE, _TOP_K, _TOP_P,
+             _FINAL_TEMPERATURE, _FINAL_TOP_K, _FINAL_TOP_P, _SEED, _SAVE_TEXTS, _ANSWER_AFTER_THINK)
 
 
 def _problems() -> list[cli.Problem]:
@@ -131,6 +140,11 @@ def main(argv) -> int:
     print(f"note: {len(unscored)} of {len(problems)} problem(s) have no \"answer\" field (e.g. line "
           f"{unscored[0].line}): they are decoded but not scored", file=sys.stderr)
   sampling = cli.sampling_config(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  final_sampling = cli.sampling_config(*(_TEMPERATURE.value if _FINAL_TEMPERATURE.value is None else
+                                         _FINAL_TEMPERATURE.value,
+                                         _TOP_K.value if _FINAL_TOP_K.value is None else _FINAL_TOP_K.value,
+                                         _TOP_P.value if _FINAL_TOP_P.value is None else _FINAL_TOP_P.value),
+                                       flag_prefix="final_")
   if _T.value == 0 and _BETA_FINAL.value is not None and flags.FLAGS["beta"].present:
     raise cli.CLIError("--beta is unused with --t=0 and --beta_final: round 0 is the final round; pass one of them")
   # Checked before the model loads: flag errors (C > N, τ > β, ...) should not wait for the weights.
@@ -179,7 +193,7 @@ def main(argv) -> int:
                                 keep_finished=keep_finished)
     cli.check_rsa_context(cfg, pieces, loaded.context, longest)
     key = jax.random.key(_SEED.value)
-    reports, decode_fn = [], None
+    reports, decode_fn, final_decode_fn = [], None, None
     for problem in problems:
       print(f"problem {problem.index + 1}/{len(problems)}: {problem.problem.strip()[:100]!r}", flush=True)
       if problem.index in done:
@@ -188,14 +202,20 @@ def main(argv) -> int:
         continue
       if decode_fn is None:  # one decode function for every problem and round: compiled once per budget
         decode_fn = make_decode_fn(loaded.model, sampling=sampling, stop_token_ids=loaded.stop_ids)
+        final_decode_fn = decode_fn if final_sampling == sampling else make_decode_fn(
+          loaded.model, sampling=final_sampling, stop_token_ids=loaded.stop_ids)
 
-      def on_round(r, state):
-        print(f"  round {r}: {int(state.generated_R[r])} new tokens, longest call {int(state.max_context_R[r])} "
-              "tokens", flush=True)
+      def on_round(r, rr, reference=problem.answer):
+        vote = "no answer" if rr.majority is None else f"{rr.majority!r} ({rr.votes} of {cfg.n})"
+        scores = rr.scores(reference)
+        correct = "" if reference is None else f", {round(scores['mean_correct'] * cfg.n)}/{cfg.n} correct"
+        print(f"  round {r}: {rr.generated} new tokens, longest call {rr.max_context} tokens; vote {vote}"
+              f"{correct}, answer entropy {rr.entropy:.2f}", flush=True)
 
       report, texts = cli.solve_problem(cfg, pieces, decode_fn, tokenizer, problem,
                                         jax.random.fold_in(key, problem.index), loaded.stop_ids, on_round=on_round,
-                                        answer_after=_END_THINK.value if _ANSWER_AFTER_THINK.value else None)
+                                        answer_after=_END_THINK.value if _ANSWER_AFTER_THINK.value else None,
+                                        final_decode_fn=final_decode_fn)
       reports.append(report)
       out.write({**report.to_json(), **({"texts": texts} if _SAVE_TEXTS.value else {})})
       shown = ", ".join("-" if a is None else repr(a) for a in report.answers)

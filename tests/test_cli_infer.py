@@ -11,6 +11,7 @@ session's persistent compilation cache (conftest.py), so they compile nothing th
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -234,6 +235,10 @@ def test_flag_validation_names_the_flags():
   with pytest.raises(cli.CLIError, match=r"--top_k must be >= 1, or 0 for no limit; got -3"):
     cli.sampling_config(1.0, -3, 1.0)
   assert cli.sampling_config(0.5, 0, 1.0) == SamplingConfig(0.5, None, 1.0)
+  with pytest.raises(cli.CLIError, match=r"--final_top_k must be >= 1, or 0 for no limit; got -1"):
+    cli.sampling_config(1.0, -1, 1.0, flag_prefix="final_")
+  with pytest.raises(cli.CLIError, match="--final_temperature must be 0"):
+    cli.sampling_config(-1.0, 0, 1.0, flag_prefix="final_")
 
 
 # ------------------------------------------------------------------------------------------------------- generation
@@ -330,6 +335,24 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
   assert s["generated_per_problem"] == sum(int(c[2].sum()) for c in calls) / 4
   assert s["max_context"] == max(r.max_context for r in reports)
   assert "mean correct 0.250, majority@4 0.333, pass@4 0.667" in cli.format_summary(s)
+  # Every round's population is scored too: round 0 answered 9 everywhere (wrong), round 1 is the final population.
+  for r, name in zip(reports, SCRIPT):
+    mine = [c for c in calls if c[0] == name]
+    assert len(r.rounds) == 2 and r.rounds[0].answers == ("9",) * 4 and r.rounds[1].answers == r.answers
+    assert (r.rounds[0].majority, r.rounds[0].votes, r.rounds[0].entropy) == ("9", 4, 0.0)
+    assert (r.rounds[1].majority, r.rounds[1].votes) == (r.majority, r.votes)
+    assert [x.generated for x in r.rounds] == [int(c[2].sum()) for c in mine]
+    assert [x.prefilled for x in r.rounds] == [int(c[1].sum()) for c in mine]
+    assert [x.max_context for x in r.rounds] == [int((c[1] + c[2]).max()) for c in mine]
+  assert reports[0].rounds[1].entropy == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+  assert reports[0].rounds[0].scores("7") == {"mean_correct": 0.0, "majority_correct": False, "pass": False}
+  first, last = s["by_round"]
+  assert (first["mean_correct"], first["majority_at_n"], first["pass_at_n"], first["entropy"]) == (0.0, 0.0, 0.0, 0.0)
+  assert (last["mean_correct"], last["majority_at_n"], last["pass_at_n"]) == (
+    s["mean_correct"], s["majority_at_n"], s["pass_at_n"])
+  assert first["generated_per_problem"] + last["generated_per_problem"] == s["generated_per_problem"]
+  assert "round 0: mean correct 0.000, majority@4 0.000" in cli.format_summary(s)
+  assert [cli.ProblemReport.from_json(json.loads(json.dumps(r.to_json()))) for r in reports] == reports
 
   # --output: written whole on success, absent (and no temporary file) after a failure.
   path = tmp_path / "report.jsonl"
@@ -364,7 +387,7 @@ def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp
   model_dir = tmp_path / "model"  # a copy: exported over below
   shutil.copytree(hf_dir, model_dir)
   args = [RSA, f"--model={model_dir}", f"--problems={problems}", *[f"--{k}={v}" for k, v in RSA_FLAGS.items()],
-          "--seed=5", "--save_texts"]
+          "--seed=5", "--save_texts", "--final_temperature=0"]
   rc, out, err = finish(launch(*args, f"--output={output}"))
   assert rc == 0, err
   lines = [json.loads(line) for line in output.read_text().splitlines()]
@@ -372,15 +395,17 @@ def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp
   run = lines[-1].pop("run")  # provenance: the flags and the weights (a copied folder has the same fingerprint)
   assert run["model"] == {"step": None, "fingerprint": hf.fingerprint} and run["flags"]["--seed"] == 5
   assert f"model: {model_dir} (Hugging Face folder)" in err
-  assert out.count("round 1:") == 3 and out.count("vote:") == 3
+  assert out.count("new tokens, longest call") == 6 and out.count("  vote:") == 3  # 2 rounds x 3 problems
+  assert "  round 1: mean correct" in out  # the summary's per-round line
   assert "1 of 3 problem(s) have no \"answer\" field (e.g. line 3)" in err  # said before decoding
 
   # The same problems through the library: same seed plumbing (problem i: fold_in(key(seed), i)), same reports.
   cfg = rsa_cfg(seed=5, stop_ids=hf.stop_ids)  # as launch/rsa.py builds it
   pieces = P.encode_pieces(hf.tokenizer.hf, P.RSA_REFERENCE, 2, None)
   decode_fn = make_decode_fn(hf.model, sampling=SamplingConfig(temperature=1.0), stop_token_ids=hf.stop_ids)
+  greedy_fn = make_decode_fn(hf.model, sampling=SamplingConfig(temperature=0.0), stop_token_ids=hf.stop_ids)
   solved = [cli.solve_problem(cfg, pieces, decode_fn, hf.tokenizer, p, jax.random.fold_in(jax.random.key(5), p.index),
-                              hf.stop_ids) for p in cli.read_problems(str(problems))]
+                              hf.stop_ids, final_decode_fn=greedy_fn) for p in cli.read_problems(str(problems))]
   reports = [report for report, _ in solved]
   assert lines[:3] == [json.loads(json.dumps({**r.to_json(), "texts": texts})) for r, texts in solved]
   assert lines[3] == cli.summarize(reports)
@@ -416,7 +441,7 @@ def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp
   # --resume decodes problems 2 and 3 only; the file equals the uninterrupted run's.
   rc, out, err = finish(launch(*args, f"--output={second}", "--resume"))
   assert rc == 0, err
-  assert out.count("done before") == 1 and out.count("round 1:") == 2
+  assert out.count("done before") == 1 and out.count("round 1: ") == 3  # 2 problems + the summary
   assert second.read_text() == output.read_text()
   assert sorted(os.listdir(tmp_path)) == ["model", "problems.jsonl", "rsa.jsonl", "rsa2.jsonl"]
 

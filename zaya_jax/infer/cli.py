@@ -242,14 +242,14 @@ def encode_prompt(tokenizer: Tokenizer, text: str, chat: P.ChatFormat | None) ->
   return tokenizer.hf.encode(chat.user(text), add_special_tokens=False).ids
 
 
-def sampling_config(temperature: float, top_k: int | None, top_p: float) -> SamplingConfig:
-  """From the flags; top_k 0 or None means no limit."""
+def sampling_config(temperature: float, top_k: int | None, top_p: float, flag_prefix: str = "") -> SamplingConfig:
+  """From the flags (named `--{flag_prefix}temperature` etc. in errors); top_k 0 or None means no limit."""
   if top_k is not None and top_k < 0:
-    raise CLIError(f"--top_k must be >= 1, or 0 for no limit; got {top_k}")
+    raise CLIError(f"--{flag_prefix}top_k must be >= 1, or 0 for no limit; got {top_k}")
   try:
     return SamplingConfig(temperature=float(temperature), top_k=top_k or None, top_p=float(top_p))
   except ValueError as e:
-    raise CLIError(str(e).replace("SamplingConfig.", "--")) from None
+    raise CLIError(str(e).replace("SamplingConfig.", f"--{flag_prefix}")) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -538,6 +538,45 @@ def check_rsa_context(cfg: rsa.RSAConfig, pieces: rsa.PromptPieces, context: int
 
 
 @dataclass(frozen=True)
+class RoundReport:
+  """One round's population, scored as the final one is (the RSA authors log these per loop): whether aggregation
+  helps, and how fast the population agrees, show round by round."""
+
+  answers: tuple[str | None, ...]  # in candidate order
+  majority: str | None
+  votes: int
+  entropy: float  # of the normalised answers, missing ones as one class (answers.answer_entropy), nats
+  generated: int  # new tokens this round
+  prefilled: int  # prompt tokens this round
+  max_context: int  # largest prompt + output of this round's calls
+
+  def scores(self, reference: str | None) -> dict:
+    """mean_correct, majority_correct and pass of this round against `reference` (None without one)."""
+    if reference is None:
+      return {"mean_correct": None, "majority_correct": None, "pass": None}
+    correct = [bool(ans.is_equiv(a, reference)) for a in self.answers]
+    return {"mean_correct": sum(correct) / len(correct),
+            "majority_correct": bool(ans.is_equiv(self.majority, reference)), "pass": any(correct)}
+
+  def to_json(self, reference: str | None) -> dict:
+    return {**dataclasses.asdict(self), **self.scores(reference)}
+
+  @classmethod
+  def from_json(cls, row: dict) -> RoundReport:
+    fields = {f.name: row[f.name] for f in dataclasses.fields(cls)}
+    return cls(**{**fields, "answers": tuple(fields["answers"])})
+
+
+def score_round(texts: Sequence[str], finished: Sequence[bool], generated: int, prefilled: int, max_context: int,
+                answer_after: str | None = None) -> RoundReport:
+  """Answers (last \\boxed{} of each candidate's `answer_section`), their vote and entropy, and the round's tokens."""
+  answers = tuple(ans.extract_boxed(answer_section(t, answer_after)) for t in texts)
+  vote = ans.majority_vote(answers, finished)
+  return RoundReport(answers, None if vote is None else vote.answer, 0 if vote is None else vote.count,
+                     float(ans.answer_entropy(answers)), int(generated), int(prefilled), int(max_context))
+
+
+@dataclass(frozen=True)
 class ProblemReport:
   index: int
   problem: str
@@ -549,6 +588,7 @@ class ProblemReport:
   generated: int  # newly decoded tokens over all rounds: D(q)
   prefilled: int  # prompt tokens sent over all rounds
   max_context: int  # largest prompt + output of any decode call
+  rounds: tuple[RoundReport, ...] = ()  # every round's population, round 0 first (the last one is the final)
 
   @property
   def correct(self) -> tuple[bool, ...] | None:
@@ -570,13 +610,15 @@ class ProblemReport:
 
   def to_json(self) -> dict:
     return {**dataclasses.asdict(self), "correct": self.correct, "mean_correct": self.mean_correct,
-            "majority_correct": self.majority_correct, "pass": self.passed}
+            "majority_correct": self.majority_correct, "pass": self.passed,
+            "rounds": [r.to_json(self.reference) for r in self.rounds]}
 
   @classmethod
   def from_json(cls, row: dict) -> ProblemReport:
     """Inverse of to_json (its derived fields are recomputed): a report read back from a partial --output."""
     fields = {f.name: row[f.name] for f in dataclasses.fields(cls)}
-    return cls(**{**fields, "answers": tuple(fields["answers"]), "finished": tuple(fields["finished"])})
+    return cls(**{**fields, "answers": tuple(fields["answers"]), "finished": tuple(fields["finished"]),
+                  "rounds": tuple(RoundReport.from_json(r) for r in fields["rounds"])})
 
 
 def answer_section(text: str, after: str | None) -> str:
@@ -590,37 +632,42 @@ def answer_section(text: str, after: str | None) -> str:
 
 
 def report_problem(problem: Problem, texts: Sequence[str], finished: Sequence[bool], generated: int, prefilled: int,
-                   max_context: int, answer_after: str | None = None) -> ProblemReport:
+                   max_context: int, answer_after: str | None = None, rounds: Sequence[RoundReport] = ()
+                   ) -> ProblemReport:
   """Answers (last \\boxed{} of each candidate's `answer_section`), the vote and the accounting of one problem's final
-  population."""
-  answers = tuple(ans.extract_boxed(answer_section(t, answer_after)) for t in texts)
-  vote = ans.majority_vote(answers, finished)
-  return ProblemReport(problem.index, problem.problem, problem.answer, answers, tuple(bool(f) for f in finished),
-                       None if vote is None else vote.answer, 0 if vote is None else vote.count, int(generated),
-                       int(prefilled), int(max_context))
+  population; `rounds` the per-round reports."""
+  final = score_round(texts, finished, generated, prefilled, max_context, answer_after)
+  return ProblemReport(problem.index, problem.problem, problem.answer, final.answers, tuple(bool(f) for f in finished),
+                       final.majority, final.votes, int(generated), int(prefilled), int(max_context), tuple(rounds))
 
 
 def solve_problem(cfg: rsa.RSAConfig, pieces: rsa.PromptPieces, decode_fn: rsa.DecodeFn, tokenizer: Tokenizer,
                   problem: Problem, key: jax.Array, stop_ids: Sequence[int],
-                  on_round: Callable[[int, rsa.RSAState], None] | None = None, answer_after: str | None = None
-                  ) -> tuple[ProblemReport, list[str]]:
-  """Markovian RSA on one problem (host loop over rounds, so on_round sees each); (report, final texts).
-  `answer_after`: score only the text after this marker (see `answer_section`)."""
+                  on_round: Callable[[int, RoundReport], None] | None = None, answer_after: str | None = None,
+                  final_decode_fn: rsa.DecodeFn | None = None) -> tuple[ProblemReport, list[str]]:
+  """Markovian RSA on one problem (host loop over rounds); (report, final texts). Every round's population is
+  scored (`RoundReport`, passed to on_round as it finishes). `answer_after`: score only the text after this marker
+  (see `answer_section`). `final_decode_fn`: the last round's decoder (its own sampling), default decode_fn."""
   question = P.encode_question(tokenizer.hf, problem.problem)
-  state = rsa.run_loop(cfg, pieces, decode_fn, question, key=key, on_round=on_round)
-  texts, finished = [], []
-  for seq in rsa.pool_sequences(state):
-    text, _ = _text(tokenizer, seq, stop_ids)
-    texts.append(text)
-  finished = np.asarray(state.finished_N).tolist()
-  report = report_problem(problem, texts, finished, int(state.generated), int(state.prefilled),
-                          int(state.max_context), answer_after)
+  rounds, texts = [], []
+
+  def record(r: int, state: rsa.RSAState) -> None:
+    texts[:] = [_text(tokenizer, seq, stop_ids)[0] for seq in rsa.pool_sequences(state)]
+    rounds.append(score_round(texts, np.asarray(state.finished_N).tolist(), int(state.generated_R[r]),
+                              int(state.prefilled_R[r]), int(state.max_context_R[r]), answer_after))
+    if on_round is not None:
+      on_round(r, rounds[-1])
+
+  state = rsa.run_loop(cfg, pieces, decode_fn, question, key=key, on_round=record, final_decode_fn=final_decode_fn)
+  report = report_problem(problem, texts, np.asarray(state.finished_N).tolist(), int(state.generated),
+                          int(state.prefilled), int(state.max_context), answer_after, rounds)
   return report, texts
 
 
 def summarize(reports: Sequence[ProblemReport]) -> dict:
   """Means over problems: correctness over final candidates (the report's metric), majority@N and pass@N over the
-  problems with a reference; tokens over all problems."""
+  problems with a reference; tokens over all problems. `by_round`: the same per round (round 0 first), when every
+  report has the same number of rounds."""
   scored = [r for r in reports if r.reference is not None]
   k = len(scored)
 
@@ -628,7 +675,7 @@ def summarize(reports: Sequence[ProblemReport]) -> dict:
     return sum(values) / k if k else None
 
   count = max(len(reports), 1)
-  return {
+  summary = {
     "summary": True,
     "problems": len(reports),
     "scored": k,
@@ -640,17 +687,35 @@ def summarize(reports: Sequence[ProblemReport]) -> dict:
     "prefilled_per_problem": sum(r.prefilled for r in reports) / count,
     "max_context": max((r.max_context for r in reports), default=0),
   }
+  if reports and reports[0].rounds and len({len(r.rounds) for r in reports}) == 1:
+    by_round = []
+    for i in range(len(reports[0].rounds)):
+      scores = [r.rounds[i].scores(r.reference) for r in scored]
+      by_round.append({
+        "mean_correct": mean([s["mean_correct"] for s in scores]),
+        "majority_at_n": mean([float(s["majority_correct"]) for s in scores]),
+        "pass_at_n": mean([float(s["pass"]) for s in scores]),
+        "entropy": sum(r.rounds[i].entropy for r in reports) / count,
+        "generated_per_problem": sum(r.rounds[i].generated for r in reports) / count,
+      })
+    summary["by_round"] = by_round
+  return summary
 
 
 def format_summary(s: dict) -> str:
   def num(x):
     return "n/a" if x is None else f"{x:.3f}"
 
-  return (f"summary over {s['problems']} problem(s), {s['scored']} with a reference: "
+  text = (f"summary over {s['problems']} problem(s), {s['scored']} with a reference: "
           f"mean correct {num(s['mean_correct'])}, "
           f"majority@{s['n']} {num(s['majority_at_n'])}, pass@{s['n']} {num(s['pass_at_n'])}, "
           f"{s['generated_per_problem']:.1f} generated and {s['prefilled_per_problem']:.1f} prefilled tokens per "
           f"problem, largest context {s['max_context']}")
+  for r, row in enumerate(s.get("by_round", ())):
+    text += (f"\n  round {r}: mean correct {num(row['mean_correct'])}, majority@{s['n']} {num(row['majority_at_n'])}, "
+             f"pass@{s['n']} {num(row['pass_at_n'])}, answer entropy {row['entropy']:.3f} nats, "
+             f"{row['generated_per_problem']:.1f} generated tokens per problem")
+  return text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -696,7 +761,7 @@ def main_wrapper(main: Callable[[list[str]], int]) -> Callable[[list[str]], None
 
 
 __all__ = ["TEMPLATES", "AtomicJsonl", "CLIError", "Completion", "LoadedModel", "Problem", "ProblemReport",
-           "chat_format", "check_output_is_not_input", "check_rsa_context", "encode_prompt", "format_summary",
-           "generate_completions", "load_model",
+           "RoundReport", "chat_format", "check_output_is_not_input", "check_rsa_context", "encode_prompt",
+           "format_summary", "generate_completions", "load_model",
            "main_wrapper", "model_kind", "read_problems", "read_prompts", "report_problem", "rsa_config",
-           "sampling_config", "solve_problem", "summarize"]
+           "sampling_config", "score_round", "solve_problem", "summarize"]
