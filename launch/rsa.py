@@ -25,8 +25,9 @@ input prints one `error:` line and exits 1, before the weights load wherever the
 find it.
 
 --model is a run directory (launch/train.py) or a Hugging Face folder, as for launch/generate.py. Templates:
-rsa (the RSA authors' prompt), rsa-harness (its typo fixed), markovian-zaya (Zyphra's proxy prompt), delethink (C = 1:
-the tail continues the assistant's own answer; a chain that ended is not continued). With an aggregation template and
+rsa (the RSA authors' prompt), rsa-harness (its typo fixed), markovian-zaya (Zyphra's proxy prompt), pacore (the
+proxy's PaCoRe prompt; with --tail_source=pacore_hybrid it is the proxy's PaCoRe mode), delethink (C = 1: the tail
+continues the assistant's own answer; a chain that ended is not continued). With an aggregation template and
 --c=1 every trace is refined every round, finished or not (the report's Delethink-like baseline).
 """
 
@@ -58,8 +59,11 @@ _BETA_FINAL = flags.DEFINE_integer("beta_final", None, "New-token budget of the 
 _BETA_FIRST = flags.DEFINE_integer("beta_first", None, "New-token budget of round 0 (default: beta); true Delethink's "
                                    "first chunk: --template=delethink --c=1 --beta=C-m --tau=m --beta_first=C.")
 _TAIL_SOURCE = flags.DEFINE_enum("tail_source", "all", TAIL_SOURCES,
-                                 "'all': tails end at the end of the output; 'reasoning': at --end_think if present.")
-_END_THINK = flags.DEFINE_string("end_think", "</think>", "End-of-thinking marker text (for --tail_source=reasoning).")
+                                 "'all': tails end at the end of the output; 'reasoning': at --end_think if present; "
+                                 "'pacore_hybrid': a trace that wrote --end_think carries its answer after it, "
+                                 "one that did not its reasoning (the report's PaCoRe hybrid).")
+_END_THINK = flags.DEFINE_string("end_think", "</think>", "End-of-thinking marker text (for --tail_source=reasoning "
+                                 "or pacore_hybrid).")
 _ANSWER_AFTER_THINK = flags.DEFINE_bool("answer_after_think", False, "Score only the text after the last --end_think "
                                          "marker (a candidate without one has no answer, as Delethink scores); "
                                          "default: the whole output.")
@@ -173,10 +177,11 @@ def main(argv) -> int:
     if longest > q_max:
       raise cli.CLIError(f"--q_max={q_max} is shorter than the longest question ({longest} tokens)")
     end_think = ()
-    if _TAIL_SOURCE.value == "reasoning":
+    if _TAIL_SOURCE.value in ("reasoning", "pacore_hybrid"):
       end_think = tuple(tokenizer.hf.encode(_END_THINK.value, add_special_tokens=False).ids)
       if not end_think:
-        raise cli.CLIError("--end_think is empty: --tail_source=reasoning needs the end-of-thinking marker text")
+        raise cli.CLIError(f"--end_think is empty: --tail_source={_TAIL_SOURCE.value} needs the end-of-thinking "
+                           "marker text")
       if len(end_think) > 1:
         # The sampler looks for this exact id sequence; a model may write the same text as other ids (merged
         # with a neighbouring space or newline), and a trace whose marker is missed counts as all reasoning.

@@ -81,9 +81,10 @@ def device_prompt(tokenizer, pieces, question, tails, q_max=64, tau=32):
     (P.RSA_HARNESS, 4, False),
     (P.MARKOVIAN_ZAYA, 2, True),
     (P.MARKOVIAN_ZAYA, 1, False),
+    (P.PACORE_ZAYA, 3, True),
     (P.DELETHINK, 1, True),
   ],
-  ids=["rsa-c3-chat", "rsa-c1-chat", "harness-c4", "zaya-c2-chat", "zaya-c1", "delethink-chat"],
+  ids=["rsa-c3-chat", "rsa-c1-chat", "harness-c4", "zaya-c2-chat", "zaya-c1", "pacore-c3-chat", "delethink-chat"],
 )
 def test_device_prompt_equals_tokenised_host_string(tok, template, c, chat):
   chat = CHAT if chat else None
@@ -201,6 +202,14 @@ def test_reference_wording_and_literal_braces():
   single = P.MARKOVIAN_ZAYA.user_text("q", ["t"])
   assert "---- Candidate ----\nt\n" in single and "Solution 1" not in single and "a candidate solution" in single
   assert P.prompt_text(P.DELETHINK, " q ", ["tail"], CHAT).endswith("<think>\ntail")
+  # Zyphra's proxy in PaCoRe mode: "\n".join of its parts, "Reference {i} " with its trailing space.
+  assert P.PACORE_ZAYA.user_text("Q?", ["a", "b"]) == (
+    "You are given a problem and a list of reference responses. Your job is to analyze these references and provide "
+    "your own response. End with the final result in \\boxed{}.\n\nOriginal Problem:\n\nQ?\n\nReference Responses:\n\n"
+    "Reference 1 \na\n\nReference 2 \nb\n\nNow write a single improved solution. Provide clear reasoning and end with "
+    "the final answer in \\boxed{}."
+  )
+  assert "Reference 1 \nt\n" in P.PACORE_ZAYA.user_text("q", ["t"])
 
 
 def test_render_chat_environment():

@@ -543,6 +543,36 @@ def test_reasoning_tails_end_at_the_marker():
   np.testing.assert_array_equal(rsa.state_from_population(everything, jax.random.key(0), tokens, lens).tail_end_N, lens)
 
 
+def test_pacore_hybrid_tails_carry_the_answer_when_there_is_one():
+  cfg = RSAConfig(n=4, c=2, t=1, tau=3, beta=9, q_max=4, tail_source="pacore_hybrid", end_think=[60, 61],
+                  stop_ids=(99,))
+  tokens = np.array(
+    [
+      [50, 51, 52, 60, 61, 70, 71, 72, 73],  # answered: the last 3 of the answer 70..73
+      [50, 60, 61, 51, 60, 61, 70, 99, 0],  # two markers: the answer after the last one, without the stop token
+      [50, 51, 52, 53, 54, 55, 56, 57, 58],  # no marker (cut at the budget): the reasoning's tail, as "all" has it
+      [50, 51, 52, 53, 54, 55, 60, 61, 0],  # the marker last: an empty answer, nothing carried
+    ],
+    np.int32,
+  )
+  lens = np.array([9, 8, 9, 8])
+  state = rsa.state_from_population(cfg, jax.random.key(0), tokens, lens)
+  np.testing.assert_array_equal(state.tail_start_N, [5, 6, 0, 8])
+  np.testing.assert_array_equal(state.tail_end_N, [9, 7, 9, 8])
+  tails, tail_lens = rsa.extract_tails(state.pool_NG, state.tail_end_N, cfg.tau, PAD, state.tail_start_N)
+  np.testing.assert_array_equal(tails, [[71, 72, 73], [70, PAD, PAD], [56, 57, 58], [PAD, PAD, PAD]])
+  np.testing.assert_array_equal(tail_lens, [3, 1, 3, 0])
+  # The aggregation prompts splice exactly those tails (prefix, question, head, tail, head, tail, suffix).
+  pieces = rsa.PromptPieces(initial=((1,), (2,)), prefix=(3,), heads=((4,), (5,)), suffix=(6,))
+  _, prompts_NL, lens_N = rsa.prepare_aggregation(cfg, pieces, state, jnp.array([40, 41, 0, 0]), jnp.int32(2))
+  subsets = np.asarray(rsa.candidate_subsets(cfg, rsa._round_keys(state, state.rounds_done)[0]))
+  carried = {0: [71, 72, 73], 1: [70], 2: [56, 57, 58], 3: []}
+  for row in range(cfg.n):
+    a, b = subsets[row]
+    want = [3, 40, 41, 4, *carried[a], 5, *carried[b], 6]
+    assert np.asarray(prompts_NL[row, : int(lens_N[row])]).tolist() == want
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -557,6 +587,7 @@ def test_reasoning_tails_end_at_the_marker():
     (dict(q_max=True), ["RSAConfig.q_max"]),
     (dict(tail_source="answer"), ["tail_source", "answer"]),
     (dict(tail_source="reasoning"), ["end_think"]),
+    (dict(tail_source="pacore_hybrid"), ["pacore_hybrid", "end_think"]),
     (dict(end_think=(-1,)), ["end_think"]),
     (dict(max_context=0), ["max_context"]),
   ],

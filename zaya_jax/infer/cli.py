@@ -44,7 +44,7 @@ from zaya_jax.model.decoder import ZayaForCausalLM
 from zaya_jax.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 TEMPLATES: dict[str, P.AggregationTemplate] = {
-  t.name: t for t in (P.RSA_REFERENCE, P.RSA_HARNESS, P.MARKOVIAN_ZAYA, P.DELETHINK)
+  t.name: t for t in (P.RSA_REFERENCE, P.RSA_HARNESS, P.MARKOVIAN_ZAYA, P.PACORE_ZAYA, P.DELETHINK)
 }
 
 

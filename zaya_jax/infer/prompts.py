@@ -140,6 +140,27 @@ MARKOVIAN_ZAYA = AggregationTemplate(
   ),
 )
 
+# Zyphra's proxy in PaCoRe mode (the same file, spec §4.2a): "reference responses", which that mode fills with each
+# candidate's answer section when it has one (`RSAConfig(tail_source="pacore_hybrid")`). The proxy has no C = 1
+# wording of its own: one candidate is "Reference 1".
+_PACORE_INTRO = (
+  "You are given a problem and a list of reference responses. Your job is to analyze these references and provide "
+  "your own response. End with the final result in \\boxed{}.\n"
+)
+_PACORE_CLOSING = MARKOVIAN_ZAYA.closing  # the same words in both modes
+PACORE_ZAYA = AggregationTemplate(
+  name="pacore",
+  intro=_PACORE_INTRO,
+  intro_single=_PACORE_INTRO,
+  problem="Original Problem:\n",
+  candidates="Reference Responses:\n",
+  candidates_single="Reference Responses:\n",
+  solution="Reference {i} \n",
+  solution_single="Reference 1 \n",
+  closing=_PACORE_CLOSING,
+  closing_single=_PACORE_CLOSING,
+)
+
 # Delethink (Markovian Thinker): the carried tail is the assistant's own prefix. (Its first-chunk head fold —
 # the first 100 tokens of chunk 1 appended to the query — is not modelled.)
 DELETHINK = AggregationTemplate(name="delethink", continuation=True)

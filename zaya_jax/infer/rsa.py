@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 DecodeFn = Callable[[jax.Array, jax.Array, jax.Array, int], tuple[jax.Array, jax.Array]]
-TAIL_SOURCES = ("reasoning", "all")
+TAIL_SOURCES = ("reasoning", "all", "pacore_hybrid")
 
 
 def _is_int(x) -> bool:
@@ -63,7 +63,10 @@ class RSAConfig:
   beta: int = 16384  # new-token budget of rounds 0..t-1
   beta_final: int | None = None  # budget of the last round (None: beta); the report uses 40,960
   beta_first: int | None = None  # budget of round 0 (None: beta); Delethink's first chunk C = beta + tau
-  tail_source: str = "all"  # "reasoning": tails end at the end-of-thinking marker when present; "all": whole output
+  # "all": tails are the whole output's last τ tokens; "reasoning": they end at the end-of-thinking marker when
+  # present; "pacore_hybrid" (the report's PaCoRe hybrid, Zyphra's proxy in PaCoRe mode): a trace that wrote the
+  # marker carries (the last τ tokens of) its answer section after the last marker, one that did not its reasoning.
+  tail_source: str = "all"
   end_think: tuple[int, ...] = ()  # token ids of the end-of-thinking marker (a sequence, e.g. (id of </think>,))
   stop_ids: tuple[int, ...] = ()  # the decoder's stop tokens (EOS, end of turn): a trace ending in one is finished
   self_continue: bool = True  # with c == 1, trace i aggregates its own previous trace i (no draw)
@@ -121,9 +124,9 @@ class RSAConfig:
         f"RSAConfig.keep_finished needs self-continuation (c = 1, self_continue): with c = {self.c} a new trace "
         "aggregates drawn candidates and is not the continuation of a finished one"
       )
-    if self.tail_source == "reasoning" and not self.end_think:
+    if self.tail_source in ("reasoning", "pacore_hybrid") and not self.end_think:
       raise ValueError(
-        "RSAConfig.tail_source = 'reasoning' needs the end-of-thinking marker ids in RSAConfig.end_think; "
+        f"RSAConfig.tail_source = {self.tail_source!r} needs the end-of-thinking marker ids in RSAConfig.end_think; "
         "use tail_source='all' for a model without one"
       )
 
@@ -251,6 +254,7 @@ class RSAState(NamedTuple):
   rounds_done: jax.Array  # int32[]: rounds decoded so far; the pool is round rounds_done - 1's output
   pool_NG: jax.Array  # int32 [N, G] current population, right-padded with pad_id
   pool_len_N: jax.Array  # int32 [N]
+  tail_start_N: jax.Array  # int32 [N] where each trace's tail may start at the earliest (pacore_hybrid's answer)
   tail_end_N: jax.Array  # int32 [N] where each trace's tail ends (the end-of-thinking marker, or its text's end)
   finished_N: jax.Array  # bool [N] the decoder stopped (a stop token, or short of the budget) rather than cut at it
   generated_R: jax.Array  # int32 [R] new tokens per round (sum of output lengths): D(q) = generated_R.sum()
@@ -279,6 +283,7 @@ def init_state(cfg: RSAConfig, key: jax.Array) -> RSAState:
     rounds_done=jnp.zeros((), jnp.int32),
     pool_NG=jnp.full((cfg.n, cfg.pool_width), cfg.pad_id, jnp.int32),
     pool_len_N=jnp.zeros((cfg.n,), jnp.int32),
+    tail_start_N=jnp.zeros((cfg.n,), jnp.int32),
     tail_end_N=jnp.zeros((cfg.n,), jnp.int32),
     finished_N=jnp.zeros((cfg.n,), bool),
     generated_R=zeros_R,
@@ -306,9 +311,9 @@ def sample_subsets(key: jax.Array, n: int, c: int) -> jax.Array:
   return jnp.argsort(bits_NN, axis=1, stable=True)[:, :c].astype(jnp.int32)
 
 
-def reasoning_end(tokens_NM: jax.Array, len_N: jax.Array, marker: Sequence[int]) -> jax.Array:
-  """int32 [N]: index of the first occurrence of the token sequence `marker` inside each row's first len tokens
-  (the end of the reasoning), or len when absent (a trace cut at the budget is all reasoning)."""
+def reasoning_end(tokens_NM: jax.Array, len_N: jax.Array, marker: Sequence[int], last: bool = False) -> jax.Array:
+  """int32 [N]: index of the first (`last`: the last) occurrence of the token sequence `marker` inside each row's
+  first len tokens (the end of the reasoning), or len when absent (a trace cut at the budget is all reasoning)."""
   marker = tuple(marker)
   k, m_len = len(marker), tokens_NM.shape[1]
   if k == 0 or k > m_len:
@@ -317,14 +322,30 @@ def reasoning_end(tokens_NM: jax.Array, len_N: jax.Array, marker: Sequence[int])
   hit_NS = starts[None, :] + k <= len_N[:, None]
   for j, tok in enumerate(marker):
     hit_NS = hit_NS & (tokens_NM[:, j : m_len - k + 1 + j] == tok)
-  first_N = jnp.argmax(hit_NS, axis=1).astype(jnp.int32)
-  return jnp.where(hit_NS.any(axis=1), first_N, len_N).astype(jnp.int32)
+  if last:
+    found_N = (m_len - k - jnp.argmax(hit_NS[:, ::-1], axis=1)).astype(jnp.int32)
+  else:
+    found_N = jnp.argmax(hit_NS, axis=1).astype(jnp.int32)
+  return jnp.where(hit_NS.any(axis=1), found_N, len_N).astype(jnp.int32)
 
 
-def extract_tails(pool_NG: jax.Array, end_N: jax.Array, tau: int, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-  """The last τ tokens before end_N of each row, left-aligned: (tails_NT int32 [N, τ], tail_len_N = min(end, τ)).
-  Slots past a tail's length hold pad_id."""
-  start_N = jnp.maximum(end_N - tau, 0)
+def tail_span(tokens_NM: jax.Array, text_len_N: jax.Array, cfg: RSAConfig) -> tuple[jax.Array, jax.Array]:
+  """(start_N, end_N): the part of each output a tail is cut from, by `cfg.tail_source` (see RSAConfig)."""
+  zeros_N = jnp.zeros_like(text_len_N)
+  if cfg.tail_source == "reasoning":
+    return zeros_N, reasoning_end(tokens_NM, text_len_N, cfg.end_think)
+  if cfg.tail_source == "pacore_hybrid":
+    marker_N = reasoning_end(tokens_NM, text_len_N, cfg.end_think, last=True)
+    answered_N = marker_N < text_len_N
+    return jnp.where(answered_N, marker_N + len(cfg.end_think), 0).astype(jnp.int32), text_len_N
+  return zeros_N, text_len_N
+
+
+def extract_tails(pool_NG: jax.Array, end_N: jax.Array, tau: int, pad_id: int = 0,
+                  floor_N: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The last τ tokens before end_N of each row, starting no earlier than floor_N (default 0), left-aligned:
+  (tails_NT int32 [N, τ], tail_len_N = min(end - floor, τ)). Slots past a tail's length hold pad_id."""
+  start_N = jnp.maximum(end_N - tau, 0 if floor_N is None else floor_N)
   idx_NT = start_N[:, None] + jnp.arange(tau, dtype=jnp.int32)[None, :]
   valid_NT = idx_NT < end_N[:, None]
   gathered = jnp.take_along_axis(pool_NG, jnp.clip(idx_NT, 0, pool_NG.shape[1] - 1), axis=1)
@@ -398,7 +419,7 @@ def candidate_subsets(cfg: RSAConfig, k_sub: jax.Array) -> jax.Array:
 def prepare_aggregation(cfg: RSAConfig, pieces: PromptPieces, state: RSAState, q_Q, q_len):
   """An aggregation round's decode inputs (k_dec, prompts_NL, prompt_len_N) from the current pool only."""
   k_sub, k_dec = _round_keys(state, state.rounds_done)
-  tails_NT, tail_len_N = extract_tails(state.pool_NG, state.tail_end_N, cfg.tau, cfg.pad_id)
+  tails_NT, tail_len_N = extract_tails(state.pool_NG, state.tail_end_N, cfg.tau, cfg.pad_id, state.tail_start_N)
   subsets_NC = candidate_subsets(cfg, k_sub)
   build = functools.partial(build_aggregation_prompt, pieces, capacity=prompt_capacity(cfg, pieces), pad_id=cfg.pad_id)
   prompts_NL, prompt_len_N = jax.vmap(lambda t, tl: build(q_Q, q_len, t, tl))(
@@ -442,7 +463,7 @@ def absorb(cfg: RSAConfig, state: RSAState, prompt_len_N, tokens_NM, len_N, max_
   pool_NG = jnp.pad(tokens_NM, ((0, 0), (0, cfg.pool_width - m)), constant_values=cfg.pad_id)
   stopped_N = ends_in_stop(tokens_NM, len_N, cfg.stop_ids)
   text_len_N = len_N - stopped_N.astype(jnp.int32)  # a final stop token is no part of the text: tails end before it
-  tail_end_N = reasoning_end(tokens_NM, text_len_N, cfg.end_think) if cfg.tail_source == "reasoning" else text_len_N
+  tail_start_N, tail_end_N = tail_span(tokens_NM, text_len_N, cfg)
   finished_N = stopped_N | (len_N < m)
   prompt_len_N = prompt_len_N.astype(jnp.int32)
   frozen_N = jnp.zeros((cfg.n,), bool) if frozen_N is None else frozen_N
@@ -454,6 +475,7 @@ def absorb(cfg: RSAConfig, state: RSAState, prompt_len_N, tokens_NM, len_N, max_
     rounds_done=r + 1,
     pool_NG=jnp.where(frozen_N[:, None], state.pool_NG, pool_NG),
     pool_len_N=jnp.where(frozen_N, state.pool_len_N, len_N),
+    tail_start_N=jnp.where(frozen_N, state.tail_start_N, tail_start_N),
     tail_end_N=jnp.where(frozen_N, state.tail_end_N, tail_end_N),
     finished_N=finished_N | frozen_N,
     generated_R=state.generated_R.at[r].set(new_len_N.sum()),
