@@ -206,6 +206,15 @@ def dispatch_checks() -> dict:
     out["expert_axis_outside_batch"] = "accepted"
   except ShardingError as e:
     out["expert_axis_outside_batch"] = str(e)
+  # The width split over an axis that also splits the batch: the partial sums would mix tokens (it gave errors of
+  # ~3 before it was refused); refused by `dispatch_axes`, which `sharded.validate` runs before any compile.
+  plan = ShardingPlan.from_config(ParallelConfig(mesh="expert:4,tensor:2"),
+                                  rules=ShardingRules(batch=("data", "fsdp", "expert", "tensor")))
+  try:
+    dispatch_combine(plan, h, jnp.asarray(choice), weight, experts.gate_up_proj[...], experts.down_proj[...])
+    out["width_axis_inside_batch"] = "accepted"
+  except ShardingError as e:
+    out["width_axis_inside_batch"] = str(e)
   return out
 
 

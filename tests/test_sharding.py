@@ -122,6 +122,8 @@ def test_expert_dispatch_follows_the_rules(results):
   # capacity_factor 1.0 over one expert group per device: nothing is dropped when no token leaves its device.
   assert d["max_abs_err"] <= 1e-5 and d["dropped"] == 0 and d["all_to_all"] == 0
   assert "must also split the batch" in results["dispatch"]["expert_axis_outside_batch"]
+  assert "'tensor'" in results["dispatch"]["width_axis_inside_batch"]
+  assert "would add other tokens' rows" in results["dispatch"]["width_axis_inside_batch"]
 
 
 def test_tensor_parallel_experts_move_no_weights(results):
@@ -159,6 +161,10 @@ def test_mesh_parsing_and_validation_before_compiling():
     make_mesh("data:3")
   with pytest.raises(ValueError, match=r"ParallelConfig\.mesh"):
     ParallelConfig(mesh="tensor=2")
+  with pytest.raises(ValueError, match=r"ParallelConfig\.dcn_mesh = 'data:2' needs a mesh"):
+    ParallelConfig(dcn_mesh="data:2")
+  with pytest.raises(ShardingError, match=r"dcn_mesh data:2.* spans 2 processes .* but this run has 1"):
+    make_mesh("data:-1", "data:2")
   # ZAYA1-8B's shapes against a 3-way tensor axis, on an abstract mesh (no devices needed): the heads do not split.
   _, abstract = step_lib.create_abstract(ZayaConfig.zaya1_8b(), OptimizerConfig(), step_lib.StepConfig(),
                                          BalancingConfig(), 10, 0)

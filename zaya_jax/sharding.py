@@ -99,6 +99,9 @@ def make_mesh(mesh: str | dict[str, int], dcn_mesh: str | dict[str, int] | None 
   dcn = _fill(dcn, jax.process_count() if any(v == -1 for v in dcn.values()) else math.prod(dcn.values()),
               "dcn_mesh")
   slices = math.prod(dcn.values())
+  if slices > 1 and slices != jax.process_count():  # each dcn slice is one process's devices (one node)
+    raise ShardingError(f"dcn_mesh {format_mesh(dcn)} spans {slices} processes (one per node), but this run has "
+                        f"{jax.process_count()}")
   if len(devices) % slices:
     raise ShardingError(f"dcn_mesh {format_mesh(dcn)} has {slices} slices, which do not divide the "
                         f"{len(devices)} devices")
@@ -177,6 +180,9 @@ class ParallelConfig:
         parse_mesh(getattr(self, name))
       except ShardingError as e:
         raise ValueError(f"ParallelConfig.{name}: {e}") from None
+    if self.dcn_mesh and not self.mesh:  # the single-device path would ignore it
+      raise ValueError(f"ParallelConfig.dcn_mesh = {self.dcn_mesh!r} needs a mesh (each node's part of the axes), "
+                       "e.g. mesh='data:-1'")
 
   @property
   def enabled(self) -> bool:

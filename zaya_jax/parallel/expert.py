@@ -87,10 +87,12 @@ def _local_experts(x_RD, ids_R, gate_up_XF2D, down_XIDF, backend: str, tensor_ax
   return jnp.take(y_RD, jnp.argsort(order_R), axis=0)
 
 
-def _dispatch_axes(plan) -> tuple[str | None, str | None]:
+def dispatch_axes(plan) -> tuple[str | None, str | None]:
   """The mesh axes that split the experts and their FFN width: the plan's rules for "experts" and "mlp" (the
   parameters' own layout, so no weight moves), one axis each at most. Tokens travel between the devices of the expert
-  axis, so it must also split the batch (otherwise every device along it would send the same tokens)."""
+  axis, so it must also split the batch (otherwise every device along it would send the same tokens); the devices
+  along the width axis sum their partial outputs of the same tokens, so it must not (they would add other tokens'
+  rows). Raises ShardingError; `sharded.validate` calls it before anything is compiled."""
   experts, mlp = plan.mesh_axes("experts"), plan.mesh_axes("mlp")
   if len(experts) > 1 or len(mlp) > 1:
     raise ShardingError(f"the MoE dispatch splits the experts over one mesh axis and their width over one: rules "
@@ -98,6 +100,11 @@ def _dispatch_axes(plan) -> tuple[str | None, str | None]:
   if experts and experts[0] not in plan.batch_axes:
     raise ShardingError(f"the experts' mesh axis {experts[0]!r} must also split the batch (rules batch="
                         f"{plan.rules.batch}): tokens are exchanged along it")
+  if mlp and mlp[0] in plan.batch_axes:
+    raise ShardingError(f"the experts' FFN-width mesh axis {mlp[0]!r} (rules mlp={plan.rules.mlp}) also splits the "
+                        f"batch (rules batch={plan.rules.batch}): its devices hold different tokens, so summing their "
+                        "partial outputs would add other tokens' rows; split the width over an axis outside the batch "
+                        "(tensor), or not at all")
   return (experts or (None,))[0], (mlp or (None,))[0]
 
 
@@ -106,7 +113,7 @@ def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, 
   """(y_MD, dropped): the experts' output for every token of the global [M, D] batch, and the dropped tokens.
 
   `choice_M` == X is the skip slot (output zero). Tokens are split over the plan's batch axes, experts and the FFN
-  width over the mesh axes of the rules "experts" and "mlp" (by default `expert` and `tensor`; `_dispatch_axes`).
+  width over the mesh axes of the rules "experts" and "mlp" (by default `expert` and `tensor`; `dispatch_axes`).
   `exchange` defaults to the plan's.
   """
   exchange = resolve_exchange(exchange or plan.expert_exchange, capacity_factor)
@@ -114,7 +121,7 @@ def dispatch_combine(plan, h_MD, choice_M, weight_M, gate_up_X2FD, down_XDF, *, 
     raise ValueError("the ragged expert exchange is dropless: capacity_factor needs exchange='padded'")
   X, F2, D = gate_up_X2FD.shape
   F = F2 // 2
-  expert_axis, tensor_axis = _dispatch_axes(plan)
+  expert_axis, tensor_axis = dispatch_axes(plan)
   e = plan.size(expert_axis) if expert_axis else 1
   batch = plan.batch_axes or None
   token_spec = P(batch, None)

@@ -20,14 +20,16 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from zaya_jax.parallel.expert import dispatch_axes
 from zaya_jax.sharding import ShardingError, ShardingPlan, with_shardings
 from zaya_jax.train.step import Trainer, TrainState, train_step
 
 
 def validate(plan: ShardingPlan, state: TrainState, global_batch_size: int | None = None, grad_accum: int = 1) -> None:
-  """Every split dimension divides and the batch (each micro-batch) splits evenly; raises ShardingError naming axis
-  and sizes."""
+  """Every split dimension divides, the batch (each micro-batch) splits evenly and the MoE dispatch can use the
+  rules' axes; raises ShardingError naming axis and sizes."""
   plan.state_shardings(state)  # resolving the specs checks every parameter and optimizer-state dimension
+  dispatch_axes(plan)
   if global_batch_size is not None:
     plan.check_batch(global_batch_size, grad_accum)
 
