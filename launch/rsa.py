@@ -122,7 +122,10 @@ def _resumed(rows: list[dict], problems: list[cli.Problem]) -> dict[int, cli.Pro
     try:
       report = cli.ProblemReport.from_json(row)
     except (KeyError, TypeError) as e:
-      raise cli.CLIError(f"--resume: {_OUTPUT.value}.partial holds a line that is not a problem report ({e})") from None
+      old = " (no per-round reports: written by an older launch/rsa.py; delete it to start over)" if (
+        isinstance(e, KeyError) and e.args == ("rounds",)) else ""
+      raise cli.CLIError(f"--resume: {_OUTPUT.value}.partial holds a line that is not a problem report ({e}){old}"
+                         ) from None
     if report.index >= len(problems) or problems[report.index].problem != report.problem:
       raise cli.CLIError(f"--resume: {_OUTPUT.value}.partial answers another problem {report.index + 1} than the "
                          "problem file's; delete it to start over")
@@ -149,8 +152,12 @@ def main(argv) -> int:
                                          _TOP_K.value if _FINAL_TOP_K.value is None else _FINAL_TOP_K.value,
                                          _TOP_P.value if _FINAL_TOP_P.value is None else _FINAL_TOP_P.value),
                                        flag_prefix="final_")
-  if _T.value == 0 and _BETA_FINAL.value is not None and flags.FLAGS["beta"].present:
-    raise cli.CLIError("--beta is unused with --t=0 and --beta_final: round 0 is the final round; pass one of them")
+  if _T.value == 0:  # round 0 is the final round: its own flags win, the others would be silently unused
+    for flag, final in (("beta", _BETA_FINAL), ("temperature", _FINAL_TEMPERATURE), ("top_k", _FINAL_TOP_K),
+                        ("top_p", _FINAL_TOP_P)):
+      if final.value is not None and flags.FLAGS[flag].present:
+        raise cli.CLIError(f"--{flag} is unused with --t=0 and --{final.name}: round 0 is the final round; pass one "
+                           "of them")
   # Checked before the model loads: flag errors (C > N, τ > β, ...) should not wait for the weights.
   rsa_config_from_flags(tail_source="all", end_think=(), q_max=1, max_context=None, pad_id=0)
   cli.check_output_is_not_input(_OUTPUT.value, problems=_PROBLEMS.value)

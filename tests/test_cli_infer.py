@@ -505,6 +505,8 @@ def test_bad_input_exits_1_with_one_message_and_no_output(tmp_path, hf_dir):
     (GENERATE, [f"--model={llama}", "--prompt=x"], "is neither an Orbax run directory"),
     (GENERATE, [f"--model={no_tok}", "--prompt=x"], f"{no_tok / 'tokenizer.json'} is missing"),
     (RSA, [model, "--problem=x", "--n=2", "--c=3"], "--c = 3 > --n = 2"),
+    (RSA, [f"--model={broken}", "--problem=x", "--t=0", "--temperature=0.5", "--final_temperature=0.6"],
+     "--temperature is unused with --t=0 and --final_temperature: round 0 is the final round"),
     (RSA, [f"--model={broken}", "--problem=x", "--n=2", "--c=2", "--beta=16", "--tau=8", "--template=pacore",
            "--tail_source=pacore_hybrid", "--end_think="], "--end_think is empty: --tail_source=pacore_hybrid needs"),
     (RSA, [model, f"--problems={bad}"], "bad.jsonl:3: not valid JSON"),

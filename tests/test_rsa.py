@@ -551,22 +551,22 @@ def test_pacore_hybrid_tails_carry_the_answer_when_there_is_one():
       [50, 51, 52, 60, 61, 70, 71, 72, 73],  # answered: the last 3 of the answer 70..73
       [50, 60, 61, 51, 60, 61, 70, 99, 0],  # two markers: the answer after the last one, without the stop token
       [50, 51, 52, 53, 54, 55, 56, 57, 58],  # no marker (cut at the budget): the reasoning's tail, as "all" has it
-      [50, 51, 52, 53, 54, 55, 60, 61, 0],  # the marker last: an empty answer, nothing carried
+      [50, 51, 52, 53, 54, 55, 60, 61, 0],  # the marker last: an empty answer, the reasoning before it is carried
     ],
     np.int32,
   )
   lens = np.array([9, 8, 9, 8])
   state = rsa.state_from_population(cfg, jax.random.key(0), tokens, lens)
-  np.testing.assert_array_equal(state.tail_start_N, [5, 6, 0, 8])
-  np.testing.assert_array_equal(state.tail_end_N, [9, 7, 9, 8])
+  np.testing.assert_array_equal(state.tail_start_N, [5, 6, 0, 0])
+  np.testing.assert_array_equal(state.tail_end_N, [9, 7, 9, 6])
   tails, tail_lens = rsa.extract_tails(state.pool_NG, state.tail_end_N, cfg.tau, PAD, state.tail_start_N)
-  np.testing.assert_array_equal(tails, [[71, 72, 73], [70, PAD, PAD], [56, 57, 58], [PAD, PAD, PAD]])
-  np.testing.assert_array_equal(tail_lens, [3, 1, 3, 0])
+  np.testing.assert_array_equal(tails, [[71, 72, 73], [70, PAD, PAD], [56, 57, 58], [53, 54, 55]])
+  np.testing.assert_array_equal(tail_lens, [3, 1, 3, 3])
   # The aggregation prompts splice exactly those tails (prefix, question, head, tail, head, tail, suffix).
   pieces = rsa.PromptPieces(initial=((1,), (2,)), prefix=(3,), heads=((4,), (5,)), suffix=(6,))
   _, prompts_NL, lens_N = rsa.prepare_aggregation(cfg, pieces, state, jnp.array([40, 41, 0, 0]), jnp.int32(2))
   subsets = np.asarray(rsa.candidate_subsets(cfg, rsa._round_keys(state, state.rounds_done)[0]))
-  carried = {0: [71, 72, 73], 1: [70], 2: [56, 57, 58], 3: []}
+  carried = {0: [71, 72, 73], 1: [70], 2: [56, 57, 58], 3: [53, 54, 55]}
   for row in range(cfg.n):
     a, b = subsets[row]
     want = [3, 40, 41, 4, *carried[a], 5, *carried[b], 6]
@@ -688,7 +688,7 @@ def test_population_metrics():
   assert ans.mean_correct(answers, "7") == 0.5
   assert ans.pass_at_n(answers, "3") == 1.0 and ans.pass_at_n(answers, "9") == 0.0
   assert ans.majority_at_n(answers, "7") == 1.0 and ans.majority_at_n(answers, "3") == 0.0
-  assert ans.answer_entropy(["1"] * 4) == 0.0
+  assert ans.answer_entropy(["1"] * 4) == 0.0 and math.copysign(1, ans.answer_entropy([None] * 3)) == 1  # not -0.0
   assert abs(ans.answer_entropy(["1", "2"]) - math.log(2)) < 1e-12
 
 

@@ -208,4 +208,5 @@ def answer_entropy(answers: Sequence[str | None]) -> float:
     key = normalize_answer(a)
     counts[key] = counts.get(key, 0) + 1
   total = sum(counts.values())
-  return -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
+  # 0.0 - (...): a single class sums to 0.0, whose negation would print as -0.0.
+  return 0.0 - sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0

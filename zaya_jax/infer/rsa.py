@@ -64,8 +64,8 @@ class RSAConfig:
   beta_final: int | None = None  # budget of the last round (None: beta); the report uses 40,960
   beta_first: int | None = None  # budget of round 0 (None: beta); Delethink's first chunk C = beta + tau
   # "all": tails are the whole output's last τ tokens; "reasoning": they end at the end-of-thinking marker when
-  # present; "pacore_hybrid" (the report's PaCoRe hybrid, Zyphra's proxy in PaCoRe mode): a trace that wrote the
-  # marker carries (the last τ tokens of) its answer section after the last marker, one that did not its reasoning.
+  # present; "pacore_hybrid" (the report's PaCoRe hybrid, Zyphra's proxy in PaCoRe mode): a trace with an answer
+  # after its last marker carries (the last τ tokens of) that answer, any other its reasoning.
   tail_source: str = "all"
   end_think: tuple[int, ...] = ()  # token ids of the end-of-thinking marker (a sequence, e.g. (id of </think>,))
   stop_ids: tuple[int, ...] = ()  # the decoder's stop tokens (EOS, end of turn): a trace ending in one is finished
@@ -335,9 +335,12 @@ def tail_span(tokens_NM: jax.Array, text_len_N: jax.Array, cfg: RSAConfig) -> tu
   if cfg.tail_source == "reasoning":
     return zeros_N, reasoning_end(tokens_NM, text_len_N, cfg.end_think)
   if cfg.tail_source == "pacore_hybrid":
+    # An empty answer (the marker last) carries the reasoning before it, as the proxy falls back to the reasoning
+    # when the content is empty; without a marker, marker_N == text_len_N: the whole text is reasoning.
     marker_N = reasoning_end(tokens_NM, text_len_N, cfg.end_think, last=True)
-    answered_N = marker_N < text_len_N
-    return jnp.where(answered_N, marker_N + len(cfg.end_think), 0).astype(jnp.int32), text_len_N
+    answered_N = marker_N + len(cfg.end_think) < text_len_N
+    start_N = jnp.where(answered_N, marker_N + len(cfg.end_think), 0).astype(jnp.int32)
+    return start_N, jnp.where(answered_N, text_len_N, marker_N).astype(jnp.int32)
   return zeros_N, text_len_N
 
 
