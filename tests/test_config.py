@@ -103,6 +103,11 @@ def test_from_hf_legacy_keys_translate():
     ({"model_type": "zaya", "num_experts_per_tok": 2}, "num_experts_per_tok=2"),
     ({"model_type": "zaya", "hidden_act": "gelu"}, "hidden_act"),
     ({"model_type": "zaya", "dtype": "int8"}, "dtype"),
+    # Refused by the reference too (KeyError); they used to fall back to the default theta unseen.
+    ({"model_type": "zaya", "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}},
+     "one dict per layer type"),
+    ({"model_type": "zaya", "rope_parameters": {"hybrid": {"partial_rotary_factor": 0.5}}},
+     r"rope_parameters.hybrid has no rope_theta"),
 ])
 def test_from_hf_rejects_unsupported(raw, message):
   with pytest.raises(ValueError, match=message):

@@ -146,6 +146,13 @@ def test_packed_documents_equal_separate_runs(fp32_case):
     start += len(doc)
   # Without segment ids the same row attends across documents and differs.
   assert np.abs(np.asarray(zaya_jax.forward(model, packed).logits_BTV[0]) - packed_logits).max() > 1e-3
+  # Documents are runs: an id that comes back after another document (1 1 1 1 2 1 ...) starts a new one. (Attention
+  # compared the raw ids, so the third document attended to the first: logits 3.3 off.)
+  reused = np.repeat([1, 2, 1, 3], [len(d) for d in docs])[None]
+  np.testing.assert_array_equal(np.asarray(zaya_jax.forward(model, packed, segment_ids_BT=reused).logits_BTV[0]),
+                                packed_logits)
+  with pytest.raises(ValueError, match=r"seq >= 1, got shape \(1, 0\)"):
+    zaya_jax.forward(model, np.zeros((1, 0), np.int32))
 
 
 def test_residual_merge_and_inverse_root_round_like_the_reference():

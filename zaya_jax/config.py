@@ -273,11 +273,17 @@ def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
   # As transformers reads them: `rope_scaling` (the older name) wins; without either, its built-in defaults (ours);
   # a layer type's dict without a partial_rotary_factor rotates the whole head (compute_default_rope_parameters).
   rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+  if not isinstance(rope, dict) or (rope and not {"hybrid", "hybrid_sliding"} & rope.keys()):
+    # A flat {"rope_theta": ...} would otherwise fall back to the defaults unseen (the reference raises KeyError).
+    raise ValueError(f"config.json: rope_parameters must hold one dict per layer type, {{'hybrid': {{...}}, "
+                     f"'hybrid_sliding': {{...}}}}; got {rope!r}")
   hybrid = rope.get("hybrid") or {}
   sliding = rope.get("hybrid_sliding") or {}
   for name, params in (("hybrid", hybrid), ("hybrid_sliding", sliding)):
     if params.get("rope_type", "default") != "default":
       raise ValueError(f"config.json: rope_parameters.{name}.rope_type={params['rope_type']!r} is not supported")
+    if params and "rope_theta" not in params:
+      raise ValueError(f"config.json: rope_parameters.{name} has no rope_theta (got {params!r})")
   att_defaults = AttentionConfig()
   factor = lambda params, default: float(params.get("partial_rotary_factor", 1.0 if params else default))
   attention = AttentionConfig(

@@ -111,14 +111,25 @@ class ZayaModel(nnx.Module):
     return self.norm(x_BTD.astype(dtype)), RouterStats(jnp.stack(probs), choice_LBT, counts_LX1)
 
 
+def _document_starts(segment_ids_BT):
+  """bool [B, T]: where a document (a contiguous run of equal ids) begins."""
+  return jnp.concatenate(
+      [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+
+
 def positions_from_segments(segment_ids_BT):
   """Position of each token within its document (documents are contiguous runs of equal ids)."""
   T = segment_ids_BT.shape[1]
   t_BT = jnp.broadcast_to(jnp.arange(T), segment_ids_BT.shape)
-  starts_BT = jnp.concatenate(
-      [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
-  start_index_BT = jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)
+  start_index_BT = jax.lax.cummax(jnp.where(_document_starts(segment_ids_BT), t_BT, 0), axis=1)
   return t_BT - start_index_BT
+
+
+def document_numbers(segment_ids_BT):
+  """int32 [B, T]: each token's document as the count of runs before it. Attention and the convolutions compare
+  these, so an id that comes back after another document (1 1 2 1) starts a new document, as the positions do,
+  instead of joining the first run's attention."""
+  return jnp.cumsum(_document_starts(segment_ids_BT), axis=1, dtype=jnp.int32)
 
 
 def check_token_ids(input_ids, vocab_size: int) -> None:
@@ -153,8 +164,8 @@ class ZayaForCausalLM(nnx.Module):
   def __call__(self, input_ids_BT, segment_ids_BT=None, positions_BT=None) -> ZayaOutput:
     check_token_ids(input_ids_BT, self.config.vocab_size)
     input_ids_BT = jnp.asarray(input_ids_BT, jnp.int32)
-    if input_ids_BT.ndim != 2:
-      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids_BT.shape}")
+    if input_ids_BT.ndim != 2 or input_ids_BT.shape[1] == 0:
+      raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {input_ids_BT.shape}")
     if segment_ids_BT is None:
       segment_ids_BT = jnp.zeros_like(input_ids_BT)
     elif jnp.shape(segment_ids_BT) != input_ids_BT.shape:
@@ -162,7 +173,7 @@ class ZayaForCausalLM(nnx.Module):
     segment_ids_BT = jnp.asarray(segment_ids_BT, jnp.int32)
     if positions_BT is None:
       positions_BT = positions_from_segments(segment_ids_BT)
-    h_BTD, router = self.model(input_ids_BT, segment_ids_BT, positions_BT)
+    h_BTD, router = self.model(input_ids_BT, document_numbers(segment_ids_BT), positions_BT)
     return ZayaOutput(self.logits(h_BTD), router)
 
   def logits(self, h_BTD):
