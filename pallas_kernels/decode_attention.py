@@ -212,7 +212,10 @@ def decode_attention(q_BHE, k_cache_BKES, v_cache_BKSE, lengths_B, *, sliding_wi
                interpret=interpret, poison=_poison)
   # q is tiny: padding it ([B, K, Gp, Ep], zero rows and columns add nothing to q.k) is free, unlike the cache.
   q_BKGE = jnp.pad(q_BHE.reshape(B, K, G, E), ((0, 0), (0, 0), (0, Gp - G), (0, Ep - E)))
-  acc, m, denom = _partials(lengths_B.astype(jnp.int32), q_BKGE, k_cache_BKES, v_cache_BKSE, num_splits, st)
+  # Clamped: a length past S would have the masked loads read beyond the cache (NaN in interpret mode, out of bounds
+  # on a GPU); the model's callers clamp already, direct callers may not.
+  lengths_B = jnp.clip(lengths_B.astype(jnp.int32), 0, S)
+  acc, m, denom = _partials(lengths_B, q_BKGE, k_cache_BKES, v_cache_BKSE, num_splits, st)
   out_BKGE = _merge(acc[:, :, :, :G, :E], m[:, :, :, :G], denom[:, :, :, :G])
   return out_BKGE.reshape(B, H, E).astype(dtype)
 

@@ -26,7 +26,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.tuning import GMM_TUNING, GmmBlocks, check_blocks, device_kind, dot_f32
+from pallas_kernels.tuning import (
+  GMM_TUNING,
+  GmmBlocks,
+  check_blocks,
+  check_gmm_operands,
+  check_tgmm_operands,
+  device_kind,
+  dot_f32,
+)
 
 F32 = jnp.float32
 
@@ -177,6 +185,7 @@ def _tuning(blocks):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def gmm(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool = False, tuning=None, interpret: bool | None = None):
   """Grouped matmul; `tuning` is a `GmmTuning` (default: the table entry of this device)."""
+  check_gmm_operands(lhs_MK, rhs, group_sizes_G, transpose_rhs)
   return _gmm_call(lhs_MK, rhs, group_sizes_G, transpose_rhs, _tuning(tuning).gmm, _interpret(interpret))
 
 
@@ -201,6 +210,7 @@ gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 def tgmm(lhs_MK, dout_MN, group_sizes_G, *, out_dtype=F32, tuning=None, interpret: bool | None = None):
   """[G, K, N]: per group, lhs^T @ dout over its rows — the weight gradient of `gmm`."""
+  check_tgmm_operands(lhs_MK, dout_MN, group_sizes_G)
   return _tgmm_call(lhs_MK, dout_MN, group_sizes_G, out_dtype, _tuning(tuning).tgmm, _interpret(interpret))
 
 

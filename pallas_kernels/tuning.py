@@ -75,3 +75,26 @@ def check_blocks(blocks: GmmBlocks | dict, what: str) -> None:
       raise ValueError(f"{what}.{name}={value!r}: must be a positive int")
     if name == "sliding_window" and value is not None and not (isinstance(value, int) and value > 0):
       raise ValueError(f"{what}.sliding_window={value!r}: must be None or a positive int")
+
+
+def check_gmm_operands(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool) -> None:
+  """Raises ValueError unless lhs is [M, K], rhs [G, K, N] ([G, N, K] transposed) and group_sizes [G]: the kernels
+  pad K and tile the groups, so mismatched shapes would give wrong numbers rather than an error."""
+  lhs_shape, rhs_shape, gs_shape = jax.numpy.shape(lhs_MK), jax.numpy.shape(rhs), jax.numpy.shape(group_sizes_G)
+  if len(lhs_shape) != 2 or len(rhs_shape) != 3:
+    raise ValueError(f"gmm: lhs must be [M, K] and rhs [G, K, N] (or [G, N, K] with transpose_rhs), got shapes "
+                     f"{lhs_shape} and {rhs_shape}")
+  k_rhs = rhs_shape[2 if transpose_rhs else 1]
+  if lhs_shape[1] != k_rhs:
+    raise ValueError(f"gmm: lhs has K = {lhs_shape[1]} but rhs {rhs_shape} (transpose_rhs={transpose_rhs}) has "
+                     f"K = {k_rhs}")
+  if gs_shape != (rhs_shape[0],):
+    raise ValueError(f"gmm: group_sizes must be [G] = {(rhs_shape[0],)} (one per rhs matrix), got shape {gs_shape}")
+
+
+def check_tgmm_operands(lhs_MK, dout_MN, group_sizes_G) -> None:
+  """Raises ValueError unless lhs [M, K] and dout [M, N] share their rows and group_sizes is 1-D."""
+  lhs_shape, dout_shape, gs_shape = jax.numpy.shape(lhs_MK), jax.numpy.shape(dout_MN), jax.numpy.shape(group_sizes_G)
+  if len(lhs_shape) != 2 or len(dout_shape) != 2 or lhs_shape[0] != dout_shape[0] or len(gs_shape) != 1:
+    raise ValueError(f"tgmm: lhs [M, K] and dout [M, N] must share M, group_sizes must be [G]; got shapes "
+                     f"{lhs_shape}, {dout_shape} and {gs_shape}")

@@ -23,6 +23,27 @@ def numpy_gmm(lhs, rhs, group_sizes, transpose_rhs):
   return out
 
 
+@pytest.mark.parametrize("backend", ["tiled", "ragged_dot", "dense", "pallas"])
+def test_mismatched_shapes_are_refused_by_every_backend(backend):
+  # The Pallas kernel padded K and tiled groups without checking: it contracted against rhs[g, :6] when K differed,
+  # and multiplied the rows past the last group by the last matrix when group_sizes was short.
+  lhs, rhs = jnp.ones((20, 6)), jnp.ones((3, 8, 5))
+  for args, words in (((lhs, rhs, jnp.array([5, 5, 5])), "lhs has K = 6 but rhs"),
+                      ((jnp.ones((20, 8)), rhs, jnp.array([10, 10])), r"group_sizes must be \[G\] = \(3,\)"),
+                      ((jnp.ones((2, 20, 8)), rhs, jnp.array([5, 5, 5])), "lhs must be"),):
+    with pytest.raises(ValueError, match=words):
+      gmm(*args, backend=backend)
+  with pytest.raises(ValueError, match="unknown gmm backend 'palas'"):
+    gmm(jnp.ones((20, 8)), rhs, jnp.array([5, 5, 5]), backend="palas")
+  if backend == "pallas":  # the kernels' own entry points check too
+    from pallas_kernels import gmm as pallas_gmm
+
+    with pytest.raises(ValueError, match="lhs has K = 6"):
+      pallas_gmm.gmm(lhs, rhs, jnp.array([5, 5, 5]))
+    with pytest.raises(ValueError, match="must share M"):
+      pallas_gmm.tgmm(lhs, jnp.ones((19, 5)), jnp.array([5, 5, 5]))
+
+
 @pytest.mark.parametrize("backend", ["tiled", "ragged_dot", "dense"])
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_gmm_matches_per_group_loop(backend, transpose_rhs):

@@ -115,6 +115,11 @@ def test_shape_checks():
   q, k, v, lengths_B = make_inputs(0, (3, 4), 16, 2, 2, 16, jnp.float32)
   with pytest.raises(ValueError, match="lengths_B"):
     da.decode_attention(q, k, v, lengths_B[:1], interpret=True)
+  # A length past the cache reads the whole cache (clamped), never past it: finite, and equal to length S.
+  q, k, v, _ = make_inputs(1, (40, 40), 40, 2, 1, 16, jnp.float32)  # S = 40: the last 16-key block overhangs
+  over = da.decode_attention(q, k, v, jnp.array([50, 40]), block_k=16, num_splits=2, interpret=True)
+  full = da.decode_attention(q, k, v, jnp.array([40, 40]), block_k=16, num_splits=2, interpret=True)
+  np.testing.assert_array_equal(np.asarray(over), np.asarray(full))
 
 
 def test_block_configs_are_triton_legal():

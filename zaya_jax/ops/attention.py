@@ -115,10 +115,11 @@ def _pallas_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, sliding_window):
 
 
 def resolve_backend(backend: str) -> str:
-  """"auto": the Pallas flash kernel on GPU; on CPU the XLA path (the eager-reference numerics)."""
+  """"auto": the Pallas flash kernel on GPU (Triton: CUDA and ROCm); elsewhere the XLA path (on CPU, the
+  eager-reference numerics)."""
   if backend != "auto":
     return backend
-  return "xla" if jax.default_backend() == "cpu" else "pallas"
+  return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
 def _check_backend(backend: str) -> None:

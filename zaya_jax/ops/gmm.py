@@ -31,6 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.tuning import check_gmm_operands
 from zaya_jax.config import EXPERT_BACKENDS
 
 F32 = jnp.float32
@@ -236,11 +237,17 @@ assert set(_BACKENDS) | {"auto"} == set(EXPERT_BACKENDS)
 
 
 def resolve_backend(backend: str) -> str:
-  """"auto" picks by platform: the Pallas kernel on GPU, tiled on CPU (XLA:CPU's ragged_dot is dense)."""
+  """"auto" picks by platform: the Pallas kernel on GPU (Triton: CUDA and ROCm), tiled elsewhere (XLA:CPU's
+  ragged_dot is dense; a TPU would need Mosaic kernels)."""
   if backend != "auto":
+    if backend not in _BACKENDS:
+      raise ValueError(f"unknown gmm backend {backend!r}; one of {EXPERT_BACKENDS}")
     return backend
-  return "tiled" if jax.default_backend() == "cpu" else "pallas"
+  return "pallas" if jax.default_backend() == "gpu" else "tiled"
 
 
 def gmm(lhs_MK, rhs, group_sizes_G, *, backend: str = "auto", transpose_rhs: bool = False):
+  """[M, N]: each row of lhs [M, K] times its group's matrix of rhs [G, K, N] ([G, N, K] with transpose_rhs); rows
+  are sorted by group, group_sizes [G] counts them, rows past the last group give zeros."""
+  check_gmm_operands(lhs_MK, rhs, group_sizes_G, transpose_rhs)
   return _BACKENDS[resolve_backend(backend)](lhs_MK, rhs, group_sizes_G, transpose_rhs)
