@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.common import median_seconds
+from experiments.common import median_seconds, write_json
 from experiments.common import rel_err as rel
 from pallas_kernels import cca_attention as ca
 from zaya_jax.ops.attention import causal_mask, xla_attention
@@ -120,8 +120,7 @@ def main(argv):
     print(row, flush=True)
 
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump(res, f, indent=1, default=str)
+    write_json(FLAGS.out, json.loads(json.dumps(res, default=str)))
 
 
 if __name__ == "__main__":

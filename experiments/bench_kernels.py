@@ -35,7 +35,7 @@ flags.DEFINE_integer("ffn", 2048, "Expert FFN width F.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Operand dtype (accumulation is fp32).")
 flags.DEFINE_list("xla_backends", ["ragged_dot"], "XLA grouped-matmul paths to compare against.")
 flags.DEFINE_bool("backward", True, "Also time forward+backward (lhs and weight gradients).")
-flags.DEFINE_integer("reps", 10, "Timed repetitions (median reported).")
+flags.DEFINE_integer("reps", 10, "Timed repetitions (median reported).", lower_bound=1)
 flags.DEFINE_bool("quick", False, "Small shapes and 2 reps.")
 flags.DEFINE_list("sweep", [], "Forward block configs to time at the largest M, as bm/bk/bn/warps/stages "
                   "(e.g. 128/64/256/8/3); the tuning table's entry is always included.")
@@ -110,7 +110,7 @@ def main(argv):
   if FLAGS.rocm_report:
     from pallas_kernels.rocm_report import format_report, report, roofline_ms
 
-    shapes = (jax.ShapeDtypeStruct((tokens[-1], D), dtype), jax.ShapeDtypeStruct((G, 2 * F, D), dtype),
+    shapes = (jax.ShapeDtypeStruct((max(tokens), D), dtype), jax.ShapeDtypeStruct((G, 2 * F, D), dtype),
               jax.ShapeDtypeStruct((G,), jnp.int32))
     fwd = lambda a, b, g: pallas_gmm(a, b, g, True, GMM_TUNING["gfx942"], False)
     grad = jax.grad(lambda a, b, g: jnp.sum(fwd(a, b, g).astype(jnp.float32)), argnums=(0, 1))
@@ -124,7 +124,7 @@ def main(argv):
   suffix = "_quick" if FLAGS.quick else ""
   sweep = []
   if FLAGS.sweep:
-    M, tuned = tokens[-1], GMM_TUNING[kind]
+    M, tuned = max(tokens), GMM_TUNING[kind]
     configs = [tuned.gmm] + [GmmBlocks(*map(int, c.split("/"))) for c in FLAGS.sweep]
     for name, K, N in (("gate_up", D, 2 * F), ("down", F, D)):
       rng = np.random.default_rng(0)

@@ -34,14 +34,20 @@ def rel_err(x, ref) -> float:
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def write_json(path: str, obj) -> None:
+def write_text(path: str, text: str) -> None:
   """Atomically (a temporary file, renamed): a results file is whole or absent. Creates the folder."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers of one path never share a temporary
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+  """`write_text` of obj as indented JSON with sorted keys."""
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -20,11 +20,11 @@ import sys
 
 from absl import app, flags
 
-from experiments.common import write_json
+from experiments.common import apply_quick, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# name -> bench_decode shape flags. "tiny" is zaya_jax.ZayaConfig.tiny()'s shape (as bench_decode --quick, at 16
-# rows); "14m" is bench_decode's default.
+# name -> bench_decode shape flags. "tiny" is zaya_jax.ZayaConfig.tiny()'s shape (bench_decode --quick is close to
+# it, with experts of 64); "14m" is bench_decode's default.
 SIZES = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=4, moe_intermediate=48,
                  router_hidden=16, vocab=512),
@@ -38,8 +38,9 @@ SIZES = {
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", list(SIZES), f"Model sizes to run, from {list(SIZES)}.")
-flags.DEFINE_integer("reps", 3, "Timed repetitions per candidate in each bench_decode run.")
-flags.DEFINE_bool("quick", False, "Smoke test: the two smallest sizes, 16 new tokens, 1 rep.")
+flags.DEFINE_integer("reps", 3, "Timed repetitions per candidate in each bench_decode run.", lower_bound=1)
+flags.DEFINE_bool("quick", False, "Smoke test: the two smallest sizes, 16 new tokens, 1 rep (explicit --sizes and "
+                  "--reps win).")
 flags.DEFINE_string("out_dir", os.path.join(ROOT, "experiments", "results"), "Where decode_sizes.json and "
                     "decode_sizes/<size>.json go.")
 
@@ -59,11 +60,11 @@ def run_size(name: str, out: str, reps: int, new_tokens: int) -> dict:
 
 def main(argv):
   del argv
+  apply_quick({"sizes": list(SIZES)[:2], "reps": 1})
   unknown = [s for s in FLAGS.sizes if s not in SIZES]
   if unknown:
     raise SystemExit(f"--sizes: unknown {unknown}; choose from {list(SIZES)}")
-  sizes = list(SIZES)[:2] if FLAGS.quick else FLAGS.sizes
-  reps, new_tokens = (1, 16) if FLAGS.quick else (FLAGS.reps, 128)
+  sizes, reps, new_tokens = FLAGS.sizes, FLAGS.reps, 16 if FLAGS.quick else 128
   suffix = "_quick" if FLAGS.quick else ""
   per_size_dir = os.path.join(FLAGS.out_dir, "decode_sizes" + suffix)
   os.makedirs(per_size_dir, exist_ok=True)

@@ -29,11 +29,14 @@ import time
 
 from absl import app, flags
 
+from experiments.common import write_json
+
 FLAGS = flags.FLAGS
 WORKLOADS = ("train_tiny", "train_small20m", "forward_small20m", "decode_small20m")
 flags.DEFINE_list("workloads", list(WORKLOADS), f"Workloads to run, of {WORKLOADS}.")
-flags.DEFINE_integer("rounds", 3, "Alternations of (default, retained) child processes per workload.")
-flags.DEFINE_integer("calls", 10, "Timed calls per child after 3 warm-up calls.")
+flags.DEFINE_integer("rounds", 3, "Alternations of (default, retained) child processes per workload.",
+                     lower_bound=1)
+flags.DEFINE_integer("calls", 10, "Timed calls per child after 3 warm-up calls.", lower_bound=1)
 flags.DEFINE_string("out", "experiments/results/host_memory.json", "Where to write the results.")
 flags.DEFINE_string("child", None, "Internal: run this workload once and print its JSON line.")
 flags.DEFINE_bool("retain", False, "Internal: the child applies retain_freed_memory() first.")
@@ -134,14 +137,13 @@ def main(argv):
     print(f"{name:<18} default {d['median_ms']:8.1f} ms/call {d['page_faults_per_call']:8.0f} faults/call | "
           f"retained {r['median_ms']:8.1f} ms/call {r['page_faults_per_call']:8.0f} faults/call | "
           f"speedup {summary['speedup']:.2f}x", flush=True)
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    from zaya_jax import host_memory
-    settings = {name: param.default for name, param in
-                inspect.signature(host_memory.retain_freed_memory).parameters.items()}
-    settings.update(arena_max=FLAGS.arena_max, calls_on_caller_thread=FLAGS.calls_on_caller_thread)
-    json.dump(dict(machine=dict(cpu=cpu, nproc=os.cpu_count()), calls=FLAGS.calls, rounds=FLAGS.rounds,
-                   settings=settings, results=results), f, indent=1)
+  from zaya_jax import host_memory
+
+  settings = {name: param.default for name, param in
+              inspect.signature(host_memory.retain_freed_memory).parameters.items()}
+  settings.update(arena_max=FLAGS.arena_max, calls_on_caller_thread=FLAGS.calls_on_caller_thread)
+  write_json(FLAGS.out, dict(machine=dict(cpu=cpu, nproc=os.cpu_count()), calls=FLAGS.calls, rounds=FLAGS.rounds,
+                             settings=settings, results=results))
   print(f"wrote {FLAGS.out}")
 
 

@@ -30,6 +30,9 @@ import time
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: this checkout
+from experiments.common import write_json
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("size_mb", 1100, "Smallest checkpoint size to generate, in MiB.")
 flags.DEFINE_integer("shard_mb", 400, "max_shard_bytes for save_hf, in MiB (below the size: sharded + index).")
@@ -247,10 +250,13 @@ def main(argv):
     print(json.dumps(measure(FLAGS.ckpt_dir, FLAGS.load_param_dtype)))
     return
   results = run_all()
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(results, f, indent=2)
+  write_json(FLAGS.out, results)
   print(json.dumps(results, indent=2))
+  within = results["ratio"] <= results["ratio_limit"]
+  print(f"(peak - baseline) host memory / checkpoint bytes = {results['ratio']:.3f}: "
+        f"{'within' if within else 'OVER'} the limit of {results['ratio_limit']}"
+        + ("" if within else f" (the largest tensor is {results['largest_tensor_mib'] / results['checkpoint_mib']:.0%}"
+           " of the checkpoint; small checkpoints cannot meet it)"))
 
 
 if __name__ == "__main__":

@@ -22,15 +22,16 @@ from absl import app, flags
 from flax import nnx
 
 import zaya_jax
-from experiments.common import write_json
+from experiments.common import apply_quick, write_json
 from zaya_jax.infer import decode
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 4, "Rows B.")
 flags.DEFINE_list("prompt_lens", ["512", "1024", "2048", "4096"], "Prompt lengths L to compile.")
 flags.DEFINE_integer("new_tokens", 1024, "New tokens N: the cache holds L + N - 1 entries.")
-flags.DEFINE_bool("quick", False, "L = 256, 512 only.")
-flags.DEFINE_string("out", "experiments/results/prefill_memory.json", "Results JSON.")
+flags.DEFINE_bool("quick", False, "L = 256, 512 only (an explicit --prompt_lens wins).")
+flags.DEFINE_string("out", None, "Results JSON (default experiments/results/prefill_memory.json, "
+                    "prefill_memory_quick.json with --quick).")
 
 
 def temp_bytes(model, cfg, B: int, L: int, S: int, fresh: bool) -> int:
@@ -47,7 +48,13 @@ def main(argv):
   cfg = tiny.replace(attention=dataclasses.replace(tiny.attention, num_heads=8, num_kv_heads=2, head_dim=64),
                      max_position_embeddings=1 << 16)
   model = nnx.eval_shape(lambda: zaya_jax.ZayaForCausalLM(cfg, rngs=nnx.Rngs(0)))
-  lens = [256, 512] if FLAGS.quick else [int(n) for n in FLAGS.prompt_lens]
+  apply_quick({"prompt_lens": ["256", "512"]})
+  try:
+    lens = [int(n) for n in FLAGS.prompt_lens]
+  except ValueError:
+    raise SystemExit(f"--prompt_lens: not integers: {FLAGS.prompt_lens}") from None
+  if not lens or min(lens) < 1:
+    raise SystemExit(f"--prompt_lens: need lengths >= 1, got {FLAGS.prompt_lens}")
   B, N = FLAGS.batch, FLAGS.new_tokens
   rows = []
   print(f"B={B}, N={N}, heads {cfg.attention.num_heads}:{cfg.attention.num_kv_heads} of {cfg.attention.head_dim}, "
@@ -59,7 +66,8 @@ def main(argv):
     rows.append(dict(prompt_len=L, cache_len=S, whole_cache_temp_bytes=cached, chunk_only_temp_bytes=fresh,
                      ratio=cached / fresh))
     print(f"{L:>6} {S:>6} {cached / 2**20:>12.1f} {fresh / 2**20:>11.1f} {cached / fresh:>5.2f}x")
-  write_json(FLAGS.out if not FLAGS.quick else FLAGS.out.replace(".json", "_quick.json"),
+  default = "experiments/results/prefill_memory" + ("_quick" if FLAGS.quick else "") + ".json"
+  write_json(FLAGS.out or default,
              dict(batch=B, new_tokens=N, config=dataclasses.asdict(cfg.attention), rows=rows,
                   platform=jax.devices()[0].platform, jax=jax.__version__, nproc=os.cpu_count()))
 

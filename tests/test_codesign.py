@@ -183,6 +183,19 @@ def test_the_study_end_to_end_and_resumes(tmp_path):
     run.run(dataclasses.replace(TOY, temperature=0.5), out, log=lines.append)
   with pytest.raises(ValueError, match=r"other settings \(run.json: mode 'toy'"):  # --summarize_only checks it too
     run.previous_run(out, dataclasses.replace(TOY, problems=TOY.problems + 1))
+  # Killed mid-training (no train_done.json, no run.json yet): a relaunch with other training settings is refused by
+  # the loop's config.json, not continued from the checkpoint.
+  finished = [os.path.join(out, "run.json"), *(os.path.join(out, "runs", "plain", name)
+                                                for name in ("train_done.json", "experiment.json"))]
+  kept = {path: open(path, "rb").read() for path in finished}
+  for path in finished:
+    os.remove(path)
+  with pytest.raises(ValueError, match=r"runs/plain was trained with another config "
+                                       r"\(loop.checkpoint_every, loop.steps\)"):
+    run.train_model(dataclasses.replace(TOY, steps=TOY.steps + 3), "plain", run.build_corpora(TOY, out, print), out,
+                    print)
+  for path, data in kept.items():
+    open(path, "wb").write(data)
 
   # One method evaluated on fewer problems (a summary mid-study): gains pair only the problems both points have.
   path = os.path.join(out, "evals", "plain", "markovian.jsonl")

@@ -51,6 +51,7 @@ from experiments.common import (
   read_jsonl,
   settings_key,
   write_json,
+  write_text,
 )
 
 FLAGS = flags.FLAGS
@@ -210,17 +211,22 @@ def train_model(mode: Mode, name: str, corpora: dict[str, str], out: str, log) -
   workdir = os.path.join(out, "runs", name)
   done_path = os.path.join(workdir, "train_done.json")
   cfg = experiment_config(mode, corpora[name], corpora["tokenizer"])
+  # experiment.json is written when training ends, the loop's config.json when it starts: a run killed part-way
+  # must not be continued with other settings either.
+  for saved in ("experiment.json", "config.json"):
+    if os.path.exists(os.path.join(workdir, saved)):
+      with open(os.path.join(workdir, saved)) as f:
+        # The corpus and tokenizer paths lie under --out: the same folder named another way is the same run (the
+        # corpora themselves are run.json's business).
+        changed = sorted(name for name in changed_settings(json.load(f), jsonable(to_dict(cfg)))
+                         if name not in ("data.paths", "data.tokenizer"))
+      if changed:
+        raise ValueError(f"{workdir} was trained with another config ({', '.join(changed)}); use another --out or "
+                         "delete it")
+      break
   if os.path.exists(done_path):
     with open(done_path) as f:
       done = json.load(f)
-    with open(os.path.join(workdir, "experiment.json")) as f:
-      # The corpus and tokenizer paths lie under --out: the same folder named another way is the same run (the
-      # corpora themselves are run.json's business).
-      changed = [name for name in changed_settings(json.load(f), jsonable(to_dict(cfg)))
-                 if name not in ("data.paths", "data.tokenizer")]
-    if changed:
-      raise ValueError(f"{workdir} was trained with another config ({', '.join(changed)}); use another --out or "
-                       "delete it")
     done.pop("config_key", None)  # written by an earlier version of this script
     log(f"train {name}: done already ({done['seconds']:.0f} s)")
     return done
@@ -492,8 +498,7 @@ def write_table(out: str) -> str:
     name = label if example is None else f"{example['a']} - {example['b']}"
     md.append(f"| {name} | " + " | ".join(cells) + " |")
   text = "\n".join(md) + "\n"
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(text)
+  write_text(os.path.join(out, "table.md"), text)
   return text
 
 
