@@ -250,6 +250,21 @@ def test_top_k_top_p_sample_only_allowed_tokens_with_softmax_frequencies(cfg):
   assert (np.abs(freq - p) <= 5 * sigma + 1e-12).all(), (freq, p)
 
 
+def test_tiny_temperatures_sample_the_exact_softmax():
+  # Logits near 300 at T = 1e-4: divided unshifted they are ~3e6, where fp32 steps are 0.25, and the draws came out
+  # at 0.753 for a token of probability 0.714 (39 sigma). Shifted by the row's maximum first, they are exact.
+  T, M = 1e-4, 200_000
+  logits_V = (300 + T * np.log(np.array([0.7, 0.3]))).astype(np.float32)
+  z = logits_V.astype(np.float64) / T
+  p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()  # of the fp32 logits as given
+  draws = np.asarray(jax.jit(sample, static_argnums=2)(jax.random.key(7), jnp.broadcast_to(logits_V, (M, 2)),
+                                                        SamplingConfig(temperature=T)))
+  freq = np.bincount(draws, minlength=2) / M
+  assert abs(freq[0] - p[0]) <= 5 * np.sqrt(p[0] * (1 - p[0]) / M), (freq, p)
+  # A row with no finite logit stays as it is (no NaN from the shift).
+  assert np.isneginf(np.asarray(filter_logits(jnp.full((1, 3), -jnp.inf), SamplingConfig(temperature=0.5)))).all()
+
+
 def test_sampled_generate_is_a_function_of_the_key(case, prompts_BL):
   _, model = case
   run = lambda seed: generate(model, prompts_BL, PROMPT_LENS, key=jax.random.key(seed), max_new_tokens=N,

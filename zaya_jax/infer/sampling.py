@@ -66,7 +66,8 @@ GREEDY = SamplingConfig(temperature=0.0)
 
 
 def filter_logits(logits_BV, cfg: SamplingConfig):
-  """fp32 logits / temperature with tokens outside top-k and top-p set to -inf (at least one finite per row).
+  """fp32 (logits - row max) / temperature with tokens outside top-k and top-p set to -inf (at least one finite per
+  row); the shift changes no probability.
 
   Cut-offs are values, not positions: every token tied with the last one kept stays (top-k may keep more than k,
   top-p slightly more than the smallest set of mass p). `transformers` cuts by sorted position and drops some of the
@@ -75,7 +76,11 @@ def filter_logits(logits_BV, cfg: SamplingConfig):
   logits_BV = logits_BV.astype(jnp.float32)
   if cfg.greedy:
     return logits_BV
-  logits_BV = logits_BV / jnp.float32(cfg.temperature)
+  # Shifted so the row's largest logit is 0 before dividing: at T = 1e-4 a logit of 30 would become 3e5, where fp32
+  # steps are 0.03, and the sampler's Gumbel noise and the gaps would round to that step (a review measured draws off
+  # the exact softmax, p = 3e-7 over 400k). A row with no finite logit is left as it is.
+  max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  logits_BV = (logits_BV - jnp.where(jnp.isfinite(max_B1), max_B1, 0.0)) / jnp.float32(cfg.temperature)
   V = logits_BV.shape[-1]
   if cfg.top_k is not None and cfg.top_k < V:
     kth_B1 = jax.lax.top_k(logits_BV, cfg.top_k)[0][:, -1:]
