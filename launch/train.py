@@ -56,17 +56,23 @@ def main(argv):
   if _LIST.value:
     print("\n".join(experiment_names()))
     return 0
-  if not _WORKDIR.value:
-    print("error: --workdir is required", file=sys.stderr)
+  if not _WORKDIR.value or not _WORKDIR.value.strip():
+    print("error: --workdir is required (got an empty or blank one)", file=sys.stderr)
     return 1
+  # An empty --data= or --tokenizer= (an unset shell variable) would silently mean the built-in corpus and a freshly
+  # trained tokenizer.
+  for flag in (_DATA, _TOKENIZER):
+    if flag.value is not None and not "".join(flag.value).strip():
+      print(f"error: --{flag.name} is empty; leave it out for the default", file=sys.stderr)
+      return 1
   assignments = list(_SET.value)
   if _STEPS.value is not None:
     assignments.append(f"loop.steps={_STEPS.value}")
   if _SEED.value is not None:
     assignments.append(f"loop.seed={_SEED.value}")
-  if _DATA.value:
+  if _DATA.value is not None:
     assignments.append(f"data.paths={tuple(_DATA.value)!r}")
-  if _TOKENIZER.value:
+  if _TOKENIZER.value is not None:
     assignments.append(f"data.tokenizer={_TOKENIZER.value!r}")
   for field, value in (("mesh", _MESH.value), ("dcn_mesh", _DCN_MESH.value), ("zero1", _ZERO1.value)):
     if value is not None:

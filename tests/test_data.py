@@ -308,8 +308,11 @@ def test_tokenizer_cache_round_trip(corpus, tmp_path):
   sample = next(iter(texts.values()))
   again = load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
   assert first.encode(sample) == again.encode(sample) and first.fingerprint == again.fingerprint
-  with pytest.raises(ValueError, match=r"vocabulary size .* > requested vocab_size 260"):
+  with pytest.raises(ValueError, match=r"was trained for vocab_size 300, but this launch asks for vocab_size 260"):
     load_or_train(run_dir, fail, vocab_size=260)
+  # A larger vocabulary too (a relaunch before the first checkpoint): not the cached tokenizer, silently.
+  with pytest.raises(ValueError, match=r"was trained for vocab_size 300, but this launch asks for vocab_size 512"):
+    load_or_train(run_dir, fail, vocab_size=512)
   fresh = train_bpe(list(texts.values()), 300, tmp_path / "t" / "tokenizer.json")
   assert fresh.encode(sample) == first.encode(sample)  # training is deterministic too
 

@@ -202,11 +202,18 @@ def test_a_run_keeps_the_start_it_began_with(checkpoint, corpus, trained, tmp_pa
   with open(workdir / "config.json") as f:
     assert f.read() == before
 
-  # And a run that began from a random initialisation cannot switch to a checkpoint.
+  # And a run that began from a random initialisation (its launch's config.json, a checkpoint) cannot switch to one.
   random_start = tmp_path / "random_start"
-  random_start.mkdir()
-  (random_start / "config.json").write_text(json.dumps({"loop": {"init_from": None}}))
+  shutil.copytree(workdir, random_start)
+  config = json.loads((random_start / "config.json").read_text())
+  config["loop"]["init_from"] = None
+  (random_start / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="began from a random initialisation"):
     train(run_config(folder, corpus, 2), random_start, log=lambda _: None)
+  # A launch that died before its first checkpoint has nothing to resume: it may start from elsewhere.
+  shutil.rmtree(random_start / "checkpoints")
+  lines = []
+  assert train(run_config(folder, corpus, 2), random_start, log=lines.append).final_step == 2
+  assert any(line.startswith("initialised from") for line in lines), lines
   with pytest.raises(CheckpointError, match="training run directory"):
     read_hf_config(workdir)

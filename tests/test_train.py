@@ -151,6 +151,24 @@ def test_a_resume_on_an_edited_corpus_says_so(tmp_path, corpus, straight):
     assert any("the corpus differs" in x for x in lines) == noted, lines
 
 
+def test_a_resume_runs_the_eval_a_kill_after_the_save_skipped(tmp_path, corpus, straight):
+  """An eval step saves, then evaluates: a kill in between left no eval row for that step, and the resume (which
+  starts after it) never ran it. Now the resume evaluates it first, once. Without a held-out split: no eval rows."""
+  workdir = tmp_path / "run"
+  shutil.copytree(straight[0], workdir)
+  shutil.rmtree(workdir / "checkpoints" / str(2 * N))  # as if killed in step N's eval: step N is the latest save
+  lines = []
+  train(small_config(corpus, 2 * N, N, [f"loop.eval_every={N}", "loop.sample_tokens=0"]), workdir, log=lines.append)
+  assert [r["step"] for r in metrics(workdir) if "eval_loss" in r] == [N, 2 * N]
+  assert sum("missed before the resume" in x for x in lines) == 1, lines
+  lines.clear()
+  train(small_config(corpus, 2 * N + 1, N, ["data.eval_fraction=0.0", "loop.eval_every=1", "loop.sample_tokens=0"]),
+        workdir, log=lines.append)
+  rows = metrics(workdir)
+  assert rows[-1]["step"] == 2 * N + 1 and [r["step"] for r in rows if "eval_loss" in r] == [N, 2 * N], rows[-3:]
+  assert any("no held-out split" in x for x in lines) and not any("held-out tokens" in x for x in lines), lines
+
+
 def test_pid_controller_balances_expert_load(tmp_path, corpus):
   data = make_data(DataConfig(paths=(corpus,), seq_len=32, batch_size=8, vocab_size=512, eval_fraction=0.0),
                    tmp_path, model_vocab_size=512)
@@ -284,6 +302,7 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
     (["--set=model.vocab_size=300"], "300"),
     (["--set=optimizer.lr=fast"], "optimizer.lr"),
     (["--set=model.nope=1"], "no field 'nope'"),
+    (["--data="], "--data is empty"),  # an unset shell variable: not silently the built-in corpus
 ])
 def test_cli_bad_input_is_one_clear_message(tmp_path, corpus, env, args, message):
   if "--data" not in args[0]:

@@ -148,16 +148,32 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) ->
   return load_tokenizer(path, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
 
 
+# Beside a BPE trained in a run directory: the vocab_size it was trained for (a small corpus can give fewer tokens,
+# so the file's own size does not tell).
+TRAINED_FOR_FILE = "tokenizer_trained_for.json"
+
+
 def load_or_train(run_dir: str | os.PathLike, texts: Callable[[], Iterable[str]], vocab_size: int) -> Tokenizer:
-  """`run_dir/tokenizer.json` if present, else a BPE trained on `texts()` and saved there."""
+  """`run_dir/tokenizer.json` if present, else a BPE trained on `texts()` and saved there. A cached one trained for
+  another vocab_size is refused (a launch killed before its first checkpoint, relaunched with a larger vocabulary,
+  would otherwise reuse it silently)."""
   path = os.path.join(os.fspath(run_dir), TOKENIZER_FILE)
+  trained_for = os.path.join(os.fspath(run_dir), TRAINED_FOR_FILE)
   if os.path.isfile(path):
     tokenizer = load_tokenizer(path)
-    if tokenizer.vocab_size > vocab_size:
-      raise ValueError(f"cached {path} has vocabulary size {tokenizer.vocab_size} > requested vocab_size "
-                       f"{vocab_size}; delete it to retrain, or ask for vocab_size >= {tokenizer.vocab_size}")
+    asked = None
+    if os.path.isfile(trained_for):  # absent in run directories from before this record
+      with open(trained_for) as f:
+        asked = json.load(f).get("vocab_size")
+    if tokenizer.vocab_size > vocab_size or asked not in (None, vocab_size):
+      was = f"was trained for vocab_size {asked}" if asked is not None else f"has {tokenizer.vocab_size} tokens"
+      raise ValueError(f"cached {path} {was}, but this launch asks for vocab_size {vocab_size}; delete it (and the "
+                       "token caches beside it) to retrain, or use another workdir")
     return tokenizer
-  return train_bpe(texts(), vocab_size, path)
+  tokenizer = train_bpe(texts(), vocab_size, path)
+  with open(trained_for, "w") as f:
+    json.dump({"vocab_size": vocab_size}, f)
+  return tokenizer
 
 
 # What a tokenizer folder holds besides tokenizer.json: eos/pad names and the chat template (transformers' layout).

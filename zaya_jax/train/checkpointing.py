@@ -187,6 +187,17 @@ def _complete_step(manager: ocp.CheckpointManager, step: int | None) -> int:
   return step
 
 
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
+  """Whether the run directory holds a complete checkpoint (what a launch there resumes from)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return False
+  manager = _read_only_manager(os.path.abspath(os.fspath(workdir)))
+  try:
+    return manager.latest_step() is not None
+  finally:
+    manager.close()
+
+
 def resolve_step(workdir: str | os.PathLike, step: int | None = None) -> int:
   """The checkpoint step `load_run(workdir, step)` would load, found without reading it."""
   manager = _read_only_manager(os.path.abspath(os.fspath(workdir)))

@@ -37,7 +37,7 @@ from zaya_jax.figures import model_figures
 from zaya_jax.sharding import ShardingPlan
 from zaya_jax.train import sharded
 from zaya_jax.train import step as train_step_lib
-from zaya_jax.train.checkpointing import RunCheckpointer, on_one_device
+from zaya_jax.train.checkpointing import RunCheckpointer, has_checkpoint, on_one_device
 from zaya_jax.train.data import make_data
 from zaya_jax.train.experiment import ExperimentConfig, changed_settings, jsonable, save_json, to_dict
 from zaya_jax.train.optim import learning_rate_schedule
@@ -283,7 +283,8 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
                      f"model.max_position_embeddings = {cfg.model.max_position_embeddings}")
   config_path = os.path.join(workdir, "config.json")
   previous = _last_launch(config_path)
-  _check_init_from(cfg, previous, workdir)
+  # Only a run with a checkpoint keeps its start: a launch that died before its first save resumes nothing.
+  _check_init_from(cfg, previous if has_checkpoint(workdir) else None, workdir)
   os.makedirs(workdir, exist_ok=True)
   data = make_data(cfg.data, workdir, model_vocab_size=cfg.model.vocab_size)
   changed = _changed_since(previous, cfg)
@@ -365,6 +366,15 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
     step_times: list[float] = []
     logged_losses: list[float] = []  # since the last log line: one batch's loss is too noisy to read a trend from
     lr_at = learning_rate_schedule(cfg.optimizer, loop.steps)  # the step's AdamW rate (Muon's has the same shape)
+    evaluates = data.eval is not None  # eval_fraction 0: no held-out split, no eval rows
+    if not evaluates:
+      log("no held-out split (data.eval_fraction = 0): no eval loss")
+    if (evaluates and resumed_from and loop.eval_every and resumed_from % loop.eval_every == 0
+        and resumed_from != loop.steps and resumed_from not in metrics_out.eval_steps):
+      # A kill between an eval step's save and its eval: the resume starts after that step, so run the eval here.
+      eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
+      metrics_out.write({"step": resumed_from, "eval_loss": eval_loss, "eval_tokens": n})
+      log(f"step {resumed_from:>6}  eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens (missed before the resume)")
     for step in range(start, loop.steps):
       batch = next(data_iter)
       if step == start:
@@ -398,7 +408,7 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
       preempted = preemption.reached(done)
       checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or preempted,
                         data_fingerprint=data.info.fingerprint)
-      if loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
+      if evaluates and loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
         eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
         metrics_out.write({"step": done, "eval_loss": eval_loss, "eval_tokens": n})
         log(f"step {done:>6}  eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens")
@@ -407,10 +417,11 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
         log(f"SIGTERM: saved step {done} to {checkpointer.directory}; exiting")
         return RunResult(done, resumed_from, True, last_loss, eval_loss, None, trainer, state)
     checkpointer.wait()
-    eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
-    if int(state.step) not in metrics_out.eval_steps:  # a finished run launched again has its eval row already
-      metrics_out.write({"step": int(state.step), "eval_loss": eval_loss, "eval_tokens": n})
-    log(f"final eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens")
+    if evaluates:
+      eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
+      if int(state.step) not in metrics_out.eval_steps:  # a finished run launched again has its eval row already
+        metrics_out.write({"step": int(state.step), "eval_loss": eval_loss, "eval_tokens": n})
+      log(f"final eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens")
     sample = None
     if loop.sample_tokens and data.tokenizer is not None and jax.process_count() == 1:
       sample = sample_text(trainer, state, data.tokenizer, loop.sample_prompt, loop.sample_tokens,
