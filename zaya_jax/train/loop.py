@@ -139,6 +139,15 @@ class _NoMetrics:
     pass
 
 
+def _eval_row_missing(metrics_out, step: int) -> bool:
+  """Whether metrics.jsonl lacks the eval row of `step`. Process 0 writes (and reads) the file; its answer is
+  broadcast, so that every process runs the same sharded eval, or none does."""
+  missing = step not in metrics_out.eval_steps
+  if jax.process_count() > 1:
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  return missing
+
+
 def _truncate_jsonl(path: str, last_step: int) -> list[dict]:
   """Keeps the rows up to `last_step` (returned parsed); a line that does not parse (cut by a crash mid-write) is
   dropped, loudly."""
@@ -371,8 +380,8 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
     evaluates = data.eval is not None  # eval_fraction 0: no held-out split, no eval rows
     if not evaluates:
       log("no held-out split (data.eval_fraction = 0): no eval loss")
-    if (evaluates and resumed_from and loop.eval_every and resumed_from % loop.eval_every == 0
-        and resumed_from != loop.steps and resumed_from not in metrics_out.eval_steps):
+    if evaluates and resumed_from and loop.eval_every and resumed_from % loop.eval_every == 0 \
+        and resumed_from != loop.steps and _eval_row_missing(metrics_out, resumed_from):
       # A kill between an eval step's save and its eval: the resume starts after that step, so run the eval here.
       eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
       metrics_out.write({"step": resumed_from, "eval_loss": eval_loss, "eval_tokens": n})
