@@ -147,11 +147,10 @@ def main(argv) -> int:
     print(f"note: {len(unscored)} of {len(problems)} problem(s) have no \"answer\" field (e.g. line "
           f"{unscored[0].line}): they are decoded but not scored", file=sys.stderr)
   sampling = cli.sampling_config(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  final_sampling = cli.sampling_config(*(_TEMPERATURE.value if _FINAL_TEMPERATURE.value is None else
-                                         _FINAL_TEMPERATURE.value,
-                                         _TOP_K.value if _FINAL_TOP_K.value is None else _FINAL_TOP_K.value,
-                                         _TOP_P.value if _FINAL_TOP_P.value is None else _FINAL_TOP_P.value),
-                                       flag_prefix="final_")
+  # Each --final_* flag defaults to its round flag.
+  pairs = ((_TEMPERATURE, _FINAL_TEMPERATURE), (_TOP_K, _FINAL_TOP_K), (_TOP_P, _FINAL_TOP_P))
+  final = [round_flag.value if final_flag.value is None else final_flag.value for round_flag, final_flag in pairs]
+  final_sampling = cli.sampling_config(*final, flag_prefix="final_")
   if _T.value == 0:  # round 0 is the final round: its own flags win, the others would be silently unused
     for flag, final in (("beta", _BETA_FINAL), ("temperature", _FINAL_TEMPERATURE), ("top_k", _FINAL_TOP_K),
                         ("top_p", _FINAL_TOP_P)):
