@@ -147,16 +147,15 @@ def main(argv) -> int:
     print(f"note: {len(unscored)} of {len(problems)} problem(s) have no \"answer\" field (e.g. line "
           f"{unscored[0].line}): they are decoded but not scored", file=sys.stderr)
   sampling = cli.sampling_config(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  # Each --final_* flag defaults to its round flag.
-  pairs = ((_TEMPERATURE, _FINAL_TEMPERATURE), (_TOP_K, _FINAL_TOP_K), (_TOP_P, _FINAL_TOP_P))
-  final = [round_flag.value if final_flag.value is None else final_flag.value for round_flag, final_flag in pairs]
-  final_sampling = cli.sampling_config(*final, flag_prefix="final_")
+  # Each last-round flag defaults to its round flag.
+  pairs = ((_BETA, _BETA_FINAL), (_TEMPERATURE, _FINAL_TEMPERATURE), (_TOP_K, _FINAL_TOP_K), (_TOP_P, _FINAL_TOP_P))
+  final_sampling = cli.sampling_config(*(round_flag.value if final_flag.value is None else final_flag.value
+                                         for round_flag, final_flag in pairs[1:]), flag_prefix="final_")
   if _T.value == 0:  # round 0 is the final round: its own flags win, the others would be silently unused
-    for flag, final in (("beta", _BETA_FINAL), ("temperature", _FINAL_TEMPERATURE), ("top_k", _FINAL_TOP_K),
-                        ("top_p", _FINAL_TOP_P)):
-      if final.value is not None and flags.FLAGS[flag].present:
-        raise cli.CLIError(f"--{flag} is unused with --t=0 and --{final.name}: round 0 is the final round; pass one "
-                           "of them")
+    for round_flag, final_flag in pairs:
+      if final_flag.value is not None and flags.FLAGS[round_flag.name].present:
+        raise cli.CLIError(f"--{round_flag.name} is unused with --t=0 and --{final_flag.name}: round 0 is the final "
+                           "round; pass one of them")
   # Checked before the model loads: flag errors (C > N, τ > β, ...) should not wait for the weights.
   rsa_config_from_flags(tail_source="all", end_think=(), q_max=1, max_context=None, pad_id=0)
   cli.check_output_is_not_input(_OUTPUT.value, problems=_PROBLEMS.value)

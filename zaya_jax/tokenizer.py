@@ -171,8 +171,10 @@ def load_or_train(run_dir: str | os.PathLike, texts: Callable[[], Iterable[str]]
                        "token caches beside it) to retrain, or use another workdir")
     return tokenizer
   tokenizer = train_bpe(texts(), vocab_size, path)
-  with open(trained_for, "w") as f:
+  tmp = f"{trained_for}.{uuid.uuid4().hex}.tmp"  # as train_bpe writes: hosts sharing the run dir, no half file
+  with open(tmp, "w") as f:
     json.dump({"vocab_size": vocab_size}, f)
+  os.replace(tmp, trained_for)
   return tokenizer
 
 

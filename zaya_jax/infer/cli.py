@@ -537,6 +537,15 @@ def check_rsa_context(cfg: rsa.RSAConfig, pieces: rsa.PromptPieces, context: int
       + ("--tau, --c or the budgets" if cfg.t else "--beta or --beta_final"))
 
 
+def _scores(answers: Sequence[str | None], majority: str | None, reference: str | None) -> dict:
+  """correct (per candidate), mean_correct, majority_correct and pass against `reference`; all None without one."""
+  if reference is None:
+    return dict.fromkeys(("correct", "mean_correct", "majority_correct", "pass"))
+  correct = tuple(bool(ans.is_equiv(a, reference)) for a in answers)
+  return {"correct": correct, "mean_correct": sum(correct) / len(correct),
+          "majority_correct": bool(ans.is_equiv(majority, reference)), "pass": any(correct)}
+
+
 @dataclass(frozen=True)
 class RoundReport:
   """One round's population, scored as the final one is (the RSA authors log these per loop): whether aggregation
@@ -552,11 +561,9 @@ class RoundReport:
 
   def scores(self, reference: str | None) -> dict:
     """mean_correct, majority_correct and pass of this round against `reference` (None without one)."""
-    if reference is None:
-      return {"mean_correct": None, "majority_correct": None, "pass": None}
-    correct = [bool(ans.is_equiv(a, reference)) for a in self.answers]
-    return {"mean_correct": sum(correct) / len(correct),
-            "majority_correct": bool(ans.is_equiv(self.majority, reference)), "pass": any(correct)}
+    scores = _scores(self.answers, self.majority, reference)
+    del scores["correct"]  # a round's line stays short: its answers are there
+    return scores
 
   def to_json(self, reference: str | None) -> dict:
     return {**dataclasses.asdict(self), **self.scores(reference)}
@@ -592,21 +599,19 @@ class ProblemReport:
 
   @property
   def correct(self) -> tuple[bool, ...] | None:
-    if self.reference is None:
-      return None
-    return tuple(bool(ans.is_equiv(a, self.reference)) for a in self.answers)
+    return _scores(self.answers, self.majority, self.reference)["correct"]
 
   @property
   def mean_correct(self) -> float | None:
-    return None if self.correct is None else sum(self.correct) / len(self.correct)
+    return _scores(self.answers, self.majority, self.reference)["mean_correct"]
 
   @property
   def majority_correct(self) -> bool | None:
-    return None if self.reference is None else bool(ans.is_equiv(self.majority, self.reference))
+    return _scores(self.answers, self.majority, self.reference)["majority_correct"]
 
   @property
   def passed(self) -> bool | None:
-    return None if self.correct is None else any(self.correct)
+    return _scores(self.answers, self.majority, self.reference)["pass"]
 
   def to_json(self) -> dict:
     return {**dataclasses.asdict(self), "correct": self.correct, "mean_correct": self.mean_correct,
