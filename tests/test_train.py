@@ -119,6 +119,26 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus, env, straight):
     assert ck.all_steps() == [4]
 
 
+def test_sigterm_while_setting_up_exits_cleanly_and_says_so(tmp_path, corpus, env):
+  rc, out = finish(start(env, tmp_path, corpus, 2 * N, N, "sigterm_on=data:"))  # right after the data is built
+  assert rc == 0 and "SIGTERM before the first step of this launch: nothing new to save; no checkpoint yet" in out, out
+  assert "preempted=True" in out and "step      1/" not in out, out
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+  assert RunCheckpointer(tmp_path / "checkpoints", save_every=N, max_to_keep=3).all_steps() == []
+
+
+def test_eta_counts_the_evals_and_saves_to_come():
+  from zaya_jax.train.loop import _RunClock
+
+  clock = _RunClock(dataclasses.replace(get_experiment("tiny").loop, steps=10, checkpoint_every=4, eval_every=3))
+  clock.iterations = [10.0, 1.0, 1.0, 1.0]  # the first compiles
+  clock.saves, clock.evals = [5.0, 2.0], [7.0, 3.0]  # so do the first save and eval
+  # After step 4: steps 5-10 at 1 s, saves at 8 and 10 at 2 s, evals at 6 and 9 and the final one at 3 s.
+  assert clock.eta_seconds(4, evaluates=True) == 6 * 1 + 2 * 2 + 3 * 3
+  assert clock.eta_seconds(4, evaluates=False) == 6 * 1 + 2 * 2
+  assert clock.eta_seconds(10, evaluates=True) == 0
+
+
 def run_balancing(data, mode: str, steps: int, last: int):
   cfg = ZayaConfig.tiny(vocab_size=512)
   model = ZayaForCausalLM(cfg, rngs=nnx.Rngs(0))
@@ -350,6 +370,12 @@ def test_overrides_and_json_round_trip(tmp_path):
   assert override(cfg, ["optimizer.lr=1"]).optimizer.lr == 1.0  # an int is a float
   shell = override(cfg, ["loop.async_checkpointing=false", "data.paths=/my/corpus"])  # as typed in a shell
   assert shell.loop.async_checkpointing is False and shell.data.paths == ("/my/corpus",)
+  listed = override(cfg, ["data.paths=/a, /b", "model.attention.sliding_window=16",
+                          "model.layer_types=hybrid,hybrid_sliding"])
+  assert listed.data.paths == ("/a", "/b") and listed.model.layer_types == ("hybrid", "hybrid_sliding")
+  assert override(listed, ["model.layer_types="]).model.layer_types == ()
+  with pytest.raises(ValueError, match=r"data.paths.*empty item"):
+    override(cfg, ["data.paths=/a,,/b"])
   save_json(cfg, tmp_path / "c.json")
   assert load_json(tmp_path / "c.json") == cfg
   with pytest.raises(ValueError, match=r"BalancingConfig\.mode"):

@@ -2,7 +2,8 @@
 
   python tests/train_driver.py WORKDIR CORPUS STEPS CHECKPOINT_EVERY [kill_after=S] [kill_in_save=S] [set=k=v ...]
 
-sigterm_after=S: SIGTERM once step S is logged (a preemption notice).
+sigterm_after=S: SIGTERM once step S is logged (a preemption notice). sigterm_on=TEXT: SIGTERM once a line starting
+with TEXT is logged (e.g. "data:", before the first step).
 kill_after=S: SIGKILL once step S is logged, after waiting for the checkpoint at CHECKPOINT_EVERY's last multiple
 below S to be committed (so the resume point is known). kill_in_save=S: SIGKILL right after the asynchronous save of
 step S has started, while Orbax is still writing it. process=RANK/COUNT@PORT: one process of a multi-process run
@@ -39,6 +40,7 @@ def main(argv):
 
   kill_after = int(options.get("kill_after", 0))
   sigterm_after = int(options.get("sigterm_after", 0))
+  sigterm_on = options.get("sigterm_on")
   kill_in_save = int(options.get("kill_in_save", 0))
   if "process" in options:
     rank, rest = options["process"].split("/")
@@ -48,6 +50,8 @@ def main(argv):
 
   def log(line: str):
     print(line, flush=True)
+    if sigterm_on and line.startswith(sigterm_on):
+      os.kill(os.getpid(), signal.SIGTERM)
     if sigterm_after and line.startswith(f"step {sigterm_after:>6}/"):
       os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's preemption notice would
       if jax.process_count() > 1:  # jax.distributed's notifier polls for the signal once a second: hold this host

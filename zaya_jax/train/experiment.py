@@ -196,7 +196,8 @@ def _coerce(value: Any, annotation: Any) -> Any:
   if annotation is bool and isinstance(value, str) and value.lower() in ("true", "false"):
     return value.lower() == "true"  # --set=...=true, as shells and YAML spell it
   if origin is tuple and isinstance(value, str) and typing.get_args(annotation)[:1] == (str,):
-    return (value,)  # --set=data.paths=/my/corpus: one item
+    # As typed in a shell, comma-separated like absl's list flags: --set=data.paths=/a,/b; an empty value is ().
+    return tuple(item.strip() for item in value.split(",")) if value.strip() else ()
   if (origin is tuple or annotation is tuple) and isinstance(value, list):
     args = typing.get_args(annotation)
     inner = args[0] if len(args) == 2 and args[1] is Ellipsis else Any
@@ -229,6 +230,8 @@ def _set(obj, path: list[str], value: Any, full_key: str):
     return dataclasses.replace(obj, **{name: _set(getattr(obj, name), path[1:], value, full_key)})
   annotation = _field_types(type(obj))[name]
   value = _coerce(value, annotation)
+  if isinstance(value, tuple) and "" in value:
+    raise ValueError(f"override {full_key!r}: {value!r} has an empty item (a stray comma?)")
   if not _matches(value, annotation):
     raise ValueError(f"override {full_key!r}: {value!r} is not a {annotation} (the type of "
                      f"{type(obj).__name__}.{name})")

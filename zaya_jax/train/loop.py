@@ -252,6 +252,28 @@ def _check_init_from(cfg: ExperimentConfig, previous: dict | None, workdir: str)
   check_same_architecture(cfg.model, read_hf_config(path), what=f"loop.init_from = {path}")
 
 
+class _RunClock:
+  """The ETA of the rest of a run. A step's share is the median iteration (batch, step, metrics row) of the last 20,
+  the compiling first one left out; evals and checkpoint saves, which come every so many steps, add their measured
+  mean times (the first, compiling or warming up, left out once others came) as many times as they are still to come,
+  the final save and eval included."""
+
+  def __init__(self, loop):
+    self.loop = loop
+    self.iterations: list[float] = []
+    self.saves: list[float] = []
+    self.evals: list[float] = []
+
+  def eta_seconds(self, done: int, evaluates: bool) -> float:
+    loop, left = self.loop, range(done + 1, self.loop.steps + 1)
+    saves = sum(1 for s in left if s % loop.checkpoint_every == 0 or s == loop.steps)
+    evals = (sum(1 for s in left if loop.eval_every and s % loop.eval_every == 0 and s != loop.steps)
+             + (done < loop.steps)) if evaluates else 0
+    mean = lambda ts: float(np.mean(ts[1:] or ts)) if ts else 0.0  # not measured yet: left out
+    return (float(np.median(self.iterations[1:][-20:])) * len(left) + mean(self.saves) * saves
+            + mean(self.evals) * evals)
+
+
 class _PreemptionNotice:
   """SIGTERM as a preemption notice, answered at the same step by every process of the run.
 
@@ -277,6 +299,11 @@ class _PreemptionNotice:
         return False
     return bool(self._received)
 
+  def received_before_start(self) -> bool:
+    """Whether one process's SIGTERM came while the run was being set up (jax.distributed's service, with several
+    processes, answers only at a step)."""
+    return not self.multi_process and bool(self._received)
+
   def close(self) -> None:
     if not self.multi_process:
       signal.signal(signal.SIGTERM, self._previous)
@@ -284,6 +311,16 @@ class _PreemptionNotice:
 
 def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> RunResult:
   """Trains (or resumes) the run in `workdir` up to cfg.loop.steps. SIGTERM saves and returns `preempted=True`."""
+  # The notice is up from the start: setting up (data, compiling, restoring) can take minutes, and a SIGTERM then
+  # ends the launch before its first step, cleanly and saying so, rather than killing it unannounced.
+  preemption = _PreemptionNotice()
+  try:
+    return _train(cfg, workdir, log, preemption)
+  finally:
+    preemption.close()
+
+
+def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _PreemptionNotice) -> RunResult:
   if jax.process_count() > 1 and not cfg.parallel.enabled:
     raise ValueError(f"this run has {jax.process_count()} processes but no mesh, so each would train alone on its "
                      f"own rows of the batch: give one, e.g. --mesh=data:-1 --dcn_mesh=data:{jax.process_count()}")
@@ -307,9 +344,20 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
   checkpointer = RunCheckpointer(os.path.join(workdir, "checkpoints"), save_every=loop.checkpoint_every,
                                  max_to_keep=loop.max_to_keep, use_async=loop.async_checkpointing)
   # Everything from here on closes the checkpointer (its writer threads) on the way out, an early error included.
-  metrics_out = preemption = None
+  metrics_out = None
   try:
     resumed_from = checkpointer.latest_step()
+
+    def stopped_before_start(trainer=None, state=None) -> RunResult | None:
+      if not preemption.received_before_start():
+        return None
+      log("SIGTERM before the first step of this launch: nothing new to save; "
+          + ("no checkpoint yet" if resumed_from is None else f"the run resumes from step {resumed_from}")
+          + "; exiting")
+      return RunResult(resumed_from or 0, resumed_from, True, None, None, None, trainer, state)
+
+    if (early := stopped_before_start()) is not None:
+      return early
     args = (cfg.optimizer, cfg.step, cfg.balancing, loop.steps, loop.seed)
     # With a mesh the step runs sharded (zaya_jax.sharding decides every array's placement); without, on one device.
     plan = ShardingPlan.from_config(cfg.parallel) if cfg.parallel.enabled else None
@@ -367,14 +415,16 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
       step_fn = sharded.jit_sharded_train_step(plan, trainer, state)
       to_device = functools.partial(sharded.global_batch, plan)  # this process's rows -> global arrays
       log(f"mesh {plan.describe()} over {jax.device_count()} devices in {jax.process_count()} process(es)")
+    if (early := stopped_before_start(trainer, state)) is not None:
+      return early
     # One writer per run: process 0 (the others compute the same replicated metrics).
     metrics_out = _Metrics(workdir, resumed_from) if jax.process_index() == 0 else _NoMetrics()
-    preemption = _PreemptionNotice()
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_per_token = train_flops_per_token(cfg)
     peak *= jax.device_count()
     last_loss = eval_loss = None
     step_times: list[float] = []
+    clock = _RunClock(loop)
     logged_losses: list[float] = []  # since the last log line: one batch's loss is too noisy to read a trend from
     lr_at = learning_rate_schedule(cfg.optimizer, loop.steps)  # the step's AdamW rate (Muon's has the same shape)
     evaluates = data.eval is not None  # eval_fraction 0: no held-out split, no eval rows
@@ -387,6 +437,7 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
       metrics_out.write({"step": resumed_from, "eval_loss": eval_loss, "eval_tokens": n})
       log(f"step {resumed_from:>6}  eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens (missed before the resume)")
     for step in range(start, loop.steps):
+      t_iteration = time.perf_counter()
       batch = next(data_iter)
       if step == start:
         train_step_lib.check_batch(batch, cfg.model, cfg.step)
@@ -408,19 +459,24 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
       row.update(step=done, lr=float(lr_at(step)), tokens_per_s=tokens_per_step / seconds if timed else None,
                  mfu=tokens_per_step / seconds * flops_per_token / peak if timed else None)
       metrics_out.write(row)
+      clock.iterations.append(time.perf_counter() - t_iteration)
       if done % loop.log_every == 0 or done == loop.steps or done == start + 1:
         speed = (f"{row['tokens_per_s']:,.0f} tok/s  MFU {100 * row['mfu']:.1f}% (of {peak_source})  "
-                 f"ETA {seconds * (loop.steps - done) / 60:.1f} min" if timed else
+                 f"ETA {clock.eta_seconds(done, evaluates) / 60:.1f} min" if timed else
                  f"compiled in {step_times[0]:.1f} s (throughput from the next step)")
         mean = (f"loss {np.mean(logged_losses):.4f} (mean of {len(logged_losses)} steps)" if len(logged_losses) > 1
                 else f"loss {last_loss:.4f}")
         log(f"step {done:>6}/{loop.steps}  {mean}  lr {row['lr']:.3g}  {speed}")
         logged_losses.clear()
       preempted = preemption.reached(done)
-      checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or preempted,
-                        data_fingerprint=data.info.fingerprint)
+      t_save = time.perf_counter()
+      if checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or preempted,
+                           data_fingerprint=data.info.fingerprint):
+        clock.saves.append(time.perf_counter() - t_save)
       if evaluates and loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
+        t_eval = time.perf_counter()
         eval_loss, n = evaluate(trainer, state, data, loop.eval_batches, to_device)
+        clock.evals.append(time.perf_counter() - t_eval)
         metrics_out.write({"step": done, "eval_loss": eval_loss, "eval_tokens": n})
         log(f"step {done:>6}  eval loss {eval_loss:.4f} over {n:,.0f} held-out tokens")
       if preempted:
@@ -440,8 +496,6 @@ def train(cfg: ExperimentConfig, workdir: str | os.PathLike, *, log=print) -> Ru
       log(f"sample (temperature {loop.sample_temperature}):\n{sample}")
     return RunResult(int(state.step), resumed_from, False, last_loss, eval_loss, sample, trainer, state)
   finally:
-    if preemption is not None:
-      preemption.close()
     if metrics_out is not None:
       metrics_out.close()
     checkpointer.close()
