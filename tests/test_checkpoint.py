@@ -191,6 +191,18 @@ def test_bf16_params_load_as_bf16_and_upcast_on_request(tmp_path):
 
 # -- bad checkpoints fail with the tensor named -------------------------------------------------------
 
+def test_a_stray_legacy_key_beside_native_weights_is_ignored_as_transformers_does(reference_dir, tmp_path, ids):
+  path, ref = reference_dir
+  shutil.copytree(path, tmp_path / "run")
+  cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+  (tmp_path / "run" / "config.json").write_text(json.dumps({**cfg, "norm_epsilon": 1e-3}))
+  # Read as a legacy config it halved num_hidden_layers and failed on every tensor's name.
+  with pytest.warns(UserWarning, match=r"legacy-layout keys \['norm_epsilon'\] but the weights are in the native"):
+    model = zaya_jax.load_hf(tmp_path / "run")
+  assert model.config.num_layers == cfg["num_hidden_layers"]
+  assert np.abs(logits_of(model, ids) - reference_forward(ref, ids)[0]).max() <= 1e-5
+
+
 def corrupt(src, dst, edit):
   shutil.copytree(src, dst)
   tensors = load_file(dst / "model.safetensors")

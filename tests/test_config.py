@@ -108,6 +108,15 @@ def test_from_hf_legacy_keys_translate():
      "one dict per layer type"),
     ({"model_type": "zaya", "rope_parameters": {"hybrid": {"partial_rotary_factor": 0.5}}},
      r"rope_parameters.hybrid has no rope_theta"),
+    # Refused by the reference as well; they escaped as raw errors, or (a short list of "hybrid") read as valid.
+    ({"model_type": "zaya", "rope_parameters": {"hybrid": [5e6], "hybrid_sliding": {"rope_theta": 1e4}}},
+     r"rope_parameters.hybrid must be a dict"),
+    ({"model_type": "zaya", "num_hidden_layers": 2, "layer_types": ["hybrid"]},
+     r"layer_types must list one type per layer \(num_hidden_layers = 2\)"),
+    ({"model_type": "zaya", "num_hidden_layers": 2, "layer_types": []}, "layer_types must list one type per layer"),
+    ({"model_type": "zaya", "rms_norm_eps": "abc"}, "rms_norm_eps='abc' is not a number"),
+    ({"model_type": "zaya", "rope_parameters": {"hybrid": {"rope_theta": None}}},
+     r"rope_parameters.hybrid.rope_theta=None is not a number"),
 ])
 def test_from_hf_rejects_unsupported(raw, message):
   with pytest.raises(ValueError, match=message):

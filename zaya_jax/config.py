@@ -264,6 +264,14 @@ class ZayaConfig:
 _FIXED_NATIVE = {"num_experts_per_tok": 1, "hidden_act": "silu", "lm_head_bias": False}
 
 
+def _number(raw: dict, key: str, default: float, where: str = "") -> float:
+  """raw[key] (default when absent) as a float; anything but an int or float is refused by its name."""
+  value = raw.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, int | float):
+    raise ValueError(f"config.json: {where}{key}={value!r} is not a number")
+  return float(value)
+
+
 def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
   for key, expected in _FIXED_NATIVE.items():
     if key in raw and raw[key] != expected:
@@ -280,22 +288,26 @@ def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
   hybrid = rope.get("hybrid") or {}
   sliding = rope.get("hybrid_sliding") or {}
   for name, params in (("hybrid", hybrid), ("hybrid_sliding", sliding)):
+    if not isinstance(params, dict):
+      raise ValueError(f"config.json: rope_parameters.{name} must be a dict, got {params!r}")
     if params.get("rope_type", "default") != "default":
       raise ValueError(f"config.json: rope_parameters.{name}.rope_type={params['rope_type']!r} is not supported")
     if params and "rope_theta" not in params:
       raise ValueError(f"config.json: rope_parameters.{name} has no rope_theta (got {params!r})")
   att_defaults = AttentionConfig()
-  factor = lambda params, default: float(params.get("partial_rotary_factor", 1.0 if params else default))
+  factor = lambda params, name, default: _number(params, "partial_rotary_factor", 1.0 if params else default,
+                                                 f"rope_parameters.{name}.")
   attention = AttentionConfig(
       num_heads=raw.get("num_attention_heads", att_defaults.num_heads),
       num_kv_heads=raw.get("num_key_value_heads", att_defaults.num_kv_heads),
       head_dim=raw.get("head_dim", att_defaults.head_dim),
       cca_time0=raw.get("cca_time0", att_defaults.cca_time0),
       cca_time1=raw.get("cca_time1", att_defaults.cca_time1),
-      rope_theta=float(hybrid.get("rope_theta", att_defaults.rope_theta)),
-      partial_rotary_factor=factor(hybrid, att_defaults.partial_rotary_factor),
-      sliding_rope_theta=float(sliding.get("rope_theta", att_defaults.sliding_rope_theta)),
-      sliding_partial_rotary_factor=factor(sliding, att_defaults.sliding_partial_rotary_factor),
+      rope_theta=_number(hybrid, "rope_theta", att_defaults.rope_theta, "rope_parameters.hybrid."),
+      partial_rotary_factor=factor(hybrid, "hybrid", att_defaults.partial_rotary_factor),
+      sliding_rope_theta=_number(sliding, "rope_theta", att_defaults.sliding_rope_theta,
+                                 "rope_parameters.hybrid_sliding."),
+      sliding_partial_rotary_factor=factor(sliding, "hybrid_sliding", att_defaults.sliding_partial_rotary_factor),
       sliding_window=raw.get("sliding_window"),
       use_bias=bool(raw.get("attention_bias", False)),
   )
@@ -305,7 +317,12 @@ def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
       intermediate_size=raw.get("moe_intermediate_size", moe_defaults.intermediate_size),
       router_hidden_size=raw.get("router_hidden_size", moe_defaults.router_hidden_size),
   )
-  layer_types = tuple(raw.get("layer_types") or ())
+  layer_types = raw.get("layer_types")
+  if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != num_layers):
+    # As the reference refuses it: a short list of "hybrid" would otherwise read as "every layer hybrid".
+    raise ValueError(f"config.json: layer_types must list one type per layer (num_hidden_layers = {num_layers}); "
+                     f"got {layer_types!r}")
+  layer_types = tuple(layer_types or ())
   if layer_types and all(t == "hybrid" for t in layer_types):
     layer_types = ()
   dtype = raw.get("dtype") or raw.get("torch_dtype") or defaults.param_dtype
@@ -316,10 +333,10 @@ def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
       vocab_size=raw.get("vocab_size", defaults.vocab_size),
       hidden_size=raw.get("hidden_size", defaults.hidden_size),
       num_layers=num_layers, layer_types=layer_types, attention=attention, moe=moe,
-      rms_norm_eps=float(raw.get("rms_norm_eps", defaults.rms_norm_eps)),
+      rms_norm_eps=_number(raw, "rms_norm_eps", defaults.rms_norm_eps),
       max_position_embeddings=raw.get("max_position_embeddings", defaults.max_position_embeddings),
       tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-      initializer_range=float(raw.get("initializer_range", defaults.initializer_range)),
+      initializer_range=_number(raw, "initializer_range", defaults.initializer_range),
       bos_token_id=raw.get("bos_token_id", defaults.bos_token_id),
       eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
       pad_token_id=raw.get("pad_token_id", defaults.pad_token_id),
@@ -331,8 +348,13 @@ def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
 _LEGACY_MARKERS = ("ffn_hidden_size", "zaya_mlp_expansion", "moe_router_topk", "norm_epsilon", "zaya_layers")
 
 
+def legacy_hf_keys(raw: dict) -> list[str]:
+  """The keys of a config.json that only the legacy layout has."""
+  return [key for key in _LEGACY_MARKERS if key in raw]
+
+
 def is_legacy_hf_config(raw: dict) -> bool:
-  return any(key in raw for key in _LEGACY_MARKERS)
+  return bool(legacy_hf_keys(raw))
 
 
 def _legacy_to_native_config(raw: dict) -> dict:

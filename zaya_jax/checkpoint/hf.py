@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from zaya_jax.config import DTYPES, ZayaConfig, is_legacy_hf_config
+from zaya_jax.config import DTYPES, ZayaConfig, legacy_hf_keys
 from zaya_jax.model.decoder import ZayaForCausalLM, abstract_model
 from zaya_jax.model.moe import deinterleave_gate_up, gate_up_pairs
 
@@ -231,6 +231,18 @@ def is_legacy_checkpoint(keys) -> bool:
              for k in keys)
 
 
+def _native_view(raw: dict, entries: dict[str, _TensorEntry]) -> dict:
+  """config.json as the weights say to read it. A legacy-only key (say `norm_epsilon`) beside native weights is
+  ignored, as transformers ignores it, with a warning; read as a legacy config it would halve num_hidden_layers and
+  fail on every tensor's name."""
+  stray = legacy_hf_keys(raw)
+  if not stray or not entries or is_legacy_checkpoint(entries):
+    return raw
+  warnings.warn(f"config.json has legacy-layout keys {stray} but the weights are in the native layout: they are "
+                "ignored, as transformers ignores them", stacklevel=4)
+  return {k: v for k, v in raw.items() if k not in stray}
+
+
 # -- the model's parameters by checkpoint key -------------------------------------------------------
 
 def flat_params(model_or_state) -> dict[str, nnx.Variable]:
@@ -317,6 +329,7 @@ def _open(path: str | os.PathLike) -> tuple[dict, dict[str, _TensorEntry]]:
 
 def _config(raw: dict, entries: dict[str, _TensorEntry], overrides: dict) -> ZayaConfig:
   overrides = dict(overrides)
+  raw = _native_view(raw, entries)
   stored = _stored_float_dtype(entries)
   if not (raw.get("dtype") or raw.get("torch_dtype")) and stored is not None:
     overrides.setdefault("dtype", stored)
@@ -341,7 +354,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: s
   graphdef, state = nnx.split(abstract_model(cfg))
   # On CPU the aligned buffer becomes the array's storage (no second copy). Waiting for the transfer bounds host
   # memory to one tensor in flight wherever it is copied instead (other backends).
-  _fill(os.fspath(path), raw, entries, cfg, flat_params(state),
+  _fill(os.fspath(path), entries, cfg, flat_params(state),
         lambda key, host: jax.block_until_ready(jax.device_put(host)))
   return nnx.merge(graphdef, state)
 
@@ -371,7 +384,7 @@ def load_hf_into(path: str | os.PathLike, cfg: ZayaConfig, states: Sequence[nnx.
       return jax.block_until_ready(jax.device_put(host))
     return jax.block_until_ready(jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]))
 
-  _fill(os.fspath(path), raw, entries, cfg, expected, place)
+  _fill(os.fspath(path), entries, cfg, expected, place)
 
 
 # Fields that change how a model runs or what it is told, not the function its weights compute.
@@ -399,11 +412,11 @@ def check_same_architecture(cfg: ZayaConfig, checkpoint: ZayaConfig, *, what: st
     raise CheckpointError(f"{what}: the model config differs from the checkpoint's config.json: " + "; ".join(differ))
 
 
-def _fill(path: str, raw: dict, entries: dict[str, _TensorEntry], cfg: ZayaConfig,
+def _fill(path: str, entries: dict[str, _TensorEntry], cfg: ZayaConfig,
           expected: dict[str, nnx.Variable], place: Callable[[str, np.ndarray], jax.Array]) -> None:
   """Sets each expected variable to its checkpoint tensor (in the variable's dtype), placed by `place(key, host)`,
   one tensor at a time; every expected tensor must be stored and every stored one used."""
-  legacy = is_legacy_hf_config(raw) or is_legacy_checkpoint(entries)
+  legacy = is_legacy_checkpoint(entries)  # the weights' names decide (_native_view read the config the same way)
   plan, unused = _plan(entries, cfg.num_layers, legacy)
   if cfg.tie_word_embeddings and "lm_head.weight" in plan:
     unused.append("lm_head.weight")  # tied models must not carry a separate head
