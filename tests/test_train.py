@@ -299,6 +299,10 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
   assert extended[:len(rows)] == rows and [r["step"] for r in extended[len(rows):]] == [13, 14, 14]
   assert [r["lr"] for r in extended[len(rows):-1]] == [float(learning_rate_schedule(cfg.optimizer, 14)(i))
                                                         for i in (12, 13)]
+  logs = []  # a warmup as long as the run (the 8B preset's 2000 steps in a short ablation) is cut, and said so
+  train(override(longer, ["optimizer.warmup_steps=20"]), tmp_path, log=logs.append)
+  assert ("note: optimizer.warmup_steps = 20 >= loop.steps = 14: the warmup is cut to 13 steps and the run ends at "
+          "the peak rate, with no cosine decay") in logs, logs
   # A run written before gate_up_proj's rows were interleaved (no "param_layout" in its meta) is refused, named.
   meta_file = tmp_path / "checkpoints" / "14" / "meta" / "metadata"
   meta = json.loads(meta_file.read_text())

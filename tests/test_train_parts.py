@@ -121,6 +121,10 @@ def test_schedules():
                                                min_lr_ratio=0.0), 100)
   assert float(wsd(50)) == pytest.approx(1.0) and float(wsd(80)) == pytest.approx(1.0)
   assert float(wsd(90)) == pytest.approx(0.5) and float(wsd(100)) == pytest.approx(0.0)
+  for warmup, fraction, total in ((10, 1.0, 100), (60, 0.5, 100), (2000, 0.2, 2200)):  # warmup + decay > total
+    short = learning_rate_schedule(OptimizerConfig(lr=1.0, warmup_steps=warmup, schedule="wsd",
+                                                   decay_fraction=fraction, min_lr_ratio=0.0), total)
+    assert float(short(warmup)) == pytest.approx(1.0) and float(short(total)) == pytest.approx(0.0), (warmup, total)
   with pytest.raises(ValueError, match=r"OptimizerConfig\.schedule"):
     OptimizerConfig(schedule="linear")
 

@@ -73,7 +73,9 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int, peak: float |
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), floor)
   if cfg.schedule == "constant":
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
-  decay = max(1, round(total_steps * cfg.decay_fraction))
+  # The decay ends at total_steps whatever the warmup took: a run too short for both (decay_fraction 1.0, or the
+  # 8B preset's 2000-step warmup in a 2200-step ablation) decays over what the warmup leaves, not past the end.
+  decay = min(max(1, round(total_steps * cfg.decay_fraction)), max(total_steps - warmup, 1))
   stable = max(total_steps - decay - warmup, 0)
   return optax.join_schedules(
       [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
