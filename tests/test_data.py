@@ -152,6 +152,21 @@ def test_shuffled_rows_determinism_and_seeds(corpus):
   assert all(np.array_equal(x, y) for x, y in zip(eval_a, eval_c, strict=True))
 
 
+def test_neighbouring_seeds_do_not_replay_each_others_epochs(tmp_path):
+  # grain seeds epoch e's shuffle with seed + e: the seed used as it was, seed 1's first epoch was seed 0's second.
+  docs = [np.arange(d * 1000, d * 1000 + 9, dtype=np.int32) for d in range(24)]  # one 8-token row each
+  write_token_records(str(tmp_path / "d.array_record"), docs)
+  orders = {}
+  for seed in (0, 1):
+    cfg = DataConfig(paths=(str(tmp_path / "d.array_record"),), seq_len=8, batch_size=1, eval_fraction=0.0,
+                     shuffle_window=0, seed=seed, prefetch=0, vocab_size=24_000)
+    rows = _take(iter(make_data(cfg, str(tmp_path / f"run{seed}"), process_index=0, process_count=1).train), 48)
+    order = [int(row["input_ids"][0, 0]) // 1000 for row in rows]
+    orders[seed] = order[:24], order[24:]
+    assert sorted(order[:24]) == sorted(order[24:]) == list(range(24))  # each epoch: every document once
+  assert orders[1][0] != orders[0][1] and orders[0][0] != orders[1][1]
+
+
 def test_host_sharding_is_a_partition_of_the_global_batch(corpus):
   cfg, run_dir, _ = corpus
   cfg = dataclasses.replace(cfg, shuffle_window=8)
@@ -414,6 +429,16 @@ def test_bad_inputs(corpus, tmp_path):
   # (its size depends on which test trained the run's tokenizer first: at most 300)
   with pytest.raises(ValueError, match=r"vocabulary size (2[1-9]\d|300) > the model's vocab_size 200"):
     make(cfg.paths, model_vocab_size=200)
+  # A BPE trained too big for the model is refused before it is saved: the corrected relaunch trains afresh.
+  fresh = tmp_path / "fresh_run"
+  too_big = dataclasses.replace(cfg, vocab_size=300)
+  with pytest.raises(ValueError, match=r"the BPE trained for vocab_size 300 has vocabulary size 300 > the model's "
+                                       r"vocab_size 280"):
+    make_data(too_big, fresh, model_vocab_size=280, process_index=0, process_count=1)
+  assert not os.path.exists(fresh / "tokenizer.json")
+  fits = make_data(dataclasses.replace(too_big, vocab_size=260), fresh, model_vocab_size=280, process_index=0,
+                   process_count=1)
+  assert fits.tokenizer.vocab_size == 260
   with pytest.raises(ValueError, match=r"DataConfig.batch_size"):
     DataConfig(batch_size=0)
   with pytest.raises(ValueError, match=r"DataConfig.eval_fraction"):

@@ -130,8 +130,11 @@ def load_tokenizer(path: str | os.PathLike, *, eos_token: str | None = None, pad
   return Tokenizer(hf=hf, path=file, eos_id=eos_id, pad_id=eos_id if pad_id is None else pad_id, bos_id=bos_id)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) -> Tokenizer:
-  """Trains a byte-level BPE (GPT-2 style: every byte is a base token, so any text encodes) and saves it to `path`."""
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike,
+              model_vocab_size: int | None = None) -> Tokenizer:
+  """Trains a byte-level BPE (GPT-2 style: every byte is a base token, so any text encodes) and saves it to `path`;
+  one with more tokens than `model_vocab_size` is refused before it is saved (a small corpus can give fewer tokens
+  than asked, so only the trained one tells)."""
   if vocab_size < _MIN_BPE_VOCAB:
     raise ValueError(f"BPE vocab_size {vocab_size} < {_MIN_BPE_VOCAB} (256 byte tokens + {PAD_TOKEN} + {EOS_TOKEN})")
   hf = tokenizers.Tokenizer(models.BPE())
@@ -140,6 +143,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) ->
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN, EOS_TOKEN],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   hf.train_from_iterator(texts, trainer)
+  if model_vocab_size is not None:
+    check_vocab_fits(hf.get_vocab_size(), model_vocab_size, what=f"the BPE trained for vocab_size {vocab_size}")
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # unique across hosts sharing the run dir
@@ -153,8 +158,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | os.PathLike) ->
 TRAINED_FOR_FILE = "tokenizer_trained_for.json"
 
 
-def load_or_train(run_dir: str | os.PathLike, texts: Callable[[], Iterable[str]], vocab_size: int) -> Tokenizer:
-  """`run_dir/tokenizer.json` if present, else a BPE trained on `texts()` and saved there. A cached one trained for
+def load_or_train(run_dir: str | os.PathLike, texts: Callable[[], Iterable[str]], vocab_size: int,
+                  model_vocab_size: int | None = None) -> Tokenizer:
+  """`run_dir/tokenizer.json` if present, else a BPE trained on `texts()` and saved there (unless it has more tokens
+  than `model_vocab_size`: then nothing is saved that would block a corrected relaunch). A cached one trained for
   another vocab_size is refused (a launch killed before its first checkpoint, relaunched with a larger vocabulary,
   would otherwise reuse it silently)."""
   path = os.path.join(os.fspath(run_dir), TOKENIZER_FILE)
@@ -170,7 +177,7 @@ def load_or_train(run_dir: str | os.PathLike, texts: Callable[[], Iterable[str]]
       raise ValueError(f"cached {path} {was}, but this launch asks for vocab_size {vocab_size}; delete it (and the "
                        "token caches beside it) to retrain, or use another workdir")
     return tokenizer
-  tokenizer = train_bpe(texts(), vocab_size, path)
+  tokenizer = train_bpe(texts(), vocab_size, path, model_vocab_size)
   tmp = f"{trained_for}.{uuid.uuid4().hex}.tmp"  # as train_bpe writes: hosts sharing the run dir, no half file
   with open(tmp, "w") as f:
     json.dump({"vocab_size": vocab_size}, f)

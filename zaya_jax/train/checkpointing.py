@@ -26,6 +26,7 @@ from jax.sharding import SingleDeviceSharding
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.config import ZayaConfig
 from zaya_jax.sharding import with_shardings
+from zaya_jax.train.data import DATA_ORDER
 from zaya_jax.train.experiment import jsonable
 
 # Bumped when a parameter's stored layout changes. 2: gate_up_proj rows interleaved (model/moe.py); the runs before
@@ -76,11 +77,13 @@ class RunCheckpointer:
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
         meta=ocp.args.JsonSave({"step": int(step), "model_config": dataclasses.asdict(model_config),
-                                "param_layout": PARAM_LAYOUT, "data_fingerprint": data_fingerprint}))
+                                "param_layout": PARAM_LAYOUT, "data_fingerprint": data_fingerprint,
+                                "data_order": DATA_ORDER}))
     return self.manager.save(step, args=args, force=force)
 
   def meta(self, step: int) -> dict:
-    """What the checkpoint at `step` records besides the arrays: step, model config, layout, data fingerprint."""
+    """What the checkpoint at `step` records besides the arrays: step, model config, layout, data fingerprint and
+    order (data.DATA_ORDER; absent before it existed)."""
     try:
       return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # Orbax raises many types for unreadable folders

@@ -17,9 +17,9 @@ Batch contract (numpy, [B_local, T]; B_local = batch_size / process_count):
 Packing is grain's `ConcatThenSplitIterDataset` (concat-then-split): documents are concatenated in (shuffled) order
 and cut every T tokens; a document longer than the room left is split and continues at the start of the next row as
 a new segment (segment ids and the model's positions restart there; nothing is dropped). Train: documents are
-shuffled per epoch with `seed` (grain reseeds every epoch), repeated forever, then rows go through a window shuffle
-(`shuffle_window` rows) so the rows of one long file do not fill a batch. Eval: held-out documents in corpus order,
-one pass. Every stage is a grain dataset with exact get_state/set_state.
+shuffled per epoch with a hash of `seed` (grain reseeds every epoch), repeated forever, then rows go through a window
+shuffle (`shuffle_window` rows) so the rows of one long file do not fill a batch. Eval: held-out documents in corpus
+order, one pass. Every stage is a grain dataset with exact get_state/set_state.
 
 Host sharding: every host runs the same global pipeline and keeps rows [p*B/n, (p+1)*B/n) of each global batch, so
 the global batch at every step is the same for any host count (the concatenation of the hosts' blocks in process
@@ -121,7 +121,7 @@ class DataConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f"DataConfig.{name}: must be a positive int, got {value!r}")
-    # grain adds a row window's index to the window shuffle's seed (seed + 1) and refuses sums >= 2**32 mid-run.
+    # A bounded range (any int would do: the shuffles get hashes of it below 2**31, see _shuffle_seeds).
     if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
       raise ValueError(f"DataConfig.seed: must be an int in [0, 2**31), got {self.seed!r}")
     for name in ("num_threads", "prefetch", "shuffle_window"):
@@ -518,19 +518,32 @@ def _host_rows(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str,
   return {k: v[start:stop] for k, v in batch.items()}
 
 
+# How DataConfig.seed becomes the shuffles' seeds, recorded in checkpoints. 1 (before): the seed as it is, and grain
+# seeds epoch e with seed + e, so seed s + 1 replayed seed s's order one epoch later. 2: the seed is hashed first.
+DATA_ORDER = 2
+
+
+def _shuffle_seeds(seed: int) -> tuple[int, int]:
+  """(document shuffle seed, row-window shuffle seed): far apart for neighbouring `seed`s, below 2**31 so grain's
+  seed + epoch and seed + window stay inside 32 bits."""
+  doc, window = _mix64(np.array([2 * seed, 2 * seed + 1], np.uint64)) % np.uint64(2**31)
+  return int(doc), int(window)
+
+
 def _pipeline(docs: Sequence[np.ndarray], cfg: DataConfig, *, train: bool, pad_id: int, process_index: int,
               process_count: int) -> grain.IterDataset:
   ds = grain.MapDataset.source(docs).filter(_long_enough)
+  doc_seed, window_seed = _shuffle_seeds(cfg.seed)
   if train:
     if cfg.shuffle:
-      ds = ds.shuffle(seed=cfg.seed)
+      ds = ds.shuffle(seed=doc_seed)
     ds = ds.repeat(None)  # grain reseeds the shuffle every epoch
   it = ds.map(_shift).to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads))
   it = grain.experimental.ConcatThenSplitIterDataset(
       it, length_struct={"input_ids": cfg.seq_len, "targets": cfg.seq_len})
   it = it.map(functools.partial(_finish_row, pad_id=pad_id))
   if train and cfg.shuffle and cfg.shuffle_window > 1:
-    it = grain.experimental.WindowShuffleIterDataset(it, window_size=cfg.shuffle_window, seed=cfg.seed + 1)
+    it = grain.experimental.WindowShuffleIterDataset(it, window_size=cfg.shuffle_window, seed=window_seed)
   it = it.batch(cfg.batch_size, drop_remainder=train)
   if not train:
     it = it.map(functools.partial(_pad_batch, rows=cfg.batch_size, pad_id=pad_id))
@@ -588,7 +601,7 @@ def make_data(cfg: DataConfig, run_dir: str | os.PathLike, *, model_vocab_size: 
   if cfg.tokenizer is not None:
     tokenizer = copy_into(cfg.tokenizer, run_dir, model_vocab_size)
   else:
-    tokenizer = load_or_train(run_dir, lambda: (text for _, text in docs), cfg.vocab_size)
+    tokenizer = load_or_train(run_dir, lambda: (text for _, text in docs), cfg.vocab_size, model_vocab_size)
   if model_vocab_size is not None:
     tokenizer.check_fits(model_vocab_size)
   t1 = time.perf_counter()

@@ -38,7 +38,7 @@ from zaya_jax.sharding import ShardingPlan
 from zaya_jax.train import sharded
 from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.checkpointing import RunCheckpointer, has_checkpoint, on_one_device
-from zaya_jax.train.data import make_data
+from zaya_jax.train.data import DATA_ORDER, make_data
 from zaya_jax.train.experiment import ExperimentConfig, changed_settings, jsonable, save_json, to_dict
 from zaya_jax.train.optim import learning_rate_schedule
 
@@ -392,7 +392,12 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
                                 + "; ".join(changed)) from None
         raise
       log(f"resumed from {os.path.join(checkpointer.directory, str(resumed_from))}")
-      saved_corpus = checkpointer.meta(resumed_from).get("data_fingerprint")
+      saved_meta = checkpointer.meta(resumed_from)
+      saved_corpus = saved_meta.get("data_fingerprint")
+      if saved_meta.get("data_order", 1) != DATA_ORDER:
+        log(f"note: checkpoint {resumed_from} was written by a zaya_jax that turned data.seed into the shuffle order "
+            f"another way (data order {saved_meta.get('data_order', 1)}, now {DATA_ORDER}): from here on the batches "
+            "differ from the ones that run would have seen")
       if saved_corpus not in (None, data.info.fingerprint):  # None: a checkpoint from before fingerprints
         log(f"note: the corpus differs from the one checkpoint {resumed_from} was trained on (files added, removed "
             "or edited, or another tokenizer): the data position resumes by document index into the new corpus, "
