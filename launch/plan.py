@@ -23,17 +23,19 @@ from absl import app, flags
 
 _CONFIG = flags.DEFINE_string("config", "zaya1_8b", "Registered experiment config.")
 _SET = flags.DEFINE_multi_string("set", [], "Config overrides, as in launch/train.py.")
-_MESH = flags.DEFINE_string("mesh", "data:8", "Per-node mesh, e.g. data:2,fsdp:2,expert:2,tensor:1.")
-_DCN = flags.DEFINE_string("dcn_mesh", "", "Across nodes, e.g. data:16 (each axis is mesh x dcn_mesh).")
-_ZERO1 = flags.DEFINE_bool("zero1", False, "Split the optimizer state over the data axis (ZeRO-1).")
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch in sequences (default: the config's).")
-_SEQ = flags.DEFINE_integer("seq_len", None, "Sequence length (default: the config's).")
+# As in launch/train.py: --mesh, --dcn_mesh and --zero1 are shorthands for --set=parallel.*=...
+_MESH = flags.DEFINE_string("mesh", None, "Per-node mesh, e.g. data:2,fsdp:2,expert:2,tensor:1 (default: the "
+                            "config's parallel.mesh, else data:8, one MI300X node).")
+_DCN = flags.DEFINE_string("dcn_mesh", None, "Across nodes, e.g. data:16 (each axis is mesh x dcn_mesh).")
+_ZERO1 = flags.DEFINE_bool("zero1", None, "Split the optimizer state over the data axis (ZeRO-1).")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch in sequences (default: the config's).", lower_bound=1)
+_SEQ = flags.DEFINE_integer("seq_len", None, "Sequence length (default: the config's).", lower_bound=1)
 _ACCUM = flags.DEFINE_integer("grad_accum", None, "Micro-batches per step (default: the config's step.grad_accum when "
-                              "it is set, by --set or in the config; else 1 sequence per device).")
+                              "it is set, by --set or in the config; else 1 sequence per device).", lower_bound=1)
 _MEMORY = flags.DEFINE_float("device_memory_gb", 205.82, "Memory per device in GB of 1e9 bytes (MI300X: its \"192 GB\" "
                               "of HBM3 are 205.82e9 bytes, 191.7 GiB, as rocm-smi reports).", lower_bound=0.001)
 _LAYERS = flags.DEFINE_integer("compile_layers", 2, "Compile 1 and N (at least 2) layers to measure activations "
-                               "per layer (0: skip).")
+                               "per layer (0: skip).", lower_bound=0)
 
 GiB = 2**30
 
@@ -53,7 +55,15 @@ def _mesh_sizes(mesh: str, dcn: str) -> dict[str, int]:
 
 def plan(argv) -> int:
   del argv
-  sizes = _mesh_sizes(_MESH.value, _DCN.value)
+  from zaya_jax.train.experiment import get_experiment, override
+
+  assignments = list(_SET.value)
+  for field, value in (("mesh", _MESH.value), ("dcn_mesh", _DCN.value), ("zero1", _ZERO1.value)):
+    if value is not None:
+      assignments.append(f"parallel.{field}={value!r}")
+  cfg = override(get_experiment(_CONFIG.value), assignments)
+  mesh = cfg.parallel.mesh or "data:8"
+  sizes = _mesh_sizes(mesh, cfg.parallel.dcn_mesh)
   devices = math.prod(sizes.values())
   # LLVM's optimisations change the machine code, not XLA's buffer assignment: skip them, the compile is 3x faster.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
@@ -66,21 +76,21 @@ def plan(argv) -> int:
   from zaya_jax.sharding import ShardingPlan, device_bytes, format_mesh, make_mesh, total_bytes, with_shardings
   from zaya_jax.train import sharded
   from zaya_jax.train import step as step_lib
-  from zaya_jax.train.experiment import get_experiment, override
 
-  cfg = override(get_experiment(_CONFIG.value), _SET.value)
-  batch = _BATCH.value or cfg.data.batch_size
-  seq = _SEQ.value or cfg.data.seq_len
-  sharding_plan = ShardingPlan(make_mesh(sizes), zero1=_ZERO1.value)
+  batch = cfg.data.batch_size if _BATCH.value is None else _BATCH.value
+  seq = cfg.data.seq_len if _SEQ.value is None else _SEQ.value
+  # The plan train.py builds from the same settings (ShardingPlan.from_config), on this many fake devices.
+  sharding_plan = ShardingPlan(make_mesh(sizes), zero1=cfg.parallel.zero1,
+                               expert_exchange=cfg.parallel.expert_exchange)
   parts = math.prod(sharding_plan.size(a) for a in sharding_plan.batch_axes)
   configured = cfg.step.grad_accum
   chosen = any(s.split("=", 1)[0].strip() == "step.grad_accum" for s in _SET.value) or configured != 1
-  accum = _ACCUM.value or (configured if chosen else max(1, batch // parts))
-  sharding_plan.check_batch(batch, accum)
+  accum = _ACCUM.value if _ACCUM.value is not None else (configured if chosen else max(1, batch // parts))
   sharding_plan.check_heads(cfg.model.attention)
   micro_per_device = batch // (parts * accum)
 
   _, abstract = step_lib.create_abstract(cfg.model, cfg.optimizer, cfg.step, cfg.balancing, cfg.loop.steps, 0)
+  sharded.validate(sharding_plan, abstract, batch, accum)  # as train.py checks a run before it starts
   state = with_shardings(abstract, sharding_plan.state_shardings(abstract))
   params = device_bytes(state.params)
   opt = device_bytes(state.opt_state)
@@ -94,8 +104,9 @@ def plan(argv) -> int:
   count = sum(x.size for x in jax.tree.leaves(abstract.params))
   print(f"config {_CONFIG.value}: {count:,} parameters ({total_bytes(abstract.params) / GiB:.2f} GiB) "
         f"({cfg.model.param_dtype} masters, {cfg.model.dtype} compute), optimizer {cfg.optimizer.name}")
-  print(f"mesh {format_mesh(sizes)} = {devices} devices (per node {_MESH.value}"
-        f"{', across nodes ' + _DCN.value if _DCN.value else ''}){', ZeRO-1' if _ZERO1.value else ''}")
+  print(f"mesh {format_mesh(sizes)} = {devices} devices (per node {mesh}"
+        f"{', across nodes ' + cfg.parallel.dcn_mesh if cfg.parallel.dcn_mesh else ''})"
+        f"{', ZeRO-1' if cfg.parallel.zero1 else ''}")
   print(f"batch {batch} x {seq} tokens, grad_accum {accum}: {micro_per_device} sequence(s) per device per micro-batch")
   if accum != configured:  # launch/train.py runs the config's value: say how to run what is planned here
     print(f"note: the config trains with grad_accum {configured}; launch with --set=step.grad_accum={accum} to "

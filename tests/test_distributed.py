@@ -60,6 +60,9 @@ def test_partial_multihost_arguments_are_refused_before_joining():
 
   with pytest.raises(ValueError, match=r"'10.0.0.1' is not host:port"):
     distributed.initialize(DistributedConfig("10.0.0.1", 2, 1))
+  for rank in (2, -1):  # refused at once: it waited out the timeout, then blamed the network
+    with pytest.raises(ValueError, match=rf"process_id {rank} is not a rank of num_processes 2"):
+      distributed.initialize(DistributedConfig("10.0.0.1:12355", 2, rank, initialization_timeout=60))
 
 
 def test_an_unreachable_coordinator_or_a_taken_port_is_named_instead_of_an_abort(free_port):
@@ -103,3 +106,8 @@ def test_planner_zero1_on_one_and_sixteen_mi300x_nodes():
   assert gib(sixteen, "optimizer state") * 16 == pytest.approx(gib(one_node, "optimizer state"), rel=0.05)
   rc, out, err = plan("--mesh=data:3")
   assert rc == 1 and err.startswith("error: batch size 1024") and "does not split" in err and "Traceback" not in err
+  # The config's parallel settings are planned as train.py runs them (--mesh and --zero1 are their shorthands).
+  rc, via_set, err = plan("--set=parallel.mesh=data:8", "--set=parallel.dcn_mesh=data:16", "--set=parallel.zero1=True")
+  assert rc == 0 and via_set == sixteen, err
+  rc, out, err = plan("--batch=-4")
+  assert rc == 1 and "--batch" in err and "Traceback" not in err

@@ -11,9 +11,10 @@ set -euo pipefail
 : "${NODE_RANK:?set NODE_RANK (0 .. NUM_NODES-1)}"
 : "${NUM_NODES:?set NUM_NODES}"
 : "${COORDINATOR:?set COORDINATOR=host:port of node 0}"
-cd "$(dirname "$0")/../.."
-source launch/cluster/rocm_env.sh
+# No cd: relative --data, --workdir and --tokenizer paths stay relative to where this is run.
+repo="$(cd "$(dirname "$0")/../.." && pwd)"
+source "$repo/launch/cluster/rocm_env.sh"
 export HIP_VISIBLE_DEVICES="${HIP_VISIBLE_DEVICES:-0,1,2,3,4,5,6,7}"
 # Read by zaya_jax.parallel.distributed.initialize.
 export ZAYA_COORDINATOR_ADDRESS="$COORDINATOR" ZAYA_NUM_PROCESSES="$NUM_NODES" ZAYA_PROCESS_ID="$NODE_RANK"
-exec python launch/train.py "$@"
+exec python "$repo/launch/train.py" "$@"

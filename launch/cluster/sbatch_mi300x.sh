@@ -17,9 +17,14 @@
 #SBATCH --signal=TERM@300  # the loop saves a checkpoint on SIGTERM; 5 minutes before the time limit
 
 set -euo pipefail
-cd "${SLURM_SUBMIT_DIR}"
+cd "${SLURM_SUBMIT_DIR}"  # sbatch runs a spooled copy of this file: the repository is where it was submitted from
+if [[ ! -f launch/cluster/rocm_env.sh ]]; then
+  echo "error: submit from the zaya_jax repository root (sbatch was run in ${SLURM_SUBMIT_DIR})" >&2
+  exit 1
+fi
 source launch/cluster/rocm_env.sh
-export HIP_VISIBLE_DEVICES=0,1,2,3,4,5,6,7
+# Every GPU the job gave the node, numbered as HIP sees them (SLURM's ROCR_VISIBLE_DEVICES may already narrow them).
+export HIP_VISIBLE_DEVICES="${HIP_VISIBLE_DEVICES:-$(seq -s, 0 $((${SLURM_GPUS_ON_NODE:-8} - 1)))}"
 
 # --kill-on-bad-exit: one failed host ends the job instead of leaving the others blocked in a collective.
 # --cpus-per-task again: srun of Slurm 22.05-23.02 does not inherit it from #SBATCH (the data pipeline's threads).

@@ -86,6 +86,10 @@ def initialize(cfg: DistributedConfig | None = None) -> str:
     if 0 < len(missing) < 3:
       raise ValueError(f"multi-host arguments go together: {missing} missing "
                        f"(given {[k for k in given if k not in missing]})")
+    if not missing and not (cfg.num_processes >= 1 and 0 <= cfg.process_id < cfg.num_processes):
+      # Otherwise check_coordinator would wait out the whole timeout, then blame the network.
+      raise ValueError(f"process_id {cfg.process_id} is not a rank of num_processes {cfg.num_processes} "
+                       "(ranks count from 0)")
   if cfg is None or cfg.coordinator_address is None:
     found, source = from_env()
     cfg = found if cfg is None or found is None else dataclasses.replace(
