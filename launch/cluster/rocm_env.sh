@@ -11,6 +11,8 @@ XLA_FLAGS="$XLA_FLAGS --xla_gpu_all_gather_combine_threshold_bytes=268435456"
 XLA_FLAGS="$XLA_FLAGS --xla_gpu_reduce_scatter_combine_threshold_bytes=268435456"
 # Triton GEMM autotuning is slow on ROCm and our matmuls go to hipBLASLt / the Pallas kernels.
 XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false"
+# hipBLASLt for the dense matmuls (the ZAYA1 paper's stack): on ROCm XLA's "cublaslt" flag selects hipBLASLt.
+XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_cublaslt=true"
 export XLA_FLAGS
 
 # Let XLA take 90% of the 192 GB up front (the rest: RCCL buffers, the runtime).
@@ -19,8 +21,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}"
 export NCCL_IB_HCA="${NCCL_IB_HCA:-}"  # set to the cluster's HCAs, e.g. mlx5_0,mlx5_1,... (empty: RCCL picks)
 export NCCL_NET_GDR_LEVEL="${NCCL_NET_GDR_LEVEL:-3}"
 export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker}"
-# hipBLASLt for the dense matmuls (the ZAYA1 paper's stack); keep the kernels' disk cache between runs.
-export TF_USE_HIPBLASLT=1
 export HSA_FORCE_FINE_GRAIN_PCIE=1
+# Keep the kernels' and programs' disk caches between runs.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$HOME/.cache/triton}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/jax}"
