@@ -211,7 +211,7 @@ def run_study(study: str, mode: Mode, out: str, seeds: int | None = None, log=pr
         if changed:
           raise ValueError(f"{results_path} holds {variant}-s{seed} with other settings ({', '.join(changed)}); "
                            "use another --out")
-        log(f"{variant}-s{seed}: done already")
+        log(f"{variant}-s{seed}: done already, in {results_path} (--out=<another folder> runs it afresh)")
         continue
       line = run_one(study, variant, seed, cfg, out, log, commit)
       append_jsonl(results_path, line)

@@ -205,6 +205,7 @@ def main(argv) -> int:
     key = jax.random.key(_SEED.value)
     reports, decode_fn, final_decode_fn = [], None, None
     for problem in problems:
+      cli.stop_if_terminated()
       print(f"problem {problem.index + 1}/{len(problems)}: {problem.problem.strip()[:100]!r}", flush=True)
       if problem.index in done:
         reports.append(done[problem.index])

@@ -279,6 +279,27 @@ def test_generate_cli_writes_what_the_library_generates(tmp_path, hf_dir, chat_s
   assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl", "samples.jsonl"]  # no temporary file left behind
 
 
+def test_generate_cli_stops_between_batches_on_sigterm(tmp_path, hf_dir):
+  # SIGTERM while the first batch compiles and decodes: it was raised as SystemExit from the handler, which landed in
+  # JAX's callbacks (swallowed there, or a segmentation fault). Now the batch finishes and the run exits 143.
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+  output = tmp_path / "samples.jsonl"
+  proc = launch(GENERATE, f"--model={hf_dir}", f"--prompts_file={prompts}", "--batch_size=1", "--max_new_tokens=8",
+                f"--output={output}")
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if line.startswith("model: "):
+      proc.send_signal(signal.SIGTERM)
+      break
+  rc, out, err = finish(proc)
+  err = "".join(seen) + err
+  assert rc == 128 + signal.SIGTERM and "SIGTERM: stopping after the work in flight" in err, err
+  assert "Traceback" not in err and "Fatal" not in err and out == "", err
+  assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl"]  # nothing half-written
+
+
 # ------------------------------------------------------------------------------------------------------ RSA reports
 
 SCRIPT = {  # final-round outputs per problem; "~" rows never stop (cut at the budget), the others end with eos
@@ -451,6 +472,8 @@ def test_output_is_kept_and_partial_lines_resume_only_with_the_same_settings(tmp
   path.write_text("earlier results\n")
   with pytest.raises(cli.CLIError, match="exists; pass --overwrite"):
     cli.AtomicJsonl(str(path)).__enter__()
+  with pytest.raises(cli.CLIError, match=r"exists \(the run that wrote it finished: nothing to resume\)"):
+    cli.AtomicJsonl(str(path), resumable=True, resume=True).__enter__()
   with cli.AtomicJsonl(str(path), overwrite=True) as out:
     out.write({"a": 1})
   assert path.read_text() == '{"a": 1}\n'

@@ -23,7 +23,7 @@ import zaya_jax
 from zaya_jax.checkpoint.hf import CheckpointError, flat_params, read_hf_config, save_hf
 from zaya_jax.tokenizer import load_tokenizer, train_bpe
 from zaya_jax.train import step as train_step_lib
-from zaya_jax.train.checkpointing import load_run
+from zaya_jax.train.checkpointing import load_run, resolve_step
 from zaya_jax.train.data import make_data
 from zaya_jax.train.experiment import from_hf_checkpoint, get_experiment, override
 from zaya_jax.train.loop import train
@@ -138,6 +138,9 @@ def test_export_loads_in_transformers_and_starts_another_run(checkpoint, trained
                         timeout=300)
   assert proc.returncode == 1 and "must lie outside the run directory" in proc.stderr, proc.stderr[-3000:]
   assert "2" in os.listdir(workdir / "checkpoints") and not (workdir / "checkpoints" / "config.json").exists()
+  # A mistyped --workdir is named as missing (it read as "holds no complete checkpoint").
+  with pytest.raises(CheckpointError, match=r"tinyy: no such run directory"):
+    resolve_step(tmp_path / "tinyy")
 
   ids = np.random.default_rng(5).integers(0, REFERENCE["vocab_size"], (2, 9))
   theirs = reference_logits(load_reference(export), ids).logits.numpy()

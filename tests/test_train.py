@@ -304,17 +304,18 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
   assert meta.pop("data_order") == 2
   meta_12.write_text(json.dumps(meta))
   logs = []
-  longer = override(cfg, ["loop.steps=14"])
+  longer = override(cfg, ["loop.steps=14", "optimizer.lr=0.002"])  # the "from" rate is the last launch's
   train(longer, tmp_path, log=logs.append)
   assert any(line.startswith("note: checkpoint 12 was written by a zaya_jax that turned data.seed into the shuffle "
                              "order another way (data order 1, now 2)") for line in logs), logs
-  before, after = (float(learning_rate_schedule(cfg.optimizer, steps)(12)) for steps in (12, 14))
-  assert before != after
+  before = float(learning_rate_schedule(cfg.optimizer, 12)(12))
+  after = float(learning_rate_schedule(longer.optimizer, 14)(12))
+  assert before != after and cfg.optimizer.lr != 0.002
   assert (f"note: loop.steps 12 -> 14 reshapes the cosine learning-rate schedule: at step 12 it goes from "
           f"{before:.3g} to {after:.3g} (logged per step as lr)") in logs, logs
   extended = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert extended[:len(rows)] == rows and [r["step"] for r in extended[len(rows):]] == [13, 14, 14]
-  assert [r["lr"] for r in extended[len(rows):-1]] == [float(learning_rate_schedule(cfg.optimizer, 14)(i))
+  assert [r["lr"] for r in extended[len(rows):-1]] == [float(learning_rate_schedule(longer.optimizer, 14)(i))
                                                         for i in (12, 13)]
   logs = []  # a warmup as long as the run (the 8B preset's 2000 steps in a short ablation) is cut, and said so
   train(override(longer, ["optimizer.warmup_steps=20"]), tmp_path, log=logs.append)

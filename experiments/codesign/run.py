@@ -228,7 +228,8 @@ def train_model(mode: Mode, name: str, corpora: dict[str, str], out: str, log) -
     with open(done_path) as f:
       done = json.load(f)
     done.pop("config_key", None)  # written by an earlier version of this script
-    log(f"train {name}: done already ({done['seconds']:.0f} s)")
+    log(f"train {name}: done already ({done['seconds']:.0f} s), in {done_path} (--out=<another folder> runs it "
+        "afresh)")
     return done
   t0 = time.perf_counter()
   result = train(cfg, workdir, log=lambda line: log(f"[{name}] {line}"))

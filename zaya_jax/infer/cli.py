@@ -366,7 +366,8 @@ class AtomicJsonl:
     if not os.path.isdir(folder):
       raise CLIError(f"--output={self.path}: folder {folder} does not exist")
     if os.path.exists(self.path) and not self.overwrite:
-      raise CLIError(f"--output={self.path} exists; pass --overwrite to replace it (or another --output)")
+      finished = " (the run that wrote it finished: nothing to resume)" if self.resume else ""
+      raise CLIError(f"--output={self.path} exists{finished}; pass --overwrite to replace it (or another --output)")
     try:
       if self.resumable:
         self._open_partial(self.path + ".partial")
@@ -489,6 +490,7 @@ def generate_completions(loaded: LoadedModel, prompts: Sequence[str], *, chat: P
   width, batch = max(len(x) for x in ids), min(batch_size, len(rows))
   key, out = jax.random.key(seed), []
   for b, start in enumerate(range(0, len(rows), batch)):
+    stop_if_terminated()
     chunk = rows[start:start + batch]
     # Static shape: the last batch is filled with inactive rows (length 0), which generate nothing and never keep
     # the decode loop going.
@@ -662,6 +664,7 @@ def solve_problem(cfg: rsa.RSAConfig, pieces: rsa.PromptPieces, decode_fn: rsa.D
                               int(state.prefilled_R[r]), int(state.max_context_R[r]), answer_after))
     if on_round is not None:
       on_round(r, rounds[-1])
+    stop_if_terminated()
 
   state = rsa.run_loop(cfg, pieces, decode_fn, question, key=key, on_round=record, final_decode_fn=final_decode_fn)
   report = report_problem(problem, texts, np.asarray(state.finished_N).tolist(), int(state.generated),
@@ -727,6 +730,25 @@ def format_summary(s: dict) -> str:
 # Entry points.
 
 
+class Terminated(Exception):
+  """A SIGTERM (preemption), acted on between units of work: the entry point exits 128 + signum."""
+
+  def __init__(self, signum: int):
+    super().__init__(f"signal {signum}")
+    self.signum = signum
+
+
+_terminations: list[int] = []  # signals received by main_wrapper's handler, not yet acted on
+
+
+def stop_if_terminated() -> None:
+  """Raises Terminated when a SIGTERM came: called between units of work (a problem's round, a batch of prompts), so
+  that --output keeps what is finished. Raising from the signal handler itself could land inside JAX's C++ callbacks
+  (a garbage-collection hook swallowed it; other places crashed the interpreter)."""
+  if _terminations:
+    raise Terminated(_terminations[0])
+
+
 def main_wrapper(main: Callable[[list[str]], int]) -> Callable[[list[str]], None]:
   """For absl's app.run: bad input -> `error: <message>` on stderr and exit 1, without a traceback."""
 
@@ -736,8 +758,11 @@ def main_wrapper(main: Callable[[list[str]], int]) -> Callable[[list[str]], None
     from absl import flags, logging
     from jinja2.exceptions import TemplateError
 
-    def terminated(signum, frame):  # preemption: unwind like Ctrl-C, so that --output keeps what is finished
-      raise SystemExit(128 + signum)
+    def terminated(signum, frame):  # preemption: noted here, acted on at the next stop_if_terminated()
+      _terminations.append(signum)
+      signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+      print("SIGTERM: stopping after the work in flight (a round, a batch); send it again to stop now",
+            file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGTERM, terminated)
 
@@ -760,13 +785,15 @@ def main_wrapper(main: Callable[[list[str]], int]) -> Callable[[list[str]], None
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr)
       sys.exit(130)
+    except Terminated as e:
+      sys.exit(128 + e.signum)
     sys.exit(code or 0)
 
   return wrapped
 
 
 __all__ = ["TEMPLATES", "AtomicJsonl", "CLIError", "Completion", "LoadedModel", "Problem", "ProblemReport",
-           "RoundReport", "chat_format", "check_output_is_not_input", "check_rsa_context", "encode_prompt",
-           "format_summary", "generate_completions", "load_model",
-           "main_wrapper", "model_kind", "read_problems", "read_prompts", "report_problem", "rsa_config",
-           "sampling_config", "score_round", "solve_problem", "summarize"]
+           "RoundReport", "Terminated", "chat_format", "check_output_is_not_input", "check_rsa_context",
+           "encode_prompt", "format_summary", "generate_completions", "load_model", "main_wrapper", "model_kind",
+           "read_problems", "read_prompts", "report_problem", "rsa_config", "sampling_config", "score_round",
+           "solve_problem", "stop_if_terminated", "summarize"]

@@ -167,6 +167,9 @@ def _not_the_read_only_notice(record: logging.LogRecord) -> bool:
 
 
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
+  if not os.path.isdir(workdir):  # a mistyped path would otherwise read as a run without checkpoints
+    raise CheckpointError(f"{workdir}: no such run directory" if not os.path.exists(workdir)
+                          else f"{workdir} is not a directory")
   # Orbax warns that a read-only manager is read-only on every load_run; here that is the point, not news.
   absl_logger = logging.getLogger("absl")
   absl_logger.addFilter(_not_the_read_only_notice)

@@ -39,8 +39,8 @@ from zaya_jax.train import sharded
 from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.checkpointing import RunCheckpointer, has_checkpoint, on_one_device
 from zaya_jax.train.data import DATA_ORDER, make_data
-from zaya_jax.train.experiment import ExperimentConfig, changed_settings, jsonable, save_json, to_dict
-from zaya_jax.train.optim import learning_rate_schedule
+from zaya_jax.train.experiment import ExperimentConfig, changed_settings, from_dict, jsonable, save_json, to_dict
+from zaya_jax.train.optim import OptimizerConfig, learning_rate_schedule
 
 
 class TrainingError(RuntimeError):
@@ -252,6 +252,14 @@ def _check_init_from(cfg: ExperimentConfig, previous: dict | None, workdir: str)
   check_same_architecture(cfg.model, read_hf_config(path), what=f"loop.init_from = {path}")
 
 
+def _previous_optimizer(previous: dict, cfg: ExperimentConfig) -> OptimizerConfig:
+  """The last launch's optimizer settings (what the rate was before this launch), else this launch's."""
+  try:
+    return from_dict(OptimizerConfig, previous["optimizer"])
+  except (KeyError, TypeError, ValueError):  # a config.json from an older zaya_jax
+    return cfg.optimizer
+
+
 class _RunClock:
   """The ETA of the rest of a run. A step's share is the median iteration (batch, step, metrics row) of the last 20,
   the compiling first one left out; evals and checkpoint saves, which come every so many steps, add their measured
@@ -406,7 +414,7 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
         log("settings changed since the last launch in this workdir: " + "; ".join(changed))
       if previous_steps not in (None, loop.steps) and resumed_from < loop.steps:
         # The schedule is a function of the total length: a longer (or shorter) run moves the rate at this step.
-        before = float(learning_rate_schedule(cfg.optimizer, previous_steps)(resumed_from))
+        before = float(learning_rate_schedule(_previous_optimizer(previous, cfg), previous_steps)(resumed_from))
         after = float(learning_rate_schedule(cfg.optimizer, loop.steps)(resumed_from))
         log(f"note: loop.steps {previous_steps} -> {loop.steps} reshapes the {cfg.optimizer.schedule} learning-rate "
             f"schedule: at step {resumed_from} it goes from {before:.3g} to {after:.3g} (logged per step as lr)")
