@@ -57,12 +57,16 @@ def plan(argv) -> int:
   del argv
   from zaya_jax.train.experiment import get_experiment, override
 
+  base = get_experiment(_CONFIG.value)
   assignments = list(_SET.value)
   for field, value in (("mesh", _MESH.value), ("dcn_mesh", _DCN.value), ("zero1", _ZERO1.value)):
     if value is not None:
       assignments.append(f"parallel.{field}={value!r}")
-  cfg = override(get_experiment(_CONFIG.value), assignments)
-  mesh = cfg.parallel.mesh or "data:8"
+  if not (base.parallel.mesh or any(a.partition("=")[0].strip() == "parallel.mesh" for a in assignments)):
+    # The planner's default, one MI300X node; first, since a dcn_mesh is refused without a mesh.
+    assignments.insert(0, "parallel.mesh='data:8'")
+  cfg = override(base, assignments)
+  mesh = cfg.parallel.mesh
   sizes = _mesh_sizes(mesh, cfg.parallel.dcn_mesh)
   devices = math.prod(sizes.values())
   # LLVM's optimisations change the machine code, not XLA's buffer assignment: skip them, the compile is 3x faster.

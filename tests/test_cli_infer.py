@@ -279,6 +279,18 @@ def test_generate_cli_writes_what_the_library_generates(tmp_path, hf_dir, chat_s
   assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl", "samples.jsonl"]  # no temporary file left behind
 
 
+def test_a_folder_reads_as_load_hf_reads_it(tmp_path, hf_dir, hf):
+  # A legacy-only key beside native weights: load_hf ignores it (as transformers does); the CLIs read config.json
+  # through ZayaConfig.from_hf alone, which took the folder for a legacy one and refused it.
+  stray = tmp_path / "stray"
+  shutil.copytree(hf_dir, stray)
+  config = json.loads((stray / "config.json").read_text())
+  (stray / "config.json").write_text(json.dumps({**config, "norm_epsilon": 1e-3}))
+  with pytest.warns(UserWarning, match="legacy-layout keys"):
+    loaded = cli.load_model(str(stray))
+  assert loaded.config == hf.config
+
+
 def test_generate_cli_stops_between_batches_on_sigterm(tmp_path, hf_dir):
   # SIGTERM while the first batch compiles and decodes: it was raised as SystemExit from the handler, which landed in
   # JAX's callbacks (swallowed there, or a segmentation fault). Now the batch finishes and the run exits 143.

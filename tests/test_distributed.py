@@ -109,5 +109,7 @@ def test_planner_zero1_on_one_and_sixteen_mi300x_nodes():
   # The config's parallel settings are planned as train.py runs them (--mesh and --zero1 are their shorthands).
   rc, via_set, err = plan("--set=parallel.mesh=data:8", "--set=parallel.dcn_mesh=data:16", "--set=parallel.zero1=True")
   assert rc == 0 and via_set == sixteen, err
+  rc, default_mesh, err = plan("--dcn_mesh=data:16", "--zero1")  # the per-node mesh defaults to data:8
+  assert rc == 0 and default_mesh == sixteen, err
   rc, out, err = plan("--batch=-4")
   assert rc == 1 and "--batch" in err and "Traceback" not in err

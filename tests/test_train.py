@@ -319,8 +319,10 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
                                                         for i in (12, 13)]
   logs = []  # a warmup as long as the run (the 8B preset's 2000 steps in a short ablation) is cut, and said so
   train(override(longer, ["optimizer.warmup_steps=20"]), tmp_path, log=logs.append)
-  assert ("note: optimizer.warmup_steps = 20 >= loop.steps = 14: the warmup is cut to 13 steps and the run ends at "
-          "the peak rate, with no cosine decay") in logs, logs
+  assert ("note: optimizer.warmup_steps = 20 is not shorter than loop.steps - 1 = 13: the rate warms up over 13 steps "
+          "and the run ends at the peak, with no cosine decay") in logs, logs
+  one_short = dataclasses.replace(longer.optimizer, warmup_steps=13)  # steps - 1: the last step is at the peak too
+  assert float(learning_rate_schedule(one_short, 14)(13)) == pytest.approx(0.002)
   # A run written before gate_up_proj's rows were interleaved (no "param_layout" in its meta) is refused, named.
   meta_file = tmp_path / "checkpoints" / "14" / "meta" / "metadata"
   meta = json.loads(meta_file.read_text())

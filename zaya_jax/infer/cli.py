@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from zaya_jax import host_memory
-from zaya_jax.checkpoint.hf import CheckpointError, load_hf
+from zaya_jax.checkpoint.hf import CheckpointError, load_hf, read_hf_config
 from zaya_jax.config import ZayaConfig
 from zaya_jax.infer import answers as ans
 from zaya_jax.infer import prompts as P
@@ -212,7 +212,10 @@ def load_model(path: str, *, tokenizer_path: str | None = None, step: int | None
     else:
       if step is not None:
         raise CLIError(f"--step={step} applies to run directories; --model={path} is a Hugging Face folder")
-      config = ZayaConfig.from_hf(path)
+      try:  # as load_hf reads it (the weights' names decide a stray legacy key; their dtype a missing one)
+        config = read_hf_config(path)
+      except CheckpointError:  # weight files that do not open: their error comes when they load, after flag checks
+        config = ZayaConfig.from_hf(path)
 
       def load_weights():
         return load_hf(path)
@@ -761,9 +764,10 @@ def main_wrapper(main: Callable[[list[str]], int]) -> Callable[[list[str]], None
     def terminated(signum, frame):  # preemption: noted here, acted on at the next stop_if_terminated()
       _terminations.append(signum)
       signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
-      print("SIGTERM: stopping after the work in flight (a round, a batch); send it again to stop now",
-            file=sys.stderr, flush=True)
+      # os.write, not print: the signal may land while sys.stderr is mid-write (print would raise "reentrant call").
+      os.write(2, b"SIGTERM: stopping after the work in flight (a round, a batch); send it again to stop now\n")
 
+    _terminations.clear()  # a run's own signals only (an entry point called twice in one process)
     signal.signal(signal.SIGTERM, terminated)
 
     host_memory.retain_freed_memory()  # decode temporaries stay mapped between calls (zaya_jax/host_memory.py)

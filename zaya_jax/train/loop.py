@@ -440,10 +440,10 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
     clock = _RunClock(loop)
     logged_losses: list[float] = []  # since the last log line: one batch's loss is too noisy to read a trend from
     lr_at = learning_rate_schedule(cfg.optimizer, loop.steps)  # the step's AdamW rate (Muon's has the same shape)
-    if cfg.optimizer.warmup_steps >= loop.steps and cfg.optimizer.schedule != "constant":
-      log(f"note: optimizer.warmup_steps = {cfg.optimizer.warmup_steps} >= loop.steps = {loop.steps}: the warmup is "
-          f"cut to {max(loop.steps - 1, 0)} steps and the run ends at the peak rate, with no {cfg.optimizer.schedule} "
-          "decay")
+    if cfg.optimizer.warmup_steps >= loop.steps - 1 and cfg.optimizer.schedule != "constant":
+      log(f"note: optimizer.warmup_steps = {cfg.optimizer.warmup_steps} is not shorter than loop.steps - 1 = "
+          f"{loop.steps - 1}: the rate warms up over {max(loop.steps - 1, 0)} steps and the run ends at the peak, "
+          f"with no {cfg.optimizer.schedule} decay")
     evaluates = data.eval is not None  # eval_fraction 0: no held-out split, no eval rows
     if not evaluates:
       log("no held-out split (data.eval_fraction = 0): no eval loss")
