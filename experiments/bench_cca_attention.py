@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.common import median_seconds, write_json
+from experiments.common import median_seconds, quiet_library_logging, write_json
 from experiments.common import rel_err as rel
 from pallas_kernels import cca_attention as ca
 from zaya_jax.ops.attention import causal_mask, xla_attention
@@ -65,6 +65,7 @@ def jax_nn_attention(implementation):
 
 def main(argv):
   del argv
+  quiet_library_logging()  # jax's backend probing and Orbax log at INFO: keep the results readable
   dev = jax.devices()[0]
   res = {"device": f"{dev.device_kind}", "jax": jax.__version__, "default_config": ca.default_block_config(),
          "correctness": [], "timing": []}

@@ -47,6 +47,7 @@ from flax import nnx
 
 import zaya_jax
 from experiments import bench_forward as bf  # its model-shape flags, reference loader, timer and CPU-share meter
+from experiments.common import quiet_library_logging
 from zaya_jax.config import EXPERT_BACKENDS
 from zaya_jax.infer import GREEDY, generate
 from zaya_jax.ops import gmm as gmm_ops
@@ -127,6 +128,7 @@ def apply_defaults() -> None:
 
 def main(argv):
   del argv
+  quiet_library_logging()  # jax's backend probing and Orbax log at INFO: keep the results readable
   retained = bf.apply_host_memory()
   apply_defaults()
   transformers.utils.logging.disable_progress_bar()

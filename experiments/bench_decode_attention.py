@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.common import median_seconds, rel_err, write_json
+from experiments.common import median_seconds, quiet_library_logging, rel_err, write_json
 from pallas_kernels import decode_attention as da
 from zaya_jax.ops.attention import cached_attention
 
@@ -67,6 +67,7 @@ def xla_fn(window):
 
 def main(argv):
   del argv
+  quiet_library_logging()  # jax's backend probing and Orbax log at INFO: keep the results readable
   interpret = jax.default_backend() == "cpu"
   if interpret and not FLAGS.quick:
     raise SystemExit("no GPU here: run with --quick for an interpret-mode smoke run")

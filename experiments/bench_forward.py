@@ -31,7 +31,7 @@ from absl import app, flags
 from flax import nnx
 
 import zaya_jax
-from experiments.common import apply_quick, write_json
+from experiments.common import apply_quick, quiet_library_logging, write_json
 from zaya_jax import host_memory
 from zaya_jax.model.decoder import EXACT_ROUNDING
 
@@ -182,6 +182,7 @@ def interleaved_times(runners: dict) -> tuple[dict[str, list[float]], float]:
 
 def main(argv):
   del argv
+  quiet_library_logging()  # jax's backend probing and Orbax log at INFO: keep the results readable
   retained = apply_host_memory()
   apply_quick(QUICK)
   transformers.utils.logging.disable_progress_bar()

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.common import apply_quick, median_seconds, write_json
+from experiments.common import apply_quick, median_seconds, quiet_library_logging, write_json
 from pallas_kernels.gmm import gmm as pallas_gmm
 from pallas_kernels.tuning import GMM_TUNING, GmmBlocks, GmmTuning, device_kind
 from zaya_jax.ops.gmm import gmm as xla_gmm
@@ -83,6 +83,7 @@ def bench_gmm(M: int, K: int, N: int, G: int, transpose_rhs: bool, dtype, reps: 
 
 def main(argv):
   del argv
+  quiet_library_logging()  # jax's backend probing and Orbax log at INFO: keep the results readable
   kind = device_kind()
   apply_quick(dict(reps=2, hidden=256, ffn=256, experts=4, tokens=["512"]))
   reps, D, F, G = FLAGS.reps, FLAGS.hidden, FLAGS.ffn, FLAGS.experts

@@ -31,7 +31,7 @@ from absl import app, flags
 
 import zaya_jax
 from experiments import bench_forward as bf  # its model-shape flags, reference builder/loader, timer, CPU meter
-from experiments.common import write_json
+from experiments.common import quiet_library_logging, write_json
 from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.balancing import BalancingConfig
 from zaya_jax.train.optim import OptimizerConfig
@@ -62,6 +62,7 @@ def apply_defaults() -> None:
 
 def main(argv):
   del argv
+  quiet_library_logging()  # jax's backend probing and Orbax log at INFO: keep the results readable
   retained = bf.apply_host_memory()
   apply_defaults()
   transformers.utils.logging.disable_progress_bar()

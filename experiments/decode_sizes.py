@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags
 
-from experiments.common import apply_quick, write_json
+from experiments.common import apply_quick, quiet_library_logging, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> bench_decode shape flags. "tiny" is zaya_jax.ZayaConfig.tiny()'s shape (bench_decode --quick is close to
@@ -60,6 +60,7 @@ def run_size(name: str, out: str, reps: int, new_tokens: int) -> dict:
 
 def main(argv):
   del argv
+  quiet_library_logging()  # jax's backend probing and Orbax log at INFO: keep the results readable
   apply_quick({"sizes": list(SIZES)[:2], "reps": 1})
   unknown = [s for s in FLAGS.sizes if s not in SIZES]
   if unknown:

@@ -22,7 +22,7 @@ from absl import app, flags
 from flax import nnx
 
 import zaya_jax
-from experiments.common import apply_quick, write_json
+from experiments.common import apply_quick, quiet_library_logging, write_json
 from zaya_jax.infer import decode
 
 FLAGS = flags.FLAGS
@@ -44,6 +44,7 @@ def temp_bytes(model, cfg, B: int, L: int, S: int, fresh: bool) -> int:
 
 def main(argv):
   del argv
+  quiet_library_logging()  # jax's backend probing and Orbax log at INFO: keep the results readable
   tiny = zaya_jax.ZayaConfig.tiny()
   cfg = tiny.replace(attention=dataclasses.replace(tiny.attention, num_heads=8, num_kv_heads=2, head_dim=64),
                      max_position_embeddings=1 << 16)
