@@ -53,6 +53,11 @@ def _mesh_sizes(mesh: str, dcn: str) -> dict[str, int]:
   return {a: ici[a] * across[a] for a in MESH_AXES}
 
 
+def _assigns(assignments, field: str) -> bool:
+  """Whether one of the `dotted.field=value` overrides sets `field`."""
+  return any(a.partition("=")[0].strip() == field for a in assignments)
+
+
 def plan(argv) -> int:
   del argv
   from zaya_jax.train.experiment import get_experiment, override
@@ -62,7 +67,7 @@ def plan(argv) -> int:
   for field, value in (("mesh", _MESH.value), ("dcn_mesh", _DCN.value), ("zero1", _ZERO1.value)):
     if value is not None:
       assignments.append(f"parallel.{field}={value!r}")
-  if not (base.parallel.mesh or any(a.partition("=")[0].strip() == "parallel.mesh" for a in assignments)):
+  if not (base.parallel.mesh or _assigns(assignments, "parallel.mesh")):
     # The planner's default, one MI300X node; first, since a dcn_mesh is refused without a mesh.
     assignments.insert(0, "parallel.mesh='data:8'")
   cfg = override(base, assignments)
@@ -88,7 +93,7 @@ def plan(argv) -> int:
                                expert_exchange=cfg.parallel.expert_exchange)
   parts = math.prod(sharding_plan.size(a) for a in sharding_plan.batch_axes)
   configured = cfg.step.grad_accum
-  chosen = any(s.split("=", 1)[0].strip() == "step.grad_accum" for s in _SET.value) or configured != 1
+  chosen = _assigns(_SET.value, "step.grad_accum") or configured != 1
   accum = _ACCUM.value if _ACCUM.value is not None else (configured if chosen else max(1, batch // parts))
   sharding_plan.check_heads(cfg.model.attention)
   micro_per_device = batch // (parts * accum)

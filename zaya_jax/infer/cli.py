@@ -602,21 +602,25 @@ class ProblemReport:
   max_context: int  # largest prompt + output of any decode call
   rounds: tuple[RoundReport, ...] = ()  # every round's population, round 0 first (the last one is the final)
 
+  @functools.cached_property
+  def _scored(self) -> dict:  # once per report: each property below read it again (every answer's is_equiv)
+    return _scores(self.answers, self.majority, self.reference)
+
   @property
   def correct(self) -> tuple[bool, ...] | None:
-    return _scores(self.answers, self.majority, self.reference)["correct"]
+    return self._scored["correct"]
 
   @property
   def mean_correct(self) -> float | None:
-    return _scores(self.answers, self.majority, self.reference)["mean_correct"]
+    return self._scored["mean_correct"]
 
   @property
   def majority_correct(self) -> bool | None:
-    return _scores(self.answers, self.majority, self.reference)["majority_correct"]
+    return self._scored["majority_correct"]
 
   @property
   def passed(self) -> bool | None:
-    return _scores(self.answers, self.majority, self.reference)["pass"]
+    return self._scored["pass"]
 
   def to_json(self) -> dict:
     return {**dataclasses.asdict(self), "correct": self.correct, "mean_correct": self.mean_correct,
