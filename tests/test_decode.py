@@ -1,8 +1,8 @@
 """Cached decoding (zaya_jax.infer) equals the full forward, and greedy decoding equals `transformers` generate.
 
 B batch, T tokens, V vocab. A reference-saved tiny model (every parameter random: temperatures ~3, so attention is far
-from uniform) with a sliding-window layer whose window is shorter than the sequences, GQA 4:2 and a 3-column conv
-context, loaded through `load_hf` in fp32.
+from uniform) with a sliding-window layer whose window is shorter than the sequences, GQA 4:2, a 3-column conv
+context and biased attention projections, loaded through `load_hf` in fp32.
 """
 
 import dataclasses
@@ -18,7 +18,7 @@ from zaya_jax.infer import decode_step, init_state, prefill
 CONFIG = dict(vocab_size=101, hidden_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, moe_intermediate_size=40, num_experts=4, router_hidden_size=12,
               layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=5, cca_time0=3, cca_time1=2,
-              max_position_embeddings=256, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+              attention_bias=True, max_position_embeddings=256, bos_token_id=2, eos_token_id=1, pad_token_id=0)
 MAX_LEN = 16
 B, T = 3, 7  # every test prefills [B, T] and steps [B]: one compile of each (~4 s apiece on CPU)
 
@@ -70,7 +70,8 @@ def test_ragged_prefill_and_decode_steps_match_full_forward(case, backend):
 def test_chunked_prefill_equals_one_prefill(case):
   _, model, _ = case
   tokens = np.random.default_rng(1).integers(3, CONFIG["vocab_size"], (B, T))
-  lengths_B, first_B = np.array([7, 5, 3]), np.array([4, 1, 2])
+  # Row 1 gets nothing in the first chunk: a state with some rows cached and one still empty continues every row.
+  lengths_B, first_B = np.array([7, 5, 3]), np.array([4, 0, 2])
   one, _ = prefill(model, init_state(model.config, B, MAX_LEN), tokens, lengths_B)
   _, state = prefill(model, init_state(model.config, B, MAX_LEN), tokens, first_B)
   rest_BT = right_padded([t[f:n] for t, f, n in zip(tokens, first_B, lengths_B)])
@@ -93,7 +94,7 @@ def test_chunked_prefill_equals_one_prefill(case):
 
 def test_greedy_decoding_matches_transformers_generate(case):
   ref, model, _ = case
-  prompt = np.random.default_rng(3).integers(3, CONFIG["vocab_size"], 6)
+  prompt = np.random.default_rng(4).integers(3, CONFIG["vocab_size"], 6)
   new = 8
   with torch.no_grad():
     out = ref.generate(torch.as_tensor(prompt[None]), max_new_tokens=new, do_sample=False, output_logits=True,
@@ -124,6 +125,20 @@ def test_prompt_longer_than_max_len_raises_before_jit(case):
   vocab = model.config.vocab_size
   with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, {vocab}\)"):
     prefill(model, init_state(model.config, 2, 8), np.array([[5, vocab, 5], [5, 5, 5]]), np.array([3, 1]))
+  with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, {vocab}\)"):
+    decode_step(model, init_state(model.config, 2, 8), np.array([5, vocab]))
+  # The fit counts the tokens already cached, not only the new chunk ([B, T] shapes: compiled by the tests above).
+  full_BT = np.full((B, T), 5)
+  _, cached = prefill(model, init_state(model.config, B, MAX_LEN), full_BT, np.full(B, T))
+  _, cached = prefill(model, cached, full_BT, np.array([T, T, 2]))  # lengths [14, 14, 9] of 16
+  with pytest.raises(ValueError, match=f"row 1: 3 prompt tokens after {2 * T} cached ones exceed .* max_len={MAX_LEN}"):
+    prefill(model, cached, full_BT, np.array([0, 3, 2]))
+  # Decode steps past max_len drop their writes; such a row's logits turn NaN, the others' stay finite.
+  finite = []
+  for _ in range(3):
+    logits_BV, cached = decode_step(model, cached, np.full(B, 5))
+    finite.append(np.isfinite(np.asarray(logits_BV)).all(axis=-1).tolist())
+  assert finite == [[True] * 3, [True] * 3, [False, False, True]], finite
   padded = np.array([[5, 6, 7], [5, -100, vocab + 7]])
   logits_BV, _ = prefill(model, init_state(model.config, 2, 8), padded, np.array([3, 1]))
   clean_BV, _ = prefill(model, init_state(model.config, 2, 8), np.array([[5, 6, 7], [5, 0, 0]]), np.array([3, 1]))

@@ -21,12 +21,14 @@ from zaya_jax.figures import model_figures
 from zaya_jax.infer import (
   GREEDY,
   SamplingConfig,
+  decode_step,
   filter_logits,
   generate,
   init_state,
   lower_generate,
   make_decode_fn,
   pad_id,
+  prefill,
   sample,
 )
 from zaya_jax.infer.generate import _jitted_generate
@@ -42,7 +44,7 @@ SAMPLED = SamplingConfig(temperature=1.0)
 def case(tmp_path_factory):
   path = tmp_path_factory.mktemp("ref_generate")
   ref = make_reference(path, seed=3, **CONFIG)
-  return ref, zaya_jax.load_hf(path)
+  return ref, zaya_jax.load_hf(path), path
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +59,14 @@ def prompts_BL():
 
 @pytest.fixture(scope="module")
 def greedy(case, prompts_BL):
-  _, model = case
+  _, model, _ = case
   out = generate(model, prompts_BL, PROMPT_LENS, key=jax.random.key(0), max_new_tokens=N, sampling=GREEDY,
                  stop_token_ids=(EOS,))
   return np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
 
 
 def test_greedy_generate_matches_transformers_generate(case, prompts_BL, greedy):
-  ref, _ = case
+  ref, _, _ = case
   tokens_BN, lengths_B = greedy
   for b, n in enumerate(PROMPT_LENS):  # per row: the reference's own cache path without left-padding questions
     with torch.no_grad():
@@ -78,7 +80,7 @@ def test_greedy_generate_matches_transformers_generate(case, prompts_BL, greedy)
 
 
 def test_inactive_rows_generate_nothing_and_leave_the_others_alone(case, prompts_BL, greedy):
-  _, model = case
+  _, model, _ = case
   lens = PROMPT_LENS.copy()
   lens[1] = 0  # a filler row of a fixed-shape batch
   out = generate(model, prompts_BL, lens, key=None, max_new_tokens=N, sampling=GREEDY, stop_token_ids=(EOS,))
@@ -109,7 +111,7 @@ def test_bf16_greedy_generate_matches_transformers_generate(tmp_path, prompts_BL
 
 
 def test_greedy_needs_no_key_and_sampling_refuses_none(case, prompts_BL, greedy):
-  _, model = case
+  _, model, _ = case
   # Padding after a prompt is ignored, even ids outside the vocabulary.
   padded = np.where(np.arange(L)[None] < PROMPT_LENS[:, None], prompts_BL, -1)
   out = generate(model, padded, PROMPT_LENS, key=None, max_new_tokens=N, sampling=GREEDY, stop_token_ids=(EOS,))
@@ -129,7 +131,7 @@ def test_greedy_needs_no_key_and_sampling_refuses_none(case, prompts_BL, greedy)
 
 
 def test_stop_tokens_end_rows_with_the_stop_token_then_pad(case, prompts_BL, greedy):
-  _, model = case
+  _, model, path = case
   tokens_BN, lengths_B = greedy
   assert (lengths_B == N).all(), "precondition: no row of the greedy run stops at EOS"
   stop = int(tokens_BN[-1, 2])  # ends the last row after 3 tokens at the latest; other rows wherever it occurs
@@ -146,10 +148,19 @@ def test_stop_tokens_end_rows_with_the_stop_token_then_pad(case, prompts_BL, gre
     np.testing.assert_array_equal(got[b, :n], tokens_BN[b, :n])  # the stop token included
     assert (got[b, n:] == pad_id(model)).all()
   assert got.dtype == lengths.dtype == np.int32
+  # The config's pad id fills what follows a row's end, and all of an inactive row (the configs above use 0).
+  model5 = zaya_jax.load_hf(path, pad_token_id=5)
+  lens = PROMPT_LENS.copy()
+  lens[1] = 0
+  out = generate(model5, prompts_BL, lens, key=None, max_new_tokens=N, sampling=GREEDY, stop_token_ids=(stop,))
+  got5 = np.asarray(out.tokens_BN)
+  assert pad_id(model5) == 5 and (got5[1] == 5).all()
+  for b in (0, 2):
+    np.testing.assert_array_equal(got5[b], np.where(np.arange(N) < lengths[b], got[b], 5))
 
 
 def test_generate_checks_inputs_on_the_host(case, prompts_BL):
-  _, model = case
+  _, model, _ = case
   kw = dict(key=jax.random.key(0), sampling=GREEDY)
   with pytest.raises(ValueError, match=r"row 0: a 7-token prompt and max_new_tokens=8 need 14 .*max_len=10"):
     generate(model, prompts_BL, PROMPT_LENS, max_new_tokens=N, max_len=10, **kw)
@@ -167,6 +178,8 @@ def test_generate_checks_inputs_on_the_host(case, prompts_BL):
   bad[2, 3] = 101  # the last token of row 2's prompt
   with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 101\)"):
     generate(model, bad, PROMPT_LENS, max_new_tokens=N, **kw)
+  with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 101\)"):
+    make_decode_fn(model, sampling=GREEDY)(None, bad, PROMPT_LENS, N)  # concrete prompts: checked there too
   with pytest.raises(ValueError, match=r"prompts must be \[batch >= 1"):
     generate(model, prompts_BL[:0], PROMPT_LENS[:0], max_new_tokens=N, **kw)
   with pytest.raises(ValueError, match=r"stop_token_ids: .*outside the vocabulary"):
@@ -207,6 +220,12 @@ def test_greedy_and_top_k_1_are_argmax_and_keys_matter():
   np.testing.assert_array_equal(sample(jax.random.key(0), logits_BV, GREEDY), argmax_B)
   bf16_BV = logits_BV.astype(jnp.bfloat16)  # ties are common: greedy takes the first maximum, as np.argmax does
   np.testing.assert_array_equal(sample(jax.random.key(0), bf16_BV, GREEDY), np.argmax(np.asarray(bf16_BV), -1))
+  # Ties at the boundary: greedy takes the first maximum; top-k and top-p keep every token tied with the last kept.
+  assert int(sample(jax.random.key(0), jnp.array([[1.0, 3.0, 3.0, 0.0]]), GREEDY)[0]) == 1
+  assert np.isfinite(filter_logits(jnp.array([[3.0, 2.0, 2.0, 0.0]]), SamplingConfig(top_k=2))).tolist() == [
+    [True, True, True, False]]
+  halves = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))  # the first token alone holds p = 0.5: nothing else is needed
+  assert np.isfinite(filter_logits(halves, SamplingConfig(top_p=0.5))).tolist() == [[True, False, False]]
   # With distinct logits one token survives (top-k and top-p keep ties at their boundary, as transformers does).
   for cfg in (SamplingConfig(top_k=1), SamplingConfig(temperature=3.0, top_p=1e-6)):  # a single survivor
     for seed in range(3):
@@ -266,17 +285,27 @@ def test_tiny_temperatures_sample_the_exact_softmax():
 
 
 def test_sampled_generate_is_a_function_of_the_key(case, prompts_BL):
-  _, model = case
+  _, model, _ = case
   run = lambda seed: generate(model, prompts_BL, PROMPT_LENS, key=jax.random.key(seed), max_new_tokens=N,
                               sampling=SAMPLED, stop_token_ids=(EOS,))
   a, a2, b = run(1), run(1), run(2)
   np.testing.assert_array_equal(a.tokens_BN, a2.tokens_BN)
   np.testing.assert_array_equal(a.lengths_B, a2.lengths_B)
   assert (np.asarray(a.tokens_BN) != np.asarray(b.tokens_BN)).any()
+  # Token i is drawn with fold_in(key, i): the same draws, step by step on the host, give the same tokens.
+  logits_BV, state = prefill(model, init_state(model.config, B, L + N - 1), prompts_BL, PROMPT_LENS)
+  hand = []
+  for i in range(N):
+    hand.append(sample(jax.random.fold_in(jax.random.key(1), i), logits_BV, SAMPLED))
+    logits_BV, state = decode_step(model, state, hand[-1])
+  hand_BN, lengths_B = np.stack(hand, 1), np.asarray(a.lengths_B)
+  for b, n in enumerate(lengths_B):
+    np.testing.assert_array_equal(np.asarray(a.tokens_BN)[b, :n], hand_BN[b, :n])
+  assert len(np.unique(hand_BN)) > N  # sampled, not one repeated token
 
 
 def test_decode_fn_under_jit_and_scan_equals_generate(case, prompts_BL):
-  _, model = case
+  _, model, _ = case
   keys = jax.random.split(jax.random.key(11), 3)
   expected = [generate(model, prompts_BL, PROMPT_LENS, key=k, max_new_tokens=N, sampling=SAMPLED,
                        stop_token_ids=(EOS,)) for k in keys]
@@ -312,7 +341,7 @@ def kv_bytes(state) -> int:
 
 
 def test_kv_cache_bytes_per_token_equal_the_figures(case):
-  _, model = case
+  _, model, _ = case
   state = init_state(model.config, B, 16)
   assert kv_bytes(state) / 16 / B == model_figures(model.config).kv_cache_bytes_per_token
   cfg = zaya_jax.ZayaConfig.zaya1_8b()
@@ -323,7 +352,7 @@ def test_kv_cache_bytes_per_token_equal_the_figures(case):
 
 
 def test_compiled_generate_memory_does_not_grow_with_new_tokens(case, prompts_BL, greedy):
-  _, model = case
+  _, model, _ = case
   max_len = L + N - 1  # the cache of the greedy fixture's call: that compile is reused for n = N
   mem = {}
   for n in (2, N):

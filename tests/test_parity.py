@@ -24,10 +24,10 @@ CONFIGS = {
     "kv_groups": dict(vocab_size=89, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
                       num_key_value_heads=4, head_dim=8, moe_intermediate_size=24, num_experts=8,
                       router_hidden_size=16, cca_time0=2, cca_time1=3, tie_word_embeddings=False),
-    # Five experts (not a power of two), 6:3 heads.
+    # Five experts (not a power of two), 6:3 heads, biased attention projections (CCA's first value is a bias).
     "five_experts": dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=6,
                          num_key_value_heads=3, head_dim=8, moe_intermediate_size=20, num_experts=5,
-                         router_hidden_size=8),
+                         router_hidden_size=8, attention_bias=True),
 }
 COMMON = dict(max_position_embeddings=256, bos_token_id=2, eos_token_id=1, pad_token_id=0)
 
@@ -97,8 +97,9 @@ def test_tied_router_scores_route_as_the_reference(tmp_path):
   reference's torch.topk does not take the first tied class (argmax did: every position differed)."""
   from zaya_jax.model.moe import top1
 
-  ref = make_reference(tmp_path, seed=5, dtype=torch.bfloat16, equal_biases=True, router_out_scale=0.05,
-                       **CONFIGS["five_experts"], **COMMON)
+  shape = dict(CONFIGS["five_experts"], attention_bias=False)  # the draws this test's tie counts were made with
+  ref = make_reference(tmp_path, seed=5, dtype=torch.bfloat16, equal_biases=True, router_out_scale=0.05, **shape,
+                       **COMMON)
   model = zaya_jax.load_hf(tmp_path)
   ids = np.random.default_rng(4).integers(0, model.config.vocab_size, (2, 24))
   ref_logits, ref_choices = reference_forward(ref, ids)
