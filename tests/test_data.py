@@ -165,6 +165,7 @@ def test_neighbouring_seeds_do_not_replay_each_others_epochs(tmp_path):
     orders[seed] = order[:24], order[24:]
     assert sorted(order[:24]) == sorted(order[24:]) == list(range(24))  # each epoch: every document once
   assert orders[1][0] != orders[0][1] and orders[0][0] != orders[1][1]
+  assert orders[0][0] != orders[0][1] and orders[1][0] != orders[1][1]  # each epoch reshuffled
 
 
 def test_host_sharding_is_a_partition_of_the_global_batch(corpus):

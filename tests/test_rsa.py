@@ -93,7 +93,7 @@ class Recorder:
   def __call__(self, key, prompts, plen, max_new):
     tokens, lens = self.fn(key, prompts, plen, max_new)
     self.calls.append(dict(prompts=np.asarray(prompts), plen=np.asarray(plen), max_new=max_new,
-                           tokens=np.asarray(tokens), lens=np.asarray(lens)))
+                           tokens=np.asarray(tokens), lens=np.asarray(lens), key=np.asarray(jax.random.key_data(key))))
     return tokens, lens
 
 
@@ -144,6 +144,7 @@ def test_scan_and_host_loop_agree_and_count_every_token(loop_run):
   assert_states_equal(state_jit, state_loop)
   # t aggregation rounds after round 0 (the report's T): t + 1 calls, β before the last, β_final in it.
   assert [c["max_new"] for c in calls] == [CFG.beta] * CFG.t + [CFG.beta_final]
+  assert len({c["key"].tobytes() for c in calls}) == len(calls)  # each round draws with a key of its own
   gen = [int(c["lens"].sum()) for c in calls]
   pre = [int(c["plen"].sum()) for c in calls]
   np.testing.assert_array_equal(state_jit.generated_R, gen)
@@ -170,6 +171,7 @@ def test_every_call_fits_the_context_bound(loop_run):
     assert int(state.max_prompt_R[r]) == int(c["plen"].max())
     assert all((c["prompts"][i, c["plen"][i] :] == PAD).all() for i in range(CFG.n))  # right-padded
   assert int(state.max_context) <= rsa.context_bound(CFG, PIECES)
+  assert rsa.context_bound(CFG, PIECES) == L + max(CFG.beta, CFG.beta_final)  # the largest budget, not β's
 
 
 def test_aggregation_prompts_hold_tails_of_the_previous_round_only(loop_run):
@@ -688,6 +690,7 @@ def test_population_metrics():
   assert ans.mean_correct(answers, "7") == 0.5
   assert ans.pass_at_n(answers, "3") == 1.0 and ans.pass_at_n(answers, "9") == 0.0
   assert ans.majority_at_n(answers, "7") == 1.0 and ans.majority_at_n(answers, "3") == 0.0
+  assert ans.majority_at_n(["\\dfrac{1}{2}", "\\frac12", "3"], "\\frac{1}{2}.") == 1.0  # the gold is normalised too
   assert ans.answer_entropy(["1"] * 4) == 0.0 and math.copysign(1, ans.answer_entropy([None] * 3)) == 1  # not -0.0
   assert abs(ans.answer_entropy(["1", "2"]) - math.log(2)) < 1e-12
 

@@ -412,26 +412,66 @@ def test_overrides_and_json_round_trip(tmp_path):
 
 
 def test_gradient_accumulation_matches_one_batch():
-  # The A = 1 program is the PID test's "none" run (same model, optimizer, step count): a compilation cache hit.
+  # The second micro-batch has fewer scored tokens (padding from position 20 in rows 4-7): the accumulated step must
+  # still be the whole batch's token mean, not a mean of micro-batch means. Padding tokens count nowhere.
   cfg = ZayaConfig.tiny(vocab_size=512)
   model = ZayaForCausalLM(cfg, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 512, (8, 33))
   segments = np.repeat(np.array([[1] * 17 + [2] * 15]), 8, axis=0)
+  segments[4:, 20:] = 0
   batch = dict(input_ids=ids[:, :-1], targets=ids[:, 1:], segment_ids=segments, loss_mask=(segments > 0))
   batch = {k: jnp.asarray(v, jnp.float32 if k == "loss_mask" else jnp.int32) for k, v in batch.items()}
+  repadded = dict(batch, input_ids=batch["input_ids"].at[4:, 25:].set(7), targets=batch["targets"].at[4:, 25:].set(9))
+  z_weight = 1e-3
   results = []
-  for accum in (1, 2):
+  for accum, data in ((1, batch), (2, batch), (1, repadded)):
     trainer, state = train_step_lib.create(model, OptimizerConfig(lr=3e-3, warmup_steps=10),
-                                           train_step_lib.StepConfig(accum), BalancingConfig(mode="none"), 250, 0)
-    state, m = train_step_lib.jit_train_step(trainer, state, batch)
-    results.append((state, m))
-  (s1, m1), (s2, m2) = results
-  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
-  np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  np.testing.assert_array_equal(m1["expert_load"], m2["expert_load"])  # the controller sees the whole batch
+                                           train_step_lib.StepConfig(accum, z_loss_weight=z_weight),
+                                           BalancingConfig(mode="none"), 250, 0)
+    results.append(train_step_lib.jit_train_step(trainer, state, data))
+  (s1, m1), (s2, m2), (s3, m3) = results
+  # The loss terms against a float64 computation on the host from the model's logits.
+  logits_BTV = np.asarray(model(batch["input_ids"], batch["segment_ids"]).logits_BTV, np.float64)
+  lse_BT = np.log(np.exp(logits_BTV - logits_BTV.max(-1, keepdims=True)).sum(-1)) + logits_BTV.max(-1)
+  target_BT = np.take_along_axis(logits_BTV, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+  mask_BT = np.asarray(batch["loss_mask"], np.float64)
+  ce, z = ((lse_BT - target_BT) * mask_BT).sum() / mask_BT.sum(), (lse_BT**2 * mask_BT).sum() / mask_BT.sum()
+  np.testing.assert_allclose([m1["ce_loss"], m1["z_loss"], m1["loss"]], [ce, z, ce + z_weight * z], rtol=1e-5)
+  for m, s in ((m2, s2), (m3, s3)):
+    np.testing.assert_allclose(m["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s.params)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(m["expert_load"], m1["expert_load"])  # the controller sees the batch's tokens
+
+
+def _infinite_loss(model, out, micro):
+  del out, micro
+  return jnp.inf + 0.0 * jnp.sum(model.model.norm.weight[...])
+
+
+def _nan_gradient(model, out, micro):
+  """0 at the start (norm weights are 1), with a NaN gradient: |w - 1| has slope 0 where sqrt's is infinite."""
+  del out, micro
+  return jnp.sum(jnp.sqrt(jnp.abs(model.model.norm.weight[...] - 1.0)))
+
+
+@pytest.mark.parametrize("extra", [_infinite_loss, _nan_gradient])
+def test_a_non_finite_step_leaves_the_state_as_it_was(extra):
+  # The loop's test above stops either way; here the step itself must hand back its input state, bit for bit.
+  model = ZayaForCausalLM(ZayaConfig.tiny(vocab_size=512), rngs=nnx.Rngs(0))
+  ids = np.random.default_rng(1).integers(0, 512, (4, 17))
+  batch = dict(input_ids=ids[:, :-1], targets=ids[:, 1:], segment_ids=np.ones((4, 16)), loss_mask=np.ones((4, 16)))
+  batch = {k: jnp.asarray(v, jnp.float32 if k == "loss_mask" else jnp.int32) for k, v in batch.items()}
+  trainer, state = train_step_lib.create(model, OptimizerConfig(), train_step_lib.StepConfig(), BalancingConfig(),
+                                         10, 0)
+  trainer = dataclasses.replace(trainer, extra_loss=extra)
+  before = jax.tree.map(np.asarray, state)
+  state, metrics = train_step_lib.jit_train_step(trainer, state, batch)
+  assert not bool(metrics["finite"])
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state), strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))
 
 
 def _norm_weight_penalty(model, out, micro):

@@ -41,6 +41,17 @@ def test_pid_moves_overloaded_experts_down_and_leaves_the_skip_slot():
   np.testing.assert_array_equal(held_state.previous_error_LX[0], state.previous_error_LX[0])
 
 
+def test_pid_derivative_acts_on_the_change_of_the_error():
+  # The small integral limit keeps the integral unlike the error: a derivative taken from it would show.
+  cfg = BalancingConfig(kp=0.0, ki=0.0, kd=1.0, integral_limit=0.1)
+  state = balancing.init_pid(1, 4)
+  first_LX1, state = balancing.pid_update(cfg, state, jnp.zeros((1, 5)), jnp.array([[70, 10, 10, 10, 0]]))
+  error1, error2 = np.array([0.45, -0.15, -0.15, -0.15]), np.array([-0.15, 0.45, -0.15, -0.15])
+  np.testing.assert_allclose(state.previous_error_LX[0], error1, rtol=1e-6)
+  second_LX1, state = balancing.pid_update(cfg, state, first_LX1, jnp.array([[10, 70, 10, 10, 0]]))
+  np.testing.assert_allclose(second_LX1[0, :4] - first_LX1[0, :4], -(error2 - error1), rtol=1e-5, atol=1e-7)
+
+
 def test_balance_loss_is_one_when_balanced_and_x_when_collapsed():
   X, M = 4, 8
   uniform_LMX1 = jnp.full((1, M, X + 1), 1.0 / (X + 1))
@@ -117,6 +128,9 @@ def test_weight_decay_skips_rank_one_parameters(name):
 def test_schedules():
   cos = learning_rate_schedule(OptimizerConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), 100)
   assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0) and float(cos(100)) == pytest.approx(0.1)
+  assert float(cos(55)) == pytest.approx(0.55) and float(cos(90)) > 0.101  # the decay spans steps 10-100
+  const = learning_rate_schedule(OptimizerConfig(lr=1.0, warmup_steps=10, schedule="constant"), 100)
+  assert float(const(0)) == 0.0 and float(const(5)) == pytest.approx(0.5) and float(const(99)) == 1.0
   wsd = learning_rate_schedule(OptimizerConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2,
                                                min_lr_ratio=0.0), 100)
   assert float(wsd(50)) == pytest.approx(1.0) and float(wsd(80)) == pytest.approx(1.0)
@@ -127,6 +141,17 @@ def test_schedules():
     assert float(short(warmup)) == pytest.approx(1.0) and float(short(total)) == pytest.approx(0.0), (warmup, total)
   with pytest.raises(ValueError, match=r"OptimizerConfig\.schedule"):
     OptimizerConfig(schedule="linear")
+
+
+def test_clipping_acts_on_the_gradients_before_adam():
+  # Clipped first, gradients 100 and then 1 both reach Adam as 1: its second update is exactly -lr (m = v = 1).
+  # Unclipped, or clipping Adam's updates instead, the second update is ~0.69 lr.
+  lr, params = 1e-2, {"b": jnp.ones((1,))}
+  tx = make_optimizer(OptimizerConfig(lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0, clip_norm=1.0),
+                      params, 10)
+  _, opt_state = tx.update({"b": jnp.full((1,), 100.0)}, tx.init(params), params)
+  updates, _ = tx.update({"b": jnp.ones((1,))}, opt_state, params)
+  np.testing.assert_allclose(updates["b"], -lr, rtol=1e-4)
 
 
 def test_compiled_initialisation_equals_the_eager_model():
