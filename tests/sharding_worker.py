@@ -114,6 +114,9 @@ def strategies(out_path: str) -> None:
                            opt_device=device_bytes(inner(state.opt_state)))
       continue
     train = sharded.jit_sharded_train_step(plan, trainer, state)
+    # Values cannot show whether the plan was active while tracing: its activation constraints and the experts'
+    # all-to-all dispatch are read from the program.
+    program = train.lower(state, sharded.global_batch(plan, batch)).as_text()
     new_state, metrics = train(state, sharded.global_batch(plan, batch))
     grads, params = flat(new_state.opt_state[0]), flat(new_state.params)
     results[name] = dict(
@@ -124,7 +127,9 @@ def strategies(out_path: str) -> None:
         counts_equal=bool(np.array_equal(metrics["expert_load"], ref_metrics["expert_load"])),
         params_device=device_bytes(new_state.params), opt_device=device_bytes(inner(new_state.opt_state)),
         param_sharded_leaves=sum(len(s.sharding.device_set) > 1 and not s.sharding.is_fully_replicated
-                                 for s in jax.tree.leaves(new_state.params)))
+                                 for s in jax.tree.leaves(new_state.params)),
+        all_to_all=program.count("all_to_all"),
+        constraints=program.count("sharding_constraint") + program.count("@Sharding"))
     print(name, results[name], flush=True)
   if not os.environ.get("ZAYA_SKIP_DISPATCH"):
     results["dispatch"] = dispatch_checks()

@@ -71,3 +71,22 @@ def test_default_decode_step_on_a_gpu_runs_the_triton_kernels(platform, monkeypa
     params, state, jax.ShapeDtypeStruct((3,), jnp.int32)).mlir_module()
   kernels = re.findall(r'custom_call @__gpu\$xla\.gpu\.triton.*?name = \\?"(\w+)', module)
   assert sorted(kernels) == ["cca_decode"] * 2 + ["zaya_gmm"] * 4, kernels
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_default_forward_on_a_gpu_runs_the_triton_kernels(monkeypatch):
+  # The training and prefill path: each layer's attention in the flash kernel, its expert matmuls in the gmm kernel.
+  attention = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=5)
+  cfg = ZayaConfig.tiny(layer_types=("hybrid", "hybrid_sliding"), attention=attention)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: zaya_jax.ZayaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+
+  def forward(params, ids_BT, segment_ids_BT):
+    return nnx.merge(graphdef, params)(ids_BT, segment_ids_BT).logits_BTV
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  ids_BT = jax.ShapeDtypeStruct((2, 32), jnp.int32)
+  module = jax.export.export(jax.jit(forward), platforms=["rocm"], disabled_checks=disabled)(
+    params, ids_BT, ids_BT).mlir_module()
+  kernels = re.findall(r'custom_call @__gpu\$xla\.gpu\.triton.*?name = \\?"(\w+)', module)
+  assert sorted(kernels) == ["cca_flash_fwd"] * 2 + ["zaya_gmm"] * 4, kernels

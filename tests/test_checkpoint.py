@@ -339,6 +339,36 @@ def test_out_of_vocabulary_ids_raise_before_jit(reference_dir, bad_id):
     model(ids)
 
 
+def test_the_reference_default_skip_bias_ties_at_best_and_never_wins():
+  # Expert probability + 0 against skip probability - 1: the skip slot's score reaches an expert's only in a tie.
+  from zaya_jax.checkpoint.hf import skip_slot_reachable
+
+  assert not skip_slot_reachable(np.array([0.0, 0.0, 0.0, -1.0]))
+  assert skip_slot_reachable(np.array([0.0, 0.0, 0.0, -0.99]))
+
+
+def test_a_bf16_export_stores_bf16_weights_and_fp32_biases(reference_dir, tmp_path):
+  # load_hf would round fp32 weights to the config's bf16 anyway: only the file shows a skipped conversion.
+  from zaya_jax.checkpoint.hf import BALANCING_SUFFIX, _read_header
+
+  zaya_jax.save_hf(zaya_jax.load_hf(reference_dir[0]), tmp_path / "bf16", dtype="bfloat16")
+  codes = {k: e.code for k, e in _read_header(str(tmp_path / "bf16" / "model.safetensors")).items()}
+  assert {c for k, c in codes.items() if not k.endswith(BALANCING_SUFFIX)} == {"BF16"}
+  assert {c for k, c in codes.items() if k.endswith(BALANCING_SUFFIX)} == {"F32"}
+
+
+def test_a_stale_copy_of_a_tensor_in_another_shard_is_refused(reference_dir, tmp_path):
+  zaya_jax.save_hf(zaya_jax.load_hf(reference_dir[0]), tmp_path / "sharded", max_shard_bytes=4096)
+  weight_map = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+  key = "model.norm.weight"
+  other = next(f for f in sorted(set(weight_map.values())) if f != weight_map[key])
+  tensors = load_file(tmp_path / "sharded" / other)
+  tensors[key] = np.zeros(TINY["hidden_size"], np.float32)  # a copy the index does not place in this file
+  save_file(tensors, tmp_path / "sharded" / other, metadata={"format": "pt"})
+  with pytest.raises(CheckpointError, match=rf"{other}: tensor 'model.norm.weight' is not listed for this file"):
+    zaya_jax.load_hf(tmp_path / "sharded")
+
+
 def test_reference_state_is_float32_for_biases(reference_dir):
   _, ref = reference_dir
   assert ref.model.layers[0].mlp.gate.balancing_biases.dtype == torch.float32

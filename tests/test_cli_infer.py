@@ -30,6 +30,7 @@ import zaya_jax
 from zaya_jax.checkpoint.hf import flat_params
 from zaya_jax.infer import cli, make_decode_fn
 from zaya_jax.infer import prompts as P
+from zaya_jax.infer.generate import GenerateOutput
 from zaya_jax.infer.rsa import context_bound
 from zaya_jax.infer.sampling import SamplingConfig
 from zaya_jax.model.decoder import abstract_model
@@ -506,11 +507,61 @@ def test_output_is_kept_and_partial_lines_resume_only_with_the_same_settings(tmp
     cli.AtomicJsonl(str(fresh), resumable=True, settings={"--seed": 1}).__enter__()
   with pytest.raises(cli.CLIError, match=r"other settings: --seed=1 \(now 2\)"):
     cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 2}).__enter__()
+  with pytest.raises(cli.CLIError, match=r"other settings: --beta=None \(now 32\)"):  # one the first run lacked
+    cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 1, "--beta": 32}).__enter__()
   with cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 1}) as out:
     assert out.done == [{"line": 1}]  # the cut line is dropped, to be decoded again
     out.write({"line": 2})
   assert fresh.read_text() == '{"line": 1}\n{"line": 2}\n'
   assert sorted(os.listdir(tmp_path)) == ["fresh.jsonl", "out.jsonl"]
+
+
+def test_round_figures_are_means_over_every_problem():
+  # A problem without a reference answer still has a population: its entropy counts, its correctness cannot.
+  def report(index, reference, entropies):
+    rounds = tuple(cli.RoundReport(answers=("1", "2"), majority="1", votes=1, entropy=e, generated=10, prefilled=5,
+                                   max_context=20) for e in entropies)
+    return cli.ProblemReport(index=index, problem=f"p{index}", reference=reference, answers=("1", "2"),
+                             finished=(True, True), majority="1", votes=1, generated=20, prefilled=10, max_context=20,
+                             rounds=rounds)
+
+  summary = cli.summarize([report(0, "1", [0.0, 0.0]), report(1, None, [1.0, 0.5])])
+  assert [r["entropy"] for r in summary["by_round"]] == [0.5, 0.25]
+  assert summary["by_round"][0]["mean_correct"] == 0.5
+
+
+def test_a_prompt_that_just_fits_the_context_is_accepted():
+  cli.check_fits_context([97], 4, 100, str)  # 97 prompt tokens + 3 fed back = 100 positions
+  with pytest.raises(cli.CLIError, match="needs 101 positions"):
+    cli.check_fits_context([98], 4, 100, str)
+
+
+class _ScriptedTokenizer:
+  pad_id, eos_id = 0, 7
+
+  def encode(self, text):
+    return [3] * len(text)
+
+  def decode(self, ids):
+    return " ".join(map(str, ids))
+
+
+def test_the_tokenizers_eos_stops_generation_and_each_batch_has_its_key(tmp_path, monkeypatch):
+  loaded = cli.LoadedModel(path=str(tmp_path), kind="hf", tokenizer=_ScriptedTokenizer(),
+                           config=zaya_jax.ZayaConfig.tiny(), load_weights=lambda: None)
+  assert loaded.stop_ids == (1, 7)  # the config's eos, then the tokenizer's
+  keys = []
+
+  def scripted_generate(model, prompts_BL, lens_B, *, key, **_):
+    keys.append(np.asarray(jax.random.key_data(key)).tolist())
+    rows = prompts_BL.shape[0]
+    return GenerateOutput(np.full((rows, 2), 5, np.int32), np.full((rows,), 2, np.int32))
+
+  monkeypatch.setattr(cli, "generate", scripted_generate)
+  out = cli.generate_completions(loaded, ["a", "b", "c"], chat=None, max_new_tokens=2,
+                                 sampling=SamplingConfig(temperature=1.0), n=2, seed=3, batch_size=4)
+  assert len(out) == 6  # 3 prompts x 2 samples in two batches of 4 rows, batch b drawn with fold_in(key(seed), b)
+  assert keys == [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(3), b))).tolist() for b in (0, 1)]
 
 
 # ------------------------------------------------------------------------------------------------------- bad inputs

@@ -26,6 +26,7 @@ def test_zaya1_8b_preset_matches_the_native_config():
     (lambda: ZayaConfig.tiny(dtype="float8"), "dtype"),
     (lambda: AttentionConfig(num_heads=6, num_kv_heads=4), "attention.num_heads"),
     (lambda: AttentionConfig(partial_rotary_factor=1.5), "attention.partial_rotary_factor"),
+    (lambda: AttentionConfig(partial_rotary_factor=0.0), "attention.partial_rotary_factor"),
     (lambda: AttentionConfig(backend="flash"), "attention.backend"),
     (lambda: MoEConfig(num_experts=0), "moe.num_experts"),
     (lambda: MoEConfig(backend="megablox"), "moe.backend"),
@@ -121,3 +122,53 @@ def test_from_hf_legacy_keys_translate():
 def test_from_hf_rejects_unsupported(raw, message):
   with pytest.raises(ValueError, match=message):
     ZayaConfig.from_hf(raw)
+
+
+# Every field to_hf writes set away from its default: a field dropped, crossed or defaulted on the way shows.
+ODD = ZayaConfig(
+    vocab_size=300, hidden_size=48, num_layers=3, layer_types=("hybrid", "hybrid_sliding", "hybrid"),
+    attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16, cca_time0=3, cca_time1=4, rope_theta=2e4,
+                              sliding_rope_theta=3e3, partial_rotary_factor=0.25, sliding_partial_rotary_factor=1.0,
+                              sliding_window=9, use_bias=True),
+    moe=MoEConfig(num_experts=5, intermediate_size=24, router_hidden_size=12),
+    rms_norm_eps=1e-6, max_position_embeddings=333, tie_word_embeddings=False, initializer_range=0.01,
+    bos_token_id=3, eos_token_id=(1, 4), pad_token_id=5, dtype="float16", param_dtype="float16")
+
+
+def test_to_hf_and_from_hf_round_trip_every_field():
+  assert ZayaConfig.from_hf(json.loads(json.dumps(ODD.to_hf()))) == ODD
+  # The folder's dtype is the stored weights' (param_dtype); compute in another dtype is a load-time choice.
+  assert ZayaConfig.tiny(dtype="bfloat16", param_dtype="float32").to_hf()["dtype"] == "float32"
+
+
+def test_from_hf_defaults_are_the_reference_defaults():
+  from transformers.models.zaya.configuration_zaya import ZayaConfig as ReferenceConfig
+
+  reference, ours = ReferenceConfig(), ZayaConfig.from_hf({"model_type": "zaya"})
+  assert ours == ZayaConfig()
+  assert (ours.rms_norm_eps, ours.tie_word_embeddings, ours.max_position_embeddings, ours.initializer_range) == (
+      reference.rms_norm_eps, reference.tie_word_embeddings, reference.max_position_embeddings,
+      reference.initializer_range)
+
+
+def test_legacy_swa_rotary_base_sets_the_sliding_theta():
+  legacy = {"model_type": "zaya", "num_hidden_layers": 4, "ffn_hidden_size": 64, "zaya_mlp_expansion": 8,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "kv_channels": 8, "hidden_size": 32,
+            "vocab_size": 96, "num_experts": 3, "eos_token_id": 1, "swa_layers": [0, 0, 63, 0], "swa_rotary_base": 2e4}
+  assert ZayaConfig.from_hf(legacy).attention.rope("hybrid_sliding")[0] == 2e4
+
+
+@pytest.mark.parametrize("field, change", [
+    ("attention.rope_theta", dict(attention=dict(rope_theta=1e4))),
+    ("attention.sliding_window", dict(attention=dict(sliding_window=7))),
+    ("rms_norm_eps", dict(rms_norm_eps=1e-6)),
+    ("tie_word_embeddings", dict(tie_word_embeddings=False)),
+])
+def test_a_checkpoint_of_another_architecture_is_named(field, change):
+  # Compute dtype and context length may differ between a checkpoint and the run that loads it; these may not.
+  from zaya_jax.checkpoint.hf import CheckpointError, check_same_architecture
+
+  cfg = ZayaConfig.tiny()
+  with pytest.raises(CheckpointError, match=re.escape(f"model.{field}:")):
+    check_same_architecture(cfg, cfg.replace(**change), what="ckpt")
+  check_same_architecture(cfg, cfg.replace(dtype="bfloat16", max_position_embeddings=64), what="ckpt")

@@ -59,6 +59,27 @@ def test_gmm_matches_per_group_loop(backend, transpose_rhs):
   assert not np.asarray(out)[group_sizes.sum():].any()
 
 
+@pytest.mark.parametrize("backend", ["tiled", "dense"])
+def test_experts_give_each_token_its_own_experts_output(backend):
+  # Token by token on the host: the sort by expert and the unsort must return every row to its own token (a wrong
+  # unsort passes any comparison between backends, which share it). Skip-slot tokens get zeros.
+  from zaya_jax.model.moe import Experts, swiglu
+
+  X, D, M = 5, 8, 23
+  experts = Experts(dataclasses.replace(ZayaConfig.tiny().moe, num_experts=X, intermediate_size=6, backend=backend),
+                    D, std=0.5, param_dtype=jnp.float32, rngs=nnx.Rngs(2))
+  rng = np.random.default_rng(4)
+  h_MD = rng.standard_normal((M, D)).astype(np.float32)
+  choice_M = rng.integers(0, X + 1, M).astype(np.int32)  # class X is the skip slot
+  weight_M = rng.random(M).astype(np.float32)
+  got_MD = np.asarray(experts(jnp.asarray(h_MD), jnp.asarray(choice_M), jnp.asarray(weight_M)))
+  gate_up, down = np.asarray(experts.gate_up_proj[...]), np.asarray(experts.down_proj[...])
+  for m, c in enumerate(choice_M):
+    want = 0.0 if c == X else weight_M[m] * (np.asarray(swiglu(jnp.asarray(h_MD[m] @ gate_up[c].T))) @ down[c].T)
+    np.testing.assert_allclose(got_MD[m], want, rtol=1e-5, atol=1e-6, err_msg=f"token {m}, expert {c}")
+  assert (choice_M == X).any() and len(set(choice_M.tolist())) == X + 1
+
+
 @pytest.mark.parametrize("other_backend", ["dense", "pallas"])
 def test_moe_backends_agree_on_logits_and_gradients(other_backend):
   cfg = ZayaConfig.tiny(num_layers=2)

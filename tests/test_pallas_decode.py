@@ -80,6 +80,23 @@ def test_equals_row_t_of_training_attention(window):
     assert rel_err(out, full[rows, t_B]) <= 1e-5, t_B
 
 
+@pytest.mark.parametrize("window", [None, 20])
+def test_splits_merge_by_the_largest_maximum(window):
+  # Scores rising over hundreds of base-2 units from the first split to the last: merged by any split's maximum but
+  # the largest, the rescaling overflows. (Unit-sized random scores never show that.)
+  rng = np.random.default_rng(0)
+  B, S, H, K, E = 2, 64, 2, 1, 16
+  q = np.zeros((B, H, E), np.float32)
+  q[..., 0] = 40.0
+  k = rng.standard_normal((B, K, E, S)).astype(np.float32)
+  k[:, :, 0, :] = np.linspace(-10, 10, S)
+  v = rng.standard_normal((B, K, S, E)).astype(np.float32)
+  args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray([64, 50], jnp.int32))
+  out = np.asarray(da.decode_attention(*args, sliding_window=window, block_k=16, num_splits=4, interpret=True))
+  np.testing.assert_allclose(out, np.asarray(da.decode_attention_reference(*args, sliding_window=window)),
+                             rtol=1e-4, atol=1e-5)
+
+
 def test_every_partial_written_and_empty_splits_finite():
   # Partials start as aliased NaN buffers: every element (padded head rows and columns included) must be written. The
   # length-1 row leaves splits 1..3 empty: m = -inf, l = 0, acc = 0 there, and the merged output is still finite.

@@ -66,6 +66,68 @@ def test_every_output_element_is_written():
   assert rel_err(out, plain_gmm(lhs, rhs, gs)) <= 1e-5
 
 
+def test_tiles_write_only_their_own_rows(monkeypatch):
+  # Interpret mode runs the work tiles in order, so a tile writing past its group's end is overwritten by the next
+  # group's tile and goes unseen (on a GPU the programs race). Run in reverse, such a write would survive.
+  import pallas_kernels.gmm as pallas_gmm
+
+  in_order = pallas_gmm.work_tiles
+  monkeypatch.setattr(pallas_gmm, "work_tiles", lambda *a: tuple(x[::-1] for x in in_order(*a)))
+  lhs, rhs, gs = operands(jnp.float32, False)
+  out = _gmm_call(lhs, rhs, gs, False, SMALL.gmm, interpret=True, out_init=jnp.full((M, N), jnp.nan, jnp.float32))
+  assert rel_err(out, plain_gmm(lhs, rhs, gs)) <= 1e-5
+
+
+def test_the_worst_case_needs_every_work_tile():
+  # Each group, and the rows past them, one row past a block multiple: ceil(M / block_m) + G tiles, all needed.
+  sizes, rows = np.array([17, 1, 33, 1], np.int32), 53
+  rng = np.random.default_rng(3)
+  lhs = jnp.asarray(rng.standard_normal((rows, K), np.float32))
+  rhs = jnp.asarray(rng.standard_normal((4, K, N), np.float32))
+  out = _gmm_call(lhs, rhs, jnp.asarray(sizes), False, SMALL.gmm, interpret=True,
+                  out_init=jnp.full((rows, N), jnp.nan, jnp.float32))
+  assert rel_err(out, plain_gmm(lhs, rhs, jnp.asarray(sizes))) <= 1e-5  # NaN where a tile was missing
+
+
+@pytest.mark.parametrize("kind", sorted(GMM_TUNING))
+def test_gmm_and_its_gradient_launch_with_the_devices_table_entry(kind, monkeypatch):
+  # On a CPU every lookup is "fallback": the kernel launches are spied on under each device kind instead.
+  import pallas_kernels.gmm as pallas_gmm
+
+  launched = []
+
+  def fake_gmm_call(lhs, rhs, gs, transpose_rhs, blocks, interpret, out_init=None):
+    launched.append(("gmm", blocks))
+    return jnp.zeros((lhs.shape[0], rhs.shape[1] if transpose_rhs else rhs.shape[2]), lhs.dtype)
+
+  def fake_tgmm_call(lhs, dout, gs, out_dtype, blocks, interpret):
+    launched.append(("tgmm", blocks))
+    return jnp.zeros((gs.shape[0], lhs.shape[1], dout.shape[1]), out_dtype)
+
+  monkeypatch.setattr(pallas_gmm, "device_kind", lambda device=None: kind)
+  monkeypatch.setattr(pallas_gmm, "_gmm_call", fake_gmm_call)
+  monkeypatch.setattr(pallas_gmm, "_tgmm_call", fake_tgmm_call)
+  lhs, rhs, gs = jnp.ones((8, 16)), jnp.ones((2, 16, 16)), jnp.asarray([3, 5], jnp.int32)
+  jax.grad(lambda a, b: jnp.sum(gmm(a, b, gs)), argnums=(0, 1))(lhs, rhs)
+  want = GMM_TUNING[kind]
+  assert launched == [("gmm", want.gmm), ("gmm", want.gmm), ("tgmm", want.tgmm)], launched
+
+
+@pytest.mark.parametrize("name, capability, kind", [
+  ("NVIDIA H200", "9.0", "h200"), ("NVIDIA H100 80GB HBM3", "9.0", "h100"), ("AMD Instinct MI300X", "gfx942", "gfx942"),
+  ("", "gfx942:sramecc+:xnack-", "gfx942"), ("NVIDIA A100-SXM4-80GB", "8.0", "fallback"), ("cpu", "", "fallback")])
+def test_device_kinds_pick_their_block_configs(name, capability, kind):
+  from types import SimpleNamespace
+
+  from pallas_kernels import cca_attention, decode_attention
+
+  device = SimpleNamespace(device_kind=name, compute_capability=capability)
+  assert device_kind(device) == kind
+  row = {"gfx942": 0, "h100": 1, "h200": 1, "fallback": 2}[kind]  # BLOCK_CONFIGS: gfx942, Hopper, fallback
+  assert cca_attention.default_block_config(device) == cca_attention.BLOCK_CONFIGS[row]
+  assert decode_attention.default_block_config(device) == decode_attention.BLOCK_CONFIGS[row]
+
+
 @pytest.mark.parametrize("field, value", [("block_m", 48), ("block_k", 8), ("num_warps", 3), ("block_n", 0)])
 def test_block_sizes_checked_before_tracing(field, value):
   blocks = {"block_m": 16, "block_k": 16, "block_n": 16, "num_warps": 4, "num_stages": 2, field: value}

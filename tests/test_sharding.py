@@ -117,6 +117,14 @@ def test_expert_dispatch_is_dropless_or_counts_every_drop(results, mesh):
   assert d["kept_max_abs_err"] <= 1e-5 and d["dropped_rows_zero"]
 
 
+def test_the_plan_is_active_while_the_step_traces(results):
+  # Values cannot tell: a step traced outside its plan computes the same numbers, without its activation
+  # constraints and, under an expert axis, with every expert's weights gathered instead of the tokens exchanged.
+  for name in STEPPED:
+    assert results[name]["constraints"] > 0, name
+  assert results["ep"]["all_to_all"] >= 2 and results["zero1"]["all_to_all"] == 0  # dispatch and return per layer
+
+
 def test_expert_dispatch_follows_the_rules(results):
   d = results["dispatch"]["replicated_experts"]
   # capacity_factor 1.0 over one expert group per device: nothing is dropped when no token leaves its device.
@@ -186,6 +194,13 @@ def test_mesh_parsing_and_validation_before_compiling():
   with pytest.raises(ShardingError, match=r"would cut inside the 2 kv heads"):
     ShardingPlan(AbstractMesh((1, 1, 1, 4), MESH_AXES, axis_types=(AxisType.Auto,) * 4),
                  ShardingRules(kv=("tensor",))).check_heads(attention)
+  # The ragged exchange where the backend has it (GPU, TPU), and dropless only: a capacity takes the padded one.
+  from zaya_jax.parallel.expert import resolve_exchange
+
+  assert resolve_exchange("auto") == "padded"  # CPU
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_exchange("auto") == "ragged" and resolve_exchange("auto", 1.0) == "padded"
   # ... and ZeRO-1 over 8 x 16 hosts leaves about 1/128 of the optimizer state per device.
   mesh = AbstractMesh((128, 1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
   plan = ShardingPlan(mesh, zero1=True)
