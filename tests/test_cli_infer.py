@@ -10,6 +10,7 @@ and the RSA runs (scripted in-process, the CLI's, the in-process replay) use one
 session's persistent compilation cache (conftest.py), so they compile nothing the module compiled before them.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 from flax import nnx
 
 import zaya_jax
@@ -562,6 +564,97 @@ def test_the_tokenizers_eos_stops_generation_and_each_batch_has_its_key(tmp_path
                                  sampling=SamplingConfig(temperature=1.0), n=2, seed=3, batch_size=4)
   assert len(out) == 6  # 3 prompts x 2 samples in two batches of 4 rows, batch b drawn with fold_in(key(seed), b)
   assert keys == [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(3), b))).tolist() for b in (0, 1)]
+
+
+def _launch_rsa():
+  """launch/rsa.py imported in this process, for its flag plumbing (absl flags are global: defined once)."""
+  name = "_launch_rsa_under_test"
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(name, RSA)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+  return sys.modules[name]
+
+
+def _run_rsa_cli(tmp_path, monkeypatch, tokenizer, args):
+  """launch/rsa.py's main with `args` on one problem: (solve_problem's call, its sampling, its final sampling)."""
+  mod = _launch_rsa()
+  (tmp_path / "config.json").write_text("{}")  # the fingerprint hashes it; no weights are ever read
+  loaded = cli.LoadedModel(path=str(tmp_path), kind="hf", tokenizer=tokenizer, config=zaya_jax.ZayaConfig.tiny(),
+                           load_weights=lambda: "weights")
+  monkeypatch.setattr(cli, "load_model", lambda *a, **k: loaded)
+  made, calls = [], []
+
+  def scripted_make_decode_fn(model, *, sampling, stop_token_ids):
+    def never_called(*args):  # solve_problem is scripted
+      raise AssertionError("decode_fn called")
+
+    made.append((never_called, sampling))
+    return never_called
+
+  def solve_problem(cfg, pieces, decode_fn, tok, problem, key, stop_ids, *, on_round, answer_after, final_decode_fn):
+    calls.append(dict(cfg=cfg, decode_fn=decode_fn, final_decode_fn=final_decode_fn, problem=problem,
+                      answer_after=answer_after))
+    texts = ["\\boxed{4}"] * cfg.n
+    return cli.report_problem(problem, texts, [True] * cfg.n, 1, 1, 1, answer_after), texts
+
+  monkeypatch.setattr(mod, "make_decode_fn", scripted_make_decode_fn)
+  monkeypatch.setattr(cli, "solve_problem", solve_problem)
+  flags.FLAGS.unparse_flags()
+  try:
+    flags.FLAGS(["rsa.py", f"--model={tmp_path}", "--problem=What is 2+2?", *args])
+    assert mod.main([]) == 0
+  finally:
+    flags.FLAGS.unparse_flags()
+  (call,) = calls
+  samplings = {id(fn): s for fn, s in made}
+  return call, samplings[id(call["decode_fn"])], samplings[id(call["final_decode_fn"])]
+
+
+def test_rsa_cli_flags_reach_the_sampler(tmp_path, monkeypatch, hf):
+  # The subprocess test compares the CLI with cli.solve_problem in process: what both share, and flags it does not
+  # pass, go unseen there. Here launch/rsa.py runs in process, its model and sampler scripted (no weights, no compile).
+  tokenizer = hf.tokenizer
+  call, sampling, final = _run_rsa_cli(tmp_path, monkeypatch, tokenizer, [
+    "--template=delethink", "--n=3", "--c=1", "--t=2", "--tau=4", "--beta=8", "--beta_first=12",
+    "--tail_source=reasoning", "--end_think=</think>", "--answer_after_think", "--answer=4",
+    "--temperature=0.7", "--final_temperature=0", "--final_top_k=5"])
+  cfg = call["cfg"]
+  assert (cfg.n, cfg.c, cfg.t, cfg.tau, cfg.beta, cfg.beta_first) == (3, 1, 2, 4, 8, 12)
+  assert cfg.keep_finished and cfg.self_continue  # true Delethink: a chain that ended is not continued
+  assert cfg.tail_source == "reasoning"
+  assert cfg.end_think == tuple(tokenizer.hf.encode("</think>", add_special_tokens=False).ids)
+  assert call["answer_after"] == "</think>" and call["problem"].answer == "4"
+  assert sampling == SamplingConfig(0.7, None, 1.0) and final == SamplingConfig(0.0, 5, 1.0)
+
+
+def test_c1_with_an_aggregation_template_refines_finished_traces(tmp_path, monkeypatch, hf):
+  tokenizer = hf.tokenizer
+  call, sampling, final = _run_rsa_cli(tmp_path, monkeypatch, tokenizer, [
+    "--template=rsa", "--n=2", "--c=1", "--t=1", "--tau=4", "--beta=8"])
+  assert not call["cfg"].keep_finished and call["answer_after"] is None and call["problem"].answer is None
+  assert call["final_decode_fn"] is call["decode_fn"] and sampling == final == SamplingConfig(1.0, None, 1.0)
+
+
+def test_solve_problem_decodes_the_last_round_with_the_final_decoder(hf):
+  tokenizer = hf.tokenizer
+  cfg = cli.rsa_config(n=2, c=1, t=1, tau=4, beta=16, beta_final=None, tail_source="all", end_think=(), q_max=64,
+                       max_context=1024, pad_id=0, seed=0)
+  pieces = P.encode_pieces(tokenizer.hf, P.RSA_REFERENCE, 1, None)
+
+  def scripted(answer):
+    ids = [*tokenizer.encode(f"\\boxed{{{answer}}}"), tokenizer.eos_id]
+
+    def decode(key, prompts_BL, lens_B, max_new):
+      tokens = np.zeros((cfg.n, max_new), np.int32)
+      tokens[:, :len(ids)] = ids
+      return tokens, np.full((cfg.n,), len(ids), np.int32)
+    return decode
+
+  report, _ = cli.solve_problem(cfg, pieces, scripted("3"), tokenizer, cli.Problem(0, 0, "What is 2+2?", "4"),
+                                    jax.random.key(0), (tokenizer.eos_id,), final_decode_fn=scripted("4"))
+  assert report.rounds[0].answers == ("3", "3") and report.answers == ("4", "4") and report.mean_correct == 1.0
 
 
 # ------------------------------------------------------------------------------------------------------- bad inputs

@@ -6,6 +6,7 @@ regex, as most LLM tokenizers) trained here on a few KB of text in about a secon
 """
 
 import dataclasses
+import datetime
 import itertools
 import json
 
@@ -270,3 +271,26 @@ def test_chat_template_names_come_from_where_transformers_takes_them(tmp_path, t
                                                                           add_generation_prompt=True)
   assert P.load_chat_template(tmp_path).user(messages[0]["content"]) == expected
   assert expected.startswith("<|im_start|>" if with_added_tokens else "<|bos|><|im_start|>")
+
+
+def test_single_candidate_wording_is_data():
+  # The reference wording (documented in prompts.py) is data: a change to it is a change to the method's prompts.
+  assert P.MARKOVIAN_ZAYA.user_text("q", ["t"]) == (
+    P.RSA_REFERENCE.intro_single + "\n[[ Problem ]]:\n\nq\n\n[[ Candidate solutions (may contain mistakes) ]]\n\n"
+    "---- Candidate ----\nt\n\nNow, based on the original problem and the reference response above, please provide "
+    "your own comprehensive solution.")
+  single = P.RSA_REFERENCE.user_text("q", ["t"])
+  assert single.endswith("Now refine the candidate into an improved solution. Provide clear reasoning and end with the "
+                         "final answer in \\boxed{}.")
+  assert "Candidate solution (may contain mistakes):\n" in single
+
+
+def test_chat_environment_has_loop_controls_and_strftime_now():
+  # transformers renders chat templates with these, and real templates use them.
+  msgs = [{"role": "user", "content": c} for c in "abc"]
+  assert P.render_chat("{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}{{ m.content }}"
+                       "{% endfor %}", msgs) == "ab"
+  assert P.render_chat("{% for m in messages %}{% if m.content == 'b' %}{% continue %}{% endif %}{{ m.content }}"
+                       "{% endfor %}", msgs) == "ac"
+  year = P.render_chat("{{ strftime_now('%Y') }}", msgs)
+  assert year in {str(datetime.date.today().year), str(datetime.date.today().year - 1)}

@@ -705,3 +705,67 @@ def test_answer_after_think_scores_only_what_follows_the_reasoning():
   after = cli.report_problem(problem, texts, [False, True], 10, 10, 10, answer_after="</think>")
   assert whole.answers == ("7", "7") and whole.mean_correct == 1.0
   assert after.answers == (None, "7") and after.mean_correct == 0.5  # a box inside cut-off reasoning is no answer
+
+
+# ------------------------------------------------------------------------------ Delethink rows, tails, t = 0 (audit)
+
+FIRST = DELETHINK.beta + DELETHINK.tau  # round 0's budget: the only call with this max_new
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def stop_first_chunk_decoder(key, prompts_BL, plen_B, max_new):
+  """count_decoder; in round 0 (max_new == FIRST) every row writes EOS as its third token. Later calls never stop."""
+  tokens_BM, len_B = count_decoder(key, prompts_BL, plen_B, max_new)
+  if max_new == FIRST:
+    return tokens_BM.at[:, 2].set(EOS), jnp.full_like(len_B, 3)
+  return tokens_BM, len_B
+
+
+def test_delethink_rows_that_finished_stay_finished_and_cost_nothing():
+  # Every trace ends in round 0; their re-decodes (discarded) run to the budget. A kept trace must stay finished (not
+  # be continued from round 2 on), and rounds with every row kept count no tokens, prompts or context.
+  cfg = dataclasses.replace(DELETHINK, stop_ids=(EOS,), beta_first=FIRST)
+  seen = []
+
+  def plain(key, prompts_BL, plen_B, max_new):  # no skips_empty_prompts: must get every row's real prompt
+    seen.append(np.asarray(plen_B).tolist())
+    return stop_first_chunk_decoder(key, prompts_BL, plen_B, max_new)
+
+  state = rsa.run_loop(cfg, CONTINUE_PIECES, plain, QUESTION, KEY)
+  assert_states_equal(state, rsa.run(cfg, CONTINUE_PIECES, stop_first_chunk_decoder, QUESTION, KEY))
+  assert state.finished_N.tolist() == [True] * cfg.n
+  pool = np.asarray(state.pool_NG)
+  for b in range(cfg.n):
+    np.testing.assert_array_equal(pool[b], [1000 * (b + 1), 1000 * (b + 1) + 1, EOS] + [PAD] * (FIRST - 3))
+  for name in ("generated_R", "prefilled_R", "max_prompt_R", "max_context_R"):
+    np.testing.assert_array_equal(getattr(state, name)[1:], [0] * cfg.t, err_msg=name)
+  assert len(seen) == cfg.rounds and all(min(p) > 0 for p in seen), seen
+
+
+def test_reasoning_tails_end_at_the_first_marker():
+  cfg = RSAConfig(n=2, c=2, t=1, tau=3, beta=9, q_max=4, tail_source="reasoning", end_think=[60, 61])
+  tokens = np.array([[50, 51, 60, 61, 52, 53, 60, 61, 54], [50, 51, 52, 53, 60, 61, 70, 60, 61]], np.int32)
+  state = rsa.state_from_population(cfg, jax.random.key(0), tokens, np.array([9, 9]))
+  np.testing.assert_array_equal(state.tail_end_N, [2, 4])
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def one_token_decoder(key, prompts_BL, plen_B, max_new):
+  tokens_BM, _ = full_decoder(key, prompts_BL, plen_B, max_new)
+  return tokens_BM, jnp.ones((prompts_BL.shape[0],), jnp.int32)
+
+
+def test_parallel_sampling_decodes_round_0_with_the_final_decoder():
+  cfg = RSAConfig(n=3, c=2, t=0, tau=3, beta=4, beta_final=7, q_max=4)
+  for driver in (rsa.run, rsa.run_loop):
+    state = driver(cfg, pieces_for(cfg.c), one_token_decoder, QUESTION, KEY, final_decode_fn=full_decoder)
+    np.testing.assert_array_equal(state.pool_len_N, [cfg.final_budget] * cfg.n, err_msg=driver.__name__)
+
+
+def test_normalize_answer_keeps_signs_and_drops_presentation():
+  n = ans.normalize_answer
+  for a, b in (("-5", "5"), (r"-\frac{1}{2}", r"\frac{1}{2}"), ("-0.5", "0.5"), ("-12", "12")):
+    assert n(a) != n(b), (a, b)  # a sign is part of the answer, not presentation
+  for variants in ([r"\left(1,2\right)", "(1,2)"], [r"\left[0,1\right)", "[0,1)"], [r"1\,000", "1000", r"1\!000"],
+                   [r"5\ \text{cm}", r"5\quad\text{cm}", "5cm"], [r"50\%", "50%", "50"]):
+    assert len({n(v) for v in variants}) == 1, variants
