@@ -2,14 +2,18 @@
 
 import dataclasses
 import gzip
+import json
 import math
 import os
 
 import grain
 import numpy as np
 import pytest
+import tokenizers
 
-from zaya_jax.tokenizer import load_or_train, load_tokenizer, train_bpe
+from zaya_jax.checkpoint.hf import CheckpointError
+from zaya_jax.tokenizer import TRAINED_FOR_FILE, load_or_train, load_tokenizer, train_bpe
+from zaya_jax.train.checkpointing import _saved_data_position
 from zaya_jax.train.data import DataConfig, _subset, default_documents, make_data, write_token_records
 
 T, B = 32, 4
@@ -533,3 +537,80 @@ def test_seed_range_and_interrupted_token_records(tmp_path):
   with pytest.raises(KeyboardInterrupt):
     write_token_records(path, interrupted())
   assert os.listdir(tmp_path) == []  # no truncated file a later run would read as the whole corpus
+
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def _words_text(n_docs=24):
+  """n_docs documents of random words, separated by a line of '='."""
+  rng = np.random.default_rng(0)
+  return "\n=====\n".join(" ".join(rng.choice(WORDS, int(rng.integers(20, 80)))) for _ in range(n_docs))
+
+
+def test_the_token_cache_and_split_depend_on_the_tokenizer_and_names_not_on_where_the_corpus_lives(tmp_path):
+  for where in ("a", "b"):
+    (tmp_path / where).mkdir()
+    (tmp_path / where / "corpus.txt").write_text(_words_text())
+  cfg = DataConfig(paths=(str(tmp_path / "a" / "corpus.txt"),), seq_len=16, batch_size=2, vocab_size=300,
+                   eval_fraction=0.25, doc_separator="\n=====\n", prefetch=0, num_threads=1)
+  run = tmp_path / "run"
+  first = make_data(cfg, run, process_index=0, process_count=1)
+  eval_first = [b["input_ids"] for b in first.eval]
+  # The same file elsewhere is the same corpus: same names, fingerprint, cache and held-out split.
+  moved = make_data(DataConfig(**{**cfg.__dict__, "paths": (str(tmp_path / "b" / "corpus.txt"),)}), run,
+                    process_index=0, process_count=1)
+  assert moved.info.fingerprint == first.info.fingerprint and moved.info.cache_hit
+  assert all(np.array_equal(x, y) for x, y in zip(eval_first, [b["input_ids"] for b in moved.eval], strict=True))
+  # A retrained tokenizer (the error message's "delete it and retrain") must not reuse the old ids.
+  os.remove(run / "tokenizer.json")
+  os.remove(run / TRAINED_FOR_FILE)
+  retrained = make_data(DataConfig(**{**cfg.__dict__, "vocab_size": 270}), run, process_index=0, process_count=1)
+  assert not retrained.info.cache_hit and retrained.info.cache_file != first.info.cache_file
+  assert retrained.info.fingerprint != first.info.fingerprint
+
+
+def test_array_record_split_follows_file_names_and_negative_ids_are_refused(tmp_path):
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(2, 500, int(rng.integers(10, 60))) for _ in range(40)]
+  evals = []
+  for where in ("a", "b"):  # the same file in another folder holds out the same records
+    (tmp_path / where).mkdir()
+    write_token_records(tmp_path / where / "ids.array_record", docs, eos_id=1)
+    cfg = DataConfig(paths=(str(tmp_path / where / "ids.array_record"),), seq_len=16, batch_size=2,
+                     eval_fraction=0.2, shuffle=False, prefetch=0)
+    data = make_data(cfg, tmp_path / f"run_{where}", process_index=0, process_count=1)
+    evals.append(np.concatenate([b["input_ids"] for b in data.eval]))
+  np.testing.assert_array_equal(evals[0], evals[1])
+  # A negative id would index the embedding out of bounds silently under jit.
+  write_token_records(tmp_path / "neg.array_record", [np.arange(40) - 3])
+  cfg = DataConfig(paths=(str(tmp_path / "neg.array_record"),), seq_len=8, batch_size=1, eval_fraction=0.0,
+                   prefetch=0)
+  with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 511\]"):
+    make_data(cfg, tmp_path / "run_neg", model_vocab_size=512, process_index=0, process_count=1)
+
+
+def test_a_tokenizer_without_pad_pads_with_eos(tmp_path):
+  # Pad = eos when the tokenizer has no pad token (not id 0, a real token).
+  hf = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "</s>": 1, "b": 2}, unk_token="a"))
+  hf.save(str(tmp_path / "tokenizer.json"))
+  tok = load_tokenizer(tmp_path)
+  assert (tok.eos_id, tok.pad_id) == (1, 1)
+
+
+def test_a_cached_bpe_from_before_the_trained_for_record_is_checked_by_its_size(tmp_path):
+  # A run dir from before tokenizer_trained_for.json: a 300-token BPE is not silently reused for 260.
+  train_bpe([_words_text()] * 4, 300, tmp_path / "tokenizer.json")
+  assert not (tmp_path / TRAINED_FOR_FILE).exists()
+  with pytest.raises(ValueError, match=r"has 300 tokens, but this launch asks for vocab_size 260"):
+    load_or_train(tmp_path, lambda: [], 260)
+
+
+def test_processes_that_saved_different_data_positions_are_refused(tmp_path):
+  # A checkpoint whose hosts disagree cannot be resumed on another host count.
+  folder = tmp_path / "7" / "data"
+  folder.mkdir(parents=True)
+  for p, pos in enumerate(({"next": 3}, {"next": 4})):
+    (folder / f"process_{p + 5}-of-9.json").write_text(json.dumps(pos))
+  with pytest.raises(CheckpointError, match=r"2 processes saved different data positions"):
+    _saved_data_position(str(tmp_path / "7"))

@@ -86,7 +86,8 @@ def plan(*args):
 
 
 def gib(out: str, row: str) -> float:
-  return float(re.search(rf"^  {row}\s+([\d.]+) GiB", out, re.M).group(1))
+  value, unit = re.search(rf"^  {row}\s+([\d.]+) (GiB|MiB)", out, re.M).groups()
+  return float(value) / (1 if unit == "GiB" else 1024)
 
 
 def test_planner_zero1_on_one_and_sixteen_mi300x_nodes():
@@ -102,8 +103,12 @@ def test_planner_zero1_on_one_and_sixteen_mi300x_nodes():
   for out in (one_node, sixteen):
     assert gib(out, "parameters") == pytest.approx(8_840_488_784 * 4 / 2**30, abs=0.01)  # fp32 masters, replicated
     assert "FITS" in out and "DOES NOT FIT" not in out
-  # ZeRO-1 splits the optimizer state over the data axis: 16x more ways across 16 nodes.
+  # ZeRO-1 splits the optimizer state over the data axis: 16x more ways across 16 nodes; without it, replicated.
   assert gib(sixteen, "optimizer state") * 16 == pytest.approx(gib(one_node, "optimizer state"), rel=0.05)
+  assert gib(configured, "optimizer state") == pytest.approx(8 * gib(one_node, "optimizer state"), rel=0.02)
+  # Accumulating over micro-batches holds a gradient copy; one micro-batch needs none.
+  assert gib(one_node, "gradient accumulator") == gib(one_node, "parameters")
+  assert gib(configured, "gradient accumulator") == 0
   rc, out, err = plan("--mesh=data:3")
   assert rc == 1 and err.startswith("error: batch size 1024") and "does not split" in err and "Traceback" not in err
   # The config's parallel settings are planned as train.py runs them (--mesh and --zero1 are their shorthands).

@@ -23,6 +23,7 @@ from flax import nnx
 from zaya_jax.checkpoint.hf import CheckpointError, flat_params
 from zaya_jax.config import ZayaConfig
 from zaya_jax.model.decoder import ZayaForCausalLM, forward
+from zaya_jax.train import loop as loop_lib
 from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.balancing import BalancingConfig
 from zaya_jax.train.checkpointing import RunCheckpointer, load_run
@@ -176,16 +177,34 @@ def test_a_resume_on_an_edited_corpus_says_so(tmp_path, corpus, straight):
     assert any("the corpus differs" in x for x in lines) == noted, lines
 
 
-def test_a_resume_runs_the_eval_a_kill_after_the_save_skipped(tmp_path, corpus, straight):
+def test_a_resume_runs_the_eval_a_kill_after_the_save_skipped(tmp_path, corpus, straight, monkeypatch):
   """An eval step saves, then evaluates: a kill in between left no eval row for that step, and the resume (which
   starts after it) never ran it. Now the resume evaluates it first, once. Without a held-out split: no eval rows."""
   workdir = tmp_path / "run"
   shutil.copytree(straight[0], workdir)
   shutil.rmtree(workdir / "checkpoints" / str(2 * N))  # as if killed in step N's eval: step N is the latest save
   lines = []
-  train(small_config(corpus, 2 * N, N, [f"loop.eval_every={N}", "loop.sample_tokens=0"]), workdir, log=lines.append)
+  cfg = small_config(corpus, 2 * N, N, [f"loop.eval_every={N}", "loop.sample_tokens=0"])
+  train(cfg, workdir, log=lines.append)
   assert [r["step"] for r in metrics(workdir) if "eval_loss" in r] == [N, 2 * N]
   assert sum("missed before the resume" in x for x in lines) == 1, lines
+  # Killed after step N's eval this time: its row is there, and the resume must not evaluate it again.
+  shutil.rmtree(workdir / "checkpoints" / str(2 * N))
+  peak = 1e9
+  monkeypatch.setattr(loop_lib, "peak_flops_per_device", lambda: (peak, "test peak"))
+  lines.clear()
+  train(cfg, workdir, log=lines.append)
+  with open(workdir / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]  # with the timing fields, which metrics() leaves out
+  assert [r["step"] for r in rows if "eval_loss" in r] == [N, 2 * N]
+  assert not any("missed before the resume" in x for x in lines), lines
+  # MFU = tokens/s x training FLOPs per token / (peak x devices), on every timed row of this launch (the first
+  # step of a launch compiles and is not timed).
+  timed = [r for r in rows if r["step"] > N and r.get("tokens_per_s") is not None]
+  assert len(timed) == N - 1
+  for r in timed:
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * loop_lib.train_flops_per_token(cfg)
+                                     / (peak * jax.device_count()), rel=1e-9)
   lines.clear()
   train(small_config(corpus, 2 * N + 1, N, ["data.eval_fraction=0.0", "loop.eval_every=1", "loop.sample_tokens=0"]),
         workdir, log=lines.append)
@@ -409,6 +428,13 @@ def test_overrides_and_json_round_trip(tmp_path):
   with pytest.raises(ValueError, match="unknown experiment config 'huge'"):
     get_experiment("huge")
   assert isinstance(get_experiment("zaya1_8b"), ExperimentConfig)
+  # None for optional fields, and a tuple in a union field, which JSON stores as a list and must give back a tuple.
+  cfg = override(get_experiment("tiny"), ["data.default_corpus_bytes=None", "model.attention.sliding_window=None",
+                                          "loop.init_from=None", "model.eos_token_id=(1, 2)"])
+  assert cfg.data.default_corpus_bytes is None and cfg.model.attention.sliding_window is None
+  assert cfg.model.eos_token_id == (1, 2)
+  save_json(cfg, tmp_path / "union.json")
+  assert load_json(tmp_path / "union.json") == cfg
 
 
 def test_gradient_accumulation_matches_one_batch():
