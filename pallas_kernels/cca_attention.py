@@ -298,8 +298,6 @@ def segment_extent(segment_ids_BT):
   return first_key_BT, last_query_BT
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "block_q", "block_k", "num_warps", "num_stages",
-                                             "interpret", "_poison"))
 def flash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, sliding_window: int | None = None,
                     block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
                     interpret: bool | None = None, _poison: bool = False):
@@ -311,6 +309,19 @@ def flash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, sliding_window: i
   shrink to the padded length for short rows. T is padded to a block multiple and E to a power of two >= 16 here.
   interpret=None: interpret mode on CPU, compiled Triton elsewhere.
   """
+  # Resolved here, outside the jit: its trace cache does not key on the backend, so a trace made for one platform
+  # (interpret mode on CPU) would be reused for a program lowered for another.
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  return _flash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, sliding_window=sliding_window, block_q=block_q,
+                          block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                          _poison=_poison)
+
+
+@functools.partial(jax.jit, static_argnames=("sliding_window", "block_q", "block_k", "num_warps", "num_stages",
+                                             "interpret", "_poison"))
+def _flash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, sliding_window, block_q, block_k, num_warps,
+                     num_stages, interpret: bool, _poison: bool):
   check_blocks(dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                     sliding_window=sliding_window), "flash_attention")
   B, T, H, E = q_BTHE.shape
@@ -325,8 +336,6 @@ def flash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, sliding_window: i
   dtype = q_BTHE.dtype
   if dtype not in (jnp.bfloat16, jnp.float32, jnp.float16) or k_BSKE.dtype != dtype or v_BSKE.dtype != dtype:
     raise ValueError(f"q, k, v must share one of bf16/fp16/fp32, got {q_BTHE.dtype}, {k_BSKE.dtype}, {v_BSKE.dtype}")
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
 
   # Short rows: blocks no longer than the row (padded to 16, the smallest tl.dot dim) avoid computing pure padding.
   row = max(16, pl.next_power_of_2(T))

@@ -167,8 +167,6 @@ def _merge(acc_BKNGE, m_BKNG, l_BKNG):
   return acc_BKGE / jnp.where(l_BKG > 0, l_BKG, 1.0)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "block_k", "num_splits", "num_warps", "num_stages",
-                                             "interpret", "_poison"))
 def decode_attention(q_BHE, k_cache_BKES, v_cache_BKSE, lengths_B, *, sliding_window: int | None = None,
                      block_k: int = 64, num_splits: int = 8, num_warps: int = 4, num_stages: int = 2,
                      interpret: bool | None = None, _poison: bool = False):
@@ -181,6 +179,19 @@ def decode_attention(q_BHE, k_cache_BKES, v_cache_BKSE, lengths_B, *, sliding_wi
   output [B, H, E] in q's dtype. block_k must be a power of two >= 16 (see BLOCK_CONFIGS); it shrinks for short
   caches, and num_splits shrinks to the number of key blocks. interpret=None: interpret mode on CPU, Triton elsewhere.
   """
+  # Resolved here, outside the jit: its trace cache does not key on the backend, so a trace made for one platform
+  # (interpret mode on CPU) would be reused for a program lowered for another.
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  return _decode_attention(q_BHE, k_cache_BKES, v_cache_BKSE, lengths_B, sliding_window=sliding_window,
+                           block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                           interpret=interpret, _poison=_poison)
+
+
+@functools.partial(jax.jit, static_argnames=("sliding_window", "block_k", "num_splits", "num_warps", "num_stages",
+                                             "interpret", "_poison"))
+def _decode_attention(q_BHE, k_cache_BKES, v_cache_BKSE, lengths_B, *, sliding_window, block_k, num_splits,
+                      num_warps, num_stages, interpret: bool, _poison: bool):
   check_blocks(dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                     sliding_window=sliding_window), "decode_attention")
   B, H, E = q_BHE.shape
@@ -196,8 +207,6 @@ def decode_attention(q_BHE, k_cache_BKES, v_cache_BKSE, lengths_B, *, sliding_wi
   if dtype not in (jnp.bfloat16, jnp.float32, jnp.float16) or {k_cache_BKES.dtype, v_cache_BKSE.dtype} != {dtype}:
     raise ValueError(f"q and the caches must share one of bf16/fp16/fp32, got {q_BHE.dtype}, {k_cache_BKES.dtype}, "
                      f"{v_cache_BKSE.dtype}")
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
 
   G = H // K
   Gp = max(MIN_ROWS, pl.next_power_of_2(G))

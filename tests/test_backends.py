@@ -2,6 +2,7 @@
 a GPU the default backends put a decode step's attention and expert matmuls in the Triton kernels."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -80,12 +81,17 @@ def test_default_forward_on_a_gpu_runs_the_triton_kernels(monkeypatch):
   cfg = ZayaConfig.tiny(layer_types=("hybrid", "hybrid_sliding"), attention=attention)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: zaya_jax.ZayaForCausalLM(cfg, rngs=nnx.Rngs(0))))
 
-  def forward(params, ids_BT, segment_ids_BT):
+  def forward(params, ids_BT, segment_ids_BT, graphdef=graphdef):
     return nnx.merge(graphdef, params)(ids_BT, segment_ids_BT).logits_BTV
 
+  # The same kernel calls traced on this CPU first (interpret mode), as an earlier test in this worker may have done:
+  # the GPU program must not reuse those traces (the kernels resolve interpret mode outside their jit).
+  ids_BT = jax.ShapeDtypeStruct((2, 32), jnp.int32)
+  on_cpu = cfg.replace(attention=dataclasses.replace(attention, backend="pallas"))
+  cpu_graphdef, _ = nnx.split(nnx.eval_shape(lambda: zaya_jax.ZayaForCausalLM(on_cpu, rngs=nnx.Rngs(0))))
+  jax.eval_shape(functools.partial(forward, graphdef=cpu_graphdef), params, ids_BT, ids_BT)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  ids_BT = jax.ShapeDtypeStruct((2, 32), jnp.int32)
   module = jax.export.export(jax.jit(forward), platforms=["rocm"], disabled_checks=disabled)(
     params, ids_BT, ids_BT).mlir_module()
   kernels = re.findall(r'custom_call @__gpu\$xla\.gpu\.triton.*?name = \\?"(\w+)', module)

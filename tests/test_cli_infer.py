@@ -554,8 +554,11 @@ def test_the_tokenizers_eos_stops_generation_and_each_batch_has_its_key(tmp_path
   assert loaded.stop_ids == (1, 7)  # the config's eos, then the tokenizer's
   keys = []
 
-  def scripted_generate(model, prompts_BL, lens_B, *, key, **_):
+  stops = []
+
+  def scripted_generate(model, prompts_BL, lens_B, *, key, stop_token_ids, **_):
     keys.append(np.asarray(jax.random.key_data(key)).tolist())
+    stops.append(tuple(stop_token_ids))
     rows = prompts_BL.shape[0]
     return GenerateOutput(np.full((rows, 2), 5, np.int32), np.full((rows,), 2, np.int32))
 
@@ -564,6 +567,7 @@ def test_the_tokenizers_eos_stops_generation_and_each_batch_has_its_key(tmp_path
                                  sampling=SamplingConfig(temperature=1.0), n=2, seed=3, batch_size=4)
   assert len(out) == 6  # 3 prompts x 2 samples in two batches of 4 rows, batch b drawn with fold_in(key(seed), b)
   assert keys == [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(3), b))).tolist() for b in (0, 1)]
+  assert stops == [(1, 7), (1, 7)]  # what generate was told to stop at
 
 
 def _launch_rsa():
@@ -626,7 +630,7 @@ def test_rsa_cli_flags_reach_the_sampler(tmp_path, monkeypatch, hf):
   assert cfg.tail_source == "reasoning"
   assert cfg.end_think == tuple(tokenizer.hf.encode("</think>", add_special_tokens=False).ids)
   assert call["answer_after"] == "</think>" and call["problem"].answer == "4"
-  assert sampling == SamplingConfig(0.7, None, 1.0) and final == SamplingConfig(0.0, 5, 1.0)
+  assert sampling == SamplingConfig(temperature=0.7) and final == SamplingConfig(temperature=0.0, top_k=5)
 
 
 def test_c1_with_an_aggregation_template_refines_finished_traces(tmp_path, monkeypatch, hf):
@@ -634,7 +638,7 @@ def test_c1_with_an_aggregation_template_refines_finished_traces(tmp_path, monke
   call, sampling, final = _run_rsa_cli(tmp_path, monkeypatch, tokenizer, [
     "--template=rsa", "--n=2", "--c=1", "--t=1", "--tau=4", "--beta=8"])
   assert not call["cfg"].keep_finished and call["answer_after"] is None and call["problem"].answer is None
-  assert call["final_decode_fn"] is call["decode_fn"] and sampling == final == SamplingConfig(1.0, None, 1.0)
+  assert call["final_decode_fn"] is call["decode_fn"] and sampling == final == SamplingConfig(temperature=1.0)
 
 
 def test_solve_problem_decodes_the_last_round_with_the_final_decoder(hf):

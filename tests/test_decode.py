@@ -114,7 +114,7 @@ def test_greedy_decoding_matches_transformers_generate(case):
   assert len(set(ref_tokens.tolist())) > 1  # not a constant continuation
 
 
-def test_prompt_longer_than_max_len_raises_before_jit(case):
+def test_bad_prompts_raise_before_jit_and_steps_past_max_len_turn_nan(case):
   _, model, _ = case
   state = init_state(model.config, 2, 4)
   with pytest.raises(ValueError, match="max_len=4"):

@@ -122,7 +122,7 @@ def test_the_plan_is_active_while_the_step_traces(results):
   # constraints and, under an expert axis, with every expert's weights gathered instead of the tokens exchanged.
   for name in STEPPED:
     assert results[name]["constraints"] > 0, name
-  assert results["ep"]["all_to_all"] >= 2 and results["zero1"]["all_to_all"] == 0  # dispatch and return per layer
+  assert results["ep"]["all_to_all"] >= 2 and results["zero1"]["all_to_all"] == 0  # at least out and back once
 
 
 def test_expert_dispatch_follows_the_rules(results):
