@@ -192,6 +192,19 @@ def test_a_resume_runs_the_eval_a_kill_after_the_save_skipped(tmp_path, corpus, 
   shutil.rmtree(workdir / "checkpoints" / str(2 * N))
   peak = 1e9
   monkeypatch.setattr(loop_lib, "peak_flops_per_device", lambda: (peak, "test peak"))
+
+  class OneSecondPerReading:  # the loop's clock: every perf_counter() reading one second after the last
+    def __init__(self, real):
+      self.real, self.now = real, 0.0
+
+    def perf_counter(self):
+      self.now += 1.0
+      return self.now
+
+    def __getattr__(self, name):
+      return getattr(self.real, name)
+
+  monkeypatch.setattr(loop_lib, "time", OneSecondPerReading(loop_lib.time))
   lines.clear()
   train(cfg, workdir, log=lines.append)
   with open(workdir / "metrics.jsonl") as f:
@@ -203,6 +216,7 @@ def test_a_resume_runs_the_eval_a_kill_after_the_save_skipped(tmp_path, corpus, 
   timed = [r for r in rows if r["step"] > N and r.get("tokens_per_s") is not None]
   assert len(timed) == N - 1
   for r in timed:
+    assert r["tokens_per_s"] == cfg.data.batch_size * cfg.data.seq_len  # one step a second
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * loop_lib.train_flops_per_token(cfg)
                                      / (peak * jax.device_count()), rel=1e-9)
   lines.clear()
