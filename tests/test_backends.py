@@ -52,34 +52,41 @@ def test_pallas_backends_match_xla_backends_on_packed_rows():
     assert rel_err(pg[...], g[...]) <= 1e-4, path
 
 
+def two_layer_model(**attention):
+  """A two-layer model (the second layer sliding), abstract: (config, graphdef, params)."""
+  attention = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=5, **attention)
+  cfg = ZayaConfig.tiny(layer_types=("hybrid", "hybrid_sliding"), attention=attention)
+  return cfg, *nnx.split(nnx.eval_shape(lambda: zaya_jax.ZayaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+
+
+def triton_kernels(fn, platform: str, *args) -> list[str]:
+  """The names of the Triton kernels in `fn` lowered for `platform` (a GPU one) from this CPU, sorted."""
+  disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  module = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(*args).mlir_module()
+  return sorted(re.findall(r'custom_call @__gpu\$xla\.gpu\.triton.*?name = \\?"(\w+)', module))
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the Pallas Triton backend's, on every pallas_call
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
 def test_default_decode_step_on_a_gpu_runs_the_triton_kernels(platform, monkeypatch):
   # What "auto" picks on a GPU, lowered from this CPU: one decode step of a two-layer model (one sliding layer) has
   # each layer's attention in the flash-decoding kernel and its two expert matmuls in the grouped-matmul kernel.
-  attention = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=5)
-  cfg = ZayaConfig.tiny(layer_types=("hybrid", "hybrid_sliding"), attention=attention)
+  cfg, graphdef, params = two_layer_model()
   assert cfg.attention.backend == cfg.moe.backend == "auto"
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: zaya_jax.ZayaForCausalLM(cfg, rngs=nnx.Rngs(0))))
   state = jax.eval_shape(lambda: decode.init_state(cfg, 3, 40))
 
   def step(params, state, tokens_B):
     return decode._extend(nnx.merge(graphdef, params), state, tokens_B[:, None], jnp.ones_like(tokens_B))
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  module = jax.export.export(jax.jit(step), platforms=[platform], disabled_checks=disabled)(
-    params, state, jax.ShapeDtypeStruct((3,), jnp.int32)).mlir_module()
-  kernels = re.findall(r'custom_call @__gpu\$xla\.gpu\.triton.*?name = \\?"(\w+)', module)
-  assert sorted(kernels) == ["cca_decode"] * 2 + ["zaya_gmm"] * 4, kernels
+  kernels = triton_kernels(step, platform, params, state, jax.ShapeDtypeStruct((3,), jnp.int32))
+  assert kernels == ["cca_decode"] * 2 + ["zaya_gmm"] * 4, kernels
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_default_forward_on_a_gpu_runs_the_triton_kernels(monkeypatch):
   # The training and prefill path: each layer's attention in the flash kernel, its expert matmuls in the gmm kernel.
-  attention = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=5)
-  cfg = ZayaConfig.tiny(layer_types=("hybrid", "hybrid_sliding"), attention=attention)
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: zaya_jax.ZayaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+  _, graphdef, params = two_layer_model()
 
   def forward(params, ids_BT, segment_ids_BT, graphdef=graphdef):
     return nnx.merge(graphdef, params)(ids_BT, segment_ids_BT).logits_BTV
@@ -87,12 +94,8 @@ def test_default_forward_on_a_gpu_runs_the_triton_kernels(monkeypatch):
   # The same kernel calls traced on this CPU first (interpret mode), as an earlier test in this worker may have done:
   # the GPU program must not reuse those traces (the kernels resolve interpret mode outside their jit).
   ids_BT = jax.ShapeDtypeStruct((2, 32), jnp.int32)
-  on_cpu = cfg.replace(attention=dataclasses.replace(attention, backend="pallas"))
-  cpu_graphdef, _ = nnx.split(nnx.eval_shape(lambda: zaya_jax.ZayaForCausalLM(on_cpu, rngs=nnx.Rngs(0))))
+  _, cpu_graphdef, _ = two_layer_model(backend="pallas")
   jax.eval_shape(functools.partial(forward, graphdef=cpu_graphdef), params, ids_BT, ids_BT)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  module = jax.export.export(jax.jit(forward), platforms=["rocm"], disabled_checks=disabled)(
-    params, ids_BT, ids_BT).mlir_module()
-  kernels = re.findall(r'custom_call @__gpu\$xla\.gpu\.triton.*?name = \\?"(\w+)', module)
-  assert sorted(kernels) == ["cca_flash_fwd"] * 2 + ["zaya_gmm"] * 4, kernels
+  kernels = triton_kernels(forward, "rocm", params, ids_BT, ids_BT)
+  assert kernels == ["cca_flash_fwd"] * 2 + ["zaya_gmm"] * 4, kernels

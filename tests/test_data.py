@@ -539,13 +539,10 @@ def test_seed_range_and_interrupted_token_records(tmp_path):
   assert os.listdir(tmp_path) == []  # no truncated file a later run would read as the whole corpus
 
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-
-
 def _words_text(n_docs=24):
   """n_docs documents of random words, separated by a line of '='."""
   rng = np.random.default_rng(0)
-  return "\n=====\n".join(" ".join(rng.choice(WORDS, int(rng.integers(20, 80)))) for _ in range(n_docs))
+  return "\n=====\n".join(" ".join(rng.choice(_WORDS, int(rng.integers(20, 80)))) for _ in range(n_docs))
 
 
 def test_the_token_cache_and_split_depend_on_the_tokenizer_and_names_not_on_where_the_corpus_lives(tmp_path):
