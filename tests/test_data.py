@@ -14,7 +14,15 @@ import tokenizers
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.tokenizer import TRAINED_FOR_FILE, load_or_train, load_tokenizer, train_bpe
 from zaya_jax.train.checkpointing import _saved_data_position
-from zaya_jax.train.data import DataConfig, _subset, default_documents, make_data, write_token_records
+from zaya_jax.train.data import (
+  DataConfig,
+  _mix64,
+  _name_hash,
+  _subset,
+  default_documents,
+  make_data,
+  write_token_records,
+)
 
 T, B = 32, 4
 _WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -113,7 +121,10 @@ def test_packing_reconstructs_documents_and_eval_split(corpus):
                    process_index=0, process_count=1)
   tok = data.tokenizer
   assert (tok.pad_id, tok.eos_id) == (0, 1) and tok.vocab_size <= 300
-  n_eval = math.ceil(0.2 * len(texts))
+  # Held out: the documents whose name hashes below 0.2 * 2**64 (4 of these 24).
+  want_eval = sorted(n for n in texts if _name_hash(n) < 0.2 * 2**64)
+  n_eval = len(want_eval)
+  assert 0 < n_eval < len(texts)
   assert (data.info.num_eval_docs, data.info.num_train_docs) == (n_eval, len(texts) - n_eval)
 
   # Eval: one finite pass in corpus order; every batch full-shaped, the tail padded.
@@ -125,7 +136,7 @@ def test_packing_reconstructs_documents_and_eval_split(corpus):
   assert rest == [] and eval_batches[-1]["loss_mask"][-1].sum() < T  # padding present in the last row
   by_ids = {tuple(d): n for n, d in zip(texts, _expected_docs(tok, texts, list(texts)))}
   eval_names = [by_ids[tuple(d)] for d in eval_docs]
-  assert len(set(eval_names)) == n_eval and eval_names == sorted(eval_names)
+  assert eval_names == want_eval  # in corpus order
   assert tok.decode(eval_docs[0][:-1]) == texts[eval_names[0]]  # byte-level BPE round-trips the text
 
   # Train, unshuffled: the first epoch is exactly the remaining documents in corpus order; long ones span rows.
@@ -381,13 +392,17 @@ def test_array_record_input(tmp_path):
   docs = [rng.integers(2, 500, int(rng.integers(1, 90))) for _ in range(30)]
   path = str(tmp_path / "ids.array_record")
   assert write_token_records(path, docs, eos_id=1) == 30
-  cfg = DataConfig(paths=(path,), seq_len=T, batch_size=B, eval_fraction=0.1, shuffle=False, prefetch=0)
+  cfg = DataConfig(paths=(path,), seq_len=T, batch_size=B, eval_fraction=0.25, shuffle=False, prefetch=0)
   data = make_data(cfg, tmp_path / "run", model_vocab_size=512, process_index=0, process_count=1)
-  assert data.tokenizer is None and (data.info.num_train_docs, data.info.num_eval_docs) == (27, 3)
+  # Held out: the records whose hash (of the file name and the record index) is below 0.25 * 2**64.
+  held_out = np.flatnonzero(_mix64(np.uint64(_name_hash("ids.array_record")) ^ np.arange(30, dtype=np.uint64))
+                            < np.uint64(0.25 * 2**64))
+  assert len(held_out) == 4
+  assert data.tokenizer is None and (data.info.num_train_docs, data.info.num_eval_docs) == (26, 4)
   want = [[*d.tolist(), 1] for d in docs]
   eval_docs, rest = _stitch(_rows(data.eval), eos=1)
-  assert rest == [] and len(eval_docs) == 3 and all(d in want for d in eval_docs)
-  train_want = [d for d in want if d not in eval_docs]
+  assert rest == [] and eval_docs == [want[i] for i in held_out]
+  train_want = [d for i, d in enumerate(want) if i not in held_out]
   n_batches = math.ceil(sum(len(d) - 1 for d in train_want) / (B * T)) + 1
   train_docs, _ = _stitch(_rows(_take(iter(data.train), n_batches)), eos=1)
   assert train_docs[:len(train_want)] == train_want
@@ -493,11 +508,14 @@ def test_default_corpus_discovery_and_subset(tmp_path):
   cfg = DataConfig(seq_len=64, batch_size=2, vocab_size=512, default_corpus_bytes=200_000, prefetch=0)
   data = make_data(cfg, tmp_path / "run", process_index=0, process_count=1)
   assert data.info.num_docs == len(subset) and data.info.num_bytes <= 200_000
+  # The subset is drawn independently of the held-out split: about 1% of its documents are held out (here 1 of 27),
+  # not the first ones it took (in the split's hash order, 9 of 24).
+  assert 1 <= data.info.num_eval_docs <= 3 < data.info.num_docs
   batch = next(iter(data.train))
   assert batch["input_ids"].shape == (2, 64) and batch["input_ids"].max() < 512
 
 
-def test_text_inputs_linked_folders_globs_repeats_and_split_rounding(tmp_path, monkeypatch):
+def test_text_inputs_linked_folders_globs_repeats_and_held_out_split(tmp_path, monkeypatch):
   from zaya_jax.train.data import _split_indices, text_documents
 
   elsewhere, corpus = tmp_path / "elsewhere", tmp_path / "corpus"
@@ -518,9 +536,22 @@ def test_text_inputs_linked_folders_globs_repeats_and_split_rounding(tmp_path, m
   assert names[0] == names[1] == [os.path.relpath(corpus / "a.txt", os.sep)]
   with pytest.raises(ValueError, match=r"a.txt: every file in it was already read through an earlier data path"):
     text_documents([str(corpus), str(corpus / "a.txt")])
-  # 0.07 * 100 = 7.000000000000001 in floating point: still 7 held out, not 8.
-  train, held_out = _split_indices(np.arange(100, dtype=np.uint64), 0.07, "corpus")
-  assert (len(train), len(held_out)) == (93, 7)
+
+  # The held-out split tests each document's hash against eval_fraction * 2**64: about that share is held out, a
+  # superset of the corpus holds out exactly what it held out plus some of the added documents, and a corpus with no
+  # hash that small holds out its smallest one.
+  hashes = np.random.default_rng(3).integers(0, 2**64, 20_000, dtype=np.uint64)
+  train, held_out = _split_indices(hashes, 0.07, "corpus")
+  assert abs(len(held_out) - 1400) < 4 * 36  # binomial: 20,000 * 0.07 +- 36
+  assert np.array_equal(np.sort(np.concatenate([train, held_out])), np.arange(20_000))
+  assert np.array_equal(_split_indices(hashes[:5000], 0.07, "corpus")[1], held_out[held_out < 5000])
+  cut = int(0.07 * 2.0**64)
+  assert _split_indices(np.array([cut, cut - 1, 2**63], np.uint64), 0.07, "corpus")[1].tolist() == [1]
+  few = np.array([2**63, 2**62 + 5, 2**62, 2**63 + 1], np.uint64)  # none below 0.01 * 2**64
+  assert _split_indices(few, 0.01, "corpus")[1].tolist() == [2]
+  assert _split_indices(few, 0.0, "corpus")[1].tolist() == []
+  with pytest.raises(ValueError, match=r"corpus: 1 document\(s\) cannot be split .*every one is held out"):
+    _split_indices(np.array([2**62], np.uint64), 0.01, "corpus")
 
 
 def test_seed_range_and_interrupted_token_records(tmp_path):

@@ -118,3 +118,25 @@ def test_planner_zero1_on_one_and_sixteen_mi300x_nodes():
   assert rc == 0 and default_mesh == sixteen, err
   rc, out, err = plan("--batch=-4")
   assert rc == 1 and "--batch" in err and "Traceback" not in err
+
+
+def test_planner_extrapolates_step_temporaries_from_two_compiled_depths():
+  # A 3-layer tiny model on data:2: compiled at 1 and 2 layers and extrapolated linearly to 3, against the same
+  # plan compiled at 1 and 3 layers (its 3-layer row is then the compiled figure itself).
+  common = ("--config=tiny", "--mesh=data:2", "--set=model.num_layers=3")
+  runs = {}
+  for layers in (2, 3):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), *common,
+                           f"--compile_layers={layers}"], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr
+    runs[layers] = proc.stdout
+  compiled = {(run, int(n)): float(v) for run, out in runs.items()
+              for n, v in re.findall(r"compiled (\d) layer\(s\): temporaries ([\d.]+) MiB", out)}
+  assert sorted(compiled) == [(2, 1), (2, 2), (3, 1), (3, 3)]
+  row = "step temporaries: gradients, update, activations \\(3 layers\\)"
+  extrapolated, measured = gib(runs[2], row) * 1024, gib(runs[3], row) * 1024
+  one, two = compiled[2, 1], compiled[2, 2]
+  assert extrapolated == pytest.approx(one + 2 * (two - one), abs=0.03)  # printed to 0.01 MiB
+  assert measured == pytest.approx(compiled[3, 3], abs=0.01)
+  assert two > one and extrapolated == pytest.approx(measured, rel=0.05)

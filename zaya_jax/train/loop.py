@@ -403,9 +403,9 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
       saved_meta = checkpointer.meta(resumed_from)
       saved_corpus = saved_meta.get("data_fingerprint")
       if saved_meta.get("data_order", 1) != DATA_ORDER:
-        log(f"note: checkpoint {resumed_from} was written by a zaya_jax that turned data.seed into the shuffle order "
-            f"another way (data order {saved_meta.get('data_order', 1)}, now {DATA_ORDER}): from here on the batches "
-            "differ from the ones that run would have seen")
+        log(f"note: checkpoint {resumed_from} was written by a zaya_jax that shuffled or split the corpus another "
+            f"way (data order {saved_meta.get('data_order', 1)}, now {DATA_ORDER}; data.DATA_ORDER lists them): from "
+            "here on the batches differ from the ones that run would have seen")
       if saved_corpus not in (None, data.info.fingerprint):  # None: a checkpoint from before fingerprints
         log(f"note: the corpus differs from the one checkpoint {resumed_from} was trained on (files added, removed "
             "or edited, or another tokenizer): the data position resumes by document index into the new corpus, "
