@@ -34,6 +34,26 @@ def rel_err(x, ref) -> float:
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
+def status_mib(field: str) -> float:
+  """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) / 1024  # kB
+  raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+  """Resets VmHWM (the peak RSS) to the current RSS; False where the kernel does not let us. `getrusage`'s
+  ru_maxrss cannot be reset, and in a process started from a large parent it holds the parent's RSS at exec time."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 def write_text(path: str, text: str) -> None:
   """Atomically (a temporary file, renamed): a results file is whole or absent. Creates the folder."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -31,7 +31,7 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: this checkout
-from experiments.common import write_json
+from experiments.common import reset_peak_rss, status_mib, write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("size_mb", 1100, "Smallest checkpoint size to generate, in MiB.")
@@ -49,24 +49,6 @@ RATIO_LIMIT = 1.3  # (peak - baseline) / checkpoint bytes, from the project's re
 
 
 # -- host memory ---------------------------------------------------------------------------------------
-
-def _status_mib(field: str) -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1]) / 1024  # kB
-  raise KeyError(field)
-
-
-def _reset_hwm() -> bool:
-  """Resets VmHWM to the current RSS; False where the kernel does not let us."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
 
 class _RssSampler:
   """Highest RSS seen by a thread polling every `interval` s (misses spikes shorter than that)."""
@@ -162,15 +144,15 @@ def measure(ckpt_dir: str, load_param_dtype: str | None) -> dict:
 
   jnp.zeros(1).block_until_ready()  # the CPU client and its allocator exist before the baseline
   gc.collect()
-  hwm_ok = _reset_hwm()
-  baseline = _status_mib("VmRSS")
+  hwm_ok = reset_peak_rss()
+  baseline = status_mib("VmRSS")
   with _RssSampler() as sampler:
     start = time.perf_counter()
     model = load_hf(ckpt_dir, param_dtype=load_param_dtype)
     jax.block_until_ready(jax.tree.leaves(model))  # transfers are asynchronous: wait before reading the peak
     load_s = time.perf_counter() - start
-  peak_hwm = _status_mib("VmHWM") if hwm_ok else None
-  after = _status_mib("VmRSS")
+  peak_hwm = status_mib("VmHWM") if hwm_ok else None
+  after = status_mib("VmRSS")
   return dict(
       baseline_rss_mib=baseline, peak_rss_mib=peak_hwm, sampled_peak_rss_mib=sampler.peak / MiB,
       rss_after_load_mib=after, ru_maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from zaya_jax.config import DTYPES, ZayaConfig, legacy_hf_keys
+from zaya_jax.folders import check_target, folder_in_place
 from zaya_jax.model.decoder import ZayaForCausalLM, abstract_model
 from zaya_jax.model.moe import deinterleave_gate_up, gate_up_pairs
 
@@ -473,16 +473,6 @@ def _shards(arrays: dict[str, np.ndarray], max_shard_bytes: int) -> Iterator[dic
     yield shard
 
 
-def _permissions_as_created(folder: str) -> None:
-  """The modes a plain mkdir and open would have given (the umask's): mkdtemp makes the folder private (0700),
-  which would hide an export from the other users of a shared cluster."""
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(folder, 0o777 & ~umask)
-  for name in os.listdir(folder):
-    os.chmod(os.path.join(folder, name), 0o666 & ~umask)
-
-
 def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
             overwrite: bool = False, dtype: str | None = None, extra_files: Sequence[str] = ()) -> None:
   """Writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
@@ -491,9 +481,7 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
   the balancing biases stay fp32), sharded with an index past `max_shard_bytes`. `extra_files` (e.g. a tokenizer's
   files) are copied in under their own names; the folder appears complete or not at all.
   """
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and os.listdir(path) and not overwrite:
-    raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
+  path = check_target(path, overwrite=overwrite)  # before the arrays are gathered
   hf_config = model.config.to_hf()  # raises for an ablation variant, before anything is written
   if dtype is not None:
     if dtype not in DTYPES:
@@ -514,11 +502,7 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
   arrays = {k: stored(k, v) for k, v in flat_params(model).items()}
   for key in [k for k in arrays if k.endswith(GATE_UP_SUFFIX)]:
     arrays[key] = np.ascontiguousarray(deinterleave_gate_up(arrays[key]))  # the reference's gate, then up rows
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  old = None
-  try:
+  with folder_in_place(path, overwrite=overwrite) as tmp:
     shards = list(_shards(arrays, max_shard_bytes))
     if len(shards) == 1:
       save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -535,19 +519,3 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
       json.dump(hf_config, f, indent=2)
     for file in extra_files:
       shutil.copyfile(file, os.path.join(tmp, os.path.basename(file)))
-    _permissions_as_created(tmp)
-    # The old folder moves aside first and is deleted only once the new one holds the name: an error puts it back,
-    # and a crash leaves a complete folder under the name, or none and the old one beside it.
-    if os.path.exists(path):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-      os.replace(path, os.path.join(old, "folder"))
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-      if not os.path.exists(path):  # moved aside, the new one not in: put it back
-        os.replace(os.path.join(old, "folder"), path)
-      shutil.rmtree(old, ignore_errors=True)  # empty now (or the move aside itself failed)
-    raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)

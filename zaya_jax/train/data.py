@@ -47,7 +47,8 @@ Inputs (`DataConfig.paths`):
   The tokenizer is `run_dir/tokenizer.json`: a BPE trained on the corpus at first use, or a copy of
   `DataConfig.tokenizer` (a different one already there is an error), so the run directory reproduces the ids.
 - ArrayRecord files (`*.array_record`) of token ids: one record per document, little-endian int32 bytes, used as
-  they are (`write_token_records(..., eos_id=)` appends eos when writing). No tokenizer is needed.
+  they are (`write_token_records(..., eos_id=)` appends eos when writing). No tokenizer is needed. launch/pretokenize.py
+  writes them from text (token_shards.py), with a manifest.json that make_data checks (tokenizer, largest id).
 - None: the embedded default corpus (`default_documents`), nothing to download:
   * the Python standard library's .py sources (sysconfig stdlib; without site-packages/dist-packages, test/tests,
     idlelib, __pycache__, the `encodings` codec tables and pydoc_data, whose text is the next item),
@@ -75,18 +76,21 @@ import os
 import sysconfig
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import grain
 import numpy as np
 
 from zaya_jax.tokenizer import Tokenizer, copy_into, load_or_train
+from zaya_jax.train import token_shards
 
 BATCH_KEYS = ("input_ids", "segment_ids", "targets", "loss_mask")
 BATCH_DTYPES = {"input_ids": np.int32, "segment_ids": np.int32, "targets": np.int32, "loss_mask": np.float32}
 ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 _CACHE_FORMAT = "zaya_jax.train.data/2"  # bump when the cached ids would change (2: special-token strings are text)
-_ENCODE_CHUNK = 1024  # documents per encode_batch call: bounds the memory of the Encoding objects
+# An encode_batch call's documents and characters: the library's Encoding objects take ~100 bytes per token (a
+# batch of 200 documents, 97 MB of text, peaked at 2.8 GB).
+ENCODE_CHUNK, ENCODE_CHUNK_CHARS = 1024, 2**22
 _STDLIB_SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "encodings", "pydoc_data"})
 _FORTUNE_SEPARATOR = "\n%\n"
@@ -231,11 +235,12 @@ def _split(name: str, text: str, separator: str | None) -> list[tuple[str, str]]
   return [(f"{name}#{k}", piece) for k, piece in enumerate(text.split(separator)) if piece.strip()]
 
 
-def text_documents(paths: Sequence[str], doc_separator: str | None = None, *, skipped: list[str] | None = None
-                   ) -> list[tuple[str, str]]:
-  """(name, text) per document. Names are paths relative to the given folder / glob root (a file: its basename).
-  Files skipped as binary, or read with undecodable bytes replaced, are listed in `skipped` when it is given."""
-  docs, seen = [], set()
+def iter_text_documents(paths: Sequence[str], doc_separator: str | None = None, *,
+                        skipped: list[str] | None = None) -> Iterator[tuple[str, str]]:
+  """(name, text) per document, one file read at a time. Names are paths relative to the given folder / glob root (a
+  file: its basename). Files skipped as binary, or read with undecodable bytes replaced, are listed in `skipped` when
+  it is given. A path with no text raises once its files are read (after the documents of earlier paths)."""
+  seen = set()
   for path in paths:
     path = os.path.expanduser(path)
     if glob.has_magic(path):
@@ -252,7 +257,7 @@ def text_documents(paths: Sequence[str], doc_separator: str | None = None, *, sk
       named = [(os.path.basename(path), path)]
     else:
       raise FileNotFoundError(f"data path not found: {path}")
-    found, repeated = [], 0
+    found, repeated = 0, 0
     records = [f for _, f in named if f.endswith(ARRAY_RECORD_SUFFIXES)]
     if records:  # walked as text they would be skipped as binary
       raise ValueError(f"data path {path} holds ArrayRecord files (e.g. {records[0]}): give them as files or a glob "
@@ -265,14 +270,20 @@ def text_documents(paths: Sequence[str], doc_separator: str | None = None, *, sk
       seen.add(real)
       text = _read_text(file, skipped)
       if text is not None:
-        found += _split(name, text, doc_separator)
+        pieces = _split(name, text, doc_separator)
+        found += len(pieces)
+        yield from pieces
     if not found and repeated:
       raise ValueError(f"data path {path}: every file in it was already read through an earlier data path; "
                        "give each file once")
     if not found:
       raise ValueError(f"data path {path}: no text (empty, binary, or only blank documents)")
-    docs += found
-  return docs
+
+
+def text_documents(paths: Sequence[str], doc_separator: str | None = None, *, skipped: list[str] | None = None
+                   ) -> list[tuple[str, str]]:
+  """`iter_text_documents` as a list (the whole corpus in memory: make_data's text path)."""
+  return list(iter_text_documents(paths, doc_separator, skipped=skipped))
 
 
 def default_documents(stdlib_root: str | None = None, share_root: str = "/usr/share") -> list[tuple[str, str]]:
@@ -360,7 +371,21 @@ def _subset(docs: list[tuple[str, str]], max_bytes: int | None) -> list[tuple[st
   return [docs[i] for i in sorted(keep)]
 
 
-def _encode_documents(tokenizer: Tokenizer, docs: list[tuple[str, str]], special_tokens_in_text: bool = False
+def encode_chunks(docs: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+  """Consecutive documents in lists of at most ENCODE_CHUNK documents and ENCODE_CHUNK_CHARS characters (a longer
+  document is a list of its own): what one encode_batch call takes."""
+  chunk, chars = [], 0
+  for doc in docs:
+    if chunk and (len(chunk) == ENCODE_CHUNK or chars + len(doc[1]) > ENCODE_CHUNK_CHARS):
+      yield chunk
+      chunk, chars = [], 0
+    chunk.append(doc)
+    chars += len(doc[1])
+  if chunk:
+    yield chunk
+
+
+def encode_documents(tokenizer: Tokenizer, docs: list[tuple[str, str]], special_tokens_in_text: bool = False
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(ids_M, offsets_N1, hashes_N): every document ends in eos; documents with < 2 ids (nothing to predict) dropped.
   By default documents are plain text: a literal "<eos>" or "<pad>" in a file is encoded as the characters it is, not
@@ -370,8 +395,7 @@ def _encode_documents(tokenizer: Tokenizer, docs: list[tuple[str, str]], special
   literal = tokenizer.hf.encode_special_tokens
   tokenizer.hf.encode_special_tokens = not special_tokens_in_text
   try:
-    for start in range(0, len(docs), _ENCODE_CHUNK):
-      chunk = docs[start:start + _ENCODE_CHUNK]
+    for chunk in encode_chunks(docs):
       for (name, _), ids_L in zip(chunk, tokenizer.encode_batch([text for _, text in chunk])):
         if len(ids_L) == 0 or ids_L[-1] != tokenizer.eos_id:
           ids_L = np.append(ids_L, np.int32(tokenizer.eos_id))
@@ -400,7 +424,7 @@ def _cached_ids(tokenizer: Tokenizer, docs: list[tuple[str, str]], run_dir: str,
   if os.path.isfile(path):
     with np.load(path) as f:
       return f["ids"], f["offsets"], f["hashes"], path, True
-  ids_M, offsets_N1, hashes_N = _encode_documents(tokenizer, docs, special_tokens_in_text)
+  ids_M, offsets_N1, hashes_N = encode_documents(tokenizer, docs, special_tokens_in_text)
   tmp = f"{path}.{uuid.uuid4().hex}.tmp.npz"  # unique across hosts sharing the run dir
   np.savez(tmp, ids=ids_M, offsets=offsets_N1, hashes=hashes_N)
   os.replace(tmp, path)  # atomic: hosts sharing a run dir never read half a file
@@ -638,7 +662,7 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
   t1 = time.perf_counter()
   files = _expand_record_paths(cfg.paths)
   what = f"ArrayRecord {', '.join(files)}"
-  hashes, fingerprint = [], hashlib.sha256()
+  hashes, counts, fingerprint = [], [], hashlib.sha256()
   for f in files:
     try:
       n = len(grain.sources.ArrayRecordDataSource([f]))
@@ -646,8 +670,11 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
       raise ValueError(f"ArrayRecord file {f} cannot be read: {type(e).__name__}: {e}") from None
     if n == 0:
       raise ValueError(f"ArrayRecord file {f}: no records")
+    counts.append(n)
     hashes.append(_mix64(np.uint64(_name_hash(os.path.basename(f))) ^ np.arange(n, dtype=np.uint64)))
     fingerprint.update(f"{os.path.basename(f)}\0{os.path.getsize(f)}\0{n}\0".encode())
+  # Shards written by launch/pretokenize.py: their manifest names the tokenizer and the largest id.
+  token_shards.check_shards(files, counts, tokenizer, model_vocab_size)
   hashes_N = np.concatenate(hashes)
   train_N, eval_N = _split_indices(hashes_N, cfg.eval_fraction, what)
   max_id = None if model_vocab_size is None else model_vocab_size - 1

@@ -1,0 +1,168 @@
+"""launch/pretokenize.py and zaya_jax.train.token_shards: text tokenized once into ArrayRecord shards."""
+
+import dataclasses
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import grain
+import numpy as np
+import pytest
+
+from zaya_jax.tokenizer import load_tokenizer, train_bpe
+from zaya_jax.train import data as data_lib
+from zaya_jax.train.data import DataConfig, make_data, write_token_records
+from zaya_jax.train.token_shards import MANIFEST, check_shards, tokenize_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A folder of text (one file gzipped, one binary, one empty) and a BPE trained on it."""
+  base = tmp_path_factory.mktemp("shards")
+  rng = np.random.default_rng(0)
+  folder = base / "texts"
+  (folder / "sub").mkdir(parents=True)
+  texts = {}
+  for k in range(14):
+    text = " ".join(rng.choice(WORDS, int(rng.integers(2, 80)))) + "\n"
+    name = f"sub/doc{k:02d}.txt" if k % 4 == 0 else f"doc{k:02d}.txt"
+    texts[f"texts/{name}"] = text
+    (folder / name).write_text(text)
+  gz_text = "zipped " * 30
+  (folder / "zipped.txt.gz").write_bytes(gzip.compress(gz_text.encode()))
+  texts["texts/zipped.txt.gz"] = gz_text
+  (folder / "image.bin").write_bytes(b"\x89PNG\0\0binary")
+  (folder / "empty.txt").write_text("")
+  tokenizer = train_bpe(texts.values(), 300, base / "bpe" / "tokenizer.json")
+  return base, folder, texts, tokenizer
+
+
+def _records(path):
+  source = grain.sources.ArrayRecordDataSource([str(path)])
+  return [np.frombuffer(source[i], "<i4").tolist() for i in range(len(source))]
+
+
+def test_shards_hold_every_document_once_and_train(corpus, monkeypatch):
+  base, folder, texts, tok = corpus
+  monkeypatch.setattr(data_lib, "ENCODE_CHUNK", 4)  # several encode chunks: the documents are streamed
+  seen = []
+  manifest = tokenize_corpus([str(folder)], tok, base / "ids", shard_tokens=200, progress=seen.append)
+  assert [p["documents"] for p in seen] == [4, 8, 12, 15]
+
+  # One record per document, in corpus order: its ids (the tokenizer's own encoding) and eos. The binary file is
+  # skipped and listed, the empty one has no document.
+  names = [name for name, _ in data_lib.text_documents([str(folder)])]  # corpus order: files, then subfolders
+  assert sorted(names) == sorted(texts)
+  want = [[*tok.encode(texts[name]), tok.eos_id] for name in names]
+  shards = [base / "ids" / s["file"] for s in manifest["shards"]]
+  got = [record for shard in shards for record in _records(shard)]
+  assert got == want
+  assert len(shards) > 2 and all(s["tokens"] >= 200 for s in manifest["shards"][:-1])  # a new shard past 200 ids
+  assert [s["documents"] for s in manifest["shards"]] == [len(_records(s)) for s in shards]
+  assert [s["max_id"] for s in manifest["shards"]] == [max(max(r) for r in _records(s)) for s in shards]
+  assert (manifest["documents"], manifest["tokens"]) == (15, sum(map(len, want)))
+  assert len(manifest["skipped"]) == 1 and "image.bin (binary)" in manifest["skipped"][0]
+  assert json.loads((base / "ids" / MANIFEST).read_text()) == manifest
+  assert (base / "ids" / "tokenizer.json").read_bytes() == open(tok.path, "rb").read()
+
+  # Training reads them with their tokenizer: every document lands in the train or the held-out split.
+  cfg = DataConfig(paths=(str(base / "ids" / "*.array_record"),), tokenizer=str(base / "ids" / "tokenizer.json"),
+                   seq_len=16, batch_size=2, eval_fraction=0.2, prefetch=0)
+  data = make_data(cfg, base / "run", model_vocab_size=512, process_index=0, process_count=1)
+  assert data.info.num_train_docs + data.info.num_eval_docs == 15 and data.tokenizer.fingerprint == tok.fingerprint
+  assert next(iter(data.train))["input_ids"].shape == (2, 16)
+
+
+def test_encode_chunks_bound_documents_and_characters(monkeypatch):
+  monkeypatch.setattr(data_lib, "ENCODE_CHUNK", 3)
+  monkeypatch.setattr(data_lib, "ENCODE_CHUNK_CHARS", 300)
+  docs = [(str(i), "x" * n) for i, n in enumerate([100, 250, 50, 400, 10, 20, 30, 40])]
+  chunks = [[name for name, _ in chunk] for chunk in data_lib.encode_chunks(iter(docs))]
+  assert chunks == [["0"], ["1", "2"], ["3"], ["4", "5", "6"], ["7"]]
+
+
+def test_shards_are_checked_against_their_manifest(corpus, tmp_path):
+  _, folder, _, tok = corpus
+  out = tmp_path / "ids"
+  manifest = tokenize_corpus([str(folder)], tok, out)
+  files = [str(out / s["file"]) for s in manifest["shards"]]
+  counts = [s["documents"] for s in manifest["shards"]]
+  largest = max(s["max_id"] for s in manifest["shards"])
+  check_shards(files, counts, tok, largest + 1)  # fits exactly
+
+  # A model vocabulary below the largest id is refused up front (not when that record is read, mid-run).
+  with pytest.raises(ValueError, match=rf"holds token id {largest}, outside the model's vocabulary \[0, {largest - 1}"):
+    check_shards(files, counts, None, largest)
+  cfg = DataConfig(paths=(str(out / "*.array_record"),), seq_len=8, batch_size=1, eval_fraction=0.0, prefetch=0)
+  with pytest.raises(ValueError, match=r"outside the model's vocabulary .*manifest.json"):
+    make_data(cfg, tmp_path / "run", model_vocab_size=largest, process_index=0, process_count=1)
+
+  # Another tokenizer than the one that wrote the ids.
+  other = train_bpe(["other words entirely " * 50], 280, tmp_path / "other" / "tokenizer.json")
+  with pytest.raises(ValueError, match=r"was tokenized with .*ids/tokenizer.json, not with the tokenizer of this run"):
+    make_data(dataclasses.replace(cfg, tokenizer=other.path), tmp_path / "run2", model_vocab_size=512,
+              process_index=0, process_count=1)
+
+  # Shards of two tokenizers in one run.
+  tokenize_corpus([str(folder)], other, tmp_path / "other_ids")
+  with pytest.raises(ValueError, match=r"tokens-00000.array_record and .*other_ids/tokens-00000.array_record were "
+                                       r"tokenized with different tokenizers"):
+    make_data(dataclasses.replace(cfg, paths=(*cfg.paths, str(tmp_path / "other_ids" / "*.array_record"))),
+              tmp_path / "run4", model_vocab_size=512, process_index=0, process_count=1)
+
+  # A shard replaced after the manifest was written.
+  write_token_records(files[0], [[5, 6, 1]])
+  with pytest.raises(ValueError, match=r"tokens-00000.array_record holds 1 records, but .*manifest.json says"):
+    make_data(cfg, tmp_path / "run3", model_vocab_size=512, process_index=0, process_count=1)
+  # ArrayRecord files without a manifest are not checked (written by write_token_records, say).
+  os.remove(out / MANIFEST)
+  check_shards(files, [1, *counts[1:]], None, 2)
+
+
+def test_a_stopped_or_refused_run_leaves_nothing(corpus, tmp_path):
+  _, folder, _, tok = corpus
+
+  def stop(totals):
+    raise KeyboardInterrupt  # Ctrl-C (or launch/pretokenize.py's SIGTERM) after the first encoded chunk
+
+  with pytest.raises(KeyboardInterrupt):
+    tokenize_corpus([str(folder)], tok, tmp_path / "ids", shard_tokens=50, progress=stop)
+  assert os.listdir(tmp_path) == []  # no output, no hidden temporary folder
+
+  (tmp_path / "ids").mkdir()
+  (tmp_path / "ids" / "keep.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match=r"ids exists and is not empty"):
+    tokenize_corpus([str(folder)], tok, tmp_path / "ids")
+  assert os.listdir(tmp_path / "ids") == ["keep.txt"]
+  # A path without text fails after the earlier paths' documents were read: nothing is written either.
+  (tmp_path / "blank").mkdir()
+  (tmp_path / "blank" / "empty.txt").write_text("")
+  with pytest.raises(ValueError, match=r"blank: no text"):
+    tokenize_corpus([str(folder), str(tmp_path / "blank")], tok, tmp_path / "ids2")
+  assert sorted(os.listdir(tmp_path)) == ["blank", "ids"]
+
+
+def test_command_line(corpus, tmp_path):
+  _, folder, _, tok = corpus
+  tokenize = [sys.executable, os.path.join(ROOT, "launch", "pretokenize.py")]
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  run = subprocess.run([*tokenize, f"--data={folder}", f"--tokenizer={os.path.dirname(tok.path)}",
+                        f"--output={tmp_path / 'ids'}", "--shard_tokens=300"], capture_output=True, text=True,
+                       env=env, timeout=120)
+  assert run.returncode == 0, run.stderr
+  manifest = json.loads((tmp_path / "ids" / MANIFEST).read_text())
+  assert run.stdout.startswith(f"wrote {tmp_path / 'ids'}: 15 documents, {manifest['tokens']:,} tokens in "
+                               f"{len(manifest['shards'])} shard(s)")
+  assert "1 file(s) skipped or read lossily, e.g. " in run.stdout and manifest["sources"] == [str(folder)]
+  assert load_tokenizer(tmp_path / "ids").fingerprint == tok.fingerprint
+  again = subprocess.run([*tokenize, f"--data={folder}", f"--tokenizer={tok.path}", f"--output={tmp_path / 'ids'}"],
+                         capture_output=True, text=True, env=env, timeout=120)
+  assert again.returncode == 1 and again.stderr.startswith("error: ") and "--overwrite" in again.stderr
+  assert "Traceback" not in again.stderr
+  missing = subprocess.run([*tokenize, f"--data={folder}"], capture_output=True, text=True, env=env, timeout=120)
+  assert missing.returncode == 1 and "error: --data, --tokenizer and --output are required" in missing.stderr
