@@ -593,9 +593,19 @@ def test_the_token_cache_and_split_depend_on_the_tokenizer_and_names_not_on_wher
   # A retrained tokenizer (the error message's "delete it and retrain") must not reuse the old ids.
   os.remove(run / "tokenizer.json")
   os.remove(run / TRAINED_FOR_FILE)
+  old_tmp = f"{first.info.cache_file}.{'0' * 32}.tmp.npz"  # a write killed midway
+  for leftover in (old_tmp, run / "tokens-notes.txt"):
+    open(leftover, "w").close()
   retrained = make_data(DataConfig(**{**cfg.__dict__, "vocab_size": 270}), run, process_index=0, process_count=1)
   assert not retrained.info.cache_hit and retrained.info.cache_file != first.info.cache_file
   assert retrained.info.fingerprint != first.info.fingerprint
+  # The old corpus's cache and its temporary are removed; the new cache and files that are not caches stay.
+  assert sorted(n for n in os.listdir(run) if n.startswith("tokens-")) == sorted(
+      [os.path.basename(retrained.info.cache_file), "tokens-notes.txt"])
+  current_tmp = f"{retrained.info.cache_file}.{'f' * 32}.tmp.npz"  # another host may be writing it: kept
+  open(current_tmp, "w").close()
+  assert make_data(DataConfig(**{**cfg.__dict__, "vocab_size": 270}), run, process_index=0,
+                   process_count=1).info.cache_hit and os.path.exists(current_tmp)
 
 
 def test_array_record_split_follows_file_names_and_negative_ids_are_refused(tmp_path):

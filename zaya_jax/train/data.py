@@ -43,7 +43,8 @@ Inputs (`DataConfig.paths`):
   that is not valid UTF-8 is read with U+FFFD for its undecodable bytes: both are listed in `CorpusInfo.skipped` and
   counted in its description (which the training loop logs). One file is one document unless `doc_separator` is set.
   Documents are encoded with the tokenizer's own post-processor (Gemma's adds <bos>) and get `eos` appended; the ids
-  are cached as `run_dir/tokens-<key>.npz`, key = sha256(tokenizer.json, document names and texts).
+  are cached as `run_dir/tokens-<key>.npz`, key = sha256(tokenizer.json, document names and texts); the caches of
+  other keys in the run dir (an edited corpus, another tokenizer) are removed.
   The tokenizer is `run_dir/tokenizer.json`: a BPE trained on the corpus at first use, or a copy of
   `DataConfig.tokenizer` (a different one already there is an error), so the run directory reproduces the ids.
 - ArrayRecord files (`*.array_record`) of token ids: one record per document, little-endian int32 bytes, used as
@@ -66,6 +67,7 @@ Inputs (`DataConfig.paths`):
 from __future__ import annotations
 
 import bz2
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -73,6 +75,7 @@ import gzip
 import hashlib
 import lzma
 import os
+import re
 import sysconfig
 import time
 import uuid
@@ -418,16 +421,32 @@ def _corpus_key(tokenizer: Tokenizer, docs: list[tuple[str, str]], special_token
   return h.hexdigest()
 
 
+_CACHE_NAME = re.compile(r"tokens-([0-9a-f]{20})\.npz(\.[0-9a-f]{32}\.tmp\.npz)?")
+
+
+def _remove_stale_caches(run_dir: str, key: str) -> None:
+  """Removes the token caches of other corpora (the corpus or the tokenizer changed since they were written) and
+  their temporaries (left by a kill mid-write); those of `key` stay: another host may be writing one right now."""
+  for name in os.listdir(run_dir):
+    match = _CACHE_NAME.fullmatch(name)
+    if match and match.group(1) != key:
+      with contextlib.suppress(FileNotFoundError):  # another host removed it first
+        os.remove(os.path.join(run_dir, name))
+
+
 def _cached_ids(tokenizer: Tokenizer, docs: list[tuple[str, str]], run_dir: str, special_tokens_in_text: bool
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, bool]:
-  path = os.path.join(run_dir, f"tokens-{_corpus_key(tokenizer, docs, special_tokens_in_text)[:20]}.npz")
+  key = _corpus_key(tokenizer, docs, special_tokens_in_text)[:20]
+  path = os.path.join(run_dir, f"tokens-{key}.npz")
   if os.path.isfile(path):
+    _remove_stale_caches(run_dir, key)
     with np.load(path) as f:
       return f["ids"], f["offsets"], f["hashes"], path, True
   ids_M, offsets_N1, hashes_N = encode_documents(tokenizer, docs, special_tokens_in_text)
   tmp = f"{path}.{uuid.uuid4().hex}.tmp.npz"  # unique across hosts sharing the run dir
   np.savez(tmp, ids=ids_M, offsets=offsets_N1, hashes=hashes_N)
   os.replace(tmp, path)  # atomic: hosts sharing a run dir never read half a file
+  _remove_stale_caches(run_dir, key)
   return ids_M, offsets_N1, hashes_N, path, False
 
 
