@@ -42,6 +42,14 @@ def corpus(tmp_path_factory):
   return base, folder, texts, tokenizer
 
 
+def _equal(a, b):
+  return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
 def _records(path):
   source = grain.sources.ArrayRecordDataSource([str(path)])
   return [np.frombuffer(source[i], "<i4").tolist() for i in range(len(source))]
@@ -70,12 +78,18 @@ def test_shards_hold_every_document_once_and_train(corpus, monkeypatch):
   assert json.loads((base / "ids" / MANIFEST).read_text()) == manifest
   assert (base / "ids" / "tokenizer.json").read_bytes() == open(tok.path, "rb").read()
 
-  # Training reads them with their tokenizer: every document lands in the train or the held-out split.
+  # Training reads them with their tokenizer, and sees what a run on the text would: the same held-out documents
+  # (the shards keep the documents' name hashes) and, the same documents in the same order, the same batches.
   cfg = DataConfig(paths=(str(base / "ids" / "*.array_record"),), tokenizer=str(base / "ids" / "tokenizer.json"),
-                   seq_len=16, batch_size=2, eval_fraction=0.2, prefetch=0)
+                   seq_len=16, batch_size=2, eval_fraction=0.3, prefetch=0)
   data = make_data(cfg, base / "run", model_vocab_size=512, process_index=0, process_count=1)
-  assert data.info.num_train_docs + data.info.num_eval_docs == 15 and data.tokenizer.fingerprint == tok.fingerprint
-  assert next(iter(data.train))["input_ids"].shape == (2, 16)
+  text = make_data(dataclasses.replace(cfg, paths=(str(folder),)), base / "run_text", model_vocab_size=512,
+                   process_index=0, process_count=1)
+  assert data.tokenizer.fingerprint == tok.fingerprint
+  assert (data.info.num_train_docs, data.info.num_eval_docs) == (text.info.num_train_docs, text.info.num_eval_docs)
+  assert data.info.num_eval_docs > 1
+  assert _equal(list(data.eval), list(text.eval))
+  assert _equal(_take(iter(data.train), 6), _take(iter(text.train), 6))
 
 
 def test_encode_chunks_bound_documents_and_characters(monkeypatch):
@@ -86,12 +100,16 @@ def test_encode_chunks_bound_documents_and_characters(monkeypatch):
   assert chunks == [["0"], ["1", "2"], ["3"], ["4", "5", "6"], ["7"]]
 
 
+def _tokenized(folder, tok, out):
+  """(manifest, shard paths, their record counts) of `folder` tokenized into `out`."""
+  manifest = tokenize_corpus([str(folder)], tok, out)
+  return manifest, [str(out / s["file"]) for s in manifest["shards"]], [s["documents"] for s in manifest["shards"]]
+
+
 def test_shards_are_checked_against_their_manifest(corpus, tmp_path):
   _, folder, _, tok = corpus
   out = tmp_path / "ids"
-  manifest = tokenize_corpus([str(folder)], tok, out)
-  files = [str(out / s["file"]) for s in manifest["shards"]]
-  counts = [s["documents"] for s in manifest["shards"]]
+  manifest, files, counts = _tokenized(folder, tok, out)
   largest = max(s["max_id"] for s in manifest["shards"])
   check_shards(files, counts, tok, largest + 1)  # fits exactly
 
@@ -166,3 +184,55 @@ def test_command_line(corpus, tmp_path):
   assert "Traceback" not in again.stderr
   missing = subprocess.run([*tokenize, f"--data={folder}"], capture_output=True, text=True, env=env, timeout=120)
   assert missing.returncode == 1 and "error: --data, --tokenizer and --output are required" in missing.stderr
+
+
+def test_output_that_is_or_holds_a_data_path_is_refused(corpus, tmp_path):
+  # With --overwrite the corpus folder was replaced by the shards (deleted) once they were written.
+  _, folder, _, tok = corpus
+  texts = tmp_path / "texts"
+  texts.mkdir()
+  (texts / "a.txt").write_text("alpha beta gamma " * 20)
+  for output in (texts, tmp_path):
+    with pytest.raises(ValueError, match=r"is or holds the data path"):
+      tokenize_corpus([str(texts)], tok, output, overwrite=True)
+    assert (texts / "a.txt").read_text() == "alpha beta gamma " * 20
+  with pytest.raises(ValueError, match=r"is inside the data path"):  # the next read of the folder would fail
+    tokenize_corpus([str(tmp_path / "*")], tok, texts / "ids")
+  with pytest.raises(ValueError, match=r"doc_separator: must be a non-empty string"):
+    tokenize_corpus([str(folder)], tok, tmp_path / "ids", doc_separator="")
+
+
+def test_a_missing_or_repeated_path_fails_before_anything_is_encoded(corpus, tmp_path, monkeypatch):
+  _, folder, _, tok = corpus
+  monkeypatch.setattr(data_lib, "ENCODE_CHUNK", 4)  # the first path's documents would be encoded chunk by chunk
+  for paths in ([str(folder), str(tmp_path / "typo")], [str(folder), str(folder)]):
+    seen = []
+    with pytest.raises((FileNotFoundError, ValueError), match=r"not found|already read"):
+      tokenize_corpus(paths, tok, tmp_path / "ids", progress=seen.append)
+    assert seen == []  # not after the first path was tokenized
+
+
+def test_manifest_problems_are_named_and_links_are_checked(corpus, tmp_path):
+  _, folder, _, tok = corpus
+  out = tmp_path / "ids"
+  manifest, files, counts = _tokenized(folder, tok, out)
+  # Linked from another folder: still checked against the manifest beside the real file.
+  (tmp_path / "links").mkdir()
+  links = [str(tmp_path / "links" / os.path.basename(f)) for f in files]
+  for f, link in zip(files, links):
+    os.symlink(f, link)
+  with pytest.raises(ValueError, match=r"outside the model's vocabulary"):
+    check_shards(links, counts, None, 2)
+  # Another tool's manifest.json (no "format") is ignored; one of ours with keys missing is named, not a KeyError.
+  (out / MANIFEST).write_text(json.dumps({"files": ["x"]}))
+  check_shards(files, counts, None, 2)
+  (out / MANIFEST).write_text(json.dumps({"format": 1, "tokenizer": {"sha256": "x"},
+                                          "shards": [{"file": os.path.basename(files[0])}]}))
+  with pytest.raises(ValueError, match=r"manifest.json: not a manifest of format 1 as launch/pretokenize.py writes"):
+    check_shards(files, counts, None, None)
+  # The documents' name hashes (the held-out split) must be there and fit the records.
+  (out / MANIFEST).write_text(json.dumps(manifest))
+  assert [len(h) for h in check_shards(files, counts, None, None)] == counts
+  os.remove(out / manifest["shards"][0]["name_hashes"])
+  with pytest.raises(ValueError, match=r"tokens-00000.name_hashes.npy \(the documents' name hashes of .*\) cannot"):
+    check_shards(files, counts, None, None)

@@ -20,8 +20,9 @@ def _permissions_as_created(folder: str) -> None:
 
 
 def check_target(path: str | os.PathLike, *, overwrite: bool = False) -> str:
-  """The absolute path, after checking that `folder_in_place` may write it (callers check before costly work)."""
-  path = os.path.abspath(os.fspath(path))
+  """The absolute path (`~` expanded), after checking that `folder_in_place` may write it (callers check before
+  costly work)."""
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.exists(path) and not os.path.isdir(path):
     raise FileExistsError(f"{path} is a file, not a folder")
   if os.path.exists(path) and os.listdir(path) and not overwrite:

@@ -30,7 +30,8 @@ Iterators: keep them in function scope (or `close()` them): grain 0.2.18's prefe
 AttributeError from `__del__` when they are still alive at interpreter teardown (harmless).
 
 Held-out split: by document, independent of `seed`: each document has a 64-bit hash of its name (path relative to
-the given root + piece index, or ArrayRecord file name + record index), and a document is eval when its hash is below
+the given root + piece index; for ArrayRecord records, the hash of the text's name that launch/pretokenize.py keeps
+beside them, or else the file name + record index), and a document is eval when its hash is below
 eval_fraction * 2**64, so about that fraction of the documents is held out (binomially: 627 documents at 0.01 hold out
 6.3 +- 2.5; the default corpus here holds out 10). The test looks at the document alone: adding documents (a second
 --data path) never moves one that was held out into training, which a fixed count would (the cut moves). A corpus
@@ -222,7 +223,7 @@ def _walk(root: str) -> list[str]:
   return files
 
 
-def _glob_root(pattern: str) -> str:
+def glob_root(pattern: str) -> str:
   """The folder before the first wildcard: names of matched files are relative to it."""
   parts = pattern.split(os.sep)
   for i, part in enumerate(parts):
@@ -242,15 +243,18 @@ def iter_text_documents(paths: Sequence[str], doc_separator: str | None = None, 
                         skipped: list[str] | None = None) -> Iterator[tuple[str, str]]:
   """(name, text) per document, one file read at a time. Names are paths relative to the given folder / glob root (a
   file: its basename). Files skipped as binary, or read with undecodable bytes replaced, are listed in `skipped` when
-  it is given. A path with no text raises once its files are read (after the documents of earlier paths)."""
-  seen = set()
+  it is given. A missing path raises before the first document; a path with no text raises once its files are read
+  (after the documents of earlier paths)."""
+  # Every path's files first: a missing path, a path given twice or a folder of ArrayRecord files fails before any
+  # reading (launch/pretokenize.py would otherwise tokenize the earlier paths first, then delete their shards).
+  resolved, earlier = [], set()
   for path in paths:
     path = os.path.expanduser(path)
     if glob.has_magic(path):
       matches = sorted(glob.glob(path, recursive=True))
       if not matches:
         raise FileNotFoundError(f"data path: no files match {path!r}")
-      root = _glob_root(path)
+      root = glob_root(path)
       files = [f for m in matches for f in (_walk(m) if os.path.isdir(m) else [m])]
       named = [(os.path.relpath(f, root), f) for f in files]
     elif os.path.isdir(path):
@@ -260,11 +264,19 @@ def iter_text_documents(paths: Sequence[str], doc_separator: str | None = None, 
       named = [(os.path.basename(path), path)]
     else:
       raise FileNotFoundError(f"data path not found: {path}")
-    found, repeated = 0, 0
     records = [f for _, f in named if f.endswith(ARRAY_RECORD_SUFFIXES)]
     if records:  # walked as text they would be skipped as binary
       raise ValueError(f"data path {path} holds ArrayRecord files (e.g. {records[0]}): give them as files or a glob "
                        f"(e.g. {os.path.join(path, '*' + ARRAY_RECORD_SUFFIXES[0])}), not in a folder of text")
+    reals = {os.path.realpath(f) for _, f in named if os.path.isfile(f)}
+    if reals and reals <= earlier:
+      raise ValueError(f"data path {path}: every file in it was already read through an earlier data path; "
+                       "give each file once")
+    earlier |= reals
+    resolved.append((path, named))
+  seen = set()
+  for path, named in resolved:
+    found, repeated = 0, 0
     for name, file in named:
       real = os.path.realpath(file)
       if real in seen or not os.path.isfile(real):
@@ -692,9 +704,10 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
     counts.append(n)
     hashes.append(_mix64(np.uint64(_name_hash(os.path.basename(f))) ^ np.arange(n, dtype=np.uint64)))
     fingerprint.update(f"{os.path.basename(f)}\0{os.path.getsize(f)}\0{n}\0".encode())
-  # Shards written by launch/pretokenize.py: their manifest names the tokenizer and the largest id.
-  token_shards.check_shards(files, counts, tokenizer, model_vocab_size)
-  hashes_N = np.concatenate(hashes)
+  # Shards written by launch/pretokenize.py: their manifest names the tokenizer and the largest id, and their records
+  # keep the name hashes of the documents they came from, so they split as that text would.
+  name_hashes = token_shards.check_shards(files, counts, tokenizer, model_vocab_size)
+  hashes_N = np.concatenate([h if named is None else named for h, named in zip(hashes, name_hashes, strict=True)])
   train_N, eval_N = _split_indices(hashes_N, cfg.eval_fraction, what)
   max_id = None if model_vocab_size is None else model_vocab_size - 1
   train_docs = _RecordDocuments(files, train_N, max_id)

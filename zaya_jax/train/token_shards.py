@@ -5,26 +5,33 @@
 
 Documents are read as the text path of `data.make_data` reads them (`data.iter_text_documents`: files, folders, globs,
 compressed files, binary files skipped and listed, `doc_separator`) and encoded by the same function (the tokenizer's
-post-processor, eos appended, documents of fewer than 2 ids dropped), one record per document: a run on the shards
-trains on the same documents' ids as a run on the text. Their order and held-out split differ: on ArrayRecord input
-those hash the shard's name and the record's index.
+post-processor, eos appended, documents of fewer than 2 ids dropped), one record per document, in corpus order. Each
+shard keeps its documents' name hashes (`tokens-00000.name_hashes.npy`), which make_data's held-out split reads
+instead of hashing the shard's name and record index. So a run on the shards holds out the same documents as a run
+on the text, and, its documents the same in the same order, sees the same batches; and documents added to the text
+and tokenized again do not move the others between the splits.
 
-The output folder holds the shards (`tokens-00000.array_record`, ...; a new one after `shard_tokens` tokens), the
-tokenizer (tokenizer.json and its side files) and `manifest.json`: the sources, the tokenizer's sha256, and per shard
-its documents, tokens and largest id. `check_shards` (called by make_data) reads it for the shards a run is given:
-another tokenizer than the one that wrote them (or shards of two tokenizers), a model vocabulary that their largest
-id does not fit, or a shard whose record count differs from the manifest's is refused before training. The folder
-is written beside its final name and renamed into place (`folders.folder_in_place`): complete or absent. Memory:
-one shard's ids and one encode chunk (`data.encode_chunks`: a few MB of text), whatever the corpus's size.
+The output folder holds the shards (`tokens-00000.array_record`, ...; a new one after `shard_tokens` tokens) and
+their name hashes, the tokenizer (tokenizer.json and its side files) and `manifest.json`: the sources, the
+tokenizer's sha256, and per shard its documents, tokens and largest id. `check_shards` (called by make_data) reads it
+for the shards a run is given: another tokenizer than the one that wrote them (or shards of two tokenizers), a model
+vocabulary that their largest id does not fit, or a shard whose record count differs from the manifest's is refused
+before training (the records' contents are not checked). The folder is written beside its final name and renamed
+into place (`folders.folder_in_place`): complete or absent; an output that is, holds or sits inside a data path is
+refused. Memory: one shard's ids, one file's text and one encode chunk (`data.encode_chunks`: 4 MiB of text, or one
+longer document; the tokenizer takes ~100-400 bytes per token of a chunk), whatever the corpus's size.
 """
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from zaya_jax.folders import folder_in_place
 from zaya_jax.tokenizer import TOKENIZER_FILE, Tokenizer, side_files
@@ -47,24 +54,30 @@ def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, output: str | os
 
   if shard_tokens < 1:
     raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+  if doc_separator == "":
+    raise ValueError("doc_separator: must be a non-empty string or None")
+  _check_output_outside_data(paths, output)
   skipped: list[str] = []
   totals = {"documents": 0, "tokens": 0, "dropped": 0}
   with folder_in_place(output, overwrite=overwrite) as tmp:
-    shards, pending, pending_tokens = [], [], 0
+    shards, pending, pending_hashes, pending_tokens = [], [], [], 0
 
     def flush():
-      nonlocal pending, pending_tokens
+      nonlocal pending, pending_hashes, pending_tokens
       name = shard_name(len(shards))
+      hashes_name = name.replace(".array_record", ".name_hashes.npy")
       data.write_token_records(os.path.join(tmp, name), pending)
+      np.save(os.path.join(tmp, hashes_name), np.asarray(pending_hashes, np.uint64))
       shards.append({"file": name, "documents": len(pending), "tokens": pending_tokens,
-                     "max_id": int(max(int(ids.max()) for ids in pending))})
-      pending, pending_tokens = [], 0
+                     "max_id": int(max(int(ids.max()) for ids in pending)), "name_hashes": hashes_name})
+      pending, pending_hashes, pending_tokens = [], [], 0
 
     for chunk in data.encode_chunks(data.iter_text_documents(paths, doc_separator, skipped=skipped)):
-      ids_M, offsets_N1, _ = data.encode_documents(tokenizer, chunk, special_tokens_in_text)
+      ids_M, offsets_N1, hashes_N = data.encode_documents(tokenizer, chunk, special_tokens_in_text)
       totals["dropped"] += len(chunk) - (len(offsets_N1) - 1)
-      for start, stop in itertools.pairwise(offsets_N1.tolist()):
+      for (start, stop), name_hash in zip(itertools.pairwise(offsets_N1.tolist()), hashes_N.tolist(), strict=True):
         pending.append(ids_M[start:stop])
+        pending_hashes.append(name_hash)
         pending_tokens += stop - start
         totals["documents"] += 1
         totals["tokens"] += stop - start
@@ -89,26 +102,64 @@ def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, output: str | os
   return manifest
 
 
+def _check_output_outside_data(paths: Sequence[str], output: str | os.PathLike) -> None:
+  """`output` must not be, hold or sit inside a data path: with overwrite the old folder (the corpus) is deleted once
+  the shards are in, and shards inside a data folder make it unreadable as text next time."""
+  from zaya_jax.train import data
+
+  out = os.path.realpath(os.path.expanduser(os.fspath(output)))
+  for p in paths:
+    p = os.path.expanduser(p)
+    root = os.path.realpath(data.glob_root(p) if glob.has_magic(p) else p)
+    if out == root or root.startswith(out.rstrip(os.sep) + os.sep):
+      raise ValueError(f"output {output} is or holds the data path {p}: writing it would replace the text")
+    if os.path.isdir(root) and out.startswith(root.rstrip(os.sep) + os.sep):
+      raise ValueError(f"output {output} is inside the data path {p}: write the shards elsewhere")
+
+
+_SHARD_KEYS = ("file", "documents", "tokens", "max_id", "name_hashes")
+
+
+def _read_manifest(folder: str) -> dict | None:
+  """`folder`'s manifest.json as launch/pretokenize.py writes it; None when there is none, or another tool's (a
+  generic file name: without our "format" key it is not ours to check against)."""
+  path = os.path.join(folder, MANIFEST)
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} cannot be read: {e}") from None
+  if not isinstance(manifest, dict) or "format" not in manifest:
+    return None
+  written_by, shards = manifest.get("tokenizer"), manifest.get("shards")
+  if (manifest["format"] != MANIFEST_FORMAT or not isinstance(written_by, dict)
+      or not {"file", "sha256", "vocab_size"} <= written_by.keys() or not isinstance(shards, list)
+      or not all(isinstance(s, dict) and set(_SHARD_KEYS) <= s.keys() for s in shards)):
+    raise ValueError(f"{path}: not a manifest of format {MANIFEST_FORMAT} as launch/pretokenize.py writes it "
+                     "(tokenize again, or remove it to train on the files unchecked)")
+  return manifest
+
+
 def check_shards(files: Sequence[str], records: Sequence[int], tokenizer: Tokenizer | None,
-                 model_vocab_size: int | None) -> None:
-  """Checks ArrayRecord `files` (holding `records` records each) against the manifest.json beside them, where there
-  is one that lists them (files written by other means pass unchecked)."""
+                 model_vocab_size: int | None) -> list[np.ndarray | None]:
+  """Checks ArrayRecord `files` (holding `records` records each) against the manifest.json beside them (beside the
+  file a link points to), where there is one that lists them; files written by other means pass unchecked.
+  Returns, per file, its documents' name hashes where the manifest has them (the held-out split of the text they
+  came from), else None."""
   manifests: dict[str, dict | None] = {}
   written_with: dict[str, str] = {}  # tokenizer sha256 -> a shard written with it
+  name_hashes: list[np.ndarray | None] = []
   for file, n in zip(files, records, strict=True):
-    folder = os.path.dirname(os.path.abspath(file))
+    real = os.path.realpath(file)
+    folder = os.path.dirname(real)
     if folder not in manifests:
-      path = os.path.join(folder, MANIFEST)
-      try:
-        with open(path) as f:
-          manifests[folder] = json.load(f)
-      except FileNotFoundError:
-        manifests[folder] = None
-      except (OSError, ValueError) as e:
-        raise ValueError(f"{path} cannot be read: {e}") from None
+      manifests[folder] = _read_manifest(folder)
     manifest = manifests[folder]
-    shard = None if manifest is None else {s["file"]: s for s in manifest["shards"]}.get(os.path.basename(file))
+    shard = None if manifest is None else {s["file"]: s for s in manifest["shards"]}.get(os.path.basename(real))
     if shard is None:
+      name_hashes.append(None)
       continue
     if shard["documents"] != n:
       raise ValueError(f"ArrayRecord file {file} holds {n} records, but {os.path.join(folder, MANIFEST)} says "
@@ -124,3 +175,13 @@ def check_shards(files: Sequence[str], records: Sequence[int], tokenizer: Tokeni
     if model_vocab_size is not None and shard["max_id"] >= model_vocab_size:
       raise ValueError(f"ArrayRecord file {file} holds token id {shard['max_id']}, outside the model's vocabulary "
                        f"[0, {model_vocab_size - 1}] (manifest.json; tokenizer vocabulary {written_by['vocab_size']})")
+    hashes_path = os.path.join(folder, shard["name_hashes"])
+    try:
+      hashes_N = np.load(hashes_path)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{hashes_path} (the documents' name hashes of {file}) cannot be read: {e}") from None
+    if hashes_N.dtype != np.uint64 or hashes_N.shape != (n,):
+      raise ValueError(f"{hashes_path}: {hashes_N.dtype}{list(hashes_N.shape)}, not the uint64[{n}] name hashes "
+                       f"of {file}'s records; tokenize it again")
+    name_hashes.append(hashes_N)
+  return name_hashes
