@@ -1,8 +1,7 @@
 """Tokenizes text once into ArrayRecord shards of token ids, for corpora too large to tokenize at every launch.
 
   python launch/pretokenize.py --data=/corpus/texts --tokenizer=/ckpt/ZAYA1-8B/tokenizer.json --output=/data/ids
-  python launch/train.py --config=small20m --workdir=runs/s --data='/data/ids/*.array_record' \\
-      --tokenizer=/data/ids/tokenizer.json
+  python launch/train.py --config=small20m --workdir=runs/s --data='/data/ids/*.array_record'  # + their tokenizer
 
 --data is read as launch/train.py reads it (files, folders, globs, .gz/.bz2/.xz; binary files skipped and counted)
 and encoded as it would be (eos appended; --doc_separator, --special_tokens_in_text), one record per document. The

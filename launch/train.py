@@ -32,7 +32,8 @@ _SET = flags.DEFINE_multi_string("set", [], "Override a config field: --set=opti
 _STEPS = flags.DEFINE_integer("steps", None, "Shorthand for --set=loop.steps=N.")
 _SEED = flags.DEFINE_integer("seed", None, "Shorthand for --set=loop.seed=N (parameters and step key).")
 _DATA = flags.DEFINE_list("data", None, "Text files/folders/globs or .array_record files (default: embedded corpus).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "A Hugging Face tokenizer.json (default: train a BPE).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "A Hugging Face tokenizer.json (default: train a BPE on text; "
+                                 "shards from launch/pretokenize.py bring their own).")
 _MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,fsdp:2,expert:2,tensor:1 (one axis may be -1); "
                             "shorthand for --set=parallel.mesh=... Default: one device, no mesh.")
 _DCN_MESH = flags.DEFINE_string("dcn_mesh", None, "The cross-host part of each axis, e.g. data:16 for 16 nodes.")

@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -80,12 +81,13 @@ def test_shards_hold_every_document_once_and_train(corpus, monkeypatch):
 
   # Training reads them with their tokenizer, and sees what a run on the text would: the same held-out documents
   # (the shards keep the documents' name hashes) and, the same documents in the same order, the same batches.
-  cfg = DataConfig(paths=(str(base / "ids" / "*.array_record"),), tokenizer=str(base / "ids" / "tokenizer.json"),
-                   seq_len=16, batch_size=2, eval_fraction=0.3, prefetch=0)
+  # No DataConfig.tokenizer: the shards' own is used (copied into the run directory, for samples and exports).
+  cfg = DataConfig(paths=(str(base / "ids" / "*.array_record"),), seq_len=16, batch_size=2, eval_fraction=0.3,
+                   prefetch=0)
   data = make_data(cfg, base / "run", model_vocab_size=512, process_index=0, process_count=1)
-  text = make_data(dataclasses.replace(cfg, paths=(str(folder),)), base / "run_text", model_vocab_size=512,
-                   process_index=0, process_count=1)
-  assert data.tokenizer.fingerprint == tok.fingerprint
+  text = make_data(dataclasses.replace(cfg, paths=(str(folder),), tokenizer=tok.path), base / "run_text",
+                   model_vocab_size=512, process_index=0, process_count=1)
+  assert data.tokenizer.fingerprint == tok.fingerprint == load_tokenizer(base / "run").fingerprint
   assert (data.info.num_train_docs, data.info.num_eval_docs) == (text.info.num_train_docs, text.info.num_eval_docs)
   assert data.info.num_eval_docs > 1
   assert _equal(list(data.eval), list(text.eval))
@@ -117,8 +119,12 @@ def test_shards_are_checked_against_their_manifest(corpus, tmp_path):
   with pytest.raises(ValueError, match=rf"holds token id {largest}, outside the model's vocabulary \[0, {largest - 1}"):
     check_shards(files, counts, None, largest)
   cfg = DataConfig(paths=(str(out / "*.array_record"),), seq_len=8, batch_size=1, eval_fraction=0.0, prefetch=0)
+  with pytest.raises(ValueError, match=r"ids/tokenizer.json has vocabulary size \d+ > the model's vocab_size"):
+    make_data(cfg, tmp_path / "run", model_vocab_size=largest, process_index=0, process_count=1)
+  os.remove(out / "tokenizer.json")  # without it the shards train tokenizer-less, and their manifest still checks
   with pytest.raises(ValueError, match=r"outside the model's vocabulary .*manifest.json"):
     make_data(cfg, tmp_path / "run", model_vocab_size=largest, process_index=0, process_count=1)
+  shutil.copyfile(tok.path, out / "tokenizer.json")
 
   # Another tokenizer than the one that wrote the ids.
   other = train_bpe(["other words entirely " * 50], 280, tmp_path / "other" / "tokenizer.json")

@@ -113,7 +113,8 @@ class DataConfig:
   shuffle_window: int = 128  # rows; <= 1 disables the row shuffle
   num_threads: int = 2  # grain read threads (document fetch + shift)
   prefetch: int = 2  # batches prefetched by a background thread; 0 = none
-  tokenizer: str | None = None  # tokenizer.json (or its folder), copied into the run dir; None = train a BPE there
+  tokenizer: str | None = None  # tokenizer.json (or its folder), copied into the run dir; None: train a BPE there
+  # (text) or take the one of launch/pretokenize.py's shards (ArrayRecord; else no tokenizer)
   vocab_size: int = 8192  # of the BPE trained when `tokenizer` is None
   doc_separator: str | None = None  # split text files into documents at this string
   default_corpus_bytes: int | None = 12 * 2**20  # subset of the default corpus (see the module doc); None = all
@@ -689,9 +690,11 @@ def make_data(cfg: DataConfig, run_dir: str | os.PathLike, *, model_vocab_size: 
 def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, process_index: int,
                  process_count: int) -> Data:
   t0 = time.perf_counter()
-  tokenizer = copy_into(cfg.tokenizer, run_dir, model_vocab_size) if cfg.tokenizer is not None else None
-  t1 = time.perf_counter()
   files = _expand_record_paths(cfg.paths)
+  # Without DataConfig.tokenizer, shards from launch/pretokenize.py bring their own (for samples and exports).
+  tokenizer_path = cfg.tokenizer if cfg.tokenizer is not None else token_shards.tokenizer_of(files)
+  tokenizer = copy_into(tokenizer_path, run_dir, model_vocab_size) if tokenizer_path is not None else None
+  t1 = time.perf_counter()
   what = f"ArrayRecord {', '.join(files)}"
   hashes, counts, fingerprint = [], [], hashlib.sha256()
   for f in files:

@@ -13,13 +13,14 @@ and tokenized again do not move the others between the splits.
 
 The output folder holds the shards (`tokens-00000.array_record`, ...; a new one after `shard_tokens` tokens) and
 their name hashes, the tokenizer (tokenizer.json and its side files) and `manifest.json`: the sources, the
-tokenizer's sha256, and per shard its documents, tokens and largest id. `check_shards` (called by make_data) reads it
-for the shards a run is given: another tokenizer than the one that wrote them (or shards of two tokenizers), a model
-vocabulary that their largest id does not fit, or a shard whose record count differs from the manifest's is refused
-before training (the records' contents are not checked). The folder is written beside its final name and renamed
-into place (`folders.folder_in_place`): complete or absent; an output that is, holds or sits inside a data path is
-refused. Memory: one shard's ids, one file's text and one encode chunk (`data.encode_chunks`: 4 MiB of text, or one
-longer document; the tokenizer takes ~100-400 bytes per token of a chunk), whatever the corpus's size.
+tokenizer's sha256, and per shard its documents, tokens and largest id. make_data takes the tokenizer from it when
+its DataConfig names none (`tokenizer_of`), and `check_shards` reads it for the shards a run is given: another
+tokenizer than the one that wrote them (or shards of two tokenizers), a model vocabulary that their largest id does
+not fit, or a shard whose record count differs from the manifest's is refused before training (the records'
+contents are not checked). The folder is written beside its final name and renamed into place
+(`folders.folder_in_place`): complete or absent; an output that is, holds or sits inside a data path is refused.
+Memory: one shard's ids, one file's text and one encode chunk (`data.encode_chunks`: 4 MiB of text, or one longer
+document; the tokenizer takes ~100-400 bytes per token of a chunk), whatever the corpus's size.
 """
 
 from __future__ import annotations
@@ -140,6 +141,18 @@ def _read_manifest(folder: str) -> dict | None:
     raise ValueError(f"{path}: not a manifest of format {MANIFEST_FORMAT} as launch/pretokenize.py writes it "
                      "(tokenize again, or remove it to train on the files unchecked)")
   return manifest
+
+
+def tokenizer_of(files: Sequence[str]) -> str | None:
+  """The tokenizer.json that the manifest of the first of `files` it lists names, if any (check_shards then refuses
+  shards of other tokenizers)."""
+  for file in files:
+    real = os.path.realpath(file)
+    manifest = _read_manifest(os.path.dirname(real))
+    if manifest is not None and any(s["file"] == os.path.basename(real) for s in manifest["shards"]):
+      path = os.path.join(os.path.dirname(real), manifest["tokenizer"]["file"])
+      return path if os.path.isfile(path) else None  # removed since: train without one (check_shards still checks)
+  return None
 
 
 def check_shards(files: Sequence[str], records: Sequence[int], tokenizer: Tokenizer | None,
