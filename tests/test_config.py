@@ -172,3 +172,12 @@ def test_a_checkpoint_of_another_architecture_is_named(field, change):
   with pytest.raises(CheckpointError, match=re.escape(f"model.{field}:")):
     check_same_architecture(cfg, cfg.replace(**change), what="ckpt")
   check_same_architecture(cfg, cfg.replace(dtype="bfloat16", max_position_embeddings=64), what="ckpt")
+
+
+def test_an_override_of_only_blanks_keeps_them():
+  # --set=data.doc_separator=$'\n\n' (launch/pretokenize.py's --doc_separator form) was stripped to "" and refused as
+  # empty; blanks around a literal still go.
+  from zaya_jax.train.experiment import get_experiment, override
+
+  cfg = override(get_experiment("tiny"), ["data.doc_separator=\n\n", "optimizer.lr= 1e-3 ", "data.tokenizer= /t "])
+  assert cfg.data.doc_separator == "\n\n" and cfg.optimizer.lr == 1e-3 and cfg.data.tokenizer == "/t"

@@ -131,6 +131,10 @@ def test_shards_are_checked_against_their_manifest(corpus, tmp_path):
   with pytest.raises(ValueError, match=r"was tokenized with .*ids/tokenizer.json, not with the tokenizer of this run"):
     make_data(dataclasses.replace(cfg, tokenizer=other.path), tmp_path / "run2", model_vocab_size=512,
               process_index=0, process_count=1)
+  # The refused tokenizer is not left in the run directory: the corrected launch (the shards' own) goes through.
+  assert not (tmp_path / "run2" / "tokenizer.json").exists()
+  fixed = make_data(cfg, tmp_path / "run2", model_vocab_size=512, process_index=0, process_count=1)
+  assert fixed.tokenizer.fingerprint == tok.fingerprint
 
   # Shards of two tokenizers in one run.
   tokenize_corpus([str(folder)], other, tmp_path / "other_ids")
@@ -242,3 +246,43 @@ def test_manifest_problems_are_named_and_links_are_checked(corpus, tmp_path):
   os.remove(out / manifest["shards"][0]["name_hashes"])
   with pytest.raises(ValueError, match=r"tokens-00000.name_hashes.npy \(the documents' name hashes of .*\) cannot"):
     check_shards(files, counts, None, None)
+
+
+def test_a_damaged_shard_read_mid_run_is_one_named_error(tmp_path):
+  # A damaged chunk past the records make_data reads up front failed the run with array_record's RuntimeError (a
+  # traceback through grain's threads), naming every shard of the run.
+  write_token_records(tmp_path / "a.array_record", [[5, 6, 1]] * 3)
+  write_token_records(tmp_path / "b.array_record", [[5, 6, 7, 1]] * 40)
+  with open(tmp_path / "b.array_record", "r+b") as f:
+    f.seek(200)
+    f.write(b"\xff" * 64)
+  docs = data_lib._RecordDocuments([str(tmp_path / "a.array_record"), str(tmp_path / "b.array_record")], [3, 40],
+                                   np.arange(43), None)
+  assert docs[0].tolist() == [5, 6, 1]
+  with pytest.raises(ValueError, match=r"^ArrayRecord file \S*/b.array_record record \d+ cannot be read: "):
+    [docs[i] for i in range(43)]
+
+
+def test_a_folder_of_shards_as_text_names_the_glob_to_use(tmp_path):
+  (tmp_path / "ids").mkdir()
+  write_token_records(tmp_path / "ids" / "tokens-00000.array_record", [[5, 6, 1]])
+  for given in (tmp_path / "ids", tmp_path / "ids" / "*", tmp_path / "*"):
+    with pytest.raises(ValueError, match=rf"\(e.g. {tmp_path}/ids/\*\.array_record\)"):
+      data_lib.text_documents([str(given)])
+
+
+def test_a_folder_written_meanwhile_by_another_process_is_kept(tmp_path):
+  # Two launch/pretokenize.py into one --output: the later silently replaced the earlier without --overwrite.
+  from zaya_jax.folders import folder_in_place
+
+  target = tmp_path / "ids"
+  with pytest.raises(FileExistsError, match=r"ids was written by another process while this one ran"):
+    with folder_in_place(target) as tmp:
+      (tmp_path / "ids").mkdir()
+      (target / "theirs.txt").write_text("theirs")
+      open(os.path.join(tmp, "mine.txt"), "w").close()
+  assert os.listdir(target) == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["ids"]
+  (target / "theirs.txt").unlink()  # an empty folder is still taken (as check_target allows)
+  with folder_in_place(target) as tmp:
+    open(os.path.join(tmp, "mine.txt"), "w").close()
+  assert os.listdir(target) == ["mine.txt"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -45,10 +46,18 @@ def folder_in_place(path: str | os.PathLike, *, overwrite: bool = False) -> Iter
   try:
     yield tmp
     _permissions_as_created(tmp)
-    if os.path.exists(path):
+    if overwrite and os.path.exists(path):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
       os.replace(path, os.path.join(old, "folder"))
-    os.replace(tmp, path)
+    try:
+      # Without overwrite, a folder that another writer filled meanwhile stays: rename(2) replaces an empty
+      # directory only (and takes a missing name), never a non-empty one.
+      os.replace(tmp, path)
+    except OSError as e:
+      if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or overwrite:
+        raise
+      raise FileExistsError(f"{path} was written by another process while this one ran; this one's output "
+                            "was discarded") from None
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     if old is not None:

@@ -85,7 +85,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import grain
 import numpy as np
 
-from zaya_jax.tokenizer import Tokenizer, copy_into, load_or_train
+from zaya_jax.tokenizer import Tokenizer, copy_into, load_or_train, load_tokenizer
 from zaya_jax.train import token_shards
 
 BATCH_KEYS = ("input_ids", "segment_ids", "targets", "loss_mask")
@@ -267,8 +267,9 @@ def iter_text_documents(paths: Sequence[str], doc_separator: str | None = None, 
       raise FileNotFoundError(f"data path not found: {path}")
     records = [f for _, f in named if f.endswith(ARRAY_RECORD_SUFFIXES)]
     if records:  # walked as text they would be skipped as binary
+      shards = os.path.join(os.path.dirname(records[0]), "*" + ARRAY_RECORD_SUFFIXES[0])
       raise ValueError(f"data path {path} holds ArrayRecord files (e.g. {records[0]}): give them as files or a glob "
-                       f"(e.g. {os.path.join(path, '*' + ARRAY_RECORD_SUFFIXES[0])}), not in a folder of text")
+                       f"(e.g. {shards}), not in a folder of text")
     reals = {os.path.realpath(f) for _, f in named if os.path.isfile(f)}
     if reals and reals <= earlier:
       raise ValueError(f"data path {path}: every file in it was already read through an earlier data path; "
@@ -484,22 +485,31 @@ class _PackedDocuments(Sequence):
 class _RecordDocuments(Sequence):
   """Records `index_N` of ArrayRecord files, decoded as int32 ids (checked against the model's vocabulary)."""
 
-  def __init__(self, paths: Sequence[str], index_N: np.ndarray, max_id: int | None):
+  def __init__(self, paths: Sequence[str], counts: Sequence[int], index_N: np.ndarray, max_id: int | None):
     self._paths, self._index_N, self._max_id = tuple(paths), index_N, max_id
+    self._starts = np.cumsum([0, *counts])  # global record index -> (file, record in it), for error messages
     self._source = grain.sources.ArrayRecordDataSource(list(paths))
 
   def __len__(self) -> int:
     return len(self._index_N)
 
+  def _where(self, record: int) -> str:
+    f = int(np.searchsorted(self._starts, record, side="right")) - 1
+    return f"ArrayRecord file {self._paths[f]} record {record - int(self._starts[f])}"
+
   def __getitem__(self, i: int) -> np.ndarray:
-    record = self._source[int(self._index_N[i])]
+    index = int(self._index_N[i])
+    try:
+      record = self._source[index]
+    except RuntimeError as e:  # array_record's corrupt chunk (a damaged file): one error line, not a traceback
+      raise ValueError(f"{self._where(index)} cannot be read: {e}") from None
     if len(record) % 4:
-      raise ValueError(f"ArrayRecord {self._paths} record {int(self._index_N[i])}: {len(record)} bytes, not a whole "
-                       "number of int32 token ids (write records with write_token_records)")
+      raise ValueError(f"{self._where(index)}: {len(record)} bytes, not a whole number of int32 token ids (write "
+                       "records with write_token_records)")
     ids_L = np.frombuffer(record, "<i4").astype(np.int32)
     if self._max_id is not None and len(ids_L) and (ids_L.max() > self._max_id or ids_L.min() < 0):
-      raise ValueError(f"ArrayRecord {self._paths} record {int(self._index_N[i])}: ids in "
-                       f"[{ids_L.min()}, {ids_L.max()}] outside the model's vocabulary [0, {self._max_id}]")
+      raise ValueError(f"{self._where(index)}: ids in [{ids_L.min()}, {ids_L.max()}] outside the model's "
+                       f"vocabulary [0, {self._max_id}]")
     return ids_L
 
 
@@ -693,7 +703,11 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
   files = _expand_record_paths(cfg.paths)
   # Without DataConfig.tokenizer, shards from launch/pretokenize.py bring their own (for samples and exports).
   tokenizer_path = cfg.tokenizer if cfg.tokenizer is not None else token_shards.tokenizer_of(files)
-  tokenizer = copy_into(tokenizer_path, run_dir, model_vocab_size) if tokenizer_path is not None else None
+  # Checked against the shards' manifests before it is copied: a refused tokenizer left in the run directory would
+  # make copy_into refuse the corrected relaunch ("differs from the requested tokenizer").
+  source = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
+  if source is not None and model_vocab_size is not None:
+    source.check_fits(model_vocab_size)
   t1 = time.perf_counter()
   what = f"ArrayRecord {', '.join(files)}"
   hashes, counts, fingerprint = [], [], hashlib.sha256()
@@ -709,11 +723,12 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
     fingerprint.update(f"{os.path.basename(f)}\0{os.path.getsize(f)}\0{n}\0".encode())
   # Shards written by launch/pretokenize.py: their manifest names the tokenizer and the largest id, and their records
   # keep the name hashes of the documents they came from, so they split as that text would.
-  name_hashes = token_shards.check_shards(files, counts, tokenizer, model_vocab_size)
+  name_hashes = token_shards.check_shards(files, counts, source, model_vocab_size)
+  tokenizer = copy_into(tokenizer_path, run_dir, model_vocab_size) if tokenizer_path is not None else None
   hashes_N = np.concatenate([h if named is None else named for h, named in zip(hashes, name_hashes, strict=True)])
   train_N, eval_N = _split_indices(hashes_N, cfg.eval_fraction, what)
   max_id = None if model_vocab_size is None else model_vocab_size - 1
-  train_docs = _RecordDocuments(files, train_N, max_id)
+  train_docs = _RecordDocuments(files, counts, train_N, max_id)
   # Scanning every record would read the whole file; reading until one batch is covered checks the size (and the
   # vocabulary of what was read) up front, and the pipeline checks the vocabulary of every later record.
   positions = 0
@@ -726,7 +741,7 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
       description=what, num_docs=len(hashes_N), num_train_docs=len(train_N), num_eval_docs=len(eval_N),
       num_train_tokens=None, num_eval_tokens=None, num_bytes=None, cache_file=None, cache_hit=False,
       tokenizer_seconds=t1 - t0, tokenize_seconds=0.0, fingerprint=fingerprint.hexdigest())
-  eval_docs = _RecordDocuments(files, eval_N, max_id) if len(eval_N) else None
+  eval_docs = _RecordDocuments(files, counts, eval_N, max_id) if len(eval_N) else None
   pad_id = tokenizer.pad_id if tokenizer is not None else 0
   return _data(train_docs, eval_docs, cfg, tokenizer, pad_id, info, process_index, process_count)
 

@@ -151,10 +151,12 @@ def _zaya1_8b() -> ExperimentConfig:
 
 
 def _parse_value(text: str) -> Any:
+  """A Python literal (surrounding blanks ignored), else the text as given: a value of only blanks, such as
+  --set=data.doc_separator=$'\\n\\n', stays itself rather than becoming the empty string."""
   try:
-    return ast.literal_eval(text)
+    return ast.literal_eval(text.strip())
   except (ValueError, SyntaxError):
-    return text
+    return text.strip() or text
 
 
 def _matches(value: Any, annotation: Any) -> bool:
@@ -217,7 +219,7 @@ def override(cfg, assignments: Sequence[str]):
     key, sep, text = assignment.partition("=")
     if not sep or not key:
       raise ValueError(f"override {assignment!r} is not of the form dotted.field=value")
-    cfg = _set(cfg, key.strip().split("."), _parse_value(text.strip()), key.strip())
+    cfg = _set(cfg, key.strip().split("."), _parse_value(text), key.strip())
   return cfg
 
 
