@@ -88,6 +88,7 @@ def test_shards_hold_every_document_once_and_train(corpus, monkeypatch):
   text = make_data(dataclasses.replace(cfg, paths=(str(folder),), tokenizer=tok.path), base / "run_text",
                    model_vocab_size=512, process_index=0, process_count=1)
   assert data.tokenizer.fingerprint == tok.fingerprint == load_tokenizer(base / "run").fingerprint
+  assert data.info.description == f"ArrayRecord {shards[0]}, ..., {shards[-1]} ({len(shards)} files)"
   assert (data.info.num_train_docs, data.info.num_eval_docs) == (text.info.num_train_docs, text.info.num_eval_docs)
   assert data.info.num_eval_docs > 1
   assert _equal(list(data.eval), list(text.eval))

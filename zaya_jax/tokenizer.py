@@ -220,7 +220,8 @@ def copy_into(path: str | os.PathLike, run_dir: str | os.PathLike, model_vocab_s
   if os.path.isfile(dst) and not os.path.samefile(src, dst):
     with open(src, "rb") as a, open(dst, "rb") as b:
       if a.read() != b.read():
-        raise ValueError(f"{dst} differs from the requested tokenizer {src}; use a new run directory or remove it")
+        raise ValueError(f"{dst} differs from the requested tokenizer {src}: this run's data and checkpoints use the "
+                         "ids of the one there; use a new run directory for the other")
   elif not os.path.isfile(dst):
     os.makedirs(os.fspath(run_dir), exist_ok=True)
     for side_file in side_files(os.path.dirname(src)):

@@ -709,7 +709,8 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
   if source is not None and model_vocab_size is not None:
     source.check_fits(model_vocab_size)
   t1 = time.perf_counter()
-  what = f"ArrayRecord {', '.join(files)}"
+  # The data line names a few files, not a thousand shards.
+  what = f"ArrayRecord {', '.join(files) if len(files) <= 3 else f'{files[0]}, ..., {files[-1]} ({len(files)} files)'}"
   hashes, counts, fingerprint = [], [], hashlib.sha256()
   for f in files:
     try:
