@@ -11,6 +11,7 @@ import sys
 import grain
 import numpy as np
 import pytest
+from test_data import _equal, _take
 
 from zaya_jax.tokenizer import load_tokenizer, train_bpe
 from zaya_jax.train import data as data_lib
@@ -41,14 +42,6 @@ def corpus(tmp_path_factory):
   (folder / "empty.txt").write_text("")
   tokenizer = train_bpe(texts.values(), 300, base / "bpe" / "tokenizer.json")
   return base, folder, texts, tokenizer
-
-
-def _equal(a, b):
-  return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
-
-
-def _take(it, n):
-  return [next(it) for _ in range(n)]
 
 
 def _records(path):

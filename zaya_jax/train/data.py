@@ -246,6 +246,8 @@ def iter_text_documents(paths: Sequence[str], doc_separator: str | None = None, 
   file: its basename). Files skipped as binary, or read with undecodable bytes replaced, are listed in `skipped` when
   it is given. A missing path raises before the first document; a path with no text raises once its files are read
   (after the documents of earlier paths)."""
+  if doc_separator == "":  # str.split's own error would not name it
+    raise ValueError("doc_separator: must be a non-empty string or None")
   # Every path's files first: a missing path, a path given twice or a folder of ArrayRecord files fails before any
   # reading (launch/pretokenize.py would otherwise tokenize the earlier paths first, then delete their shards).
   resolved, earlier = [], set()

@@ -55,8 +55,6 @@ def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, output: str | os
 
   if shard_tokens < 1:
     raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-  if doc_separator == "":
-    raise ValueError("doc_separator: must be a non-empty string or None")
   _check_output_outside_data(paths, output)
   skipped: list[str] = []
   totals = {"documents": 0, "tokens": 0, "dropped": 0}
@@ -112,9 +110,10 @@ def _check_output_outside_data(paths: Sequence[str], output: str | os.PathLike) 
   for p in paths:
     p = os.path.expanduser(p)
     root = os.path.realpath(data.glob_root(p) if glob.has_magic(p) else p)
-    if out == root or root.startswith(out.rstrip(os.sep) + os.sep):
+    common = os.path.commonpath([out, root])
+    if common == out:
       raise ValueError(f"output {output} is or holds the data path {p}: writing it would replace the text")
-    if os.path.isdir(root) and out.startswith(root.rstrip(os.sep) + os.sep):
+    if common == root and os.path.isdir(root):
       raise ValueError(f"output {output} is inside the data path {p}: write the shards elsewhere")
 
 
