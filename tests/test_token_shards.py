@@ -141,6 +141,16 @@ def test_shards_are_checked_against_their_manifest(corpus, tmp_path):
   write_token_records(files[0], [[5, 6, 1]])
   with pytest.raises(ValueError, match=r"tokens-00000.array_record holds 1 records, but .*manifest.json says"):
     make_data(cfg, tmp_path / "run3", model_vocab_size=512, process_index=0, process_count=1)
+  # A shard removed after the manifest was written: the glob matches the others, which would train on a corpus with
+  # a hole in it.
+  split = tmp_path / "split_ids"
+  tokenize_corpus([str(folder)], tok, split, shard_tokens=64)
+  assert len(list(split.glob("*.array_record"))) >= 3
+  os.remove(split / "tokens-00001.array_record")
+  with pytest.raises(ValueError, match=r"split_ids/manifest.json lists tokens-00001.array_record, which the folder "
+                                       r"no longer holds"):
+    make_data(dataclasses.replace(cfg, paths=(str(split / "*.array_record"),)), tmp_path / "run5",
+              model_vocab_size=512, process_index=0, process_count=1)
   # ArrayRecord files without a manifest are not checked (written by write_token_records, say).
   os.remove(out / MANIFEST)
   check_shards(files, [1, *counts[1:]], None, 2)

@@ -16,9 +16,10 @@ their name hashes, the tokenizer (tokenizer.json and its side files) and `manife
 tokenizer's sha256, and per shard its documents, tokens and largest id. make_data takes the tokenizer from it when
 its DataConfig names none (`tokenizer_of`), and `check_shards` reads it for the shards a run is given: another
 tokenizer than the one that wrote them (or shards of two tokenizers), a model vocabulary that their largest id does
-not fit, or a shard whose record count differs from the manifest's is refused before training (the records'
-contents are not checked). The folder is written beside its final name and renamed into place
-(`folders.folder_in_place`): complete or absent; an output that is, holds or sits inside a data path is refused.
+not fit, a shard whose record count differs from the manifest's, or a shard it lists that the folder no longer holds
+is refused before training (the records' contents are not checked). The folder is written beside its final name and
+renamed into place (`folders.folder_in_place`): complete or absent; an output that is, holds or sits inside a data
+path is refused.
 Memory: one shard's ids, one file's text and one encode chunk (`data.encode_chunks`: 4 MiB of text, or one longer
 document; the tokenizer takes ~100-400 bytes per token of a chunk), whatever the corpus's size.
 """
@@ -154,6 +155,17 @@ def tokenizer_of(files: Sequence[str]) -> str | None:
   return None
 
 
+def _check_no_shard_missing(folder: str, manifest: dict | None) -> None:
+  """A shard that its manifest lists and the folder no longer holds: a glob over the folder would train on the
+  rest without a word, a corpus with a hole in it."""
+  listed = [] if manifest is None else [shard["file"] for shard in manifest["shards"]]
+  missing = [name for name in listed if not os.path.isfile(os.path.join(folder, name))]
+  if missing:
+    names = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    raise ValueError(f"{os.path.join(folder, MANIFEST)} lists {names}, which the folder no longer holds: the folder "
+                     "was changed after it was written; tokenize it again")
+
+
 def check_shards(files: Sequence[str], records: Sequence[int], tokenizer: Tokenizer | None,
                  model_vocab_size: int | None) -> list[np.ndarray | None]:
   """Checks ArrayRecord `files` (holding `records` records each) against the manifest.json beside them (beside the
@@ -168,6 +180,7 @@ def check_shards(files: Sequence[str], records: Sequence[int], tokenizer: Tokeni
     folder = os.path.dirname(real)
     if folder not in manifests:
       manifests[folder] = _read_manifest(folder)
+      _check_no_shard_missing(folder, manifests[folder])
     manifest = manifests[folder]
     shard = None if manifest is None else {s["file"]: s for s in manifest["shards"]}.get(os.path.basename(real))
     if shard is None:
