@@ -96,6 +96,23 @@ def test_encode_chunks_bound_documents_and_characters(monkeypatch):
   assert chunks == [["0"], ["1", "2"], ["3"], ["4", "5", "6"], ["7"]]
 
 
+def test_a_document_too_large_to_encode_in_memory_is_refused_by_name(corpus, tmp_path, monkeypatch):
+  """A document longer than a chunk is encoded in one call (~128 bytes a character): one that the machine's memory
+  cannot hold is refused before the call, naming it and the remedy, instead of the kernel killing the process."""
+  _, _, _, tok = corpus
+  monkeypatch.setattr(data_lib, "ENCODE_CHUNK_CHARS", 300)
+  (tmp_path / "texts").mkdir()
+  (tmp_path / "texts" / "small.txt").write_text("alpha beta " * 20)
+  (tmp_path / "texts" / "big.txt").write_text("gamma delta " * 100)  # 1,200 characters
+  monkeypatch.setattr(data_lib, "available_memory", lambda: 1200 * data_lib.ENCODE_BYTES_PER_CHAR - 1)
+  with pytest.raises(ValueError, match=r"document .*big.txt holds 1,200 characters: .* Split it into documents "
+                                       r"\(a doc_separator"):
+    tokenize_corpus([str(tmp_path / "texts")], tok, tmp_path / "ids")
+  assert not (tmp_path / "ids").exists()
+  monkeypatch.setattr(data_lib, "available_memory", lambda: 1200 * data_lib.ENCODE_BYTES_PER_CHAR)
+  assert tokenize_corpus([str(tmp_path / "texts")], tok, tmp_path / "ids")["documents"] == 2
+
+
 def _tokenized(folder, tok, out):
   """(manifest, shard paths, their record counts) of `folder` tokenized into `out`."""
   manifest = tokenize_corpus([str(folder)], tok, out)

@@ -95,6 +95,10 @@ _CACHE_FORMAT = "zaya_jax.train.data/2"  # bump when the cached ids would change
 # An encode_batch call's documents and characters: the library's Encoding objects take ~100 bytes per token (a
 # batch of 200 documents, 97 MB of text, peaked at 2.8 GB).
 ENCODE_CHUNK, ENCODE_CHUNK_CHARS = 1024, 2**22
+# A document longer than a chunk is encoded in one call, which holds ~116-126 bytes per character of it (a byte-level
+# BPE on Python source, 16 and 64 MiB in one document; WORKSPACE.md "Tokenizing"): one 100 MB text file without a
+# doc_separator takes ~12 GB.
+ENCODE_BYTES_PER_CHAR = 128
 _STDLIB_SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "encodings", "pydoc_data"})
 _FORTUNE_SEPARATOR = "\n%\n"
@@ -395,6 +399,8 @@ def encode_chunks(docs: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, s
   document is a list of its own): what one encode_batch call takes."""
   chunk, chars = [], 0
   for doc in docs:
+    if len(doc[1]) > ENCODE_CHUNK_CHARS:
+      _check_encode_fits(*doc)
     if chunk and (len(chunk) == ENCODE_CHUNK or chars + len(doc[1]) > ENCODE_CHUNK_CHARS):
       yield chunk
       chunk, chars = [], 0
@@ -402,6 +408,28 @@ def encode_chunks(docs: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, s
     chars += len(doc[1])
   if chunk:
     yield chunk
+
+
+def available_memory() -> int | None:
+  """Bytes of memory the system can give without swapping (MemAvailable of /proc/meminfo); None where unknown."""
+  try:
+    with open("/proc/meminfo") as f:
+      fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return None
+
+
+def _check_encode_fits(name: str, text: str) -> None:
+  """Refuses a document whose one encode call would not fit in memory (the kernel would kill the process with no
+  word of why), naming it and the remedy."""
+  need, available = len(text) * ENCODE_BYTES_PER_CHAR, available_memory()
+  if available is not None and need > available:
+    raise ValueError(
+        f"document {name} holds {len(text):,} characters: the tokenizer takes ~{need / 2**30:.1f} GiB "
+        f"to encode one document, and this machine has {available / 2**30:.1f} GiB available. Split it into "
+        "documents (a doc_separator: --set=data.doc_separator=$'\\n\\n' for training, --doc_separator for "
+        "launch/pretokenize.py) or into smaller files")
 
 
 def encode_documents(tokenizer: Tokenizer, docs: list[tuple[str, str]], special_tokens_in_text: bool = False

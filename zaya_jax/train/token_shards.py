@@ -21,7 +21,8 @@ is refused before training (the records' contents are not checked). The folder i
 renamed into place (`folders.folder_in_place`): complete or absent; an output that is, holds or sits inside a data
 path is refused.
 Memory: one shard's ids, one file's text and one encode chunk (`data.encode_chunks`: 4 MiB of text, or one longer
-document; the tokenizer takes ~100-400 bytes per token of a chunk), whatever the corpus's size.
+document: ~130 bytes per character, refused by name when the memory available cannot hold it), whatever the
+corpus's size.
 """
 
 from __future__ import annotations
