@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
 LayerType = Literal["hybrid", "hybrid_sliding"]
-_LAYER_TYPES = ("hybrid", "hybrid_sliding")
+_LAYER_TYPES = get_args(LayerType)
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 # "cca" is ZAYA1's. The others exist for ablations (experiments/ablate.py) and share the model's code around them:
@@ -126,7 +126,7 @@ class ZayaConfig:
   vocab_size: int = 262272
   hidden_size: int = 2048
   num_layers: int = 40
-  layer_types: tuple[str, ...] = ()  # empty means every layer is "hybrid"
+  layer_types: tuple[LayerType, ...] = ()  # empty means every layer is "hybrid"
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
   rms_norm_eps: float = 1e-5

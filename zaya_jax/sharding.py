@@ -357,10 +357,6 @@ class ShardingPlan:
                                                                                  state.pid),
         key=self.replicated())
 
-  def batch_shardings(self, batch: dict) -> dict:
-    return {k: NamedSharding(self.mesh, self.batch_spec(np.ndim(v) if not hasattr(v, "shape") else len(v.shape)))
-            for k, v in batch.items()}
-
   def check_batch(self, global_batch_size: int, grad_accum: int = 1) -> None:
     """The batch (and each micro-batch) must split evenly over the batch axes and the processes."""
     parts = math.prod(self.size(a) for a in self.batch_axes)

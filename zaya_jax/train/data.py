@@ -88,8 +88,6 @@ import numpy as np
 from zaya_jax.tokenizer import Tokenizer, copy_into, load_or_train, load_tokenizer
 from zaya_jax.train import token_shards
 
-BATCH_KEYS = ("input_ids", "segment_ids", "targets", "loss_mask")
-BATCH_DTYPES = {"input_ids": np.int32, "segment_ids": np.int32, "targets": np.int32, "loss_mask": np.float32}
 ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 _CACHE_FORMAT = "zaya_jax.train.data/2"  # bump when the cached ids would change (2: special-token strings are text)
 # An encode_batch call's documents and characters: the library's Encoding objects take ~100 bytes per token (a
