@@ -74,7 +74,7 @@ def main(argv) -> None:
     _child()
     return
   from zaya_jax.tokenizer import train_bpe
-  from zaya_jax.train.data import default_documents
+  from zaya_jax.train.text_corpus import default_documents
 
   size = (10 if FLAGS.quick else FLAGS.size_mb) * 10**6
   text = "\n".join(t for _, t in default_documents())

@@ -15,7 +15,7 @@ from experiments.codesign import plot, run, task
 from experiments.common import read_jsonl
 from zaya_jax.infer import answers, rsa
 from zaya_jax.tokenizer import train_bpe
-from zaya_jax.train.data import text_documents
+from zaya_jax.train.text_corpus import text_documents
 
 CFG = task.TaskConfig()
 

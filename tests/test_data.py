@@ -14,15 +14,9 @@ import tokenizers
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.tokenizer import TRAINED_FOR_FILE, load_or_train, load_tokenizer, train_bpe
 from zaya_jax.train.checkpointing import _saved_data_position
-from zaya_jax.train.data import (
-  DataConfig,
-  _mix64,
-  _name_hash,
-  _subset,
-  default_documents,
-  make_data,
-  write_token_records,
-)
+from zaya_jax.train.data import DataConfig, _mix64, _subset, make_data
+from zaya_jax.train.text_corpus import default_documents, name_hash
+from zaya_jax.train.token_shards import write_token_records
 
 T, B = 32, 4
 _WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -122,7 +116,7 @@ def test_packing_reconstructs_documents_and_eval_split(corpus):
   tok = data.tokenizer
   assert (tok.pad_id, tok.eos_id) == (0, 1) and tok.vocab_size <= 300
   # Held out: the documents whose name hashes below 0.2 * 2**64 (4 of these 24).
-  want_eval = sorted(n for n in texts if _name_hash(n) < 0.2 * 2**64)
+  want_eval = sorted(n for n in texts if name_hash(n) < 0.2 * 2**64)
   n_eval = len(want_eval)
   assert 0 < n_eval < len(texts)
   assert (data.info.num_eval_docs, data.info.num_train_docs) == (n_eval, len(texts) - n_eval)
@@ -395,7 +389,7 @@ def test_array_record_input(tmp_path):
   cfg = DataConfig(paths=(path,), seq_len=T, batch_size=B, eval_fraction=0.25, shuffle=False, prefetch=0)
   data = make_data(cfg, tmp_path / "run", model_vocab_size=512, process_index=0, process_count=1)
   # Held out: the records whose hash (of the file name and the record index) is below 0.25 * 2**64.
-  held_out = np.flatnonzero(_mix64(np.uint64(_name_hash("ids.array_record")) ^ np.arange(30, dtype=np.uint64))
+  held_out = np.flatnonzero(_mix64(np.uint64(name_hash("ids.array_record")) ^ np.arange(30, dtype=np.uint64))
                             < np.uint64(0.25 * 2**64))
   assert len(held_out) == 4
   assert data.tokenizer is None and (data.info.num_train_docs, data.info.num_eval_docs) == (26, 4)
@@ -516,7 +510,8 @@ def test_default_corpus_discovery_and_subset(tmp_path):
 
 
 def test_text_inputs_linked_folders_globs_repeats_and_held_out_split(tmp_path, monkeypatch):
-  from zaya_jax.train.data import _split_indices, text_documents
+  from zaya_jax.train.data import _split_indices
+  from zaya_jax.train.text_corpus import text_documents
 
   elsewhere, corpus = tmp_path / "elsewhere", tmp_path / "corpus"
   elsewhere.mkdir()

@@ -15,8 +15,9 @@ from test_data import _equal, _take
 
 from zaya_jax.tokenizer import load_tokenizer, train_bpe
 from zaya_jax.train import data as data_lib
-from zaya_jax.train.data import DataConfig, make_data, write_token_records
-from zaya_jax.train.token_shards import MANIFEST, check_shards, tokenize_corpus
+from zaya_jax.train import text_corpus
+from zaya_jax.train.data import DataConfig, make_data
+from zaya_jax.train.token_shards import MANIFEST, check_shards, tokenize_corpus, write_token_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -51,14 +52,14 @@ def _records(path):
 
 def test_shards_hold_every_document_once_and_train(corpus, monkeypatch):
   base, folder, texts, tok = corpus
-  monkeypatch.setattr(data_lib, "ENCODE_CHUNK", 4)  # several encode chunks: the documents are streamed
+  monkeypatch.setattr(text_corpus, "ENCODE_CHUNK", 4)  # several encode chunks: the documents are streamed
   seen = []
   manifest = tokenize_corpus([str(folder)], tok, base / "ids", shard_tokens=200, progress=seen.append)
   assert [p["documents"] for p in seen] == [4, 8, 12, 15]
 
   # One record per document, in corpus order: its ids (the tokenizer's own encoding) and eos. The binary file is
   # skipped and listed, the empty one has no document.
-  names = [name for name, _ in data_lib.text_documents([str(folder)])]  # corpus order: files, then subfolders
+  names = [name for name, _ in text_corpus.text_documents([str(folder)])]  # corpus order: files, then subfolders
   assert sorted(names) == sorted(texts)
   want = [[*tok.encode(texts[name]), tok.eos_id] for name in names]
   shards = [base / "ids" / s["file"] for s in manifest["shards"]]
@@ -89,10 +90,10 @@ def test_shards_hold_every_document_once_and_train(corpus, monkeypatch):
 
 
 def test_encode_chunks_bound_documents_and_characters(monkeypatch):
-  monkeypatch.setattr(data_lib, "ENCODE_CHUNK", 3)
-  monkeypatch.setattr(data_lib, "ENCODE_CHUNK_CHARS", 300)
+  monkeypatch.setattr(text_corpus, "ENCODE_CHUNK", 3)
+  monkeypatch.setattr(text_corpus, "ENCODE_CHUNK_CHARS", 300)
   docs = [(str(i), "x" * n) for i, n in enumerate([100, 250, 50, 400, 10, 20, 30, 40])]
-  chunks = [[name for name, _ in chunk] for chunk in data_lib.encode_chunks(iter(docs))]
+  chunks = [[name for name, _ in chunk] for chunk in text_corpus.encode_chunks(iter(docs))]
   assert chunks == [["0"], ["1", "2"], ["3"], ["4", "5", "6"], ["7"]]
 
 
@@ -100,16 +101,16 @@ def test_a_document_too_large_to_encode_in_memory_is_refused_by_name(corpus, tmp
   """A document longer than a chunk is encoded in one call (~128 bytes a character): one that the machine's memory
   cannot hold is refused before the call, naming it and the remedy, instead of the kernel killing the process."""
   _, _, _, tok = corpus
-  monkeypatch.setattr(data_lib, "ENCODE_CHUNK_CHARS", 300)
+  monkeypatch.setattr(text_corpus, "ENCODE_CHUNK_CHARS", 300)
   (tmp_path / "texts").mkdir()
   (tmp_path / "texts" / "small.txt").write_text("alpha beta " * 20)
   (tmp_path / "texts" / "big.txt").write_text("gamma delta " * 100)  # 1,200 characters
-  monkeypatch.setattr(data_lib, "available_memory", lambda: 1200 * data_lib.ENCODE_BYTES_PER_CHAR - 1)
+  monkeypatch.setattr(text_corpus, "available_memory", lambda: 1200 * text_corpus.ENCODE_BYTES_PER_CHAR - 1)
   with pytest.raises(ValueError, match=r"document .*big.txt holds 1,200 characters: .* Split it into documents "
                                        r"\(a doc_separator"):
     tokenize_corpus([str(tmp_path / "texts")], tok, tmp_path / "ids")
   assert not (tmp_path / "ids").exists()
-  monkeypatch.setattr(data_lib, "available_memory", lambda: 1200 * data_lib.ENCODE_BYTES_PER_CHAR)
+  monkeypatch.setattr(text_corpus, "available_memory", lambda: 1200 * text_corpus.ENCODE_BYTES_PER_CHAR)
   assert tokenize_corpus([str(tmp_path / "texts")], tok, tmp_path / "ids")["documents"] == 2
 
 
@@ -235,7 +236,7 @@ def test_output_that_is_or_holds_a_data_path_is_refused(corpus, tmp_path):
 
 def test_a_missing_or_repeated_path_fails_before_anything_is_encoded(corpus, tmp_path, monkeypatch):
   _, folder, _, tok = corpus
-  monkeypatch.setattr(data_lib, "ENCODE_CHUNK", 4)  # the first path's documents would be encoded chunk by chunk
+  monkeypatch.setattr(text_corpus, "ENCODE_CHUNK", 4)  # the first path's documents would be encoded chunk by chunk
   for paths in ([str(folder), str(tmp_path / "typo")], [str(folder), str(folder)]):
     seen = []
     with pytest.raises((FileNotFoundError, ValueError), match=r"not found|already read"):
@@ -289,7 +290,7 @@ def test_a_folder_of_shards_as_text_names_the_glob_to_use(tmp_path):
   write_token_records(tmp_path / "ids" / "tokens-00000.array_record", [[5, 6, 1]])
   for given in (tmp_path / "ids", tmp_path / "ids" / "*", tmp_path / "*"):
     with pytest.raises(ValueError, match=rf"\(e.g. {tmp_path}/ids/\*\.array_record\)"):
-      data_lib.text_documents([str(given)])
+      text_corpus.text_documents([str(given)])
 
 
 def test_a_folder_written_meanwhile_by_another_process_is_kept(tmp_path):

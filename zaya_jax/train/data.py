@@ -39,19 +39,20 @@ too small for any hash to fall below holds out its smallest-hash document, so ev
 split (and a document added later may then take its place).
 
 Inputs (`DataConfig.paths`):
-- text files, folders (walked recursively, hidden entries skipped), globs; `.gz`, `.bz2` and `.xz` files are
-  decompressed; binary files (a NUL byte in the first 8 KiB: UTF-16 text too) are skipped inside folders, and text
-  that is not valid UTF-8 is read with U+FFFD for its undecodable bytes: both are listed in `CorpusInfo.skipped` and
-  counted in its description (which the training loop logs). One file is one document unless `doc_separator` is set.
+- text files, folders (walked recursively, hidden entries skipped), globs, read by text_corpus.py; `.gz`, `.bz2` and
+  `.xz` files are decompressed; binary files (a NUL byte in the first 8 KiB: UTF-16 text too) are skipped inside
+  folders, and text that is not valid UTF-8 is read with U+FFFD for its undecodable bytes: both are listed in
+  `CorpusInfo.skipped` and counted in its description (which the training loop logs). One file is one document unless
+  `doc_separator` is set.
   Documents are encoded with the tokenizer's own post-processor (Gemma's adds <bos>) and get `eos` appended; the ids
   are cached as `run_dir/tokens-<key>.npz`, key = sha256(tokenizer.json, document names and texts); the caches of
   other keys in the run dir (an edited corpus, another tokenizer) are removed.
   The tokenizer is `run_dir/tokenizer.json`: a BPE trained on the corpus at first use, or a copy of
   `DataConfig.tokenizer` (a different one already there is an error), so the run directory reproduces the ids.
 - ArrayRecord files (`*.array_record`) of token ids: one record per document, little-endian int32 bytes, used as
-  they are (`write_token_records(..., eos_id=)` appends eos when writing). No tokenizer is needed. launch/pretokenize.py
+  they are (`token_shards.write_token_records(..., eos_id=)` appends eos). No tokenizer is needed. launch/pretokenize.py
   writes them from text (token_shards.py), with a manifest.json that make_data checks (tokenizer, largest id).
-- None: the embedded default corpus (`default_documents`), nothing to download:
+- None: the embedded default corpus (`text_corpus.default_documents`), nothing to download:
   * the Python standard library's .py sources (sysconfig stdlib; without site-packages/dist-packages, test/tests,
     idlelib, __pycache__, the `encodings` codec tables and pydoc_data, whose text is the next item),
   * `pydoc_data.topics` (the language reference topics, one document each),
@@ -67,39 +68,31 @@ Inputs (`DataConfig.paths`):
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import dataclasses
 import functools
 import glob
-import gzip
 import hashlib
-import lzma
 import os
 import re
-import sysconfig
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
 
 from zaya_jax.tokenizer import Tokenizer, copy_into, load_or_train, load_tokenizer
 from zaya_jax.train import token_shards
+from zaya_jax.train.text_corpus import (
+  ARRAY_RECORD_SUFFIXES,
+  default_documents,
+  encode_documents,
+  name_hash,
+  text_documents,
+)
 
-ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 _CACHE_FORMAT = "zaya_jax.train.data/2"  # bump when the cached ids would change (2: special-token strings are text)
-# An encode_batch call's documents and characters: the library's Encoding objects take ~100 bytes per token (a
-# batch of 200 documents, 97 MB of text, peaked at 2.8 GB).
-ENCODE_CHUNK, ENCODE_CHUNK_CHARS = 1024, 2**22
-# A document longer than a chunk is encoded in one call, which holds ~116-126 bytes per character of it (a byte-level
-# BPE on Python source, 16 and 64 MiB in one document; WORKSPACE.md "Tokenizing"): one 100 MB text file without a
-# doc_separator takes ~12 GB.
-ENCODE_BYTES_PER_CHAR = 128
-_STDLIB_SKIP_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "encodings", "pydoc_data"})
-_FORTUNE_SEPARATOR = "\n%\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,173 +176,7 @@ class Data:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Reading text
-
-
-_DECOMPRESS = {".gz": ("gzip", gzip.decompress), ".bz2": ("bzip2", bz2.decompress), ".xz": ("xz", lzma.decompress)}
-
-
-def _read_text(path: str, skipped: list[str] | None = None) -> str | None:
-  """The file as text (.gz, .bz2 and .xz decompressed), or None when it looks binary (a NUL byte in its first 8 KiB).
-  Undecodable bytes become U+FFFD rather than failing the run. Each file skipped or read lossily is described in
-  `skipped`, when given, so that the caller can report it."""
-  with open(path, "rb") as f:
-    data = f.read()
-  suffix = os.path.splitext(path)[1]
-  if suffix in _DECOMPRESS:
-    kind, decompress = _DECOMPRESS[suffix]
-    try:
-      data = decompress(data)
-    except (OSError, EOFError, lzma.LZMAError) as e:  # BadGzipFile is an OSError; a cut file raises EOFError
-      raise ValueError(f"data file {path} is not a readable {kind} file ({e}); remove it or fix it") from None
-  if b"\0" in data[:8192]:
-    if skipped is not None:
-      skipped.append(f"{path} (binary)")
-    return None
-  try:
-    return data.decode("utf-8")
-  except UnicodeDecodeError:
-    if skipped is not None:
-      skipped.append(f"{path} (not UTF-8: undecodable bytes read as U+FFFD)")
-    return data.decode("utf-8", errors="replace")
-
-
-def _walk(root: str) -> list[str]:
-  """Files under root (hidden ones skipped), in sorted order. Linked folders are followed, as linked files are read;
-  a folder reached again (a link loop, or two links to one place) is walked once."""
-  files, walked = [], set()
-  for d, dirs, names in os.walk(root, followlinks=True):
-    walked.add(os.path.realpath(d))
-    dirs[:] = sorted(x for x in dirs if not x.startswith(".") and os.path.realpath(os.path.join(d, x)) not in walked)
-    walked.update(os.path.realpath(os.path.join(d, x)) for x in dirs)
-    files += [os.path.join(d, n) for n in sorted(names) if not n.startswith(".")]
-  return files
-
-
-def glob_root(pattern: str) -> str:
-  """The folder before the first wildcard: names of matched files are relative to it."""
-  parts = pattern.split(os.sep)
-  for i, part in enumerate(parts):
-    if glob.has_magic(part):
-      # "/data*/x": the root is "/", not the working directory (names key the eval split and the token cache).
-      return os.sep.join(parts[:i]) or (os.sep if os.path.isabs(pattern) else ".")
-  return os.path.dirname(pattern)
-
-
-def _split(name: str, text: str, separator: str | None) -> list[tuple[str, str]]:
-  if separator is None:
-    return [(name, text)] if text else []
-  return [(f"{name}#{k}", piece) for k, piece in enumerate(text.split(separator)) if piece.strip()]
-
-
-def iter_text_documents(paths: Sequence[str], doc_separator: str | None = None, *,
-                        skipped: list[str] | None = None) -> Iterator[tuple[str, str]]:
-  """(name, text) per document, one file read at a time. Names are paths relative to the given folder / glob root (a
-  file: its basename). Files skipped as binary, or read with undecodable bytes replaced, are listed in `skipped` when
-  it is given. A missing path raises before the first document; a path with no text raises once its files are read
-  (after the documents of earlier paths)."""
-  if doc_separator == "":  # str.split's own error would not name it
-    raise ValueError("doc_separator: must be a non-empty string or None")
-  # Every path's files first: a missing path, a path given twice or a folder of ArrayRecord files fails before any
-  # reading (launch/pretokenize.py would otherwise tokenize the earlier paths first, then delete their shards).
-  resolved, earlier = [], set()
-  for path in paths:
-    path = os.path.expanduser(path)
-    if glob.has_magic(path):
-      matches = sorted(glob.glob(path, recursive=True))
-      if not matches:
-        raise FileNotFoundError(f"data path: no files match {path!r}")
-      root = glob_root(path)
-      files = [f for m in matches for f in (_walk(m) if os.path.isdir(m) else [m])]
-      named = [(os.path.relpath(f, root), f) for f in files]
-    elif os.path.isdir(path):
-      base = os.path.basename(os.path.normpath(path))
-      named = [(os.path.join(base, os.path.relpath(f, path)), f) for f in _walk(path)]
-    elif os.path.isfile(path):
-      named = [(os.path.basename(path), path)]
-    else:
-      raise FileNotFoundError(f"data path not found: {path}")
-    records = [f for _, f in named if f.endswith(ARRAY_RECORD_SUFFIXES)]
-    if records:  # walked as text they would be skipped as binary
-      shards = os.path.join(os.path.dirname(records[0]), "*" + ARRAY_RECORD_SUFFIXES[0])
-      raise ValueError(f"data path {path} holds ArrayRecord files (e.g. {records[0]}): give them as files or a glob "
-                       f"(e.g. {shards}), not in a folder of text")
-    reals = {os.path.realpath(f) for _, f in named if os.path.isfile(f)}
-    if reals and reals <= earlier:
-      raise ValueError(f"data path {path}: every file in it was already read through an earlier data path; "
-                       "give each file once")
-    earlier |= reals
-    resolved.append((path, named))
-  seen = set()
-  for path, named in resolved:
-    found, repeated = 0, 0
-    for name, file in named:
-      real = os.path.realpath(file)
-      if real in seen or not os.path.isfile(real):
-        repeated += real in seen
-        continue
-      seen.add(real)
-      text = _read_text(file, skipped)
-      if text is not None:
-        pieces = _split(name, text, doc_separator)
-        found += len(pieces)
-        yield from pieces
-    if not found and repeated:
-      raise ValueError(f"data path {path}: every file in it was already read through an earlier data path; "
-                       "give each file once")
-    if not found:
-      raise ValueError(f"data path {path}: no text (empty, binary, or only blank documents)")
-
-
-def text_documents(paths: Sequence[str], doc_separator: str | None = None, *, skipped: list[str] | None = None
-                   ) -> list[tuple[str, str]]:
-  """`iter_text_documents` as a list (the whole corpus in memory: make_data's text path)."""
-  return list(iter_text_documents(paths, doc_separator, skipped=skipped))
-
-
-def default_documents(stdlib_root: str | None = None, share_root: str = "/usr/share") -> list[tuple[str, str]]:
-  """The embedded corpus (module doc): stdlib sources, pydoc topics, and Debian text packages where installed."""
-  import pydoc_data.topics  # the stdlib's own copy of the language reference topics
-
-  stdlib_root = stdlib_root or sysconfig.get_paths()["stdlib"]
-  docs = []
-  for d, dirs, names in os.walk(stdlib_root):
-    dirs[:] = sorted(x for x in dirs if x not in _STDLIB_SKIP_DIRS and not x.startswith("."))
-    for n in sorted(names):
-      if n.endswith(".py"):
-        text = _read_text(os.path.join(d, n))
-        if text:
-          docs.append((f"stdlib/{os.path.relpath(os.path.join(d, n), stdlib_root)}", text))
-  docs += [(f"pydoc_topics/{k}", v) for k, v in sorted(pydoc_data.topics.topics.items()) if v.strip()]
-  for source in sorted(glob.glob(os.path.join(share_root, "doc", "python3*", "html", "_sources"))):
-    for f in _walk(source):
-      if f.endswith(".txt"):
-        text = _read_text(f)
-        if text:
-          docs.append((f"python-doc/{os.path.relpath(f, source)}", text))
-  fortunes = os.path.join(share_root, "games", "fortunes")
-  seen = set()
-  for f in (_walk(fortunes) if os.path.isdir(fortunes) else []):
-    real = os.path.realpath(f)
-    if f.endswith((".dat", ".u8")) or real in seen:  # .dat: strfile indexes; .u8: UTF-8 copies of the same cookies
-      continue
-    seen.add(real)
-    text = _read_text(f)
-    if text:
-      docs += _split(f"fortunes/{os.path.relpath(f, fortunes)}", text, _FORTUNE_SEPARATOR)
-  for f in sorted(glob.glob(os.path.join(share_root, "doc", "jargon-text", "jargon*.txt*"))):
-    text = _read_text(f)
-    if text:
-      docs.append((f"jargon/{os.path.basename(f)}", text))
-  return docs
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Split, cache, sources
-
-
-def _name_hash(name: str) -> int:
-  return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
 
 
 def _mix64(x_N: np.ndarray) -> np.ndarray:
@@ -384,75 +211,12 @@ def _subset(docs: list[tuple[str, str]], max_bytes: int | None) -> list[tuple[st
   if max_bytes is None:
     return docs
   keep, total = [], 0
-  for i in sorted(range(len(docs)), key=lambda i: _name_hash("default corpus subset\0" + docs[i][0])):
+  for i in sorted(range(len(docs)), key=lambda i: name_hash("default corpus subset\0" + docs[i][0])):
     size = len(docs[i][1].encode("utf-8", "surrogateescape"))
     if total + size <= max_bytes:
       keep.append(i)
       total += size
   return [docs[i] for i in sorted(keep)]
-
-
-def encode_chunks(docs: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
-  """Consecutive documents in lists of at most ENCODE_CHUNK documents and ENCODE_CHUNK_CHARS characters (a longer
-  document is a list of its own): what one encode_batch call takes."""
-  chunk, chars = [], 0
-  for doc in docs:
-    if len(doc[1]) > ENCODE_CHUNK_CHARS:
-      _check_encode_fits(*doc)
-    if chunk and (len(chunk) == ENCODE_CHUNK or chars + len(doc[1]) > ENCODE_CHUNK_CHARS):
-      yield chunk
-      chunk, chars = [], 0
-    chunk.append(doc)
-    chars += len(doc[1])
-  if chunk:
-    yield chunk
-
-
-def available_memory() -> int | None:
-  """Bytes of memory the system can give without swapping (MemAvailable of /proc/meminfo); None where unknown."""
-  try:
-    with open("/proc/meminfo") as f:
-      fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return int(fields["MemAvailable"].split()[0]) * 1024
-  except (OSError, KeyError, ValueError):
-    return None
-
-
-def _check_encode_fits(name: str, text: str) -> None:
-  """Refuses a document whose one encode call would not fit in memory (the kernel would kill the process with no
-  word of why), naming it and the remedy."""
-  need, available = len(text) * ENCODE_BYTES_PER_CHAR, available_memory()
-  if available is not None and need > available:
-    raise ValueError(
-        f"document {name} holds {len(text):,} characters: the tokenizer takes ~{need / 2**30:.1f} GiB "
-        f"to encode one document, and this machine has {available / 2**30:.1f} GiB available. Split it into "
-        "documents (a doc_separator: --set=data.doc_separator=$'\\n\\n' for training, --doc_separator for "
-        "launch/pretokenize.py) or into smaller files")
-
-
-def encode_documents(tokenizer: Tokenizer, docs: list[tuple[str, str]], special_tokens_in_text: bool = False
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(ids_M, offsets_N1, hashes_N): every document ends in eos; documents with < 2 ids (nothing to predict) dropped.
-  By default documents are plain text: a literal "<eos>" or "<pad>" in a file is encoded as the characters it is, not
-  as the special token, which would end a document early or feed a pad id as input. `special_tokens_in_text` parses
-  them as the special tokens (chat-formatted text with "<start_of_turn>" markers)."""
-  pieces, hashes = [], []
-  literal = tokenizer.hf.encode_special_tokens
-  tokenizer.hf.encode_special_tokens = not special_tokens_in_text
-  try:
-    for chunk in encode_chunks(docs):
-      for (name, _), ids_L in zip(chunk, tokenizer.encode_batch([text for _, text in chunk])):
-        if len(ids_L) == 0 or ids_L[-1] != tokenizer.eos_id:
-          ids_L = np.append(ids_L, np.int32(tokenizer.eos_id))
-        if len(ids_L) >= 2:
-          pieces.append(ids_L)
-          hashes.append(_name_hash(name))
-  finally:
-    tokenizer.hf.encode_special_tokens = literal
-  offsets_N1 = np.zeros(len(pieces) + 1, np.int64)
-  np.cumsum([len(p) for p in pieces], out=offsets_N1[1:])
-  ids_M = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
-  return ids_M, offsets_N1, np.asarray(hashes, np.uint64)
 
 
 def _corpus_key(tokenizer: Tokenizer, docs: list[tuple[str, str]], special_tokens_in_text: bool = False) -> str:
@@ -533,39 +297,12 @@ class _RecordDocuments(Sequence):
       raise ValueError(f"{self._where(index)} cannot be read: {e}") from None
     if len(record) % 4:
       raise ValueError(f"{self._where(index)}: {len(record)} bytes, not a whole number of int32 token ids (write "
-                       "records with write_token_records)")
+                       "records with token_shards.write_token_records)")
     ids_L = np.frombuffer(record, "<i4").astype(np.int32)
     if self._max_id is not None and len(ids_L) and (ids_L.max() > self._max_id or ids_L.min() < 0):
       raise ValueError(f"{self._where(index)}: ids in [{ids_L.min()}, {ids_L.max()}] outside the model's "
                        f"vocabulary [0, {self._max_id}]")
     return ids_L
-
-
-def write_token_records(path: str | os.PathLike, docs, eos_id: int | None = None) -> int:
-  """Writes one ArrayRecord record per document (little-endian int32 ids, + eos_id if given); returns the count.
-
-  Atomically: the records go to a temporary file renamed into place at the end, so an error or a kill midway leaves
-  no well-formed but truncated file at `path` for a later run to read as the whole corpus."""
-  from array_record.python.array_record_module import ArrayRecordWriter
-
-  path = os.fspath(path)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per chunk: cheap random access for shuffling
-  n, complete = 0, False
-  try:
-    for ids in docs:
-      ids_L = np.asarray(ids, "<i4").reshape(-1)
-      if eos_id is not None:
-        ids_L = np.append(ids_L, np.int32(eos_id)).astype("<i4")
-      writer.write(ids_L.tobytes())
-      n += 1
-    complete = True
-  finally:
-    writer.close()
-    if not complete and os.path.exists(tmp):
-      os.remove(tmp)
-  os.replace(tmp, path)
-  return n
 
 
 def _expand_record_paths(paths: Sequence[str]) -> list[str]:
@@ -748,7 +485,7 @@ def _record_data(cfg: DataConfig, run_dir: str, model_vocab_size: int | None, pr
     if n == 0:
       raise ValueError(f"ArrayRecord file {f}: no records")
     counts.append(n)
-    hashes.append(_mix64(np.uint64(_name_hash(os.path.basename(f))) ^ np.arange(n, dtype=np.uint64)))
+    hashes.append(_mix64(np.uint64(name_hash(os.path.basename(f))) ^ np.arange(n, dtype=np.uint64)))
     fingerprint.update(f"{os.path.basename(f)}\0{os.path.getsize(f)}\0{n}\0".encode())
   # Shards written by launch/pretokenize.py: their manifest names the tokenizer and the largest id, and their records
   # keep the name hashes of the documents they came from, so they split as that text would.

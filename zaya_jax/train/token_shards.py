@@ -3,9 +3,10 @@
     manifest = tokenize_corpus(["/corpus/texts"], load_tokenizer("tokenizer.json"), "/data/corpus-ids")
     DataConfig(paths=("/data/corpus-ids/*.array_record",), tokenizer="/data/corpus-ids/tokenizer.json")
 
-Documents are read as the text path of `data.make_data` reads them (`data.iter_text_documents`: files, folders, globs,
-compressed files, binary files skipped and listed, `doc_separator`) and encoded by the same function (the tokenizer's
-post-processor, eos appended, documents of fewer than 2 ids dropped), one record per document, in corpus order. Each
+Documents are read as the text path of `data.make_data` reads them (`text_corpus.iter_text_documents`: files,
+folders, globs, compressed files, binary files skipped and listed, `doc_separator`) and encoded by the same function
+(the tokenizer's post-processor, eos appended, documents of fewer than 2 ids dropped), one record per document
+(`write_token_records`, which also writes ArrayRecord files of ids from other sources), in corpus order. Each
 shard keeps its documents' name hashes (`tokens-00000.name_hashes.npy`), which make_data's held-out split reads
 instead of hashing the shard's name and record index. So a run on the shards holds out the same documents as a run
 on the text, and, its documents the same in the same order, sees the same batches; and documents added to the text
@@ -20,7 +21,7 @@ not fit, a shard whose record count differs from the manifest's, or a shard it l
 is refused before training (the records' contents are not checked). The folder is written beside its final name and
 renamed into place (`folders.folder_in_place`): complete or absent; an output that is, holds or sits inside a data
 path is refused.
-Memory: one shard's ids, one file's text and one encode chunk (`data.encode_chunks`: 4 MiB of text, or one longer
+Memory: one shard's ids, one file's text and one encode chunk (`text_corpus.encode_chunks`: 4 MiB of text, or one longer
 document: ~130 bytes per character, refused by name when the memory available cannot hold it), whatever the
 corpus's size.
 """
@@ -38,9 +39,37 @@ import numpy as np
 
 from zaya_jax.folders import folder_in_place
 from zaya_jax.tokenizer import TOKENIZER_FILE, Tokenizer, side_files
+from zaya_jax.train import text_corpus
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+
+
+def write_token_records(path: str | os.PathLike, docs, eos_id: int | None = None) -> int:
+  """Writes one ArrayRecord record per document (little-endian int32 ids, + eos_id if given); returns the count.
+
+  Atomically: the records go to a temporary file renamed into place at the end, so an error or a kill midway leaves
+  no well-formed but truncated file at `path` for a later run to read as the whole corpus."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  path = os.fspath(path)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per chunk: cheap random access for shuffling
+  n, complete = 0, False
+  try:
+    for ids in docs:
+      ids_L = np.asarray(ids, "<i4").reshape(-1)
+      if eos_id is not None:
+        ids_L = np.append(ids_L, np.int32(eos_id)).astype("<i4")
+      writer.write(ids_L.tobytes())
+      n += 1
+    complete = True
+  finally:
+    writer.close()
+    if not complete and os.path.exists(tmp):
+      os.remove(tmp)
+  os.replace(tmp, path)
+  return n
 
 
 def shard_name(index: int) -> str:
@@ -53,7 +82,6 @@ def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, output: str | os
                     progress: Callable[[dict], None] | None = None) -> dict:
   """Writes `output` (module doc) and returns its manifest. `progress` is called with the running totals after each
   encoded chunk of documents (and may raise to stop: nothing is left behind)."""
-  from zaya_jax.train import data  # here, not at the top: data imports this module
 
   if shard_tokens < 1:
     raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
@@ -67,14 +95,14 @@ def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, output: str | os
       nonlocal pending, pending_hashes, pending_tokens
       name = shard_name(len(shards))
       hashes_name = name.replace(".array_record", ".name_hashes.npy")
-      data.write_token_records(os.path.join(tmp, name), pending)
+      write_token_records(os.path.join(tmp, name), pending)
       np.save(os.path.join(tmp, hashes_name), np.asarray(pending_hashes, np.uint64))
       shards.append({"file": name, "documents": len(pending), "tokens": pending_tokens,
                      "max_id": int(max(int(ids.max()) for ids in pending)), "name_hashes": hashes_name})
       pending, pending_hashes, pending_tokens = [], [], 0
 
-    for chunk in data.encode_chunks(data.iter_text_documents(paths, doc_separator, skipped=skipped)):
-      ids_M, offsets_N1, hashes_N = data.encode_documents(tokenizer, chunk, special_tokens_in_text)
+    for chunk in text_corpus.encode_chunks(text_corpus.iter_text_documents(paths, doc_separator, skipped=skipped)):
+      ids_M, offsets_N1, hashes_N = text_corpus.encode_documents(tokenizer, chunk, special_tokens_in_text)
       totals["dropped"] += len(chunk) - (len(offsets_N1) - 1)
       for (start, stop), name_hash in zip(itertools.pairwise(offsets_N1.tolist()), hashes_N.tolist(), strict=True):
         pending.append(ids_M[start:stop])
@@ -106,12 +134,11 @@ def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, output: str | os
 def _check_output_outside_data(paths: Sequence[str], output: str | os.PathLike) -> None:
   """`output` must not be, hold or sit inside a data path: with overwrite the old folder (the corpus) is deleted once
   the shards are in, and shards inside a data folder make it unreadable as text next time."""
-  from zaya_jax.train import data
 
   out = os.path.realpath(os.path.expanduser(os.fspath(output)))
   for p in paths:
     p = os.path.expanduser(p)
-    root = os.path.realpath(data.glob_root(p) if glob.has_magic(p) else p)
+    root = os.path.realpath(text_corpus.glob_root(p) if glob.has_magic(p) else p)
     common = os.path.commonpath([out, root])
     if common == out:
       raise ValueError(f"output {output} is or holds the data path {p}: writing it would replace the text")
