@@ -29,12 +29,13 @@ import numpy as np
 
 from zaya_jax.tokenizer import Tokenizer
 
+# Token-id files: data.py reads them as documents of ids; a folder of them given as text is refused, not skipped.
 ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 # An encode_batch call's documents and characters: the library's Encoding objects take ~100 bytes per token (a
 # batch of 200 documents, 97 MB of text, peaked at 2.8 GB).
 ENCODE_CHUNK, ENCODE_CHUNK_CHARS = 1024, 2**22
-# A document longer than a chunk is encoded in one call, which holds ~116-126 bytes per character of it (a byte-level
-# BPE on Python source, 16 and 64 MiB in one document; WORKSPACE.md "Tokenizing"): one 100 MB text file without a
+# A document longer than a chunk is encoded in one call, which holds ~116-132 bytes per character of it (a byte-level
+# BPE on Python source, 8 to 64 MiB in one document; WORKSPACE.md "Tokenizing"): one 100 MB text file without a
 # doc_separator takes ~12 GB.
 ENCODE_BYTES_PER_CHAR = 128
 _STDLIB_SKIP_DIRS = frozenset(
