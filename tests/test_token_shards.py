@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from test_data import _equal, _take
 
+from zaya_jax import host_memory
 from zaya_jax.tokenizer import load_tokenizer, train_bpe
 from zaya_jax.train import data as data_lib
 from zaya_jax.train import text_corpus
@@ -104,14 +105,35 @@ def test_a_document_too_large_to_encode_in_memory_is_refused_by_name(corpus, tmp
   monkeypatch.setattr(text_corpus, "ENCODE_CHUNK_CHARS", 300)
   (tmp_path / "texts").mkdir()
   (tmp_path / "texts" / "small.txt").write_text("alpha beta " * 20)
-  (tmp_path / "texts" / "big.txt").write_text("gamma delta " * 100)  # 1,200 characters
-  monkeypatch.setattr(text_corpus, "available_memory", lambda: 1200 * text_corpus.ENCODE_BYTES_PER_CHAR - 1)
-  with pytest.raises(ValueError, match=r"document .*big.txt holds 1,200 characters: .* Split it into documents "
+  (tmp_path / "texts" / "big.txt").write_text("gamma delta " * 100)  # 1,200 bytes
+  monkeypatch.setattr(host_memory, "available_memory", lambda: 1200 * text_corpus.ENCODE_BYTES_PER_TEXT_BYTE - 1)
+  with pytest.raises(ValueError, match=r"document .*big.txt holds 1,200 bytes of text: .* Split it into documents "
                                        r"\(a doc_separator"):
     tokenize_corpus([str(tmp_path / "texts")], tok, tmp_path / "ids")
   assert not (tmp_path / "ids").exists()
-  monkeypatch.setattr(text_corpus, "available_memory", lambda: 1200 * text_corpus.ENCODE_BYTES_PER_CHAR)
+  monkeypatch.setattr(host_memory, "available_memory", lambda: 1200 * text_corpus.ENCODE_BYTES_PER_TEXT_BYTE)
   assert tokenize_corpus([str(tmp_path / "texts")], tok, tmp_path / "ids")["documents"] == 2
+
+
+def test_cgroup_headroom_reads_the_tightest_limit_above_the_process(tmp_path):
+  """v2: the limit set on a parent (a Slurm job above its step) counts, "max" does not; v1: the memory controller's
+  limit, its page-rounded "no limit" ignored; a path the mount does not hold (a container's own root) reads the
+  parents. What the encode check sees besides MemAvailable (host_memory.available_memory)."""
+  def tree(files):
+    for rel, text in files.items():
+      (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+      (tmp_path / rel).write_text(text)
+
+  tree({"cg/job/step/memory.max": "max\n", "cg/job/step/memory.current": "100\n",
+        "cg/job/memory.max": "5000\n", "cg/job/memory.current": "1200\n",
+        "cg/memory.max": "max\n", "cg/memory.current": "9000\n", "v2": "0::/job/step\n"})
+  assert host_memory.cgroup_headroom(str(tmp_path / "v2"), str(tmp_path / "cg")) == 3800
+  tree({"v1root/memory/memory.limit_in_bytes": "9223372036854771712\n", "v1root/memory/memory.usage_in_bytes": "7\n",
+        "v1": "4:memory:/not/mounted/here\n3:cpuset:/\n0::/\n"})
+  assert host_memory.cgroup_headroom(str(tmp_path / "v1"), str(tmp_path / "v1root")) is None
+  (tmp_path / "v1root/memory/memory.limit_in_bytes").write_text("4096\n")
+  assert host_memory.cgroup_headroom(str(tmp_path / "v1"), str(tmp_path / "v1root")) == 4089
+  assert host_memory.cgroup_headroom(str(tmp_path / "absent"), str(tmp_path / "cg")) is None
 
 
 def _tokenized(folder, tok, out):
@@ -169,6 +191,9 @@ def test_shards_are_checked_against_their_manifest(corpus, tmp_path):
                                        r"no longer holds"):
     make_data(dataclasses.replace(cfg, paths=(str(split / "*.array_record"),)), tmp_path / "run5",
               model_vocab_size=512, process_index=0, process_count=1)
+  # A file beside them that the manifest does not list is read unchecked, as anywhere else.
+  write_token_records(split / "custom.array_record", [[5, 6, 1]])
+  assert check_shards([str(split / "custom.array_record")], [1], None, 512) == [None]
   # ArrayRecord files without a manifest are not checked (written by write_token_records, say).
   os.remove(out / MANIFEST)
   check_shards(files, [1, *counts[1:]], None, 2)

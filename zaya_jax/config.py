@@ -126,7 +126,7 @@ class ZayaConfig:
   vocab_size: int = 262272
   hidden_size: int = 2048
   num_layers: int = 40
-  layer_types: tuple[LayerType, ...] = ()  # empty means every layer is "hybrid"
+  layer_types: tuple[str, ...] = ()  # LayerType each; empty means every layer is "hybrid"
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
   rms_norm_eps: float = 1e-5

@@ -16,6 +16,10 @@ the training loop and the benchmarks do not rely on (they read each step's loss)
 that way (a tiny-model step of 8x32 tokens 10-35%; at 8x128 tokens the same within noise), so a program made of
 such calls may pass `calls_on_caller_thread=False` (the test suite does).
 
+`available_memory()` is what the process may still allocate before the kernel kills it: the system's MemAvailable,
+or less under a cgroup memory limit (a container, a Slurm job). text_corpus refuses a document whose encoding would
+not fit in it.
+
 The cost of the thresholds is resident memory: up to `trim_threshold` of freed heap stays with the process instead
 of going back to the system. Entry points (launch/, the benchmarks) call `retain_freed_memory()` once at start-up,
 before JAX allocates; the library itself never changes process-wide allocator settings on import.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import platform
 
 import jax
@@ -68,3 +73,54 @@ def retain_freed_memory(*, mmap_threshold: int = 1 << 30, trim_threshold: int = 
   if arena_max is not None:
     settings += ((M_ARENA_MAX, arena_max),)
   return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+# cgroup v1 writes "no limit" as 2**63 - 1 rounded down to a page.
+_NO_CGROUP_LIMIT = 2**60
+
+
+def _read(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read().strip()
+  except OSError:
+    return None
+
+
+def cgroup_headroom(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+  """The least (memory limit - usage) over this process's cgroup and its parents, for the v2 hierarchy and the v1
+  memory controller; None where no limit is set or nothing can be read. A folder in /proc/self/cgroup that the mount
+  does not hold (a container sees its own cgroup as the root) is skipped, its parents read."""
+  entries = (_read(proc_cgroup) or "").splitlines()
+  headroom = []
+  for entry in entries:
+    _, controllers, path = entry.split(":", 2)
+    if controllers == "":
+      base, limit_name, usage_name = root, "memory.max", "memory.current"
+    elif "memory" in controllers.split(","):
+      base, limit_name, usage_name = os.path.join(root, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+    else:
+      continue
+    parts = [p for p in path.split("/") if p]
+    for depth in range(len(parts), -1, -1):
+      folder = os.path.join(base, *parts[:depth])
+      limit, usage = _read(os.path.join(folder, limit_name)), _read(os.path.join(folder, usage_name))
+      if limit is None or usage is None or limit == "max" or not limit.isdigit() or not usage.isdigit():
+        continue
+      if int(limit) < _NO_CGROUP_LIMIT:
+        headroom.append(int(limit) - int(usage))
+  return min(headroom) if headroom else None
+
+
+def _mem_available() -> int | None:
+  for line in (_read("/proc/meminfo") or "").splitlines():
+    if line.startswith("MemAvailable:"):
+      kib = line.split()[1]
+      return int(kib) * 1024 if kib.isdigit() else None
+  return None
+
+
+def available_memory() -> int | None:
+  """Bytes the process can still allocate (module doc); None where neither figure can be read."""
+  figures = [f for f in (_mem_available(), cgroup_headroom()) if f is not None]
+  return min(figures) if figures else None

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from zaya_jax import host_memory
 from zaya_jax.tokenizer import Tokenizer
 
 # Token-id files: data.py reads them as documents of ids; a folder of them given as text is refused, not skipped.
@@ -34,10 +35,10 @@ ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 # An encode_batch call's documents and characters: the library's Encoding objects take ~100 bytes per token (a
 # batch of 200 documents, 97 MB of text, peaked at 2.8 GB).
 ENCODE_CHUNK, ENCODE_CHUNK_CHARS = 1024, 2**22
-# A document longer than a chunk is encoded in one call, which holds ~116-132 bytes per character of it (a byte-level
-# BPE on Python source, 8 to 64 MiB in one document; WORKSPACE.md "Tokenizing"): one 100 MB text file without a
-# doc_separator takes ~12 GB.
-ENCODE_BYTES_PER_CHAR = 128
+# A document longer than a chunk is encoded in one call, which holds ~116-132 bytes per byte of its UTF-8 text (a
+# byte-level BPE on Python source, 8 to 64 MiB in one document; WORKSPACE.md "Tokenizing"; text of 3-byte characters
+# that are a token each measured ~120): one 100 MB text file without a doc_separator takes ~12 GB.
+ENCODE_BYTES_PER_TEXT_BYTE = 140
 _STDLIB_SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "encodings", "pydoc_data"})
 _FORTUNE_SEPARATOR = "\n%\n"
@@ -222,24 +223,15 @@ def encode_chunks(docs: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, s
     yield chunk
 
 
-def available_memory() -> int | None:
-  """Bytes of memory the system can give without swapping (MemAvailable of /proc/meminfo); None where unknown."""
-  try:
-    with open("/proc/meminfo") as f:
-      fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return int(fields["MemAvailable"].split()[0]) * 1024
-  except (OSError, KeyError, ValueError):
-    return None
-
-
 def _check_encode_fits(name: str, text: str) -> None:
   """Refuses a document whose one encode call would not fit in memory (the kernel would kill the process with no
   word of why), naming it and the remedy."""
-  need, available = len(text) * ENCODE_BYTES_PER_CHAR, available_memory()
+  size = len(text.encode("utf-8", "surrogateescape"))
+  need, available = size * ENCODE_BYTES_PER_TEXT_BYTE, host_memory.available_memory()
   if available is not None and need > available:
     raise ValueError(
-        f"document {name} holds {len(text):,} characters: the tokenizer takes ~{need / 2**30:.1f} GiB "
-        f"to encode one document, and this machine has {available / 2**30:.1f} GiB available. Split it into "
+        f"document {name} holds {size:,} bytes of text: the tokenizer takes ~{need / 2**30:.1f} GiB to encode "
+        f"one document, and this process can allocate {available / 2**30:.1f} GiB. Split it into "
         "documents (a doc_separator: --set=data.doc_separator=$'\\n\\n' for training, --doc_separator for "
         "launch/pretokenize.py) or into smaller files")
 

@@ -22,7 +22,7 @@ is refused before training (the records' contents are not checked). The folder i
 renamed into place (`folders.folder_in_place`): complete or absent; an output that is, holds or sits inside a data
 path is refused.
 Memory: one shard's ids, one file's text and one encode chunk (`text_corpus.encode_chunks`: 4 MiB of text, or one longer
-document: ~130 bytes per character, refused by name when the memory available cannot hold it), whatever the
+document: ~130 bytes per byte of text, refused by name when the memory available cannot hold it), whatever the
 corpus's size.
 """
 
@@ -183,10 +183,10 @@ def tokenizer_of(files: Sequence[str]) -> str | None:
   return None
 
 
-def _check_no_shard_missing(folder: str, manifest: dict | None) -> None:
+def _check_no_shard_missing(folder: str, manifest: dict) -> None:
   """A shard that its manifest lists and the folder no longer holds: a glob over the folder would train on the
   rest without a word, a corpus with a hole in it."""
-  listed = [] if manifest is None else [shard["file"] for shard in manifest["shards"]]
+  listed = [shard["file"] for shard in manifest["shards"]]
   missing = [name for name in listed if not os.path.isfile(os.path.join(folder, name))]
   if missing:
     names = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -197,10 +197,12 @@ def _check_no_shard_missing(folder: str, manifest: dict | None) -> None:
 def check_shards(files: Sequence[str], records: Sequence[int], tokenizer: Tokenizer | None,
                  model_vocab_size: int | None) -> list[np.ndarray | None]:
   """Checks ArrayRecord `files` (holding `records` records each) against the manifest.json beside them (beside the
-  file a link points to), where there is one that lists them; files written by other means pass unchecked.
+  file a link points to), where there is one that lists them; files written by other means pass unchecked. A folder
+  one of whose listed shards the run reads must still hold all of them.
   Returns, per file, its documents' name hashes where the manifest has them (the held-out split of the text they
   came from), else None."""
   manifests: dict[str, dict | None] = {}
+  complete: set[str] = set()  # folders whose listed shards are all there
   written_with: dict[str, str] = {}  # tokenizer sha256 -> a shard written with it
   name_hashes: list[np.ndarray | None] = []
   for file, n in zip(files, records, strict=True):
@@ -208,12 +210,14 @@ def check_shards(files: Sequence[str], records: Sequence[int], tokenizer: Tokeni
     folder = os.path.dirname(real)
     if folder not in manifests:
       manifests[folder] = _read_manifest(folder)
-      _check_no_shard_missing(folder, manifests[folder])
     manifest = manifests[folder]
     shard = None if manifest is None else {s["file"]: s for s in manifest["shards"]}.get(os.path.basename(real))
     if shard is None:
       name_hashes.append(None)
       continue
+    if folder not in complete:  # once per folder, and only for one whose shards the run reads
+      _check_no_shard_missing(folder, manifest)
+      complete.add(folder)
     if shard["documents"] != n:
       raise ValueError(f"ArrayRecord file {file} holds {n} records, but {os.path.join(folder, MANIFEST)} says "
                        f"{shard['documents']}: the folder was changed after it was written; tokenize it again")
