@@ -21,7 +21,7 @@ import sys
 
 from absl import app, flags
 
-from zaya_jax.infer import cli
+from zaya_jax.infer import cli, cli_files
 
 _MODEL = flags.DEFINE_string("model", None, "Run directory or Hugging Face folder.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json (or its folder) if not in the model folder.")
@@ -50,10 +50,10 @@ def main(argv) -> int:
   if _PROMPT.value is not None:
     prompts, describe = [_PROMPT.value], lambda i: "--prompt"
   else:
-    prompts = cli.read_prompts(_PROMPTS_FILE.value)
+    prompts = cli_files.read_prompts(_PROMPTS_FILE.value)
     describe = lambda i: f"prompt {i + 1} of --prompts_file={_PROMPTS_FILE.value}"
-  cli.check_output_is_not_input(_OUTPUT.value, prompts_file=_PROMPTS_FILE.value)
-  with cli.AtomicJsonl(_OUTPUT.value, overwrite=_OVERWRITE.value) as out:
+  cli_files.check_output_is_not_input(_OUTPUT.value, prompts_file=_PROMPTS_FILE.value)
+  with cli_files.AtomicJsonl(_OUTPUT.value, overwrite=_OVERWRITE.value) as out:
     loaded = cli.load_model(_MODEL.value, tokenizer_path=_TOKENIZER.value, step=_STEP.value)
     print(f"model: {loaded.describe()}", file=sys.stderr)
     chat = cli.chat_format(loaded, _CHAT.value)

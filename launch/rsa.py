@@ -38,7 +38,7 @@ import sys
 import jax
 from absl import app, flags
 
-from zaya_jax.infer import cli
+from zaya_jax.infer import cli, cli_files, rsa_eval
 from zaya_jax.infer import prompts as P
 from zaya_jax.infer.generate import make_decode_fn, pad_id
 from zaya_jax.infer.rsa import TAIL_SOURCES
@@ -67,7 +67,7 @@ _END_THINK = flags.DEFINE_string("end_think", "</think>", "End-of-thinking marke
 _ANSWER_AFTER_THINK = flags.DEFINE_bool("answer_after_think", False, "Score only the text after the last --end_think "
                                          "marker (a candidate without one has no answer, as Delethink scores); "
                                          "default: the whole output.")
-_TEMPLATE = flags.DEFINE_enum("template", "rsa", sorted(cli.TEMPLATES), "Aggregation prompt template.")
+_TEMPLATE = flags.DEFINE_enum("template", "rsa", sorted(rsa_eval.TEMPLATES), "Aggregation prompt template.")
 _CHAT = flags.DEFINE_bool("chat", False, "Render prompts as user messages with the tokenizer folder's chat template.")
 _Q_MAX = flags.DEFINE_integer("q_max", None, "Question capacity in tokens (default: the longest question, rounded up "
                               "to 64); one compile serves every question up to it.")
@@ -93,34 +93,34 @@ _SETTINGS = (_MODEL, _TOKENIZER, _STEP, _PROBLEM, _ANSWER, _PROBLEMS, _N, _C, _T
              _FINAL_TEMPERATURE, _FINAL_TOP_K, _FINAL_TOP_P, _SEED, _SAVE_TEXTS, _ANSWER_AFTER_THINK)
 
 
-def _problems() -> list[cli.Problem]:
+def _problems() -> list[cli_files.Problem]:
   if (_PROBLEM.value is None) == (_PROBLEMS.value is None):
     raise cli.CLIError("pass exactly one of --problem and --problems")
   if _PROBLEMS.value is not None:
     if _ANSWER.value is not None:
       raise cli.CLIError("--answer goes with --problem; a --problems file has an \"answer\" per line")
-    return cli.read_problems(_PROBLEMS.value)
+    return cli_files.read_problems(_PROBLEMS.value)
   if not _PROBLEM.value.strip():
     raise cli.CLIError("--problem is empty")
   if _ANSWER.value is not None and not _ANSWER.value.strip():
     raise cli.CLIError("--answer is empty (no answer could match it); leave it out for an unscored problem")
-  return [cli.Problem(0, 0, _PROBLEM.value, _ANSWER.value)]
+  return [cli_files.Problem(0, 0, _PROBLEM.value, _ANSWER.value)]
 
 
 def rsa_config_from_flags(**settings):
   """The sampler's config from the population and budget flags, plus `settings` known only later."""
-  return cli.rsa_config(n=_N.value, c=_C.value, t=_T.value, tau=_TAU.value, beta=_BETA.value,
-                        beta_final=_BETA_FINAL.value, beta_first=_BETA_FIRST.value, seed=_SEED.value, **settings)
+  return rsa_eval.rsa_config(n=_N.value, c=_C.value, t=_T.value, tau=_TAU.value, beta=_BETA.value,
+                             beta_final=_BETA_FINAL.value, beta_first=_BETA_FIRST.value, seed=_SEED.value, **settings)
 
 
-def _resumed(rows: list[dict], problems: list[cli.Problem]) -> dict[int, cli.ProblemReport]:
+def _resumed(rows: list[dict], problems: list[cli_files.Problem]) -> dict[int, rsa_eval.ProblemReport]:
   """The reports of a partial --output, checked against the problems they claim to answer."""
   done = {}
   for row in rows:
     if row.get("summary"):
       continue
     try:
-      report = cli.ProblemReport.from_json(row)
+      report = rsa_eval.ProblemReport.from_json(row)
     except (KeyError, TypeError) as e:
       old = " (no per-round reports: written by an older launch/rsa.py; delete it to start over)" if (
         isinstance(e, KeyError) and e.args == ("rounds",)) else ""
@@ -158,7 +158,7 @@ def main(argv) -> int:
                            "round; pass one of them")
   # Checked before the model loads: flag errors (C > N, τ > β, ...) should not wait for the weights.
   rsa_config_from_flags(tail_source="all", end_think=(), q_max=1, max_context=None, pad_id=0)
-  cli.check_output_is_not_input(_OUTPUT.value, problems=_PROBLEMS.value)
+  cli_files.check_output_is_not_input(_OUTPUT.value, problems=_PROBLEMS.value)
   loaded = cli.load_model(_MODEL.value, tokenizer_path=_TOKENIZER.value, step=_STEP.value)  # weights: on first use
   print(f"model: {loaded.describe()}", file=sys.stderr)
   # What shapes the results: the flags, and the weights themselves (a run directory that went on training, or a
@@ -166,14 +166,14 @@ def main(argv) -> int:
   provenance = {"flags": {f"--{flag.name}": flag.value for flag in _SETTINGS},
                 "model": {"step": loaded.step, "fingerprint": loaded.fingerprint}}
   settings = {**provenance["flags"], "model step": loaded.step, "model fingerprint": loaded.fingerprint}
-  with cli.AtomicJsonl(_OUTPUT.value, overwrite=_OVERWRITE.value, resumable=True, resume=_RESUME.value,
-                       settings=settings) as out:
+  with cli_files.AtomicJsonl(_OUTPUT.value, overwrite=_OVERWRITE.value, resumable=True, resume=_RESUME.value,
+                             settings=settings) as out:
     done = _resumed(out.done, problems)
     tokenizer = loaded.tokenizer
     chat = cli.chat_format(loaded, _CHAT.value)
     try:
       # With t = 0 nothing is aggregated: --c and the template's aggregation prompt are unused.
-      pieces = P.encode_pieces(tokenizer.hf, cli.TEMPLATES[_TEMPLATE.value], _C.value if _T.value else 1, chat)
+      pieces = P.encode_pieces(tokenizer.hf, rsa_eval.TEMPLATES[_TEMPLATE.value], _C.value if _T.value else 1, chat)
     except ValueError as e:
       raise cli.CLIError(f"--template={_TEMPLATE.value}: {e}") from None
     questions = [P.encode_question(tokenizer.hf, p.problem) for p in problems]
@@ -197,11 +197,11 @@ def main(argv) -> int:
     # token, which marks a trace finished.
     # True Delethink (the continuation template) stops a chain at EOS; with an aggregation template and --c=1 (the
     # report's Delethink-like baseline) every trace is refined every round, finished or not.
-    keep_finished = cli.TEMPLATES[_TEMPLATE.value].continuation and _C.value == 1 and _T.value > 0
+    keep_finished = rsa_eval.TEMPLATES[_TEMPLATE.value].continuation and _C.value == 1 and _T.value > 0
     cfg = rsa_config_from_flags(tail_source=_TAIL_SOURCE.value, end_think=end_think, q_max=q_max,
                                 max_context=loaded.context, pad_id=pad_id(loaded), stop_ids=loaded.stop_ids,
                                 keep_finished=keep_finished)
-    cli.check_rsa_context(cfg, pieces, loaded.context, longest)
+    rsa_eval.check_rsa_context(cfg, pieces, loaded.context, longest)
     key = jax.random.key(_SEED.value)
     reports, decode_fn, final_decode_fn = [], None, None
     for problem in problems:
@@ -223,10 +223,10 @@ def main(argv) -> int:
         print(f"  round {r}: {rr.generated} new tokens, longest call {rr.max_context} tokens; vote {vote}"
               f"{correct}, answer entropy {rr.entropy:.2f}", flush=True)
 
-      report, texts = cli.solve_problem(cfg, pieces, decode_fn, tokenizer, problem,
-                                        jax.random.fold_in(key, problem.index), loaded.stop_ids, on_round=on_round,
-                                        answer_after=_END_THINK.value if _ANSWER_AFTER_THINK.value else None,
-                                        final_decode_fn=final_decode_fn)
+      report, texts = rsa_eval.solve_problem(cfg, pieces, decode_fn, tokenizer, problem,
+                                             jax.random.fold_in(key, problem.index), loaded.stop_ids, on_round=on_round,
+                                             answer_after=_END_THINK.value if _ANSWER_AFTER_THINK.value else None,
+                                             final_decode_fn=final_decode_fn)
       reports.append(report)
       out.write({**report.to_json(), **({"texts": texts} if _SAVE_TEXTS.value else {})})
       shown = ", ".join("-" if a is None else repr(a) for a in report.answers)
@@ -237,9 +237,9 @@ def main(argv) -> int:
         verdict = (f"; reference {report.reference!r}: majority {'correct' if report.majority_correct else 'wrong'}, "
                    f"{sum(report.correct)}/{cfg.n} candidates correct")
       print(f"  vote: {vote}{verdict}", flush=True)
-    summary = cli.summarize(reports)
+    summary = rsa_eval.summarize(reports)
     out.write({**summary, "run": provenance})
-  print(cli.format_summary(summary))
+  print(rsa_eval.format_summary(summary))
   if _OUTPUT.value:
     print(f"wrote {len(reports)} problem(s) and a summary line to {_OUTPUT.value}", file=sys.stderr)
   return 0

@@ -30,7 +30,7 @@ from flax import nnx
 
 import zaya_jax
 from zaya_jax.checkpoint.hf import flat_params
-from zaya_jax.infer import cli, make_decode_fn
+from zaya_jax.infer import cli, cli_files, make_decode_fn, rsa_eval
 from zaya_jax.infer import prompts as P
 from zaya_jax.infer.generate import GenerateOutput
 from zaya_jax.infer.rsa import context_bound
@@ -64,8 +64,8 @@ def finish(proc, timeout=300):
 
 
 def rsa_cfg(**kw):
-  return cli.rsa_config(**{**RSA_FLAGS, "beta_final": None, "tail_source": "all", "end_think": (), "q_max": 64,
-                           "max_context": CONTEXT, "pad_id": 0, "seed": 0, **kw})
+  return rsa_eval.rsa_config(**{**RSA_FLAGS, "beta_final": None, "tail_source": "all", "end_think": (), "q_max": 64,
+                                "max_context": CONTEXT, "pad_id": 0, "seed": 0, **kw})
 
 
 # ---------------------------------------------------------------------------------------------------------- fixtures
@@ -199,20 +199,21 @@ def test_model_paths_that_are_not_models_are_named(tmp_path, hf_dir):
 def test_prompt_and_problem_files(tmp_path):
   txt = tmp_path / "p.txt"
   txt.write_text("first prompt\n\n  \nsecond {braces}\n")
-  assert cli.read_prompts(str(txt)) == ["first prompt", "second {braces}"]
+  assert cli_files.read_prompts(str(txt)) == ["first prompt", "second {braces}"]
   jsonl = tmp_path / "p.jsonl"
   jsonl.write_text('{"prompt": "a\\nb"}\n"plain string"\n')
-  assert cli.read_prompts(str(jsonl)) == ["a\nb", "plain string"]
+  assert cli_files.read_prompts(str(jsonl)) == ["a\nb", "plain string"]
   jsonl.write_text('{"prompt": "a"}\n\n{"text": "b"}\n')
   with pytest.raises(cli.CLIError, match=r"p.jsonl:3: expected \{\"prompt\""):
-    cli.read_prompts(str(jsonl))
+    cli_files.read_prompts(str(jsonl))
   with pytest.raises(cli.CLIError, match=r"expected a \.txt"):
-    cli.read_prompts(str(tmp_path / "p.csv"))
+    cli_files.read_prompts(str(tmp_path / "p.csv"))
 
   problems = tmp_path / "problems.jsonl"
   problems.write_text('{"problem": "one", "answer": "7"}\n\n{"question": "two", "answer": 5}\n{"problem": "three"}\n')
-  got = cli.read_problems(str(problems))
-  assert got == [cli.Problem(0, 1, "one", "7"), cli.Problem(1, 3, "two", "5"), cli.Problem(2, 4, "three", None)]
+  got = cli_files.read_problems(str(problems))
+  assert got == [cli_files.Problem(0, 1, "one", "7"), cli_files.Problem(1, 3, "two", "5"),
+                 cli_files.Problem(2, 4, "three", None)]
   for text, words in [
     ('{"problem": "one"}\n{"problem": "two"\n', "problems.jsonl:2: not valid JSON"),
     ('{"problem": "one"}\n["two"]\n', "problems.jsonl:2: expected a JSON object"),
@@ -223,9 +224,9 @@ def test_prompt_and_problem_files(tmp_path):
   ]:
     problems.write_text(text)
     with pytest.raises(cli.CLIError, match=words):
-      cli.read_problems(str(problems))
+      cli_files.read_problems(str(problems))
   with pytest.raises(cli.CLIError, match="does not exist"):
-    cli.read_problems(str(tmp_path / "nope.jsonl"))
+    cli_files.read_problems(str(tmp_path / "nope.jsonl"))
 
 
 def test_flag_validation_names_the_flags():
@@ -330,7 +331,7 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
   problems_file = tmp_path / "problems.jsonl"
   problems_file.write_text('{"problem": "P-one: 3+4?", "answer": "7"}\n{"question": "P-two: 2+3?", "answer": 5}\n'
                            '{"problem": "P-three: 1+4?", "answer": "5.0"}\n{"problem": "P-four"}\n')
-  problems = cli.read_problems(str(problems_file))
+  problems = cli_files.read_problems(str(problems_file))
   cfg, pieces = rsa_cfg(stop_ids=hf.stop_ids), P.encode_pieces(tok.hf, P.RSA_REFERENCE, 2, None)  # as launch/rsa.py
   calls = []  # (problem, prompt lengths, output lengths) per decode call
 
@@ -349,7 +350,7 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
     calls.append((name, lens_B.copy(), lens.copy()))
     return tokens, lens
 
-  reports = [cli.solve_problem(cfg, pieces, decode_fn, tok, p, jax.random.key(p.index), hf.stop_ids)[0]
+  reports = [rsa_eval.solve_problem(cfg, pieces, decode_fn, tok, p, jax.random.key(p.index), hf.stop_ids)[0]
              for p in problems]
   assert [r.answers for r in reports] == [("7", "7", "3", None), ("3",) * 4, ("5", "2", " 2 ", None),
                                           ("1", None, None, None)]
@@ -364,13 +365,13 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
     assert r.generated == sum(int(c[2].sum()) for c in mine)
     assert r.prefilled == sum(int(c[1].sum()) for c in mine)
     assert r.max_context == max(int((c[1] + c[2]).max()) for c in mine)
-  s = cli.summarize(reports)
+  s = rsa_eval.summarize(reports)
   assert (s["problems"], s["scored"], s["n"]) == (4, 3, 4)
   assert s["mean_correct"] == pytest.approx(0.75 / 3)
   assert s["majority_at_n"] == pytest.approx(1 / 3) and s["pass_at_n"] == pytest.approx(2 / 3)
   assert s["generated_per_problem"] == sum(int(c[2].sum()) for c in calls) / 4
   assert s["max_context"] == max(r.max_context for r in reports)
-  assert "mean correct 0.250, majority@4 0.333, pass@4 0.667" in cli.format_summary(s)
+  assert "mean correct 0.250, majority@4 0.333, pass@4 0.667" in rsa_eval.format_summary(s)
   # Every round's population is scored too: round 0 answered 9 everywhere (wrong), round 1 is the final population.
   for r, name in zip(reports, SCRIPT):
     mine = [c for c in calls if c[0] == name]
@@ -387,12 +388,12 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
   assert (last["mean_correct"], last["majority_at_n"], last["pass_at_n"]) == (
     s["mean_correct"], s["majority_at_n"], s["pass_at_n"])
   assert first["generated_per_problem"] + last["generated_per_problem"] == s["generated_per_problem"]
-  assert "round 0: mean correct 0.000, majority@4 0.000" in cli.format_summary(s)
-  assert [cli.ProblemReport.from_json(json.loads(json.dumps(r.to_json()))) for r in reports] == reports
+  assert "round 0: mean correct 0.000, majority@4 0.000" in rsa_eval.format_summary(s)
+  assert [rsa_eval.ProblemReport.from_json(json.loads(json.dumps(r.to_json()))) for r in reports] == reports
 
   # --output: written whole on success, absent (and no temporary file) after a failure.
   path = tmp_path / "report.jsonl"
-  with cli.AtomicJsonl(str(path)) as out:
+  with cli_files.AtomicJsonl(str(path)) as out:
     for r in reports:
       out.write(r.to_json())
     out.write(s)
@@ -402,17 +403,17 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
   os.umask(umask)
   assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as open() would make it, not a temporary's 0600
   failed = tmp_path / "failed.jsonl"
-  with pytest.raises(RuntimeError), cli.AtomicJsonl(str(failed)) as out:
+  with pytest.raises(RuntimeError), cli_files.AtomicJsonl(str(failed)) as out:
     out.write({"half": True})
     raise RuntimeError("crash mid-run")
   assert not failed.exists() and sorted(os.listdir(tmp_path)) == ["problems.jsonl", "report.jsonl"]
   with pytest.raises(cli.CLIError, match=r"folder .* does not exist"):
-    cli.AtomicJsonl(str(tmp_path / "no" / "x.jsonl")).__enter__()
+    cli_files.AtomicJsonl(str(tmp_path / "no" / "x.jsonl")).__enter__()
   with pytest.raises(cli.CLIError, match="is a folder; give the path of the JSON-lines file"):
-    cli.AtomicJsonl(str(tmp_path)).__enter__()
+    cli_files.AtomicJsonl(str(tmp_path)).__enter__()
   assert sorted(os.listdir(tmp_path)) == ["problems.jsonl", "report.jsonl"]
   with pytest.raises(cli.CLIError, match="do not fit the model's context of 300"):
-    cli.check_rsa_context(cfg, pieces, 300, 10)
+    rsa_eval.check_rsa_context(cfg, pieces, 300, 10)
 
 
 def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp_path, hf_dir, hf):
@@ -440,11 +441,12 @@ def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp
   pieces = P.encode_pieces(hf.tokenizer.hf, P.RSA_REFERENCE, 2, None)
   decode_fn = make_decode_fn(hf.model, sampling=SamplingConfig(temperature=1.0), stop_token_ids=hf.stop_ids)
   greedy_fn = make_decode_fn(hf.model, sampling=SamplingConfig(temperature=0.0), stop_token_ids=hf.stop_ids)
-  solved = [cli.solve_problem(cfg, pieces, decode_fn, hf.tokenizer, p, jax.random.fold_in(jax.random.key(5), p.index),
-                              hf.stop_ids, final_decode_fn=greedy_fn) for p in cli.read_problems(str(problems))]
+  solved = [rsa_eval.solve_problem(cfg, pieces, decode_fn, hf.tokenizer, p,
+                                   jax.random.fold_in(jax.random.key(5), p.index), hf.stop_ids,
+                                   final_decode_fn=greedy_fn) for p in cli_files.read_problems(str(problems))]
   reports = [report for report, _ in solved]
   assert lines[:3] == [json.loads(json.dumps({**r.to_json(), "texts": texts})) for r, texts in solved]
-  assert lines[3] == cli.summarize(reports)
+  assert lines[3] == rsa_eval.summarize(reports)
   bound, n, rounds = context_bound(cfg, pieces), cfg.n, cfg.rounds
   for r in reports:
     assert len(r.answers) == n and 2 * n <= r.generated <= n * cfg.beta * rounds and r.max_context <= bound
@@ -486,32 +488,33 @@ def test_output_is_kept_and_partial_lines_resume_only_with_the_same_settings(tmp
   path = tmp_path / "out.jsonl"
   path.write_text("earlier results\n")
   with pytest.raises(cli.CLIError, match="exists; pass --overwrite"):
-    cli.AtomicJsonl(str(path)).__enter__()
+    cli_files.AtomicJsonl(str(path)).__enter__()
   with pytest.raises(cli.CLIError, match=r"exists \(the run that wrote it finished: nothing to resume\)"):
-    cli.AtomicJsonl(str(path), resumable=True, resume=True).__enter__()
-  with cli.AtomicJsonl(str(path), overwrite=True) as out:
+    cli_files.AtomicJsonl(str(path), resumable=True, resume=True).__enter__()
+  with cli_files.AtomicJsonl(str(path), overwrite=True) as out:
     out.write({"a": 1})
   assert path.read_text() == '{"a": 1}\n'
   with pytest.raises(cli.CLIError, match="is the --problems file"):
-    cli.check_output_is_not_input(str(path), problems=str(path))
+    cli_files.check_output_is_not_input(str(path), problems=str(path))
 
   fresh = tmp_path / "fresh.jsonl"
-  with pytest.raises(RuntimeError), cli.AtomicJsonl(str(fresh), resumable=True, settings={"--seed": 1}) as out:
+  with pytest.raises(RuntimeError), cli_files.AtomicJsonl(str(fresh), resumable=True, settings={"--seed": 1}) as out:
     raise RuntimeError("fails before any line")
   assert sorted(os.listdir(tmp_path)) == ["out.jsonl"]  # nothing kept: nothing was finished
-  with pytest.raises(KeyboardInterrupt), cli.AtomicJsonl(str(fresh), resumable=True, settings={"--seed": 1}) as out:
+  with (pytest.raises(KeyboardInterrupt),
+        cli_files.AtomicJsonl(str(fresh), resumable=True, settings={"--seed": 1}) as out):
     out.write({"line": 1})
     raise KeyboardInterrupt
   partial = tmp_path / "fresh.jsonl.partial"
   with open(partial, "a") as f:
     f.write('{"line": 2, "cut')  # a kill in the middle of a line
   with pytest.raises(cli.CLIError, match="pass --resume"):
-    cli.AtomicJsonl(str(fresh), resumable=True, settings={"--seed": 1}).__enter__()
+    cli_files.AtomicJsonl(str(fresh), resumable=True, settings={"--seed": 1}).__enter__()
   with pytest.raises(cli.CLIError, match=r"other settings: --seed=1 \(now 2\)"):
-    cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 2}).__enter__()
+    cli_files.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 2}).__enter__()
   with pytest.raises(cli.CLIError, match=r"other settings: --beta=None \(now 32\)"):  # one the first run lacked
-    cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 1, "--beta": 32}).__enter__()
-  with cli.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 1}) as out:
+    cli_files.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 1, "--beta": 32}).__enter__()
+  with cli_files.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 1}) as out:
     assert out.done == [{"line": 1}]  # the cut line is dropped, to be decoded again
     out.write({"line": 2})
   assert fresh.read_text() == '{"line": 1}\n{"line": 2}\n'
@@ -521,13 +524,13 @@ def test_output_is_kept_and_partial_lines_resume_only_with_the_same_settings(tmp
 def test_round_figures_are_means_over_every_problem():
   # A problem without a reference answer still has a population: its entropy counts, its correctness cannot.
   def report(index, reference, entropies):
-    rounds = tuple(cli.RoundReport(answers=("1", "2"), majority="1", votes=1, entropy=e, generated=10, prefilled=5,
-                                   max_context=20) for e in entropies)
-    return cli.ProblemReport(index=index, problem=f"p{index}", reference=reference, answers=("1", "2"),
-                             finished=(True, True), majority="1", votes=1, generated=20, prefilled=10, max_context=20,
-                             rounds=rounds)
+    rounds = tuple(rsa_eval.RoundReport(answers=("1", "2"), majority="1", votes=1, entropy=e, generated=10, prefilled=5,
+                                        max_context=20) for e in entropies)
+    return rsa_eval.ProblemReport(index=index, problem=f"p{index}", reference=reference, answers=("1", "2"),
+                                  finished=(True, True), majority="1", votes=1, generated=20, prefilled=10,
+                                  max_context=20, rounds=rounds)
 
-  summary = cli.summarize([report(0, "1", [0.0, 0.0]), report(1, None, [1.0, 0.5])])
+  summary = rsa_eval.summarize([report(0, "1", [0.0, 0.0]), report(1, None, [1.0, 0.5])])
   assert [r["entropy"] for r in summary["by_round"]] == [0.5, 0.25]
   assert summary["by_round"][0]["mean_correct"] == 0.5
 
@@ -601,10 +604,10 @@ def _run_rsa_cli(tmp_path, monkeypatch, tokenizer, args):
     calls.append(dict(cfg=cfg, decode_fn=decode_fn, final_decode_fn=final_decode_fn, problem=problem,
                       answer_after=answer_after))
     texts = ["\\boxed{4}"] * cfg.n
-    return cli.report_problem(problem, texts, [True] * cfg.n, 1, 1, 1, answer_after), texts
+    return rsa_eval.report_problem(problem, texts, [True] * cfg.n, 1, 1, 1, answer_after), texts
 
   monkeypatch.setattr(mod, "make_decode_fn", scripted_make_decode_fn)
-  monkeypatch.setattr(cli, "solve_problem", solve_problem)
+  monkeypatch.setattr(rsa_eval, "solve_problem", solve_problem)
   flags.FLAGS.unparse_flags()
   try:
     flags.FLAGS(["rsa.py", f"--model={tmp_path}", "--problem=What is 2+2?", *args])
@@ -617,7 +620,7 @@ def _run_rsa_cli(tmp_path, monkeypatch, tokenizer, args):
 
 
 def test_rsa_cli_flags_reach_the_sampler(tmp_path, monkeypatch, hf):
-  # The subprocess test compares the CLI with cli.solve_problem in process: what both share, and flags it does not
+  # The subprocess test compares the CLI with rsa_eval.solve_problem in process: what both share, and flags it does not
   # pass, go unseen there. Here launch/rsa.py runs in process, its model and sampler scripted (no weights, no compile).
   tokenizer = hf.tokenizer
   call, sampling, final = _run_rsa_cli(tmp_path, monkeypatch, tokenizer, [
@@ -643,8 +646,8 @@ def test_c1_with_an_aggregation_template_refines_finished_traces(tmp_path, monke
 
 def test_solve_problem_decodes_the_last_round_with_the_final_decoder(hf):
   tokenizer = hf.tokenizer
-  cfg = cli.rsa_config(n=2, c=1, t=1, tau=4, beta=16, beta_final=None, tail_source="all", end_think=(), q_max=64,
-                       max_context=1024, pad_id=0, seed=0)
+  cfg = rsa_eval.rsa_config(n=2, c=1, t=1, tau=4, beta=16, beta_final=None, tail_source="all", end_think=(), q_max=64,
+                            max_context=1024, pad_id=0, seed=0)
   pieces = P.encode_pieces(tokenizer.hf, P.RSA_REFERENCE, 1, None)
 
   def scripted(answer):
@@ -656,8 +659,9 @@ def test_solve_problem_decodes_the_last_round_with_the_final_decoder(hf):
       return tokens, np.full((cfg.n,), len(ids), np.int32)
     return decode
 
-  report, _ = cli.solve_problem(cfg, pieces, scripted("3"), tokenizer, cli.Problem(0, 0, "What is 2+2?", "4"),
-                                    jax.random.key(0), (tokenizer.eos_id,), final_decode_fn=scripted("4"))
+  report, _ = rsa_eval.solve_problem(cfg, pieces, scripted("3"), tokenizer,
+                                     cli_files.Problem(0, 0, "What is 2+2?", "4"), jax.random.key(0),
+                                     (tokenizer.eos_id,), final_decode_fn=scripted("4"))
   assert report.rounds[0].answers == ("3", "3") and report.answers == ("4", "4") and report.mean_correct == 1.0
 
 

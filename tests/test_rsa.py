@@ -696,13 +696,14 @@ def test_population_metrics():
 
 
 def test_answer_after_think_scores_only_what_follows_the_reasoning():
-  from zaya_jax.infer import cli
+  from zaya_jax.infer import cli_files, rsa_eval
 
-  assert cli.answer_section("a </think> b </think> c", "</think>") == " c" and cli.answer_section("x", None) == "x"
+  assert rsa_eval.answer_section("a </think> b </think> c", "</think>") == " c"
+  assert rsa_eval.answer_section("x", None) == "x"
   texts = [r"<think>try \boxed{7}? hmm, let me recheck", r"<think>\boxed{8}</think>so \boxed{7}."]
-  problem = cli.Problem(0, 0, "q", "7")
-  whole = cli.report_problem(problem, texts, [False, True], 10, 10, 10)
-  after = cli.report_problem(problem, texts, [False, True], 10, 10, 10, answer_after="</think>")
+  problem = cli_files.Problem(0, 0, "q", "7")
+  whole = rsa_eval.report_problem(problem, texts, [False, True], 10, 10, 10)
+  after = rsa_eval.report_problem(problem, texts, [False, True], 10, 10, 10, answer_after="</think>")
   assert whole.answers == ("7", "7") and whole.mean_correct == 1.0
   assert after.answers == (None, "7") and after.mean_correct == 0.5  # a box inside cut-off reasoning is no answer
 
