@@ -99,18 +99,27 @@ def test_encode_chunks_bound_documents_and_characters(monkeypatch):
 
 
 def test_a_document_too_large_to_encode_in_memory_is_refused_by_name(corpus, tmp_path, monkeypatch):
-  """A document longer than a chunk is encoded in one call (~128 bytes a character): one that the machine's memory
-  cannot hold is refused before the call, naming it and the remedy, instead of the kernel killing the process."""
+  """A document longer than a chunk is encoded in one call (~130 bytes per byte of text): one that the memory the
+  process can allocate cannot hold is refused before the call, naming it and the remedy, instead of the kernel
+  killing the process. A file that is one document is refused before any file is read; a piece of a doc_separator
+  split, when it is reached. A binary file that long is skipped as before, not refused."""
   _, _, _, tok = corpus
   monkeypatch.setattr(text_corpus, "ENCODE_CHUNK_CHARS", 300)
   (tmp_path / "texts").mkdir()
-  (tmp_path / "texts" / "small.txt").write_text("alpha beta " * 20)
+  (tmp_path / "texts" / "a_small.txt").write_text("alpha beta " * 20)
   (tmp_path / "texts" / "big.txt").write_text("gamma delta " * 100)  # 1,200 bytes
+  (tmp_path / "texts" / "image.bin").write_bytes(b"\0PNG" * 5000)  # longer, but binary
+  reads = []
+  read_text = text_corpus._read_text
+  monkeypatch.setattr(text_corpus, "_read_text", lambda path, *a: reads.append(path) or read_text(path, *a))
   monkeypatch.setattr(host_memory, "available_memory", lambda: 1200 * text_corpus.ENCODE_BYTES_PER_TEXT_BYTE - 1)
-  with pytest.raises(ValueError, match=r"document .*big.txt holds 1,200 bytes of text: .* Split it into documents "
-                                       r"\(a doc_separator"):
+  refused = r"document .*big.txt(#0)? holds 1,200 bytes of text: .* Split it into documents \(a doc_separator"
+  with pytest.raises(ValueError, match=refused):
     tokenize_corpus([str(tmp_path / "texts")], tok, tmp_path / "ids")
-  assert not (tmp_path / "ids").exists()
+  assert reads == [] and not (tmp_path / "ids").exists()
+  with pytest.raises(ValueError, match=refused):  # split at "%%": big.txt is one piece, seen when encoded
+    tokenize_corpus([str(tmp_path / "texts")], tok, tmp_path / "ids", doc_separator="%%")
+  assert len(reads) >= 2 and not (tmp_path / "ids").exists()
   monkeypatch.setattr(host_memory, "available_memory", lambda: 1200 * text_corpus.ENCODE_BYTES_PER_TEXT_BYTE)
   assert tokenize_corpus([str(tmp_path / "texts")], tok, tmp_path / "ids")["documents"] == 2
 

@@ -47,6 +47,11 @@ _FORTUNE_SEPARATOR = "\n%\n"
 _DECOMPRESS = {".gz": ("gzip", gzip.decompress), ".bz2": ("bzip2", bz2.decompress), ".xz": ("xz", lzma.decompress)}
 
 
+def _binary(head: bytes) -> bool:
+  """A NUL byte in the first 8 KiB: skipped as binary (UTF-16 text too)."""
+  return b"\0" in head[:8192]
+
+
 def _read_text(path: str, skipped: list[str] | None = None) -> str | None:
   """The file as text (.gz, .bz2 and .xz decompressed), or None when it looks binary (a NUL byte in its first 8 KiB).
   Undecodable bytes become U+FFFD rather than failing the run. Each file skipped or read lossily is described in
@@ -60,7 +65,7 @@ def _read_text(path: str, skipped: list[str] | None = None) -> str | None:
       data = decompress(data)
     except (OSError, EOFError, lzma.LZMAError) as e:  # BadGzipFile is an OSError; a cut file raises EOFError
       raise ValueError(f"data file {path} is not a readable {kind} file ({e}); remove it or fix it") from None
-  if b"\0" in data[:8192]:
+  if _binary(data):
     if skipped is not None:
       skipped.append(f"{path} (binary)")
     return None
@@ -138,6 +143,14 @@ def iter_text_documents(paths: Sequence[str], doc_separator: str | None = None, 
                        "give each file once")
     earlier |= reals
     resolved.append((path, named))
+  if doc_separator is None:  # a file is one document: one too long to encode is refused before anything is read
+    for _, named in resolved:
+      for name, file in named:
+        plain = os.path.isfile(file) and os.path.splitext(file)[1] not in _DECOMPRESS
+        if plain and os.path.getsize(file) > ENCODE_CHUNK_CHARS:  # smaller ones share a chunk of <= 4 Mi characters
+          with open(file, "rb") as f:
+            if not _binary(f.read(8192)):
+              _check_encode_fits(name, os.path.getsize(file))
   seen = set()
   for path, named in resolved:
     found, repeated = 0, 0
@@ -213,7 +226,7 @@ def encode_chunks(docs: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, s
   chunk, chars = [], 0
   for doc in docs:
     if len(doc[1]) > ENCODE_CHUNK_CHARS:
-      _check_encode_fits(*doc)
+      _check_encode_fits(doc[0], len(doc[1].encode("utf-8", "surrogateescape")))
     if chunk and (len(chunk) == ENCODE_CHUNK or chars + len(doc[1]) > ENCODE_CHUNK_CHARS):
       yield chunk
       chunk, chars = [], 0
@@ -223,10 +236,9 @@ def encode_chunks(docs: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, s
     yield chunk
 
 
-def _check_encode_fits(name: str, text: str) -> None:
-  """Refuses a document whose one encode call would not fit in memory (the kernel would kill the process with no
-  word of why), naming it and the remedy."""
-  size = len(text.encode("utf-8", "surrogateescape"))
+def _check_encode_fits(name: str, size: int) -> None:
+  """Refuses a document of `size` bytes of text whose one encode call would not fit in memory (the kernel would kill
+  the process with no word of why), naming it and the remedy."""
   need, available = size * ENCODE_BYTES_PER_TEXT_BYTE, host_memory.available_memory()
   if available is not None and need > available:
     raise ValueError(
