@@ -91,10 +91,12 @@ def cgroup_headroom(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs
   """The least (memory limit - usage) over this process's cgroup and its parents, for the v2 hierarchy and the v1
   memory controller; None where no limit is set or nothing can be read. A folder in /proc/self/cgroup that the mount
   does not hold (a container sees its own cgroup as the root) is skipped, its parents read."""
-  entries = (_read(proc_cgroup) or "").splitlines()
   headroom = []
-  for entry in entries:
-    _, controllers, path = entry.split(":", 2)
+  for entry in (_read(proc_cgroup) or "").splitlines():
+    fields = entry.split(":", 2)  # hierarchy id : controllers : path
+    if len(fields) != 3:
+      continue
+    _, controllers, path = fields
     if controllers == "":
       base, limit_name, usage_name = root, "memory.max", "memory.current"
     elif "memory" in controllers.split(","):
@@ -105,7 +107,7 @@ def cgroup_headroom(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs
     for depth in range(len(parts), -1, -1):
       folder = os.path.join(base, *parts[:depth])
       limit, usage = _read(os.path.join(folder, limit_name)), _read(os.path.join(folder, usage_name))
-      if limit is None or usage is None or limit == "max" or not limit.isdigit() or not usage.isdigit():
+      if not (limit and usage and limit.isdigit() and usage.isdigit()):  # unreadable, or v2's "max": no limit
         continue
       if int(limit) < _NO_CGROUP_LIMIT:
         headroom.append(int(limit) - int(usage))

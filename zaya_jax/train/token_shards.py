@@ -82,7 +82,6 @@ def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, output: str | os
                     progress: Callable[[dict], None] | None = None) -> dict:
   """Writes `output` (module doc) and returns its manifest. `progress` is called with the running totals after each
   encoded chunk of documents (and may raise to stop: nothing is left behind)."""
-
   if shard_tokens < 1:
     raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
   _check_output_outside_data(paths, output)
@@ -134,7 +133,6 @@ def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, output: str | os
 def _check_output_outside_data(paths: Sequence[str], output: str | os.PathLike) -> None:
   """`output` must not be, hold or sit inside a data path: with overwrite the old folder (the corpus) is deleted once
   the shards are in, and shards inside a data folder make it unreadable as text next time."""
-
   out = os.path.realpath(os.path.expanduser(os.fspath(output)))
   for p in paths:
     p = os.path.expanduser(p)
