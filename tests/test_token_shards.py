@@ -138,7 +138,7 @@ def test_cgroup_headroom_reads_the_tightest_limit_above_the_process(tmp_path):
         "cg/memory.max": "max\n", "cg/memory.current": "9000\n", "v2": "0::/job/step\n"})
   assert host_memory.cgroup_headroom(str(tmp_path / "v2"), str(tmp_path / "cg")) == 3800
   tree({"v1root/memory/memory.limit_in_bytes": "9223372036854771712\n", "v1root/memory/memory.usage_in_bytes": "7\n",
-        "v1": "4:memory:/not/mounted/here\n3:cpuset:/\n0::/\n"})
+        "v1": "4:memory:/not/mounted/here\n3:cpuset:/\nnot a cgroup line\n0::/\n"})
   assert host_memory.cgroup_headroom(str(tmp_path / "v1"), str(tmp_path / "v1root")) is None
   (tmp_path / "v1root/memory/memory.limit_in_bytes").write_text("4096\n")
   assert host_memory.cgroup_headroom(str(tmp_path / "v1"), str(tmp_path / "v1root")) == 4089
