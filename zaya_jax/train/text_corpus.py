@@ -147,10 +147,11 @@ def iter_text_documents(paths: Sequence[str], doc_separator: str | None = None, 
     for _, named in resolved:
       for name, file in named:
         plain = os.path.isfile(file) and os.path.splitext(file)[1] not in _DECOMPRESS
-        if plain and os.path.getsize(file) > ENCODE_CHUNK_CHARS:  # smaller ones share a chunk of <= 4 Mi characters
+        size = os.path.getsize(file) if plain else 0
+        if size > ENCODE_CHUNK_CHARS:  # smaller ones share a chunk of <= 4 Mi characters
           with open(file, "rb") as f:
             if not _binary(f.read(8192)):
-              _check_encode_fits(name, os.path.getsize(file))
+              _check_encode_fits(name, size)
   seen = set()
   for path, named in resolved:
     found, repeated = 0, 0

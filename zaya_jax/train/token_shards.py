@@ -200,6 +200,7 @@ def check_shards(files: Sequence[str], records: Sequence[int], tokenizer: Tokeni
   Returns, per file, its documents' name hashes where the manifest has them (the held-out split of the text they
   came from), else None."""
   manifests: dict[str, dict | None] = {}
+  listed: dict[str, dict[str, dict]] = {}  # folder -> its manifest's shards by file name
   complete: set[str] = set()  # folders whose listed shards are all there
   written_with: dict[str, str] = {}  # tokenizer sha256 -> a shard written with it
   name_hashes: list[np.ndarray | None] = []
@@ -208,8 +209,8 @@ def check_shards(files: Sequence[str], records: Sequence[int], tokenizer: Tokeni
     folder = os.path.dirname(real)
     if folder not in manifests:
       manifests[folder] = _read_manifest(folder)
-    manifest = manifests[folder]
-    shard = None if manifest is None else {s["file"]: s for s in manifest["shards"]}.get(os.path.basename(real))
+      listed[folder] = {s["file"]: s for s in (manifests[folder] or {"shards": ()})["shards"]}
+    manifest, shard = manifests[folder], listed[folder].get(os.path.basename(real))
     if shard is None:
       name_hashes.append(None)
       continue
