@@ -133,6 +133,7 @@ def strategies(out_path: str) -> None:
     print(name, results[name], flush=True)
   if not os.environ.get("ZAYA_SKIP_DISPATCH"):
     results["dispatch"] = dispatch_checks()
+    results["attention_tp"] = attention_tp_checks()
     results["ragged"] = ragged_checks()
     results["errors"] = error_checks()
     mesh, zero1 = STRATEGIES["data2_expert2_tensor2_zero1"]
@@ -221,6 +222,42 @@ def dispatch_checks() -> dict:
   except ShardingError as e:
     out["width_axis_inside_batch"] = str(e)
   return out
+
+
+def attention_tp_checks(mesh: str = "data:4,tensor:2", batch: int = 12, seq: int = 24) -> dict:
+  """One CCA layer's value and gradients on a data x tensor mesh against one device, and the collectives of its
+  compiled forward + backward as (kind, result dims). `batch` and `seq` are sizes no weight has, so a shape that
+  holds them is an activation's (`seq`) or the whole batch's (`batch`)."""
+  from experiments.tp_collectives import collectives
+  from zaya_jax.model.cca import CCAttention
+
+  layer = CCAttention(CFG.attention, CFG.hidden_size, "hybrid", std=0.3, param_dtype=jnp.float32, rngs=nnx.Rngs(2))
+  graphdef, params = nnx.split(layer)
+  h = jnp.asarray(np.random.default_rng(3).normal(size=(batch, seq, CFG.hidden_size)), jnp.float32)
+  segment_ids = jnp.asarray(np.repeat([[1] * (seq // 2) + [2] * (seq - seq // 2)], batch, 0), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+  plan = ShardingPlan.from_config(ParallelConfig(mesh=mesh))
+
+  def loss(p, h, plan=None):
+    def run():
+      return nnx.merge(graphdef, p)(h, segment_ids, positions)
+    if plan is None:
+      out = run()
+    else:
+      with plan.activate():
+        out = run()
+    return jnp.sum(out * jnp.cos(out))
+
+  ref_value, ref_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, h)
+  placed = jax.device_put(params, plan.shardings(params))
+  h_placed = jax.device_put(h, NamedSharding(plan.mesh, plan.spec(("batch", None, None))))
+  fn = jax.jit(jax.value_and_grad(lambda p, h: loss(p, h, plan), argnums=(0, 1)))
+  value, grads = fn(placed, h_placed)
+  found = collectives(fn.lower(placed, h_placed).compile().as_text())
+  return dict(mesh=mesh, batch=batch, seq=seq, value=float(value), ref_value=float(ref_value),
+              grad_rel_err=rel_err({"h": np.asarray(grads[1]), **flat(grads[0])},
+                                   {"h": np.asarray(ref_grads[1]), **flat(ref_grads[0])}),
+              collectives=[(kind, dims) for kind, _, dims in found])
 
 
 def ragged_checks() -> dict:

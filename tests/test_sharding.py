@@ -142,6 +142,19 @@ def test_tensor_parallel_experts_move_no_weights(results):
   assert d["all_to_all"] == 0, d
 
 
+def test_tensor_parallel_cca_keeps_heads_and_batch_on_their_devices(results):
+  d = results["attention_tp"]
+  assert abs(d["value"] - d["ref_value"]) <= 1e-5 * abs(d["ref_value"]) and d["grad_rel_err"] <= 1e-5, d
+  local_batch = d["batch"] // 4  # data:4
+  # Megatron's two: the output projection's partial sums, forward, and the input gradient, backward.
+  assert sum(kind == "all-reduce" and dims == [local_batch, d["seq"], 64] for kind, dims in d["collectives"]) == 2, d
+  # Each device runs its own query heads through projection, convs, qk-mean and attention. Before, the [q|k|v]
+  # projection ran as one matmul whose slices straddled the devices (collective-permutes of activations) and the
+  # convs' heads-major layout lost the batch split (all-gathers of the whole batch).
+  assert not [c for c in d["collectives"] if c[0] == "collective-permute" and d["seq"] in c[1]], d["collectives"]
+  assert not [c for c in d["collectives"] if d["batch"] in c[1]], d["collectives"]
+
+
 def test_ragged_exchange_equals_padded_and_lowers_to_ragged_all_to_all(results):
   r = results["ragged"]
   for mesh in ("expert:8", "data:2,expert:2,tensor:2"):

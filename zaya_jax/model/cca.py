@@ -26,14 +26,21 @@ from zaya_jax.config import AttentionConfig
 from zaya_jax.model.layers import F32, Linear, const_param, in_f32, linear, normal_param, rounded, scale_by
 from zaya_jax.model.rope import apply_rope, rope_tables
 from zaya_jax.ops.attention import attention, cached_attention
+from zaya_jax.sharding import active_plan, constrain
 
 
-def shift_right(x_BT_, n: int, fill=0):
-  """x[:, t - n] at t (fill where t < n)."""
+def shift_right(x_BT_, n: int, fill=0, axis: int = 1):
+  """x[:, t - n] at t (fill where t < n), along `axis` (the time axis; 1 by default)."""
   if n == 0:
     return x_BT_
-  pad = jnp.full((x_BT_.shape[0], n, *x_BT_.shape[2:]), fill, x_BT_.dtype)
-  return jnp.concatenate([pad, x_BT_], axis=1)[:, :x_BT_.shape[1]]
+  pad = jnp.full((*x_BT_.shape[:axis], n, *x_BT_.shape[axis + 1:]), fill, x_BT_.dtype)
+  return jax.lax.slice_in_dim(jnp.concatenate([pad, x_BT_], axis=axis), 0, x_BT_.shape[axis], axis=axis)
+
+
+def heads_split() -> bool:
+  """Whether the active sharding plan splits the query heads over a mesh axis (tensor parallelism)."""
+  plan = active_plan()
+  return plan is not None and bool(plan.mesh_axes("heads"))
 
 
 def same_segment_as(segment_ids_BT, n: int):
@@ -114,14 +121,25 @@ class CCAProjection(nnx.Module):
     the two convolutions 'valid'. Intermediates that fall before a document start are the depthwise
     conv of zeros, i.e. its bias.
     """
+    return self._convs(qk_BTC, segment_ids_BT, slice(None), self.cfg.num_heads + self.cfg.num_kv_heads)
+
+  def causal_convs_split(self, q0_BTHE, k0_BTKE, segment_ids_BT):
+    """`causal_convs` on the query and key channels apart (the convs never mix a head's channels with another
+    head's): with query heads split over a mesh axis, each device convolves its own heads."""
+    B, T, H, E = q0_BTHE.shape
+    K = k0_BTKE.shape[2]
+    zq = self._convs(q0_BTHE.reshape(B, T, H * E), segment_ids_BT, slice(0, H * E), H, "heads").reshape(B, T, H, E)
+    zk = self._convs(k0_BTKE.reshape(B, T, K * E), segment_ids_BT, slice(H * E, None), K).reshape(B, T, K, E)
+    return constrain(zq, ("batch", None, "heads", None)), zk
+
+  def _convs(self, qk_BTC, segment_ids_BT, channels: slice, groups: int, group_axis: str | None = None):
     dtype = qk_BTC.dtype
     B, T, C = qk_BTC.shape
     P0, P1 = self.cfg.cca_time0, self.cfg.cca_time1
-    groups = self.cfg.num_heads + self.cfg.num_kv_heads
-    w0_CP = self.conv_qk_depthwise.weight[...][:, 0, :].astype(dtype).astype(F32)
-    b0_C = self.conv_qk_depthwise.bias[...].astype(dtype).astype(F32)
-    w1_GOIP = self.conv_qk_grouped.weight[...].astype(dtype).reshape(groups, C // groups, C // groups, P1)
-    b1_C = self.conv_qk_grouped.bias[...].astype(dtype).astype(F32)
+    w0_CP = self.conv_qk_depthwise.weight[...][channels, 0, :].astype(dtype).astype(F32)
+    b0_C = self.conv_qk_depthwise.bias[...][channels].astype(dtype).astype(F32)
+    w1_GOIP = self.conv_qk_grouped.weight[...][channels].astype(dtype).reshape(groups, C // groups, C // groups, P1)
+    b1_C = self.conv_qk_grouped.bias[...][channels].astype(dtype).astype(F32)
 
     # Stage 1 (depthwise): tap p reads x[t - (P0 - 1 - p)].
     y_BTC = b0_C + sum(
@@ -140,6 +158,9 @@ class CCAProjection(nnx.Module):
     w1_GIPO = w1_GOIP.transpose(0, 2, 3, 1)
     z_GBTPO = jnp.einsum("gni,gipo->gnpo", y_GNI, w1_GIPO, preferred_element_type=F32).reshape(
         groups, B, T, P1, C // groups)
+    # On a mesh the batch stays split through the heads-major layout (the merged B*T dim lost it: XLA gathered the
+    # whole batch here).
+    z_GBTPO = constrain(z_GBTPO, (group_axis, "batch", None, None, None))
     z_start_GPO = jnp.einsum("gi,gipo->gpo", b0_C.astype(dtype).reshape(groups, -1), w1_GIPO,
                              preferred_element_type=F32)
     z_GBTO = 0
@@ -147,7 +168,7 @@ class CCAProjection(nnx.Module):
       n = P1 - 1 - p
       zp_GBTO = z_GBTPO[:, :, :, p]
       if n:
-        zp_GBTO = shift_right(zp_GBTO.reshape(groups * B, T, -1), n).reshape(zp_GBTO.shape)
+        zp_GBTO = shift_right(zp_GBTO, n, axis=2)
         zp_GBTO = jnp.where(same_segment_as(segment_ids_BT, n)[None, :, :, None], zp_GBTO,
                             z_start_GPO[:, None, None, p])
       z_GBTO = z_GBTO + zp_GBTO
@@ -166,34 +187,47 @@ class CCAProjection(nnx.Module):
     cfg = self.cfg
     B, T, _ = h_BTD.shape
     H, K, E, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
-    # One matmul for all four projections (each output column is the same dot product either way): the raw [q|k]
-    # conv input is then a slice instead of a concatenation.
-    projs = (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
-    w_ND = jnp.concatenate([p.weight[...] for p in projs])
-    b_N = None if self.q_proj.bias is None else jnp.concatenate([p.bias[...] for p in projs])
-    qkv_BTN = linear(h_BTD, w_ND, b_N)
     C, V = H * E + K * E, K * E // 2
-    qk_BTC = qkv_BTN[..., :C]
-    q0_BTHE = qk_BTC[..., :H * E].reshape(B, T, H, E)
-    k0_BTKE = qk_BTC[..., H * E:].reshape(B, T, K, E)
+    # With the query heads split over a mesh axis (tensor parallelism) every projection and both convs run apart, so
+    # each device keeps its own heads: one [q|k|v] matmul would give XLA slices that straddle the devices. Otherwise
+    # one matmul serves all four projections (each output column is the same dot product either way), and the raw
+    # [q|k] conv input is then a slice instead of a concatenation.
+    split = context is None and heads_split()
+    if split:
+      q0_BTHE = constrain(self.q_proj(h_BTD).reshape(B, T, H, E), ("batch", None, "heads", None))
+      k0_BTKE = constrain(self.k_proj(h_BTD).reshape(B, T, K, E), ("batch", None, "kv", None))
+      v_cur_BTV, v_now_BTV = self.v_proj_current(h_BTD), self.v_proj_delayed(h_BTD)
+      qk_BTC = jnp.concatenate([q0_BTHE.reshape(B, T, H * E), k0_BTKE.reshape(B, T, K * E)], axis=-1)
+    else:
+      projs = (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
+      w_ND = jnp.concatenate([p.weight[...] for p in projs])
+      b_N = None if self.q_proj.bias is None else jnp.concatenate([p.bias[...] for p in projs])
+      qkv_BTN = linear(h_BTD, w_ND, b_N)
+      qk_BTC = qkv_BTN[..., :C]
+      q0_BTHE = qk_BTC[..., :H * E].reshape(B, T, H, E)
+      k0_BTKE = qk_BTC[..., H * E:].reshape(B, T, K, E)
+      v_cur_BTV, v_now_BTV = qkv_BTN[..., C:C + V], qkv_BTN[..., C + V:]
 
     # qk-mean residuals from the pre-conv projections: q head i pairs with kv head i // G.
     q_res_BTHE = scale_by(q0_BTHE + jnp.repeat(k0_BTKE, G, axis=2), 0.5)
     k_res_BTKE = q_res_BTHE.reshape(B, T, K, G, E).astype(F32).mean(axis=3).astype(h_BTD.dtype)
 
-    if context is None:
-      z_BTC = self.causal_convs(qk_BTC, segment_ids_BT)
+    if split:
+      zq_BTHE, zk_BTKE = self.causal_convs_split(q0_BTHE, k0_BTKE, segment_ids_BT)
     else:
-      # The reference's cache path: the cached raw columns prepended, both convs run 'valid'. As one segment through
-      # `causal_convs`, the first P outputs (which would see the zero left padding) are dropped.
-      qk_prev_BPC, v_prev_BV = context
-      qk_all_BJC = jnp.concatenate([qk_prev_BPC.astype(qk_BTC.dtype), qk_BTC], axis=1)
-      z_BTC = self.causal_convs(qk_all_BJC, jnp.zeros(qk_all_BJC.shape[:2], jnp.int32))[:, qk_prev_BPC.shape[1]:]
-    q_BTHE = z_BTC[..., :H * E].reshape(B, T, H, E) + q_res_BTHE
-    k_BTKE = z_BTC[..., H * E:].reshape(B, T, K, E) + k_res_BTKE
+      if context is None:
+        z_BTC = self.causal_convs(qk_BTC, segment_ids_BT)
+      else:
+        # The reference's cache path: the cached raw columns prepended, both convs run 'valid'. As one segment
+        # through `causal_convs`, the first P outputs (which would see the zero left padding) are dropped.
+        qk_prev_BPC, v_prev_BV = context
+        qk_all_BJC = jnp.concatenate([qk_prev_BPC.astype(qk_BTC.dtype), qk_BTC], axis=1)
+        z_BTC = self.causal_convs(qk_all_BJC, jnp.zeros(qk_all_BJC.shape[:2], jnp.int32))[:, qk_prev_BPC.shape[1]:]
+      zq_BTHE, zk_BTKE = z_BTC[..., :H * E].reshape(B, T, H, E), z_BTC[..., H * E:].reshape(B, T, K, E)
+    q_BTHE = zq_BTHE + q_res_BTHE
+    k_BTKE = zk_BTKE + k_res_BTKE
 
     # Values: current token in the first K*E/2 channels, previous token (per document) in the rest.
-    v_cur_BTV, v_now_BTV = qkv_BTN[..., C:C + V], qkv_BTN[..., C + V:]
     if context is None:
       v_start_V = self.start_value(h_BTD.dtype)
       v_del_BTV = jnp.where(same_segment_as(segment_ids_BT, 1)[..., None], shift_right(v_now_BTV, 1), v_start_V)
@@ -285,7 +319,9 @@ class CCAttention(AttentionBlock):
     q_BTHE, k_BTKE = self.qk_norm(q_BTHE, k_BTKE)
     theta, rotary_dim = self.cfg.rope(self.layer_type)
     cos, sin = rope_tables(positions_BT, theta, rotary_dim, h_BTD.dtype)
-    return apply_rope(q_BTHE, cos, sin), apply_rope(k_BTKE, cos, sin), v_BTKE, raw
+    q_BTHE, k_BTKE = apply_rope(q_BTHE, cos, sin), apply_rope(k_BTKE, cos, sin)
+    return (constrain(q_BTHE, ("batch", None, "heads", None)), constrain(k_BTKE, ("batch", None, "kv", None)),
+            constrain(v_BTKE, ("batch", None, "kv", None)), raw)
 
   def extend(self, h_BTD, positions_BT, num_new_B, cache: CCACache, fresh: bool = False):
     """The cached path: row b appends its first num_new_B[b] tokens of h at positions_BT[b] (= its length + t).
