@@ -16,7 +16,7 @@ from test_data import _equal, _take
 from zaya_jax import host_memory
 from zaya_jax.tokenizer import load_tokenizer, train_bpe
 from zaya_jax.train import data as data_lib
-from zaya_jax.train import text_corpus
+from zaya_jax.train import text_corpus, token_shards
 from zaya_jax.train.data import DataConfig, make_data
 from zaya_jax.train.token_shards import MANIFEST, check_shards, tokenize_corpus, write_token_records
 
@@ -137,12 +137,66 @@ def test_cgroup_headroom_reads_the_tightest_limit_above_the_process(tmp_path):
         "cg/job/memory.max": "5000\n", "cg/job/memory.current": "1200\n",
         "cg/memory.max": "max\n", "cg/memory.current": "9000\n", "v2": "0::/job/step\n"})
   assert host_memory.cgroup_headroom(str(tmp_path / "v2"), str(tmp_path / "cg")) == 3800
+  tree({"cg/job/step/memory.max": "10000\n"})  # a looser limit below the job's: the job's still binds
+  assert host_memory.cgroup_headroom(str(tmp_path / "v2"), str(tmp_path / "cg")) == 3800
+  tree({"cg/job/step/memory.max": "2000\n"})
+  assert host_memory.cgroup_headroom(str(tmp_path / "v2"), str(tmp_path / "cg")) == 1900
   tree({"v1root/memory/memory.limit_in_bytes": "9223372036854771712\n", "v1root/memory/memory.usage_in_bytes": "7\n",
         "v1": "4:memory:/not/mounted/here\n3:cpuset:/\nnot a cgroup line\n0::/\n"})
   assert host_memory.cgroup_headroom(str(tmp_path / "v1"), str(tmp_path / "v1root")) is None
   (tmp_path / "v1root/memory/memory.limit_in_bytes").write_text("4096\n")
   assert host_memory.cgroup_headroom(str(tmp_path / "v1"), str(tmp_path / "v1root")) == 4089
   assert host_memory.cgroup_headroom(str(tmp_path / "absent"), str(tmp_path / "cg")) is None
+
+
+def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup(monkeypatch):
+  monkeypatch.setattr(host_memory, "_read", {"/proc/meminfo": "MemTotal:  9999 kB\nMemAvailable:    1000 kB"}.get)
+  monkeypatch.setattr(host_memory, "cgroup_headroom", lambda: None)
+  assert host_memory.available_memory() == 1000 * 1024  # kB are KiB in /proc/meminfo
+  monkeypatch.setattr(host_memory, "cgroup_headroom", lambda: 5000)
+  assert host_memory.available_memory() == 5000
+  monkeypatch.setattr(host_memory, "cgroup_headroom", lambda: 10**9)
+  assert host_memory.available_memory() == 1000 * 1024
+
+
+def test_every_document_lands_in_exactly_one_shard(tmp_path):
+  texts = tmp_path / "texts"
+  texts.mkdir()
+  for k in range(7):
+    (texts / f"d{k}.txt").write_text("alpha beta gamma " * (k + 3))
+  tok = train_bpe(["alpha beta gamma delta " * 50], 280, tmp_path / "bpe" / "tokenizer.json")
+  first_doc_tokens = len(tok.encode((texts / "d0.txt").read_text())) + 1  # + eos
+  for shard_tokens in (1, first_doc_tokens, 40, 64, 100, 2**26):
+    out = tmp_path / f"ids{shard_tokens}"
+    manifest = tokenize_corpus([str(texts)], tok, out, shard_tokens=shard_tokens)
+    shards = manifest["shards"]
+    assert manifest["documents"] == 7 and manifest["dropped"] == 0, shard_tokens
+    assert sum(s["documents"] for s in shards) == 7, shard_tokens  # the last, partly filled shard too
+    assert sum(s["tokens"] for s in shards) == manifest["tokens"], shard_tokens
+    assert [len(_records(out / s["file"])) for s in shards] == [s["documents"] for s in shards], shard_tokens
+    if shard_tokens == first_doc_tokens:  # a shard closes as soon as it holds shard_tokens
+      assert shards[0]["documents"] == 1 and shards[0]["tokens"] == shard_tokens
+
+
+def test_manifest_sources_hashes_and_tokenizer_lookup(tmp_path, monkeypatch):
+  texts = tmp_path / "texts"
+  texts.mkdir()
+  for k in range(7):
+    (texts / f"d{k}.txt").write_text("alpha beta " * (k + 2))
+  tok = train_bpe(["alpha beta gamma delta " * 50], 280, tmp_path / "bpe" / "tokenizer.json")
+  monkeypatch.chdir(tmp_path)
+  out = tmp_path / "ids"
+  manifest = tokenize_corpus(["texts"], tok, out)
+  assert manifest["sources"] == [str(texts)]  # absolute: the manifest is read from other working directories
+  shard = manifest["shards"][0]
+  # Only files the manifest lists take its tokenizer; a file written beside them has none.
+  write_token_records(out / "custom.array_record", [[5, 6, 1]])
+  assert token_shards.tokenizer_of([str(out / "custom.array_record")]) is None
+  assert token_shards.tokenizer_of([str(out / shard["file"])]) == str(out / "tokenizer.json")
+  # Name hashes of another length than the shard's records would shift the held-out split.
+  np.save(out / shard["name_hashes"], np.zeros(shard["documents"] - 1, np.uint64))
+  with pytest.raises(ValueError, match=r"not the uint64\[7\] name hashes"):
+    check_shards([str(out / shard["file"])], [shard["documents"]], None, None)
 
 
 def _tokenized(folder, tok, out):
