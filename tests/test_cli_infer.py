@@ -206,6 +206,10 @@ def test_prompt_and_problem_files(tmp_path):
   jsonl.write_text('{"prompt": "a"}\n\n{"text": "b"}\n')
   with pytest.raises(cli.CLIError, match=r"p.jsonl:3: expected \{\"prompt\""):
     cli_files.read_prompts(str(jsonl))
+  for blank in ('{"prompt": "   "}\n"b"\n', '"  "\n'):  # a prompt of only whitespace would generate from nothing
+    jsonl.write_text(blank)
+    with pytest.raises(cli.CLIError, match=r"p.jsonl:1: expected"):
+      cli_files.read_prompts(str(jsonl))
   with pytest.raises(cli.CLIError, match=r"expected a \.txt"):
     cli_files.read_prompts(str(tmp_path / "p.csv"))
 
@@ -219,6 +223,7 @@ def test_prompt_and_problem_files(tmp_path):
     ('{"problem": "one"}\n["two"]\n', "problems.jsonl:2: expected a JSON object"),
     ('{"answer": "1"}\n', "problems.jsonl:1: needs a non-empty string field \"problem\""),
     ('{"problem": "one", "answer": [1]}\n', "problems.jsonl:1: \"answer\" must be a string or a number"),
+    ('{"problem": "one", "answer": true}\n', "problems.jsonl:1: \"answer\" must be a string or a number"),
     ('{"problem": "one", "answer": " "}\n', "problems.jsonl:1: \"answer\" is empty"),
     ("\n  \n", "is empty"),
   ]:
@@ -356,6 +361,7 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
                                           ("1", None, None, None)]
   assert reports[0].finished == (True, True, True, False)
   assert [r.majority for r in reports] == ["7", "3", "2", "1"]
+  assert [r.votes for r in reports] == [2, 4, 2, 1]  # candidates that gave the majority's answer (" 2 " is "2")
   assert [r.mean_correct for r in reports] == [0.5, 0.0, 0.25, None]  # "5.0" normalises to "5"
   assert [r.majority_correct for r in reports] == [True, False, False, None]
   assert [r.passed for r in reports] == [True, False, True, None]
@@ -414,6 +420,9 @@ def test_report_numbers_match_a_hand_computation(tmp_path, hf):
   assert sorted(os.listdir(tmp_path)) == ["problems.jsonl", "report.jsonl"]
   with pytest.raises(cli.CLIError, match="do not fit the model's context of 300"):
     rsa_eval.check_rsa_context(cfg, pieces, 300, 10)
+  rsa_eval.check_rsa_context(cfg, pieces, context_bound(cfg, pieces), 10)  # fits exactly
+  with pytest.raises(cli.CLIError, match=f"makes {context_bound(cfg, pieces)}"):
+    rsa_eval.check_rsa_context(cfg, pieces, context_bound(cfg, pieces) - 1, 10)
 
 
 def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp_path, hf_dir, hf):
@@ -496,6 +505,10 @@ def test_output_is_kept_and_partial_lines_resume_only_with_the_same_settings(tmp
   assert path.read_text() == '{"a": 1}\n'
   with pytest.raises(cli.CLIError, match="is the --problems file"):
     cli_files.check_output_is_not_input(str(path), problems=str(path))
+  (tmp_path / "sub").mkdir()  # the same file under another spelling of its path
+  with pytest.raises(cli.CLIError, match="is the --problems file"):
+    cli_files.check_output_is_not_input(str(path), problems=str(tmp_path / "sub" / ".." / "out.jsonl"))
+  (tmp_path / "sub").rmdir()
 
   fresh = tmp_path / "fresh.jsonl"
   with pytest.raises(RuntimeError), cli_files.AtomicJsonl(str(fresh), resumable=True, settings={"--seed": 1}) as out:
@@ -514,11 +527,44 @@ def test_output_is_kept_and_partial_lines_resume_only_with_the_same_settings(tmp
     cli_files.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 2}).__enter__()
   with pytest.raises(cli.CLIError, match=r"other settings: --beta=None \(now 32\)"):  # one the first run lacked
     cli_files.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 1, "--beta": 32}).__enter__()
+  with pytest.raises(cli.CLIError, match=r"other settings: --seed=1 \(now None\)"):  # one this run lacks
+    cli_files.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={}).__enter__()
+  # A resumed run that fails before finishing another line keeps what the first one finished.
+  with (pytest.raises(RuntimeError),
+        cli_files.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 1}) as out):
+    raise RuntimeError("fails before any new line")
+  assert (tmp_path / "fresh.jsonl.partial.settings").exists()
   with cli_files.AtomicJsonl(str(fresh), resumable=True, resume=True, settings={"--seed": 1}) as out:
     assert out.done == [{"line": 1}]  # the cut line is dropped, to be decoded again
     out.write({"line": 2})
   assert fresh.read_text() == '{"line": 1}\n{"line": 2}\n'
   assert sorted(os.listdir(tmp_path)) == ["fresh.jsonl", "out.jsonl"]
+
+  # The final rename fails (a folder created at the name meanwhile): the finished lines stay resumable.
+  late = tmp_path / "late.jsonl"
+  with (pytest.raises(cli.CLIError, match="cannot be written"),
+        cli_files.AtomicJsonl(str(late), resumable=True, settings={"--seed": 1}) as out):
+    out.write({"line": 1})
+    late.mkdir()
+  assert (tmp_path / "late.jsonl.partial").read_text() == '{"line": 1}\n'
+  assert (tmp_path / "late.jsonl.partial.settings").exists()
+
+
+def test_each_finished_line_of_a_resumable_output_is_on_disk_before_the_next(tmp_path, monkeypatch):
+  # A kill (or a power cut) after a line was written loses at most the line being written.
+  path = tmp_path / "out.jsonl"
+  seen = []
+  real_fsync = os.fsync
+  monkeypatch.setattr(cli_files.os, "fsync", lambda fd: (real_fsync(fd), seen.append(
+      open(str(path) + ".partial", encoding="utf-8").read())))
+  with cli_files.AtomicJsonl(str(path), resumable=True, settings={}) as out:
+    out.write({"a": 1})
+    out.write({"b": 2})
+  assert seen == ['{"a": 1}\n', '{"a": 1}\n{"b": 2}\n']
+  seen.clear()
+  with cli_files.AtomicJsonl(str(tmp_path / "plain.jsonl")) as out:  # not resumable: nothing to keep, no fsync
+    out.write({"a": 1})
+  assert seen == []
 
 
 def test_round_figures_are_means_over_every_problem():
@@ -533,6 +579,8 @@ def test_round_figures_are_means_over_every_problem():
   summary = rsa_eval.summarize([report(0, "1", [0.0, 0.0]), report(1, None, [1.0, 0.5])])
   assert [r["entropy"] for r in summary["by_round"]] == [0.5, 0.25]
   assert summary["by_round"][0]["mean_correct"] == 0.5
+  # Reports of different round counts (runs with another --t appended by hand) have no per-round figures.
+  assert "by_round" not in rsa_eval.summarize([report(0, "1", [0.0, 0.0]), report(1, "1", [0.0])])
 
 
 def test_a_prompt_that_just_fits_the_context_is_accepted():

@@ -396,3 +396,21 @@ def test_a_folder_written_meanwhile_by_another_process_is_kept(tmp_path):
   with folder_in_place(target) as tmp:
     open(os.path.join(tmp, "mine.txt"), "w").close()
   assert os.listdir(target) == ["mine.txt"]
+
+
+def test_a_folder_in_place_gets_the_modes_a_plain_mkdir_and_open_give(tmp_path):
+  # Its files written as temporaries (mkstemp: 0600) and the folder itself (mkdtemp: 0700) would hide an export or
+  # a shard folder from the other users of a shared cluster.
+  import stat
+  import tempfile
+
+  from zaya_jax.folders import folder_in_place
+
+  umask = os.umask(0)
+  os.umask(umask)
+  with folder_in_place(tmp_path / "out") as tmp:
+    fd, _ = tempfile.mkstemp(dir=tmp)
+    os.close(fd)
+  [name] = os.listdir(tmp_path / "out")
+  assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o777 & ~umask
+  assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o666 & ~umask
