@@ -60,8 +60,19 @@ def capture_grads() -> optax.GradientTransformation:
                                       lambda updates, state, params=None: (updates, updates))
 
 
+def with_key_temperatures(module, seed: int):
+  """`module` with its CCA key temperatures drawn in [0.25, 1). They start at 0 (as the reference's do), which makes
+  every score 0: the output, and the gradients of the projections and convs before the scores, would not depend on
+  the query and key path that tensor parallelism splits most."""
+  rng = np.random.default_rng(seed)
+  for _, node in nnx.iter_graph(module):
+    if hasattr(node, "qk_norm"):
+      node.qk_norm.temp[...] = jnp.asarray(rng.uniform(0.25, 1.0, node.qk_norm.temp.shape), jnp.float32)
+  return module
+
+
 def make_trainer(steps: int = 10):
-  model = ZayaForCausalLM(CFG, rngs=nnx.Rngs(0))
+  model = with_key_temperatures(ZayaForCausalLM(CFG, rngs=nnx.Rngs(0)), seed=0)
   trainer, _ = step_lib.create(model, OptimizerConfig(lr=1e-3, warmup_steps=0), step_lib.StepConfig(),
                                BalancingConfig(kp=1e-2), steps, seed=0)
   trainer = trainer.__class__(**{**trainer.__dict__, "optimizer": optax.chain(capture_grads(), trainer.optimizer)})
@@ -231,7 +242,8 @@ def attention_tp_checks(mesh: str = "data:4,tensor:2", batch: int = 12, seq: int
   from experiments.tp_collectives import collectives
   from zaya_jax.model.cca import CCAttention
 
-  layer = CCAttention(CFG.attention, CFG.hidden_size, "hybrid", std=0.3, param_dtype=jnp.float32, rngs=nnx.Rngs(2))
+  layer = with_key_temperatures(CCAttention(CFG.attention, CFG.hidden_size, "hybrid", std=0.3,
+                                            param_dtype=jnp.float32, rngs=nnx.Rngs(2)), seed=1)
   graphdef, params = nnx.split(layer)
   h = jnp.asarray(np.random.default_rng(3).normal(size=(batch, seq, CFG.hidden_size)), jnp.float32)
   segment_ids = jnp.asarray(np.repeat([[1] * (seq // 2) + [2] * (seq - seq // 2)], batch, 0), jnp.int32)
