@@ -8,7 +8,7 @@ it sums), with the ten largest kinds by bytes. Megatron-style splitting needs tw
 (the output projection forward, the input gradient backward).
 
   python -m experiments.tp_collectives                            # data:4,tensor:2 / data:2,tensor:4 / tensor:8
-  python -m experiments.tp_collectives --meshes=tensor:2 --batch=2
+  python -m experiments.tp_collectives --meshes=tensor:2 --batch=2 --out=/tmp/tp.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from experiments.common import quiet_library_logging
+from experiments.common import git_commit, quiet_library_logging, write_json
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
@@ -71,11 +71,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("meshes", ["data:4,tensor:2", "data:2,tensor:4", "tensor:8"], "Meshes over the 8 CPU devices.")
 flags.DEFINE_integer("batch", 8, "Global batch B (split over the data axis).")
 flags.DEFINE_integer("seq", 64, "Sequence length T.")
+flags.DEFINE_string("out", None, "Results JSON (default experiments/results/tp_collectives.json).")
 
 
 def main(argv):
   del argv
   quiet_library_logging()
+  results = dict(jax=jax.__version__, commit=git_commit(), batch=FLAGS.batch, seq=FLAGS.seq, meshes={})
   for mesh in FLAGS.meshes:
     found = collectives(layer_program(mesh, FLAGS.batch, FLAGS.seq))
     counts = collections.Counter(kind for kind, _, _ in found)
@@ -86,6 +88,11 @@ def main(argv):
     print(f"{mesh}: {len(found)} collectives {dict(counts)}, {total / 2**20:.2f} MiB of results")
     for (kind, shape), nbytes in by_shape.most_common(10):
       print(f"  {nbytes / 2**10:9.1f} KiB  {kind} {shape}")
+    results["meshes"][mesh] = dict(counts=dict(counts), result_bytes=total,
+                                   collectives=[[kind, dtype, list(dims)] for kind, dtype, dims in found])
+  out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tp_collectives.json")
+  write_json(out, results)
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":
