@@ -11,6 +11,7 @@ Writes its findings as JSON; the assertions live in the test. The tiny model has
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -34,6 +35,7 @@ from zaya_jax.sharding import (  # noqa: E402
   ShardingPlan,
   ShardingRules,
   device_bytes,
+  parse_mesh,
   total_bytes,
 )
 from zaya_jax.train import sharded  # noqa: E402
@@ -144,7 +146,11 @@ def strategies(out_path: str) -> None:
     print(name, results[name], flush=True)
   if not os.environ.get("ZAYA_SKIP_DISPATCH"):
     results["dispatch"] = dispatch_checks()
-    results["attention_tp"] = attention_tp_checks()
+    results["attention_tp"] = {mesh: attention_tp_checks(mesh) for mesh in ("data:4", "data:4,tensor:2")}
+    # Custom rules may give the heads an axis that also splits the batch: legal for the parameters, so the
+    # activations' constraints must not refuse it.
+    results["attention_heads_on_a_batch_axis"] = attention_tp_checks(
+        "data:4,expert:2", batch=16, rules=ShardingRules(heads=("expert",)))
     results["ragged"] = ragged_checks()
     results["errors"] = error_checks()
     mesh, zero1 = STRATEGIES["data2_expert2_tensor2_zero1"]
@@ -235,10 +241,10 @@ def dispatch_checks() -> dict:
   return out
 
 
-def attention_tp_checks(mesh: str = "data:4,tensor:2", batch: int = 12, seq: int = 24) -> dict:
-  """One CCA layer's value and gradients on a data x tensor mesh against one device, and the collectives of its
-  compiled forward + backward as (kind, result dims). `batch` and `seq` are sizes no weight has, so a shape that
-  holds them is an activation's (`seq`) or the whole batch's (`batch`)."""
+def attention_tp_checks(mesh: str, batch: int = 12, seq: int = 24, rules: ShardingRules | None = None) -> dict:
+  """One CCA layer's value and gradients on `mesh` (over its number of devices) against one device, and the
+  collectives of its compiled forward + backward as (kind, [result dims, ...]). `batch` and `seq` are sizes no
+  weight has, so a shape that holds them is an activation's (`seq`) or the whole batch's (`batch`)."""
   from experiments.tp_collectives import collectives
   from zaya_jax.model.cca import CCAttention
 
@@ -248,7 +254,9 @@ def attention_tp_checks(mesh: str = "data:4,tensor:2", batch: int = 12, seq: int
   h = jnp.asarray(np.random.default_rng(3).normal(size=(batch, seq, CFG.hidden_size)), jnp.float32)
   segment_ids = jnp.asarray(np.repeat([[1] * (seq // 2) + [2] * (seq - seq // 2)], batch, 0), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-  plan = ShardingPlan.from_config(ParallelConfig(mesh=mesh))
+  sizes = parse_mesh(mesh)
+  plan = ShardingPlan.from_config(ParallelConfig(mesh=mesh), devices=jax.devices()[:math.prod(sizes.values())],
+                                  rules=rules or ShardingRules())
 
   def loss(p, h, plan=None):
     def run():
@@ -258,18 +266,20 @@ def attention_tp_checks(mesh: str = "data:4,tensor:2", batch: int = 12, seq: int
     else:
       with plan.activate():
         out = run()
-    return jnp.sum(out * jnp.cos(out))
+    return jnp.sum(out * jnp.cos(out)), out
 
-  ref_value, ref_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, h)
+  # The outputs compared, not the scalar: its terms cancel, so its relative error says little.
+  (_, ref_out), ref_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, h)
   placed = jax.device_put(params, plan.shardings(params))
   h_placed = jax.device_put(h, NamedSharding(plan.mesh, plan.spec(("batch", None, None))))
-  fn = jax.jit(jax.value_and_grad(lambda p, h: loss(p, h, plan), argnums=(0, 1)))
-  value, grads = fn(placed, h_placed)
+  fn = jax.jit(jax.value_and_grad(lambda p, h: loss(p, h, plan), argnums=(0, 1), has_aux=True))
+  (_, out), grads = fn(placed, h_placed)
   found = collectives(fn.lower(placed, h_placed).compile().as_text())
-  return dict(mesh=mesh, batch=batch, seq=seq, value=float(value), ref_value=float(ref_value),
+  return dict(mesh=mesh, batch=batch, seq=seq,
+              out_rel_err=rel_err({"out": np.asarray(out)}, {"out": np.asarray(ref_out)}),
               grad_rel_err=rel_err({"h": np.asarray(grads[1]), **flat(grads[0])},
                                    {"h": np.asarray(ref_grads[1]), **flat(ref_grads[0])}),
-              collectives=[(kind, dims) for kind, _, dims in found])
+              collectives=[(kind, [dims for _, dims in arrays]) for kind, arrays in found])
 
 
 def ragged_checks() -> dict:

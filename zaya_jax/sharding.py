@@ -217,11 +217,13 @@ def active_plan() -> ShardingPlan | None:
 
 
 def constrain(x, logical: tuple[str | None, ...]):
-  """Pins an activation's layout under an active plan; the identity (no op emitted) otherwise."""
+  """Pins an activation's layout under an active plan; the identity (no op emitted) otherwise. A mesh axis that
+  custom rules give two of its names (say "heads" and "batch") splits the first dim only: a constraint is a layout
+  hint, and those rules are legal for the parameters."""
   plan = active_plan()
   if plan is None:
     return x
-  return jax.lax.with_sharding_constraint(x, NamedSharding(plan.mesh, plan.spec(logical)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(plan.mesh, plan.spec(logical, repeated_axes="drop")))
 
 
 def _path_name(path) -> str:
@@ -261,11 +263,15 @@ class ShardingPlan:
     """The mesh axes of a logical name, without axes of size 1 (they split nothing)."""
     return tuple(a for a in self.rules.mesh_axes(name) if self.size(a) > 1)
 
-  def spec(self, logical: tuple[str | None, ...], shape: tuple[int, ...] | None = None, what: str = "array") -> P:
-    """The PartitionSpec of logical names; with `shape`, checks that each split dimension divides evenly."""
+  def spec(self, logical: tuple[str | None, ...], shape: tuple[int, ...] | None = None, what: str = "array",
+           repeated_axes: str = "raise") -> P:
+    """The PartitionSpec of logical names; with `shape`, checks that each split dimension divides evenly. A mesh
+    axis that two dims' names map to raises, or with repeated_axes="drop" splits only the first of them."""
     entries, used = [], {}
     for dim, name in enumerate(logical):
       axes = self.mesh_axes(name)
+      if repeated_axes == "drop":
+        axes = tuple(a for a in axes if a not in used)
       for a in axes:
         if a in used:
           raise ShardingError(f"{what}: mesh axis {a!r} would split both dim {used[a]} and dim {dim} "

@@ -129,7 +129,7 @@ class CCAProjection(nnx.Module):
     B, T, H, E = q0_BTHE.shape
     K = k0_BTKE.shape[2]
     zq = self._convs(q0_BTHE.reshape(B, T, H * E), segment_ids_BT, slice(0, H * E), H, "heads").reshape(B, T, H, E)
-    zk = self._convs(k0_BTKE.reshape(B, T, K * E), segment_ids_BT, slice(H * E, None), K).reshape(B, T, K, E)
+    zk = self._convs(k0_BTKE.reshape(B, T, K * E), segment_ids_BT, slice(H * E, None), K, "kv").reshape(B, T, K, E)
     return constrain(zq, ("batch", None, "heads", None)), zk
 
   def _convs(self, qk_BTC, segment_ids_BT, channels: slice, groups: int, group_axis: str | None = None):
