@@ -406,11 +406,15 @@ def test_a_folder_in_place_gets_the_modes_a_plain_mkdir_and_open_give(tmp_path):
 
   from zaya_jax.folders import folder_in_place
 
-  umask = os.umask(0)
-  os.umask(umask)
-  with folder_in_place(tmp_path / "out") as tmp:
-    fd, _ = tempfile.mkstemp(dir=tmp)
-    os.close(fd)
-  [name] = os.listdir(tmp_path / "out")
-  assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o777 & ~umask
-  assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o666 & ~umask
+  umask = os.umask(0o022)  # a umask that differs from what mkdtemp and mkstemp give, whatever the caller's
+  try:
+    with folder_in_place(tmp_path / "out") as tmp:
+      fd, _ = tempfile.mkstemp(dir=tmp, suffix=".txt")
+      os.close(fd)
+      os.mkdir(os.path.join(tmp, "sub"))
+  finally:
+    os.umask(umask)
+  [name] = [n for n in os.listdir(tmp_path / "out") if n.endswith(".txt")]
+  assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
+  assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o644
+  assert stat.S_IMODE(os.stat(tmp_path / "out" / "sub").st_mode) == 0o755  # still a folder one can enter

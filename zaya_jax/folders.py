@@ -17,7 +17,8 @@ def _permissions_as_created(folder: str) -> None:
   os.umask(umask)
   os.chmod(folder, 0o777 & ~umask)
   for name in os.listdir(folder):
-    os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+    entry = os.path.join(folder, name)
+    os.chmod(entry, (0o777 if os.path.isdir(entry) else 0o666) & ~umask)  # a folder keeps its x bits
 
 
 def check_target(path: str | os.PathLike, *, overwrite: bool = False) -> str:
