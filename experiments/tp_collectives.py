@@ -30,7 +30,10 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
+import zaya_jax
 from experiments.common import git_commit, quiet_library_logging, write_json
+from zaya_jax import sharding
+from zaya_jax.model.cca import CCAttention
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
@@ -56,10 +59,6 @@ def result_bytes(arrays: list[tuple[str, tuple[int, ...]]]) -> int:
 def layer_program(mesh: str, batch: int, seq: int) -> str:
   """The compiled text of one ZAYA1-8B CCA layer's value and gradient under `mesh` (on its number of devices),
   `batch` rows per data replica."""
-  import zaya_jax
-  from zaya_jax import sharding
-  from zaya_jax.model.cca import CCAttention
-
   cfg = zaya_jax.ZayaConfig.zaya1_8b()
   layer = CCAttention(cfg.attention, cfg.hidden_size, "hybrid", std=0.02, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(layer)

@@ -159,12 +159,18 @@ def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup(monkeypatch):
   assert host_memory.available_memory() == 1000 * 1024
 
 
-def test_every_document_lands_in_exactly_one_shard(tmp_path):
+@pytest.fixture
+def seven_texts(tmp_path):
+  """A folder of 7 short documents of 3 words, and a BPE for them: (folder, tokenizer)."""
   texts = tmp_path / "texts"
   texts.mkdir()
   for k in range(7):
     (texts / f"d{k}.txt").write_text("alpha beta gamma " * (k + 3))
-  tok = train_bpe(["alpha beta gamma delta " * 50], 280, tmp_path / "bpe" / "tokenizer.json")
+  return texts, train_bpe(["alpha beta gamma delta " * 50], 280, tmp_path / "bpe" / "tokenizer.json")
+
+
+def test_every_document_lands_in_exactly_one_shard(seven_texts, tmp_path):
+  texts, tok = seven_texts
   first_doc_tokens = len(tok.encode((texts / "d0.txt").read_text())) + 1  # + eos
   for shard_tokens in (1, first_doc_tokens, 40, 64, 100, 2**26):
     out = tmp_path / f"ids{shard_tokens}"
@@ -178,12 +184,8 @@ def test_every_document_lands_in_exactly_one_shard(tmp_path):
       assert shards[0]["documents"] == 1 and shards[0]["tokens"] == shard_tokens
 
 
-def test_manifest_sources_hashes_and_tokenizer_lookup(tmp_path, monkeypatch):
-  texts = tmp_path / "texts"
-  texts.mkdir()
-  for k in range(7):
-    (texts / f"d{k}.txt").write_text("alpha beta " * (k + 2))
-  tok = train_bpe(["alpha beta gamma delta " * 50], 280, tmp_path / "bpe" / "tokenizer.json")
+def test_manifest_sources_hashes_and_tokenizer_lookup(seven_texts, tmp_path, monkeypatch):
+  texts, tok = seven_texts
   monkeypatch.chdir(tmp_path)
   out = tmp_path / "ids"
   manifest = tokenize_corpus(["texts"], tok, out)
