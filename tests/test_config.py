@@ -24,6 +24,7 @@ def test_zaya1_8b_preset_matches_the_native_config():
     (lambda: ZayaConfig.tiny(layer_types=("hybrid", "swa")), "layer_types[1]"),
     (lambda: ZayaConfig.tiny(layer_types=("hybrid", "hybrid_sliding")), "attention.sliding_window"),
     (lambda: ZayaConfig.tiny(dtype="float8"), "dtype"),
+    (lambda: ZayaConfig.tiny(remat="dots_saveable"), "remat"),
     (lambda: AttentionConfig(num_heads=6, num_kv_heads=4), "attention.num_heads"),
     (lambda: AttentionConfig(partial_rotary_factor=1.5), "attention.partial_rotary_factor"),
     (lambda: AttentionConfig(partial_rotary_factor=0.0), "attention.partial_rotary_factor"),
@@ -171,7 +172,7 @@ def test_a_checkpoint_of_another_architecture_is_named(field, change):
   cfg = ZayaConfig.tiny()
   with pytest.raises(CheckpointError, match=re.escape(f"model.{field}:")):
     check_same_architecture(cfg, cfg.replace(**change), what="ckpt")
-  check_same_architecture(cfg, cfg.replace(dtype="bfloat16", max_position_embeddings=64), what="ckpt")
+  check_same_architecture(cfg, cfg.replace(dtype="bfloat16", max_position_embeddings=64, remat="full"), what="ckpt")
 
 
 def test_an_override_of_only_blanks_keeps_them():

@@ -2,6 +2,7 @@
 checkpoint exported as a Hugging Face folder (`launch/export_hf.py`). The checkpoint is the reference
 implementation's, with a tokenizer trained here; sharded loading is in tests/test_sharding.py."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -82,6 +83,10 @@ def test_the_checkpoint_decides_the_architecture_and_the_tokenizer(checkpoint):
   assert (cfg.model.num_layers, cfg.model.moe.num_experts, cfg.model.vocab_size) == (3, 3, 384)
   assert cfg.data.tokenizer == folder and cfg.loop.init_from == folder
   assert (cfg.optimizer, cfg.loop.steps) == (base.optimizer, base.loop.steps)  # the rest stays the experiment's
+  # How the model runs stays the experiment's too.
+  runtime = override(base, ["model.remat=dots", "model.attention.backend=xla", "model.moe.backend=dense"]).model
+  kept = from_hf_checkpoint(dataclasses.replace(base, model=runtime), folder).model
+  assert (kept.remat, kept.attention.backend, kept.moe.backend) == ("dots", "xla", "dense")
 
 
 def test_the_first_state_is_the_reference_model_and_training_starts_from_it(checkpoint, corpus, trained, tmp_path):

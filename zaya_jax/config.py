@@ -24,6 +24,8 @@ ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 ATTENTION_KINDS = ("cca", "gqa", "mla")
 ROUTER_KINDS = ("mlp", "linear")
 EXPERT_BACKENDS = ("auto", "tiled", "ragged_dot", "dense", "pallas")
+# What each decoder layer keeps for the backward pass (see ZayaConfig.remat).
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -139,6 +141,11 @@ class ZayaConfig:
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "bfloat16"
   residual_scaling: bool = True  # False: plain residual adds instead of the learned merges (ablations)
+  # Activation rematerialisation per decoder layer, a runtime setting (not in checkpoints): "none" keeps every
+  # intermediate the backward pass needs; "full" keeps only each layer's inputs and recomputes the layer in the
+  # backward pass (~1/3 more compute); "dots" also keeps the outputs of matmuls without batch dims (projections,
+  # router, experts; jax.checkpoint_policies.dots_with_no_batch_dims_saveable) and recomputes the rest.
+  remat: str = "none"
 
   def __post_init__(self):
     _positive(self, "", "vocab_size", "hidden_size", "num_layers", "max_position_embeddings")
@@ -160,6 +167,7 @@ class ZayaConfig:
                    for i in ids), name, f"{getattr(self, name)!r} is not a token id below vocab_size={self.vocab_size}")
     for name in ("dtype", "param_dtype"):
       _require(getattr(self, name) in DTYPES, name, f"{getattr(self, name)!r} is not one of {DTYPES}")
+    _require(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} is not one of {REMAT_POLICIES}")
 
   # -- derived -------------------------------------------------------------------------------------
   def layer_type(self, i: int) -> str:

@@ -389,7 +389,7 @@ def load_hf_into(path: str | os.PathLike, cfg: ZayaConfig, states: Sequence[nnx.
 
 # Fields that change how a model runs or what it is told, not the function its weights compute.
 _RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "attention.backend", "moe.backend", "max_position_embeddings",
-                             "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id"})
+                             "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "remat"})
 
 
 def check_same_architecture(cfg: ZayaConfig, checkpoint: ZayaConfig, *, what: str) -> None:

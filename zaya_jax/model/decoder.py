@@ -100,8 +100,9 @@ class ZayaModel(nnx.Module):
     x_BTD = constrain(self.embed(input_ids_BT), ("batch", None, None))
     router_state = None
     probs, choices = [], []
+    run_layer = _rematerialised(self.cfg.remat)
     for layer in self.layers:
-      x_BTD, router_state, (p, c) = layer(x_BTD, router_state, segment_ids_BT, positions_BT)
+      x_BTD, router_state, (p, c) = run_layer(layer, x_BTD, router_state, segment_ids_BT, positions_BT)
       x_BTD = constrain(x_BTD, ("batch", None, None))
       probs.append(p)
       choices.append(c)
@@ -109,6 +110,30 @@ class ZayaModel(nnx.Module):
     num_classes = self.cfg.moe.num_router_classes
     counts_LX1 = jax.vmap(lambda c: jnp.bincount(c.reshape(-1), length=num_classes))(choice_LBT)
     return self.norm(x_BTD.astype(dtype)), RouterStats(jnp.stack(probs), choice_LBT, counts_LX1)
+
+
+def _run_layer(layer: DecoderLayer, x_BTD, router_state_BTR, segment_ids_BT, positions_BT):
+  return layer(x_BTD, router_state_BTR, segment_ids_BT, positions_BT)
+
+
+_REMAT_SAVES = {"full": jax.checkpoint_policies.nothing_saveable,
+                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _rematerialised(remat: str):
+  """`_run_layer`, under jax.checkpoint unless remat is "none": what the backward pass of a layer keeps beyond its
+  inputs is what the policy saves, the rest it recomputes. Only differentiation sees it; a plain forward computes
+  the same values either way."""
+  if remat == "none":
+    return _run_layer
+
+  def run_layer(layer: DecoderLayer, *inputs):
+    # Explicit split and merge: a layer's forward only reads its variables, so nothing needs writing back (nnx.remat
+    # would write the state back to variables that may belong to another trace, e.g. constant balancing biases).
+    graphdef, state = nnx.split(layer)
+    pure = lambda state, *inputs: _run_layer(nnx.merge(graphdef, state), *inputs)
+    return jax.checkpoint(pure, policy=_REMAT_SAVES[remat])(state, *inputs)
+  return run_layer
 
 
 def _document_starts(segment_ids_BT):
@@ -162,6 +187,12 @@ class ZayaForCausalLM(nnx.Module):
     self.config = cfg
 
   def __call__(self, input_ids_BT, segment_ids_BT=None, positions_BT=None) -> ZayaOutput:
+    h_BTD, router = self.hidden_states(input_ids_BT, segment_ids_BT, positions_BT)
+    return ZayaOutput(self.logits(h_BTD), router)
+
+  def hidden_states(self, input_ids_BT, segment_ids_BT=None, positions_BT=None) -> tuple[jax.Array, RouterStats]:
+    """(final-norm outputs [B, T, D] in the compute dtype, router stats): the forward without the LM head, for
+    callers that apply `logits` piece by piece (the train step's chunked loss)."""
     check_token_ids(input_ids_BT, self.config.vocab_size)
     input_ids_BT = jnp.asarray(input_ids_BT, jnp.int32)
     if input_ids_BT.ndim != 2 or input_ids_BT.shape[1] == 0:
@@ -173,8 +204,7 @@ class ZayaForCausalLM(nnx.Module):
     segment_ids_BT = jnp.asarray(segment_ids_BT, jnp.int32)
     if positions_BT is None:
       positions_BT = positions_from_segments(segment_ids_BT)
-    h_BTD, router = self.model(input_ids_BT, document_numbers(segment_ids_BT), positions_BT)
-    return ZayaOutput(self.logits(h_BTD), router)
+    return self.model(input_ids_BT, document_numbers(segment_ids_BT), positions_BT)
 
   def logits(self, h_BTD):
     """The LM head (tied to the embedding unless the config unties it) on final-norm outputs."""

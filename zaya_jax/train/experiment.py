@@ -73,7 +73,7 @@ def from_hf_checkpoint(cfg: ExperimentConfig, path: str | os.PathLike) -> Experi
   """`cfg` set up to continue training the Hugging Face checkpoint in folder `path` (ZAYA1-8B, or a `save_hf` export).
 
   The model's architecture becomes the checkpoint's config.json; `cfg.model` keeps only how it runs (compute and
-  parameter dtypes, backends). The folder's tokenizer.json (with its tokenizer_config.json) becomes the data's
+  parameter dtypes, backends, remat). The folder's tokenizer.json (with its tokenizer_config.json) becomes the data's
   tokenizer unless `cfg` names one. `loop.init_from` records the folder: the first launch of a run loads its weights
   (`train_step.create_from_hf`); later launches (with the same folder: `train` refuses another) resume from the
   run's own checkpoints and read only its config and tokenizer. Apply `--set` overrides afterwards; `train` refuses
@@ -86,7 +86,7 @@ def from_hf_checkpoint(cfg: ExperimentConfig, path: str | os.PathLike) -> Experi
     raise ValueError("init_from: empty path (a Hugging Face folder is expected)")
   path = os.path.abspath(os.fspath(path))
   runtime = cfg.model
-  model = read_hf_config(path, dtype=runtime.dtype, param_dtype=runtime.param_dtype).replace(
+  model = read_hf_config(path, dtype=runtime.dtype, param_dtype=runtime.param_dtype, remat=runtime.remat).replace(
       attention=dict(backend=runtime.attention.backend), moe=dict(backend=runtime.moe.backend))
   data = cfg.data
   if data.tokenizer is None and os.path.isfile(os.path.join(path, TOKENIZER_FILE)):

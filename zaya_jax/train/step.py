@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from zaya_jax.config import ZayaConfig
-from zaya_jax.model.decoder import ZayaForCausalLM, abstract_model
+from zaya_jax.model.decoder import ZayaForCausalLM, ZayaOutput, abstract_model
 from zaya_jax.model.moe import BalancingBiases
 from zaya_jax.train import balancing
 from zaya_jax.train.balancing import BalancingConfig, PIDState
@@ -39,10 +39,16 @@ BATCH_KEYS = ("input_ids", "segment_ids", "targets", "loss_mask")
 class StepConfig:
   grad_accum: int = 1  # micro-batches per step; the batch size must be a multiple
   z_loss_weight: float = 0.0  # weight of mean(logsumexp(logits)^2) over scored tokens
+  # Sequence positions per chunk of the LM head and the loss (0: the whole micro-batch at once). With a chunk, only
+  # one chunk's [B, chunk, V] logits exist at a time and the backward pass recomputes them: ZAYA1-8B's fp32 logits
+  # are 1 MiB per token (V = 262,272), several GiB per 4k-token sequence before their gradient.
+  logits_chunk: int = 0
 
   def __post_init__(self):
     if not (isinstance(self.grad_accum, int) and self.grad_accum >= 1):
       raise ValueError(f"StepConfig.grad_accum: must be a positive int, got {self.grad_accum!r}")
+    if not (isinstance(self.logits_chunk, int) and not isinstance(self.logits_chunk, bool) and self.logits_chunk >= 0):
+      raise ValueError(f"StepConfig.logits_chunk: must be a non-negative int, got {self.logits_chunk!r}")
     if self.z_loss_weight < 0:
       raise ValueError(f"StepConfig.z_loss_weight: must be non-negative, got {self.z_loss_weight}")
 
@@ -66,8 +72,9 @@ class Trainer:
   step_config: StepConfig
   balancing: BalancingConfig
   # A term of your own (ablations): extra_loss(model, out, micro_batch) -> scalar, added to each micro-batch's loss
-  # (divided by grad_accum, as the aux loss) and logged as `extra_loss`; `out` is the model's ForwardOutput (logits,
-  # router). Set it with dataclasses.replace(trainer, extra_loss=fn); a module-level function keeps one compile.
+  # (divided by grad_accum, as the aux loss) and logged as `extra_loss`; `out` is the model's ZayaOutput (logits,
+  # router; logits None when step_config.logits_chunk is set). Set it with dataclasses.replace(trainer,
+  # extra_loss=fn); a module-level function keeps one compile.
   extra_loss: Callable[[ZayaForCausalLM, Any, dict], jax.Array] | None = None
 
   def merge(self, params, biases) -> ZayaForCausalLM:
@@ -157,16 +164,45 @@ def check_batch(batch: dict, model_config: ZayaConfig, step_cfg: StepConfig) -> 
         raise ValueError(f"batch[{k!r}] holds ids outside the model's vocabulary [0, {model_config.vocab_size})")
 
 
+def _loss_sums(logits_BTV, targets_BT, mask_BT):
+  """(summed cross entropy, summed squared logsumexp) over the scored tokens, in fp32."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return ((lse_BT - target_logit_BT) * mask_BT).sum(), (lse_BT**2 * mask_BT).sum()
+
+
+def _chunked_loss_sums(head: Callable, h_BTD, targets_BT, mask_BT, chunk: int):
+  """`_loss_sums(head(h_BTD), ...)` over `chunk` positions at a time (C = chunk, N chunks; T is padded with unscored
+  positions to N * C). A scan keeps one chunk's logits alive, and jax.checkpoint has the backward pass recompute
+  them from the chunk's hidden states rather than keep every chunk's."""
+  B, T = h_BTD.shape[:2]
+  N = -(-T // chunk)
+  pad = ((0, 0), (0, N * chunk - T))
+  by_chunk = lambda x_BT: jnp.pad(x_BT, pad + ((0, 0),) * (x_BT.ndim - 2)).reshape(
+      B, N, chunk, *x_BT.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def add_chunk(sums, chunk_inputs):
+    h_BCD, targets_BC, mask_BC = chunk_inputs
+    return jax.tree.map(jnp.add, sums, _loss_sums(head(h_BCD), targets_BC, mask_BC)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  return jax.lax.scan(add_chunk, (zero, zero), (by_chunk(h_BTD), by_chunk(targets_BT), by_chunk(mask_BT)))[0]
+
+
 def _micro_loss(trainer: Trainer, params, biases, micro: dict, num_scored):
   """Summed losses of one micro-batch divided by the whole batch's scored-token count, and its routing."""
   model = trainer.merge(params, biases)
-  out = model(micro["input_ids"], micro["segment_ids"])
-  logits_BTV = out.logits_BTV.astype(jnp.float32)
   mask_BT = micro["loss_mask"].astype(jnp.float32)
-  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, micro["targets"][..., None], axis=-1)[..., 0]
-  ce_sum = ((lse_BT - target_logit_BT) * mask_BT).sum()
-  z_sum = (lse_BT**2 * mask_BT).sum()
+  chunk = trainer.step_config.logits_chunk
+  if chunk:
+    h_BTD, router = model.hidden_states(micro["input_ids"], micro["segment_ids"])
+    out = ZayaOutput(None, router)
+    ce_sum, z_sum = _chunked_loss_sums(model.logits, h_BTD, micro["targets"], mask_BT, chunk)
+  else:
+    out = model(micro["input_ids"], micro["segment_ids"])
+    ce_sum, z_sum = _loss_sums(out.logits_BTV, micro["targets"], mask_BT)
   valid_BT = micro["segment_ids"] > 0
   L, B, T = out.router.choice_LBT.shape
   X1 = trainer.model_config.moe.num_router_classes
