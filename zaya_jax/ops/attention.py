@@ -114,12 +114,12 @@ def _pallas_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, sliding_window):
                                        block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, platform: str | None = None) -> str:
   """"auto": the Pallas flash kernel on GPU (Triton: CUDA and ROCm); elsewhere the XLA path (on CPU, the
-  eager-reference numerics)."""
+  eager-reference numerics). `platform` ("gpu", "cpu", ...): resolve for it instead of JAX's default backend."""
   if backend != "auto":
     return backend
-  return "pallas" if jax.default_backend() == "gpu" else "xla"
+  return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
 
 
 def _check_backend(backend: str) -> None:

@@ -236,14 +236,14 @@ _BACKENDS = {
 assert set(_BACKENDS) | {"auto"} == set(EXPERT_BACKENDS)
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, platform: str | None = None) -> str:
   """"auto" picks by platform: the Pallas kernel on GPU (Triton: CUDA and ROCm), tiled elsewhere (XLA:CPU's
-  ragged_dot is dense; a TPU would need Mosaic kernels)."""
+  ragged_dot is dense; a TPU would need Mosaic kernels). `platform`: resolve for it instead of JAX's default."""
   if backend != "auto":
     if backend not in _BACKENDS:
       raise ValueError(f"unknown gmm backend {backend!r}; one of {EXPERT_BACKENDS}")
     return backend
-  return "pallas" if jax.default_backend() == "gpu" else "tiled"
+  return "pallas" if (platform or jax.default_backend()) == "gpu" else "tiled"
 
 
 def gmm(lhs_MK, rhs, group_sizes_G, *, backend: str = "auto", transpose_rhs: bool = False):
