@@ -38,7 +38,8 @@ import numpy as np
 from absl import app, flags
 
 from experiments import ablate_report
-from experiments.common import append_jsonl, changed_settings, git_commit, jsonable, quiet_library_logging, read_jsonl
+from experiments.common import append_jsonl, git_commit, quiet_library_logging, read_jsonl
+from zaya_jax.train.experiment import changed_settings, jsonable
 
 FLAGS = flags.FLAGS
 

@@ -13,8 +13,6 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from zaya_jax.train.experiment import changed_settings, jsonable  # noqa: F401  (the studies' imports)
-
 
 def median_seconds(fn, *args, reps: int) -> float:
   """Median wall time of `reps` calls of a jitted fn, after two untimed calls (compile, warm-up)."""

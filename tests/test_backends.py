@@ -99,3 +99,26 @@ def test_default_forward_on_a_gpu_runs_the_triton_kernels(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   kernels = triton_kernels(forward, "rocm", params, ids_BT, ids_BT)
   assert kernels == ["cca_flash_fwd"] * 2 + ["zaya_gmm"] * 4, kernels
+
+
+def test_the_device_scripts_run_without_grain():
+  """A lent GPU machine has JAX, Triton and no grain: the scripts its one prepared run calls must not import it
+  (experiments.common once re-exported the experiment config, which pulls in the data pipeline)."""
+  import os
+  import subprocess
+  import sys
+
+  scripts = ["experiments.bench_kernels", "experiments.bench_cca_attention", "experiments.bench_decode_attention",
+             "experiments.step_memory", "pallas_kernels.rocm_report"]
+  block = ("import sys\n"
+           "class NoGrain:\n"
+           "  def find_spec(self, name, path=None, target=None):\n"
+           "    if name == 'grain' or name.startswith('grain.'):\n"
+           "      raise ImportError('no grain on this machine')\n"
+           "sys.meta_path.insert(0, NoGrain())\n"
+           "__import__(sys.argv[1])\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name in scripts:  # one process each: the scripts define absl flags of the same names
+    proc = subprocess.run([sys.executable, "-c", block, name], capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, (name, proc.stderr[-2000:])

@@ -43,16 +43,15 @@ from absl import app, flags
 
 from experiments.codesign import task
 from experiments.common import (
-  changed_settings,
   drop_cut_last_line,
   git_commit,
-  jsonable,
   quiet_library_logging,
   read_jsonl,
   settings_key,
   write_json,
   write_text,
 )
+from zaya_jax.train.experiment import changed_settings, jsonable
 
 FLAGS = flags.FLAGS
 MODELS = ("plain", "aggregation")

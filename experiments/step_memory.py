@@ -1,0 +1,82 @@
+"""Compiled memory of one train step per activation-memory setting: `model.remat` x `step.logits_chunk`.
+
+XLA's own accounting of the compiled step on this process's first device (`memory_analysis()`: temporaries, i.e.
+buffers other than arguments and outputs), nothing run: ZAYA1-8B's widths with a few layers, fp32 masters and bf16
+compute, one micro-batch of `--batch` x `--seq` tokens, AdamW. On a GPU this is the check of remat that a CPU cannot
+make: XLA:CPU folds jax.checkpoint's recomputation back into the forward pass, so there every remat row reads like
+"none" (WORKSPACE.md); logits chunks show on both. Needs neither grain nor a tokenizer (a lent GPU machine has no
+grain).
+
+  python -m experiments.step_memory                 # 4 layers, 1 x 4096 tokens, remat none/full/dots x chunk 0/1024
+  python -m experiments.step_memory --quick         # the tiny model, 2 x 256 tokens: about a minute on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from experiments.common import apply_quick, quiet_library_logging, write_json
+from zaya_jax.config import ZayaConfig
+from zaya_jax.ops import attention, gmm
+from zaya_jax.train import step as step_lib
+from zaya_jax.train.balancing import BalancingConfig
+from zaya_jax.train.optim import OptimizerConfig
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("layers", 4, "Decoder layers of the ZAYA1-8B-wide model.", lower_bound=1)
+flags.DEFINE_integer("batch", 1, "Sequences in the micro-batch.", lower_bound=1)
+flags.DEFINE_integer("seq", 4096, "Tokens per sequence.", lower_bound=1)
+flags.DEFINE_list("remat", ["none", "full", "dots"], "model.remat settings to compile.")
+flags.DEFINE_list("logits_chunk", ["0", "1024"], "step.logits_chunk settings to compile (0: whole logits).")
+flags.DEFINE_bool("quick", False, "The tiny model, 2 x 256 tokens, chunks 0 and 64 (explicit flags win).")
+flags.DEFINE_string("out", None, "Results JSON (default experiments/results/step_memory_<platform>[_quick].json).")
+
+
+def temporaries(model_cfg: ZayaConfig, step_cfg: step_lib.StepConfig, batch: int, seq: int) -> dict[str, int]:
+  trainer, state = step_lib.create_abstract(model_cfg, OptimizerConfig(), step_cfg, BalancingConfig(), 10, 0)
+  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+  stats = step_lib.jit_train_step.lower(trainer, state, dict.fromkeys(step_lib.BATCH_KEYS, tokens)).compile()
+  stats = stats.memory_analysis()
+  return dict(temp_bytes=int(stats.temp_size_in_bytes), argument_bytes=int(stats.argument_size_in_bytes))
+
+
+def main(argv):
+  del argv
+  quiet_library_logging()
+  apply_quick({"batch": 2, "seq": 256, "logits_chunk": ["0", "64"]})
+  try:
+    chunks = [int(c) for c in FLAGS.logits_chunk]
+  except ValueError:
+    raise SystemExit(f"--logits_chunk: not integers: {FLAGS.logits_chunk}") from None
+  base = (ZayaConfig.tiny() if FLAGS.quick else
+          ZayaConfig.zaya1_8b(num_layers=FLAGS.layers, dtype="bfloat16", param_dtype="float32"))
+  try:  # settings are checked before anything compiles
+    settings = [(base.replace(remat=r), step_lib.StepConfig(logits_chunk=c))
+                for r, c in itertools.product(FLAGS.remat, chunks)]
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  device = jax.devices()[0]
+  print(f"{device.platform} ({device.device_kind}), jax {jax.__version__}: {base.num_layers} layers of hidden "
+        f"{base.hidden_size}, vocab {base.vocab_size}, {FLAGS.batch} x {FLAGS.seq} tokens; backends attention "
+        f"{attention.resolve_backend(base.attention.backend)}, experts {gmm.resolve_backend(base.moe.backend)}")
+  print(f"{'remat':<6} {'chunk':>6} {'temporaries MiB':>16} {'vs none, 0':>11}")
+  rows = []
+  for model_cfg, step_cfg in settings:
+    row = dict(remat=model_cfg.remat, logits_chunk=step_cfg.logits_chunk,
+               **temporaries(model_cfg, step_cfg, FLAGS.batch, FLAGS.seq))
+    rows.append(row)
+    print(f"{row['remat']:<6} {row['logits_chunk']:>6} {row['temp_bytes'] / 2**20:>16.1f} "
+          f"{row['temp_bytes'] / rows[0]['temp_bytes']:>10.2f}x", flush=True)
+  default = f"experiments/results/step_memory_{device.platform}" + ("_quick" if FLAGS.quick else "") + ".json"
+  write_json(FLAGS.out or default, dict(platform=device.platform, device_kind=device.device_kind, jax=jax.__version__,
+                                        layers=base.num_layers, batch=FLAGS.batch, seq=FLAGS.seq, rows=rows,
+                                        nproc=os.cpu_count()))
+
+
+if __name__ == "__main__":
+  app.run(main)
