@@ -335,10 +335,13 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
   meta_12 = tmp_path / "checkpoints" / "12" / "meta" / "metadata"
   meta = json.loads(meta_12.read_text())
   assert meta.pop("data_order") == 3
+  del meta["model_config"]["remat"]  # and before model.remat: the field at its default
   meta_12.write_text(json.dumps(meta))
   logs = []
-  longer = override(cfg, ["loop.steps=14", "optimizer.lr=0.002"])  # the "from" rate is the last launch's
+  longer = override(cfg, ["loop.steps=14", "optimizer.lr=0.002",  # the "from" rate is the last launch's
+                          "model.remat=full"])  # recomputes the same values: a resume may change it
   train(longer, tmp_path, log=logs.append)
+  assert any("model.remat: 'none' -> 'full'" in line for line in logs), logs
   assert any(line.startswith("note: checkpoint 12 was written by a zaya_jax that shuffled or split the corpus "
                              "another way (data order 1, now 3;") for line in logs), logs
   before = float(learning_rate_schedule(cfg.optimizer, 12)(12))

@@ -32,6 +32,8 @@ from zaya_jax.train.experiment import jsonable
 # Bumped when a parameter's stored layout changes. 2: gate_up_proj rows interleaved (model/moe.py); the runs before
 # (no "param_layout" in their meta) stored the reference's gate-then-up halves.
 PARAM_LAYOUT = 2
+# Model-config fields a resume may change: how the step computes, not what (remat recomputes the same values).
+RESUMABLE_CHANGES = frozenset({"remat"})
 
 
 def _check_layout(meta: dict, where: str) -> None:
@@ -99,8 +101,11 @@ class RunCheckpointer:
     meta = self.meta(step)
     _check_layout(meta, where)
     saved = meta.get("model_config", {})
+    if saved:  # a field newer than the checkpoint was, in effect, at its default when it was written
+      saved = {**dataclasses.asdict(ZayaConfig()), **saved}
     current = dataclasses.asdict(model_config)
-    differing = {k: (saved.get(k), v) for k, v in current.items() if jsonable(saved.get(k)) != jsonable(v)}
+    differing = {k: (saved.get(k), v) for k, v in current.items()
+                 if k not in RESUMABLE_CHANGES and jsonable(saved.get(k)) != jsonable(v)}
     if differing:
       described = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(differing.items()))
       raise CheckpointError(f"checkpoint {where} was written for another model ({described}); start a new workdir "

@@ -41,7 +41,8 @@ class StepConfig:
   z_loss_weight: float = 0.0  # weight of mean(logsumexp(logits)^2) over scored tokens
   # Sequence positions per chunk of the LM head and the loss (0: the whole micro-batch at once). With a chunk, only
   # one chunk's [B, chunk, V] logits exist at a time and the backward pass recomputes them: ZAYA1-8B's fp32 logits
-  # are 1 MiB per token (V = 262,272), several GiB per 4k-token sequence before their gradient.
+  # are 1 MiB per token (V = 262,272), several GiB per 4k-token sequence before their gradient. A chunk that does
+  # not divide the sequence length pads the last chunk; one longer than the sequence is the sequence.
   logits_chunk: int = 0
 
   def __post_init__(self):
@@ -173,10 +174,11 @@ def _loss_sums(logits_BTV, targets_BT, mask_BT):
 
 
 def _chunked_loss_sums(head: Callable, h_BTD, targets_BT, mask_BT, chunk: int):
-  """`_loss_sums(head(h_BTD), ...)` over `chunk` positions at a time (C = chunk, N chunks; T is padded with unscored
-  positions to N * C). A scan keeps one chunk's logits alive, and jax.checkpoint has the backward pass recompute
-  them from the chunk's hidden states rather than keep every chunk's."""
+  """`_loss_sums(head(h_BTD), ...)` over `chunk` positions at a time (C = chunk, at most T; N chunks; T is padded
+  with unscored positions to N * C: a C that divides T wastes nothing). A scan keeps one chunk's logits alive, and
+  jax.checkpoint has the backward pass recompute them from the chunk's hidden states rather than keep every chunk's."""
   B, T = h_BTD.shape[:2]
+  chunk = min(chunk, T)  # a longer chunk would only compute padding
   N = -(-T // chunk)
   pad = ((0, 0), (0, N * chunk - T))
   by_chunk = lambda x_BT: jnp.pad(x_BT, pad + ((0, 0),) * (x_BT.ndim - 2)).reshape(
