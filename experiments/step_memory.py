@@ -40,8 +40,8 @@ flags.DEFINE_string("out", None, "Results JSON (default experiments/results/step
 def temporaries(model_cfg: ZayaConfig, step_cfg: step_lib.StepConfig, batch: int, seq: int) -> dict[str, int]:
   trainer, state = step_lib.create_abstract(model_cfg, OptimizerConfig(), step_cfg, BalancingConfig(), 10, 0)
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-  stats = step_lib.jit_train_step.lower(trainer, state, dict.fromkeys(step_lib.BATCH_KEYS, tokens)).compile()
-  stats = stats.memory_analysis()
+  compiled = step_lib.jit_train_step.lower(trainer, state, dict.fromkeys(step_lib.BATCH_KEYS, tokens)).compile()
+  stats = compiled.memory_analysis()
   return dict(temp_bytes=int(stats.temp_size_in_bytes), argument_bytes=int(stats.argument_size_in_bytes))
 
 

@@ -141,11 +141,11 @@ class ZayaConfig:
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "bfloat16"
   residual_scaling: bool = True  # False: plain residual adds instead of the learned merges (ablations)
-  # Activation rematerialisation per decoder layer, a runtime setting (not in checkpoints): "none" keeps every
-  # intermediate the backward pass needs; "full" keeps only each layer's inputs and recomputes the layer in the
-  # backward pass (~1/3 more compute); "dots" also keeps the outputs of matmuls without batch dims, i.e. the
-  # projections and the router (jax.checkpoint_policies.dots_with_no_batch_dims_saveable), and recomputes the rest,
-  # the attention core and the experts' grouped matmuls included.
+  # Activation rematerialisation per decoder layer, a runtime setting (not in Hugging Face configs; a resume may
+  # change it): "none" keeps every intermediate the backward pass needs; "full" keeps only each layer's inputs and
+  # recomputes the layer in the backward pass (~1/3 more compute); "dots" also keeps the outputs of matmuls without
+  # batch dims, i.e. the projections and the router (jax.checkpoint_policies.dots_with_no_batch_dims_saveable), and
+  # recomputes the rest, the attention core and the experts' grouped matmuls included.
   remat: str = "none"
 
   def __post_init__(self):
