@@ -10,6 +10,8 @@ Writes its findings as JSON; the assertions live in the test. The tiny model has
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -205,6 +207,23 @@ def dispatch_checks() -> dict:
     out[mesh].update(capacity=cap, dropped_with_capacity=int(dropped_cap), expected_dropped=expected,
                      kept_max_abs_err=float(np.abs(y_cap[kept] - ref[kept]).max()),
                      dropped_rows_zero=bool((y_cap[~kept] == 0).all()))
+  # remat "dots" keeps the experts' grouped matmuls on a mesh too: the names ops.gmm gives its outputs inside the
+  # dispatch's shard_map reach the policy, which keeps them as extra outputs of the shard_map.
+  from zaya_jax.model.decoder import _REMAT_SAVES
+
+  plan = ShardingPlan.from_config(ParallelConfig(mesh="expert:8"))
+
+  def kept_from_shard_map(policy) -> int:
+    def loss(h):
+      y = dispatch_combine(plan, h, jnp.asarray(choice), weight, experts.gate_up_proj[...], experts.down_proj[...])[0]
+      return jnp.sin(y).sum()
+    loss = jax.checkpoint(loss, policy=policy)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+      jax.ad_checkpoint.print_saved_residuals(loss, h)
+    return printed.getvalue().count("output of shard_map")
+  out["remat_kept_from_dispatch"] = dict(
+      dots=kept_from_shard_map(_REMAT_SAVES["dots"]),
+      dot_policy_alone=kept_from_shard_map(jax.checkpoint_policies.dots_with_no_batch_dims_saveable))
   # Tensor parallelism with the weights split as the parameters declare them: nothing but the output's sum moves.
   plan = ShardingPlan.from_config(ParallelConfig(mesh="tensor:8"))
   weights = [jax.device_put(w[...], NamedSharding(plan.mesh, plan.spec(w.get_metadata()["out_sharding"], w.shape)))

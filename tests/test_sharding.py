@@ -134,6 +134,12 @@ def test_expert_dispatch_follows_the_rules(results):
   assert "would add other tokens' rows" in results["dispatch"]["width_axis_inside_batch"]
 
 
+def test_remat_dots_keeps_the_dispatched_experts_matmuls(results):
+  # Both grouped matmuls' outputs (named by ops.gmm inside the dispatch's shard_map) leave it as saved residuals;
+  # the dot-saving policy alone keeps nothing of the experts, which it recomputes in the backward pass.
+  assert results["dispatch"]["remat_kept_from_dispatch"] == {"dots": 2, "dot_policy_alone": 0}
+
+
 def test_tensor_parallel_experts_move_no_weights(results):
   d = results["dispatch"]["tensor:8"]
   assert d["max_abs_err"] <= 1e-5

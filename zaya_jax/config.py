@@ -143,9 +143,9 @@ class ZayaConfig:
   residual_scaling: bool = True  # False: plain residual adds instead of the learned merges (ablations)
   # Activation rematerialisation per decoder layer, a runtime setting (not in Hugging Face configs; a resume may
   # change it): "none" keeps every intermediate the backward pass needs; "full" keeps only each layer's inputs and
-  # recomputes the layer in the backward pass (~1/3 more compute); "dots" also keeps the outputs of matmuls without
-  # batch dims, i.e. the projections and the router (jax.checkpoint_policies.dots_with_no_batch_dims_saveable), and
-  # recomputes the rest, the attention core and the experts' grouped matmuls included.
+  # recomputes the layer in the backward pass (~1/3 more compute); "dots" also keeps the outputs of the projections,
+  # the router and the experts' grouped matmuls (matmuls without batch dims, and ops.gmm's named outputs), and
+  # recomputes the rest: norms, convolutions, activations and the attention core.
   remat: str = "none"
 
   def __post_init__(self):

@@ -19,6 +19,7 @@ from zaya_jax.config import ZayaConfig
 from zaya_jax.model.attention_kinds import attention_module
 from zaya_jax.model.layers import F32, Linear, ResidualAdd, ResidualScaling, RMSNorm, const_param, linear, normal_param
 from zaya_jax.model.moe import SparseMoeBlock
+from zaya_jax.ops import gmm as gmm_ops
 from zaya_jax.sharding import constrain
 
 
@@ -117,7 +118,10 @@ def _run_layer(layer: DecoderLayer, x_BTD, router_state_BTR, segment_ids_BT, pos
 
 
 _REMAT_SAVES = {"full": jax.checkpoint_policies.nothing_saveable,
-                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+                # The projections' and the router's matmuls, and the experts' grouped matmuls (named by ops.gmm).
+                "dots": jax.checkpoint_policies.save_from_both_policies(
+                    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                    jax.checkpoint_policies.save_only_these_names(gmm_ops.OUTPUT_NAME))}
 
 
 def _rematerialised(remat: str):

@@ -30,11 +30,16 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.tuning import check_gmm_operands
 from zaya_jax.config import EXPERT_BACKENDS
 
 F32 = jnp.float32
+# The name of every gmm output, for remat policies (`jax.checkpoint_policies.save_only_these_names`): the grouped
+# matmuls are not dot_generals at the jaxpr's top level (custom VJPs, loops, kernels), so dot-saving policies alone
+# recompute them in the backward pass.
+OUTPUT_NAME = "gmm_output"
 # Row tiles of the "tiles" strategy: about M/G rows (the mean group), a power of two in [MIN, MAX]. Measured on the
 # 2-core CPU with D=256, F=512, G=8 (gate_up + down): M=256 best at 32-64, M=1024 at 64-128; fewer rows per tile
 # pay fori_loop overhead per tile, more multiply up to G * (tile - 1) rows of padding.
@@ -250,4 +255,4 @@ def gmm(lhs_MK, rhs, group_sizes_G, *, backend: str = "auto", transpose_rhs: boo
   """[M, N]: each row of lhs [M, K] times its group's matrix of rhs [G, K, N] ([G, N, K] with transpose_rhs); rows
   are sorted by group, group_sizes [G] counts them, rows past the last group give zeros."""
   check_gmm_operands(lhs_MK, rhs, group_sizes_G, transpose_rhs)
-  return _BACKENDS[resolve_backend(backend)](lhs_MK, rhs, group_sizes_G, transpose_rhs)
+  return checkpoint_name(_BACKENDS[resolve_backend(backend)](lhs_MK, rhs, group_sizes_G, transpose_rhs), OUTPUT_NAME)
