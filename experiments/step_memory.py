@@ -2,10 +2,10 @@
 
 XLA's own accounting of the compiled step on this process's first device (`memory_analysis()`: temporaries, i.e.
 buffers other than arguments and outputs), nothing run: ZAYA1-8B's widths with a few layers, fp32 masters and bf16
-compute, one micro-batch of `--batch` x `--seq` tokens, AdamW. On a GPU this is the check of remat that a CPU cannot
-make: XLA:CPU folds jax.checkpoint's recomputation back into the forward pass, so there every remat row reads like
-"none" (WORKSPACE.md); logits chunks show on both. Needs neither grain nor a tokenizer (a lent GPU machine has no
-grain).
+compute, one micro-batch of `--batch` x `--seq` tokens, AdamW, compiled as training compiles it
+(`train.step.train_step_program`: on CPU, with the option that keeps jax.checkpoint's recomputation out of the
+forward pass; WORKSPACE.md). On a GPU it checks what GPU compilers keep. Needs neither grain nor a tokenizer (a lent
+GPU machine has no grain).
 
   python -m experiments.step_memory                 # 4 layers, 1 x 4096 tokens, remat none/full/dots x chunk 0/1024
   python -m experiments.step_memory --quick         # the tiny model, 2 x 256 tokens: about a minute on 2 CPU cores
@@ -40,7 +40,8 @@ flags.DEFINE_string("out", None, "Results JSON (default experiments/results/step
 def temporaries(model_cfg: ZayaConfig, step_cfg: step_lib.StepConfig, batch: int, seq: int) -> dict[str, int]:
   trainer, state = step_lib.create_abstract(model_cfg, OptimizerConfig(), step_cfg, BalancingConfig(), 10, 0)
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-  compiled = step_lib.jit_train_step.lower(trainer, state, dict.fromkeys(step_lib.BATCH_KEYS, tokens)).compile()
+  program = step_lib.train_step_program(jax.default_backend())
+  compiled = program.lower(trainer, state, dict.fromkeys(step_lib.BATCH_KEYS, tokens)).compile()
   stats = compiled.memory_analysis()
   return dict(temp_bytes=int(stats.temp_size_in_bytes), argument_bytes=int(stats.argument_size_in_bytes))
 

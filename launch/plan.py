@@ -13,8 +13,9 @@ alone). The growth is measured away from the first layer because it is smaller t
 tokens per device, grew 1.52 GiB from 1 to 2 layers and 1.96 GiB a layer from 2 to 4 and from 4 to 8.
 The model's "auto" backends resolve as on the `--target` device: on a GPU (the default) the Pallas attention and
 grouped-matmul kernels, whose programs the CPU compile runs in interpret mode (block by block, with the kernels'
-outputs and saved residuals: no [T, T] scores). The CPU compiler is still not the GPU one (fusion and scheduling
-differ, and it folds `model.remat`'s recomputation back into the forward pass), so that figure is an estimate.
+outputs and saved residuals: no [T, T] scores). The step compiles as training compiles it, so XLA:CPU keeps
+`model.remat`'s recomputation apart from the forward pass, as GPU compilers do (`train.step.step_compiler_options`).
+The CPU compiler is still not the GPU one (fusion and scheduling differ), so that figure is an estimate.
 """
 
 from __future__ import annotations

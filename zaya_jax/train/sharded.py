@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 
 from zaya_jax.parallel.expert import dispatch_axes
 from zaya_jax.sharding import ShardingError, ShardingPlan, with_shardings
-from zaya_jax.train.step import Trainer, TrainState, train_step
+from zaya_jax.train.step import Trainer, TrainState, step_compiler_options, train_step
 
 
 def validate(plan: ShardingPlan, state: TrainState, global_batch_size: int | None = None, grad_accum: int = 1) -> None:
@@ -99,4 +99,5 @@ def jit_sharded_train_step(plan: ShardingPlan, trainer: Trainer, state: TrainSta
 
   return jax.jit(step, in_shardings=(state_shardings, batch_shard), out_shardings=(state_shardings,
                                                                                      plan.replicated()),
-                 donate_argnums=(0,) if donate else ())
+                 donate_argnums=(0,) if donate else (),
+                 compiler_options=step_compiler_options(plan.mesh.devices.flat[0].platform))
