@@ -22,9 +22,11 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import FLASH_ATTENTION_RESIDUALS
 from pallas_kernels.tuning import check_blocks, device_kind, dot_f32
 
 F32 = jnp.float32
@@ -254,26 +256,35 @@ def _backward(q, k, v, o, lse, do, seg, first_key, last_query, st: _Static):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _flash(q, k, v, seg, first_key, last_query, st):
-  return _forward(q, k, v, seg, first_key, st)[0]
+  # The forward kernel runs outside the custom VJP, on inputs cut from differentiation, so its output and
+  # log-sum-exp are named values of the caller's program: a remat policy can keep them (ZayaConfig.remat "dots"),
+  # where a kernel inside the VJP's forward rule would run again in the backward pass to give them back.
+  o, lse = _forward(*(lax.stop_gradient(x) for x in (q, k, v)), seg, first_key, st)
+  o, lse = (checkpoint_name(x, name) for x, name in zip((o, lse), FLASH_ATTENTION_RESIDUALS, strict=True))
+  return _attach_vjp(q, k, v, o, lse, seg, first_key, last_query, st)
 
 
-def _flash_fwd(q, k, v, seg, first_key, last_query, st):
-  o, lse = _forward(q, k, v, seg, first_key, st)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _attach_vjp(q, k, v, o, lse, seg, first_key, last_query, st):
+  """o, with the flash-attention-2 gradient to q, k and v (o and lse are the forward kernel's outputs)."""
+  return o
+
+
+def _attach_vjp_fwd(q, k, v, o, lse, seg, first_key, last_query, st):
   return o, (q, k, v, o, lse, seg, first_key, last_query)
 
 
-def _flash_bwd(st, res, do):
+def _attach_vjp_bwd(st, res, do):
   q, k, v, o, lse, seg, first_key, last_query = res
   # The backward loops hold two fp32 accumulators and load four tiles per step: blocks above BWD_MAX_BLOCK overflow
   # shared memory / registers (measured: 128-row blocks with 3 stages asked for 288 KiB of shared memory on H200).
   st = dataclasses.replace(st, block_q=min(st.block_q, BWD_MAX_BLOCK), block_k=min(st.block_k, BWD_MAX_BLOCK))
   dq, dk, dv = _backward(q, k, v, o, lse, do, seg, first_key, last_query, st)
-  return dq, dk, dv, None, None, None
+  return dq, dk, dv, None, None, None, None, None  # o and lse: computed without gradient; the rest are ints
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_attach_vjp.defvjp(_attach_vjp_fwd, _attach_vjp_bwd)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -144,8 +144,9 @@ class ZayaConfig:
   # Activation rematerialisation per decoder layer, a runtime setting (not in Hugging Face configs; a resume may
   # change it): "none" keeps every intermediate the backward pass needs; "full" keeps only each layer's inputs and
   # recomputes the layer in the backward pass (~1/3 more compute); "dots" also keeps the outputs of the projections,
-  # the router and the experts' grouped matmuls (matmuls without batch dims, and ops.gmm's named outputs), and
-  # recomputes the rest: norms, convolutions, activations and the attention core.
+  # the router and the experts' grouped matmuls (matmuls without batch dims, and ops.gmm's named outputs) and the
+  # flash attention kernel's output and log-sum-exp, and recomputes the rest: norms, convolutions, activations (and
+  # the attention core on the XLA attention path, whose backward needs its [T, T] probabilities).
   remat: str = "none"
 
   def __post_init__(self):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import FLASH_ATTENTION_RESIDUALS
 from zaya_jax.config import ZayaConfig
 from zaya_jax.model.attention_kinds import attention_module
 from zaya_jax.model.layers import F32, Linear, ResidualAdd, ResidualScaling, RMSNorm, const_param, linear, normal_param
@@ -118,10 +119,11 @@ def _run_layer(layer: DecoderLayer, x_BTD, router_state_BTR, segment_ids_BT, pos
 
 
 _REMAT_SAVES = {"full": jax.checkpoint_policies.nothing_saveable,
-                # The projections' and the router's matmuls, and the experts' grouped matmuls (named by ops.gmm).
+                # The projections' and the router's matmuls, the experts' grouped matmuls (named by ops.gmm) and
+                # what the flash attention kernel's backward pass needs from its forward (named by the kernel).
                 "dots": jax.checkpoint_policies.save_from_both_policies(
                     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                    jax.checkpoint_policies.save_only_these_names(gmm_ops.OUTPUT_NAME))}
+                    jax.checkpoint_policies.save_only_these_names(gmm_ops.OUTPUT_NAME, *FLASH_ATTENTION_RESIDUALS))}
 
 
 def _rematerialised(remat: str):
