@@ -9,12 +9,15 @@ GPU machine has no grain).
 
   python -m experiments.step_memory                 # 4 layers, 1 x 4096 tokens, remat none/full/dots x chunk 0/1024
   python -m experiments.step_memory --quick         # the tiny model, 2 x 256 tokens: about a minute on 2 CPU cores
+  python -m experiments.step_memory --time_steps=5  # also run each setting 5 times and report its step time
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -33,17 +36,33 @@ flags.DEFINE_integer("batch", 1, "Sequences in the micro-batch.", lower_bound=1)
 flags.DEFINE_integer("seq", 4096, "Tokens per sequence.", lower_bound=1)
 flags.DEFINE_list("remat", ["none", "full", "dots"], "model.remat settings to compile.")
 flags.DEFINE_list("logits_chunk", ["0", "1024"], "step.logits_chunk settings to compile (0: whole logits).")
+flags.DEFINE_integer("time_steps", 0, "Also run this many steps of each setting from a random state and report the "
+                     "median step time (0: compile only, nothing allocated).", lower_bound=0)
 flags.DEFINE_bool("quick", False, "The tiny model, 2 x 256 tokens, chunks 0 and 64 (explicit flags win).")
 flags.DEFINE_string("out", None, "Results JSON (default experiments/results/step_memory_<platform>[_quick].json).")
 
 
-def temporaries(model_cfg: ZayaConfig, step_cfg: step_lib.StepConfig, batch: int, seq: int) -> dict[str, int]:
+def measure(model_cfg: ZayaConfig, step_cfg: step_lib.StepConfig, batch: int, seq: int, steps: int) -> dict:
+  """The compiled step's memory; with steps > 0, also its median time over that many steps from a random state."""
   trainer, state = step_lib.create_abstract(model_cfg, OptimizerConfig(), step_cfg, BalancingConfig(), 10, 0)
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   program = step_lib.train_step_program(jax.default_backend())
   compiled = program.lower(trainer, state, dict.fromkeys(step_lib.BATCH_KEYS, tokens)).compile()
   stats = compiled.memory_analysis()
-  return dict(temp_bytes=int(stats.temp_size_in_bytes), argument_bytes=int(stats.argument_size_in_bytes))
+  row = dict(temp_bytes=int(stats.temp_size_in_bytes), argument_bytes=int(stats.argument_size_in_bytes))
+  if steps:
+    _, state = step_lib.create_initialised(model_cfg, OptimizerConfig(), step_cfg, BalancingConfig(), 10, 0)
+    ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, model_cfg.vocab_size, jnp.int32)
+    data = dict(input_ids=ids, targets=jnp.roll(ids, -1, axis=1), segment_ids=jnp.ones_like(ids),
+                loss_mask=jnp.ones_like(ids))
+    times = []
+    for _ in range(steps + 1):  # the first step is a warm-up
+      start = time.perf_counter()
+      state, metrics = compiled(state, data)
+      float(metrics["loss"])  # waits for the step
+      times.append(time.perf_counter() - start)
+    row["step_ms"] = 1e3 * statistics.median(times[1:])
+  return row
 
 
 def main(argv):
@@ -65,17 +84,23 @@ def main(argv):
   print(f"{device.platform} ({device.device_kind}), jax {jax.__version__}: {base.num_layers} layers of hidden "
         f"{base.hidden_size}, vocab {base.vocab_size}, {FLAGS.batch} x {FLAGS.seq} tokens; backends attention "
         f"{attention.resolve_backend(base.attention.backend)}, experts {gmm.resolve_backend(base.moe.backend)}")
-  print(f"{'remat':<6} {'chunk':>6} {'temporaries MiB':>16} {'vs none, 0':>11}")
+  timed = FLAGS.time_steps > 0
+  print(f"{'remat':<6} {'chunk':>6} {'temporaries MiB':>16} {'vs first':>9}"
+        + (f" {'step ms':>9} {'vs first':>9}" if timed else ""))
   rows = []
   for model_cfg, step_cfg in settings:
     row = dict(remat=model_cfg.remat, logits_chunk=step_cfg.logits_chunk,
-               **temporaries(model_cfg, step_cfg, FLAGS.batch, FLAGS.seq))
+               **measure(model_cfg, step_cfg, FLAGS.batch, FLAGS.seq, FLAGS.time_steps))
     rows.append(row)
-    print(f"{row['remat']:<6} {row['logits_chunk']:>6} {row['temp_bytes'] / 2**20:>16.1f} "
-          f"{row['temp_bytes'] / rows[0]['temp_bytes']:>10.2f}x", flush=True)
+    line = (f"{row['remat']:<6} {row['logits_chunk']:>6} {row['temp_bytes'] / 2**20:>16.1f} "
+            f"{row['temp_bytes'] / rows[0]['temp_bytes']:>8.2f}x")
+    if timed:
+      line += f" {row['step_ms']:>9.1f} {row['step_ms'] / rows[0]['step_ms']:>8.2f}x"
+    print(line, flush=True)
   default = f"experiments/results/step_memory_{device.platform}" + ("_quick" if FLAGS.quick else "") + ".json"
   write_json(FLAGS.out or default, dict(platform=device.platform, device_kind=device.device_kind, jax=jax.__version__,
                                         layers=base.num_layers, batch=FLAGS.batch, seq=FLAGS.seq, rows=rows,
+                                        time_steps=FLAGS.time_steps,
                                         nproc=os.cpu_count()))
 
 

@@ -314,3 +314,15 @@ def test_invalid_step_settings_name_the_field(settings, field):
 
   with pytest.raises(ValueError, match=f"StepConfig.{field}: must"):
     StepConfig(**settings)
+
+
+def test_step_memory_study_measures_memory_and_runs_the_compiled_step():
+  """`python -m experiments.step_memory --time_steps=N`'s measurement: the compiled step's memory, then that very
+  program run from a random state (the GPU check of remat runs it on ZAYA1-8B-wide layers)."""
+  from experiments.step_memory import measure
+  from zaya_jax.train.step import StepConfig
+
+  plain = measure(ZayaConfig.tiny(), StepConfig(), batch=2, seq=64, steps=2)
+  remat = measure(ZayaConfig.tiny(remat="full"), StepConfig(), batch=2, seq=64, steps=0)
+  assert remat["temp_bytes"] < plain["temp_bytes"] and plain["argument_bytes"] == remat["argument_bytes"] > 0
+  assert 0 < plain["step_ms"] < 60_000 and "step_ms" not in remat
