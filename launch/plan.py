@@ -170,8 +170,14 @@ def plan(argv) -> int:
   budget = _MEMORY.value * 1e9
   for name, value in rows:
     print(f"  {name:<58} {_size(value)}")
+  fits = total <= 0.9 * budget
   print(f"  {'total per device':<58} {_size(total)} of {budget / GiB:.1f} GiB "
-        f"({100 * total / budget:.0f}%): {'FITS' if total <= 0.9 * budget else 'DOES NOT FIT'} (with 10% headroom)")
+        f"({100 * total / budget:.0f}%): {'FITS' if fits else 'DOES NOT FIT'} (with 10% headroom)")
+  levers = [flag for flag, unused in (("--set=model.remat=full (or dots)", cfg.model.remat == "none"),
+                                      ("--set=step.logits_chunk=1024", cfg.step.logits_chunk == 0),
+                                      ("--zero1", not cfg.parallel.zero1)) if unused]
+  if not fits and levers:
+    print(f"memory settings this plan leaves off (README, \"Train on a mesh, and on many hosts\"): {', '.join(levers)}")
   return 0
 
 

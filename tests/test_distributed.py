@@ -116,6 +116,14 @@ def test_planner_zero1_on_one_and_sixteen_mi300x_nodes():
   assert rc == 0 and via_set == sixteen, err
   rc, default_mesh, err = plan("--dcn_mesh=data:16", "--zero1")  # the per-node mesh defaults to data:8
   assert rc == 0 and default_mesh == sixteen, err
+  # A plan that does not fit names the memory settings it leaves off; one that fits, or uses them all, does not.
+  rc, small, err = plan("--mesh=data:8", "--zero1", "--device_memory_gb=40")
+  assert rc == 0 and "DOES NOT FIT" in small, err
+  assert "leaves off" in small and "--set=model.remat=full" in small and "--zero1" not in small.split("leaves off")[1]
+  assert "leaves off" not in one_node
+  rc, out, err = plan("--mesh=data:8", "--zero1", "--device_memory_gb=40", "--set=model.remat=dots",
+                      "--set=step.logits_chunk=512")
+  assert rc == 0 and "DOES NOT FIT" in out and "leaves off" not in out, err
   rc, out, err = plan("--batch=-4")
   assert rc == 1 and "--batch" in err and "Traceback" not in err
 
