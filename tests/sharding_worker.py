@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
+from model_draws import with_key_temperatures  # noqa: E402  (tests/, this script's folder)
 
 from zaya_jax.config import AttentionConfig, MoEConfig, ZayaConfig  # noqa: E402
 from zaya_jax.model.decoder import ZayaForCausalLM  # noqa: E402
@@ -62,17 +63,6 @@ def capture_grads() -> optax.GradientTransformation:
   """Keeps the step's raw gradients in the optimizer state, so one compiled step yields both."""
   return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
                                       lambda updates, state, params=None: (updates, updates))
-
-
-def with_key_temperatures(module, seed: int):
-  """`module` with its CCA key temperatures drawn in [0.25, 1). They start at 0 (as the reference's do), which makes
-  every score 0: the output, and the gradients of the projections and convs before the scores, would not depend on
-  the query and key path that tensor parallelism splits most."""
-  rng = np.random.default_rng(seed)
-  for _, node in nnx.iter_graph(module):
-    if hasattr(node, "qk_norm"):
-      node.qk_norm.temp[...] = jnp.asarray(rng.uniform(0.25, 1.0, node.qk_norm.temp.shape), jnp.float32)
-  return module
 
 
 def make_trainer(steps: int = 10):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_draws import with_key_temperatures
 
 from pallas_kernels import cca_attention as ca
 from pallas_kernels.tuning import check_blocks
@@ -173,7 +174,8 @@ def test_remat_dots_keeps_what_the_backward_kernels_need_from_the_forward_one():
   """The kernel names its output and log-sum-exp, so ZayaConfig.remat "dots" keeps them and the backward pass does
   not run the forward kernel again; "full" does, in every layer. Counted as the while loops of the compiled
   gradient (interpret mode; the tiled experts' loops, whose outputs "dots" keeps too, add the same to each): measured
-  38, 38, 50 (dots 42 when the forward kernel ran inside the custom VJP, where the policy cannot see its outputs)."""
+  38, 38, 50 (dots 42 when the forward kernel ran inside the custom VJP, where the policy cannot see its outputs).
+  The gradients are the same in the three."""
   from flax import nnx
 
   from zaya_jax.config import ZayaConfig
@@ -182,12 +184,17 @@ def test_remat_dots_keeps_what_the_backward_kernels_need_from_the_forward_one():
 
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 32)), jnp.int32)
 
-  def loops(remat: str) -> int:
+  def loops_and_grads(remat: str):
     cfg = ZayaConfig.tiny(remat=remat).replace(attention=dict(backend="pallas"), moe=dict(backend="tiled"))
-    graphdef, params, rest = nnx.split(ZayaForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    loss = lambda p: nnx.merge(graphdef, p, rest)(ids).logits_BTV.sum()
-    grad = jax.jit(jax.grad(loss), compiler_options=step_compiler_options("cpu"))
-    return grad.lower(params).compile().as_text().count(" while(")
+    model = with_key_temperatures(ZayaForCausalLM(cfg, rngs=nnx.Rngs(0)), seed=0)  # scores that depend on q, k
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    weights = jax.random.normal(jax.random.key(1), (2, 32, cfg.vocab_size))
+    loss = lambda p: (nnx.merge(graphdef, p, rest)(ids).logits_BTV * weights).sum()
+    compiled = jax.jit(jax.grad(loss), compiler_options=step_compiler_options("cpu")).lower(params).compile()
+    return compiled.as_text().count(" while("), compiled(params)
 
-  counts = {remat: loops(remat) for remat in ("none", "dots", "full")}
-  assert counts["dots"] == counts["none"] < counts["full"], counts
+  (none, want), (dots, got_dots), (full, got_full) = (loops_and_grads(r) for r in ("none", "dots", "full"))
+  assert dots == none < full, (none, dots, full)
+  for got in (got_dots, got_full):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from model_draws import with_key_temperatures
 
 from zaya_jax.config import ZayaConfig
 from zaya_jax.model.decoder import abstract_model
@@ -201,16 +202,16 @@ def _loss_and_grads(cfg: ZayaConfig, step_cfg, batch: dict, *, lowered_text: boo
   from flax import nnx
 
   from zaya_jax.model.decoder import ZayaForCausalLM
-  from zaya_jax.train.step import _micro_loss, create
+  from zaya_jax.train.step import _micro_loss, create, step_compiler_options
 
-  trainer, state = create(ZayaForCausalLM(cfg, rngs=nnx.Rngs(0)), OptimizerConfig(), step_cfg,
-                          BalancingConfig(mode="aux_loss"), 10, 0)
+  model = with_key_temperatures(ZayaForCausalLM(cfg, rngs=nnx.Rngs(0)), seed=0)  # scores that depend on q and k
+  trainer, state = create(model, OptimizerConfig(), step_cfg, BalancingConfig(mode="aux_loss"), 10, 0)
   loss = lambda p: _micro_loss(trainer, p, state.biases, batch, 1.0)[0]
   if saved_residuals:
     with contextlib.redirect_stdout(io.StringIO()) as printed:
       jax.ad_checkpoint.print_saved_residuals(loss, state.params)
     return printed.getvalue()
-  grad_fn = jax.jit(jax.value_and_grad(loss))
+  grad_fn = jax.jit(jax.value_and_grad(loss), compiler_options=step_compiler_options("cpu"))  # as training compiles
   if lowered_text:
     return grad_fn.lower(state.params).as_text()
   return grad_fn(state.params)

@@ -286,10 +286,11 @@ def _set_biases(biases: nnx.State, biases_LX1) -> nnx.State:
 
 
 # XLA:CPU removes jax.checkpoint's optimization barriers right after its first common-subexpression pass, and its
-# later passes then merge the recomputation back into the forward pass: remat and the chunked loss would keep as
-# much as without them. GPU compilers remove the barriers only after scheduling. Disabling that one pass has the CPU
-# keep them too (the tiny model's train step on 8 x 128 tokens, remat "full": 29.4 -> 15.0 MiB of temporaries); a
-# program without barriers compiles to the same code either way.
+# later passes then merge a layer's recomputation (model.remat) back into the forward pass: remat would keep as much
+# as without it. GPU compilers remove the barriers only after scheduling. Disabling that one pass has the CPU keep
+# them too (the tiny model's train step on 8 x 128 tokens with remat "full": 28.8 -> 15.0 MiB of temporaries, 29.4
+# without remat); a program without barriers compiles to the same code either way. (The chunked loss saves memory
+# without it: its chunks are a scan.)
 _CPU_KEEPS_CHECKPOINTS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
@@ -305,8 +306,10 @@ def train_step_program(platform: str) -> Callable:
 
 
 def jit_train_step(trainer: Trainer, state: TrainState, batch: dict):
-  """One jitted train step on the default backend (compiles once per trainer and shapes)."""
-  return train_step_program(jax.default_backend())(trainer, state, batch)
+  """One jitted train step, compiled for the platform of the state's arrays (once per trainer and shapes)."""
+  on_device = isinstance(state.step, jax.Array) and not isinstance(state.step, jax.core.Tracer)
+  platform = next(iter(state.step.devices())).platform if on_device else jax.default_backend()
+  return train_step_program(platform)(trainer, state, batch)
 
 
 def eval_loss(trainer: Trainer, state: TrainState, batch: dict):
