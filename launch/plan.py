@@ -5,12 +5,13 @@
   python launch/plan.py --config=tiny --mesh=fsdp:2,expert:2,tensor:2 --batch=8 --seq_len=128
 
 Parameters and optimizer state come from `jax.eval_shape` of the train state and the plan's shardings (exact). The
-step's temporaries (one step's gradients, the optimizer update, activations) come from XLA's memory analysis of the
-compiled sharded train step, compiled for the per-device micro-batch on fake CPU devices (one per mesh position); to
-keep the compile short, it compiles N/2 and N layers (N = `--compile_layers`, 4 by default) and extrapolates from N
-to the model's depth by the growth per layer between the two (`--compile_layers=0` skips it and counts the gradients
-alone). The growth is measured away from the first layer because it is smaller there: ZAYA1-8B on data:8, 4,096
-tokens per device, grew 1.52 GiB from 1 to 2 layers and 1.96 GiB a layer from 2 to 4 and from 4 to 8.
+step's temporaries (the gradients, their accumulator over micro-batches, the optimizer update, activations) come from
+XLA's memory analysis of the compiled sharded train step, micro-batch loop included, compiled on fake CPU devices (one
+per mesh position); to keep the compile short, it compiles N/2 and N layers (N = `--compile_layers`, 4 by default)
+and extrapolates from N to the model's depth by the growth per layer between the two (`--compile_layers=0` skips it
+and estimates the gradients and their accumulator alone). The growth is measured away from the first layer because
+it is smaller there: ZAYA1-8B on data:8, 4,096 tokens per device, grew 1.52 GiB from 1 to 2 layers and 1.96 GiB a
+layer from 2 to 4 and from 4 to 8 (session 21, one micro-batch).
 The model's "auto" backends resolve as on the `--target` device: on a GPU (the default) the Pallas attention and
 grouped-matmul kernels, whose programs the CPU compile runs in interpret mode (block by block, with the kernels'
 outputs and saved residuals: no [T, T] scores). The step compiles as training compiles it, so XLA:CPU keeps
@@ -118,11 +119,13 @@ def plan(argv) -> int:
   state = with_shardings(abstract, sharding_plan.state_shardings(abstract))
   params = device_bytes(state.params)
   opt = device_bytes(state.opt_state)
-  # Gradients are laid out like the parameters (ZeRO-1 keeps them whole until the sharded update). One step's
-  # gradients are temporaries of the compiled step (counted there when it is compiled); accumulating over
-  # micro-batches holds one more copy across the micro-batch loop.
+  # One micro-batch's gradients are laid out like the parameters; accumulating over micro-batches holds one more
+  # copy across the micro-batch loop, split over `data` under ZeRO-1 (sharding.constrain_gradients). Both are
+  # temporaries of the compiled step, which runs the micro-batch loop: these estimates stand in for them only when
+  # nothing is compiled.
   grads = params
-  accumulator = params if accum > 1 else 0
+  accumulator = 0 if accum == 1 else device_bytes(with_shardings(
+      abstract.params, sharding_plan.shardings(abstract.params, zero1=True)))
   other = device_bytes((state.biases, state.pid, state.step, state.key))
 
   count = sum(x.size for x in jax.tree.leaves(abstract.params))
@@ -147,11 +150,11 @@ def plan(argv) -> int:
     for layers in depths:
       model_cfg = cfg.model.replace(num_layers=layers, layer_types=cfg.model.layer_types[:layers])
       small = dataclasses.replace(cfg, model=model_cfg)
-      tr, ab = step_lib.create_abstract(small.model, small.optimizer, dataclasses.replace(small.step, grad_accum=1),
-                                        small.balancing, small.loop.steps, 0)
+      step_cfg = dataclasses.replace(small.step, grad_accum=accum)  # the micro-batch loop and its accumulator too
+      tr, ab = step_lib.create_abstract(small.model, small.optimizer, step_cfg, small.balancing, small.loop.steps, 0)
       st = with_shardings(ab, sharding_plan.state_shardings(ab))
-      global_micro = micro_per_device * parts
-      spec = jax.ShapeDtypeStruct((global_micro, seq), jax.numpy.int32, sharding=sharded.batch_sharding(sharding_plan))
+      global_rows = micro_per_device * parts * accum
+      spec = jax.ShapeDtypeStruct((global_rows, seq), jax.numpy.int32, sharding=sharded.batch_sharding(sharding_plan))
       b = {k: spec for k in step_lib.BATCH_KEYS}
       compiled = sharded.jit_sharded_train_step(sharding_plan, tr, st).lower(st, b).compile()
       stats = compiled.memory_analysis()
@@ -160,12 +163,12 @@ def plan(argv) -> int:
     per_layer = (temps[-1] - temps[0]) / max(depths[-1] - depths[0], 1)
     activations = temps[-1] + per_layer * (cfg.model.num_layers - depths[-1])
 
-  rows = [("parameters", params), ("optimizer state", opt), ("gradient accumulator", accumulator),
-          ("balancing/controller", other)]
+  rows = [("parameters", params), ("optimizer state", opt), ("balancing/controller", other)]
   if activations is None:
-    rows.append(("gradients (activations not compiled: --compile_layers=0)", grads))
+    rows += [("gradient accumulator (not compiled: --compile_layers=0)", accumulator),
+             ("gradients (activations not compiled: --compile_layers=0)", grads)]
   else:
-    rows.append((f"step temporaries: gradients, update, activations ({cfg.model.num_layers} layers)", activations))
+    rows.append((f"step temporaries of {cfg.model.num_layers} layers, accumulator included", activations))
   total = sum(v for _, v in rows)
   budget = _MEMORY.value * 1e9
   for name, value in rows:

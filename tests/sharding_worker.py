@@ -11,10 +11,12 @@ Writes its findings as JSON; the assertions live in the test. The tiny model has
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -136,6 +138,7 @@ def strategies(out_path: str) -> None:
         all_to_all=program.count("all_to_all"),
         constraints=program.count("sharding_constraint") + program.count("@Sharding"))
     print(name, results[name], flush=True)
+  results["zero1_accumulator"] = zero1_accumulator(trainer, host0)
   if not os.environ.get("ZAYA_SKIP_DISPATCH"):
     results["dispatch"] = dispatch_checks()
     results["attention_tp"] = {mesh: attention_tp_checks(mesh) for mesh in ("data:4", "data:4,tensor:2")}
@@ -149,6 +152,22 @@ def strategies(out_path: str) -> None:
     results["init_from"] = init_from_checks(ParallelConfig(mesh=mesh, zero1=zero1))
   with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
+
+
+def zero1_accumulator(trainer, host0) -> dict:
+  """The f32 bytes per device that the micro-batch loop carries (grad_accum 2, compiled on data:8, not run), with
+  and without ZeRO-1: the summed gradients, and loop invariants such as the parameters and the loss's statistics."""
+  trainer = dataclasses.replace(trainer, step_config=dataclasses.replace(trainer.step_config, grad_accum=2))
+  carried = {}
+  for zero1 in (False, True):
+    plan = ShardingPlan.from_config(ParallelConfig(mesh="data:8", zero1=zero1))
+    state = sharded.place(plan, host0)
+    batch = sharded.global_batch(plan, make_batch(0, rows=2 * B))
+    hlo = sharded.jit_sharded_train_step(plan, trainer, state).lower(state, batch).compile().as_text()
+    loop = next(line for line in hlo.splitlines() if " while(" in line and 'op_name="jit(step)/while"' in line)
+    carried["zero1" if zero1 else "dp"] = sum(math.prod(int(d) for d in dims.split(",") if d) * 4
+                                              for dims in re.findall(r"f32\[([\d,]*)\]", loop.split(" while(")[0]))
+  return dict(carried_f32_bytes=carried, params_bytes=total_bytes(host0.params))
 
 
 def dispatch_checks() -> dict:

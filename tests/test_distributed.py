@@ -106,9 +106,11 @@ def test_planner_zero1_on_one_and_sixteen_mi300x_nodes():
   # ZeRO-1 splits the optimizer state over the data axis: 16x more ways across 16 nodes; without it, replicated.
   assert gib(sixteen, "optimizer state") * 16 == pytest.approx(gib(one_node, "optimizer state"), rel=0.05)
   assert gib(configured, "optimizer state") == pytest.approx(8 * gib(one_node, "optimizer state"), rel=0.02)
-  # Accumulating over micro-batches holds a gradient copy; one micro-batch needs none.
-  assert gib(one_node, "gradient accumulator") == gib(one_node, "parameters")
-  assert gib(configured, "gradient accumulator") == 0
+  # Accumulating over micro-batches holds a gradient copy, split like the optimizer state under ZeRO-1 (estimated
+  # here: --compile_layers=0); one micro-batch needs none.
+  accumulator = "gradient accumulator \\(not compiled: --compile_layers=0\\)"
+  assert gib(one_node, accumulator) == pytest.approx(gib(one_node, "parameters") / 8, rel=0.01)
+  assert gib(configured, accumulator) == 0
   rc, out, err = plan("--mesh=data:3")
   assert rc == 1 and err.startswith("error: batch size 1024") and "does not split" in err and "Traceback" not in err
   # The config's parallel settings are planned as train.py runs them (--mesh and --zero1 are their shorthands).
@@ -147,7 +149,7 @@ def test_planner_extrapolates_step_temporaries_from_two_compiled_depths():
   assert compiled["remat", 4] - compiled["remat", 2] < 0.75 * (compiled[4, 4] - compiled[4, 2])
   # "auto" backends are compiled as a GPU runs them (the kernels in interpret mode): the default --target.
   assert all("backends: attention pallas, experts pallas (for a gpu" in out for out in runs.values())
-  row = "step temporaries: gradients, update, activations \\(4 layers\\)"
+  row = "step temporaries of 4 layers, accumulator included"
   extrapolated, measured = gib(runs[2], row) * 1024, gib(runs[4], row) * 1024
   one, two = compiled[2, 1], compiled[2, 2]
   assert compiled[4, 2] == pytest.approx(two, abs=0.01)

@@ -134,6 +134,14 @@ def test_expert_dispatch_follows_the_rules(results):
   assert "would add other tokens' rows" in results["dispatch"]["width_axis_inside_batch"]
 
 
+def test_zero1_splits_the_gradient_accumulator_over_data(results):
+  # The micro-batch loop carries each device's 1/8 of the summed gradients (sharding.constrain_gradients), not a
+  # whole copy of them: launch/plan.py's figures count on it.
+  r = results["zero1_accumulator"]
+  saved = r["carried_f32_bytes"]["dp"] - r["carried_f32_bytes"]["zero1"]
+  assert 0.9 * 7 / 8 * r["params_bytes"] <= saved <= r["params_bytes"], r
+
+
 def test_remat_dots_keeps_the_dispatched_experts_matmuls(results):
   # Both grouped matmuls' outputs (named by ops.gmm inside the dispatch's shard_map) leave it as saved residuals;
   # the dot-saving policy alone keeps nothing of the experts, which it recomputes in the backward pass.

@@ -327,3 +327,17 @@ def test_step_memory_study_measures_memory_and_runs_the_compiled_step():
   remat = measure(ZayaConfig.tiny(remat="full"), StepConfig(), batch=2, seq=64, steps=0)
   assert remat["temp_bytes"] < plain["temp_bytes"] and plain["argument_bytes"] == remat["argument_bytes"] > 0
   assert 0 < plain["step_ms"] < 60_000 and "step_ms" not in remat
+
+
+def test_micro_batches_take_the_same_rows_from_every_device_block():
+  """A mesh gives each device a contiguous block of the batch's rows: every micro-batch must hold rows of every
+  block, B / (devices * A) of each, or a few devices compute a whole micro-batch while the others wait."""
+  from zaya_jax.train.step import split_micro_batches
+
+  B, A, devices = 64, 4, 8
+  rows = np.arange(B)[:, None] * np.ones((1, 3), np.int32)
+  micro = np.asarray(split_micro_batches({"input_ids": jnp.asarray(rows)}, A)["input_ids"])
+  assert micro.shape == (A, B // A, 3) and sorted(micro[..., 0].ravel()) == list(range(B))  # every row once
+  block_of_row = micro[..., 0] // (B // devices)
+  for a in range(A):
+    assert np.bincount(block_of_row[a], minlength=devices).tolist() == [B // (devices * A)] * devices

@@ -216,6 +216,16 @@ def active_plan() -> ShardingPlan | None:
   return _ACTIVE.get()
 
 
+def constrain_gradients(grads):
+  """Under an active ZeRO-1 plan, pins gradients (a tree shaped like the parameters) to the optimizer state's layout,
+  split over `data` too: each data replica keeps, and sums into, only its slice (a reduce-scatter instead of an
+  all-reduce; "ZeRO-2"), so no device holds a whole gradient accumulator. The identity otherwise."""
+  plan = active_plan()
+  if plan is None or not plan.zero1:
+    return grads
+  return jax.lax.with_sharding_constraint(grads, plan.shardings(grads, zero1=True))
+
+
 def constrain(x, logical: tuple[str | None, ...]):
   """Pins an activation's layout under an active plan; the identity (no op emitted) otherwise. A mesh axis that
   custom rules give two of its names (say "heads" and "batch") splits the first dim only: a constraint is a layout
