@@ -231,6 +231,19 @@ def _assert_same_loss_and_grads(got, want, rtol: float):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(b))))
 
 
+def _grad_temporaries(cfg: ZayaConfig, step_cfg, batch: dict) -> int:
+  """Bytes of temporaries of the train step's compiled gradient (abstract model: nothing allocated), compiled as
+  training compiles it on CPU (`step_compiler_options`)."""
+  from zaya_jax.train.step import _micro_loss, make_trainer, step_compiler_options
+
+  graphdef, params, biases = split_model(abstract_model(cfg))
+  trainer = make_trainer(cfg, graphdef, params, OptimizerConfig(), step_cfg, BalancingConfig(), 10)
+  grad = jax.jit(jax.grad(lambda p, b, x: _micro_loss(trainer, p, b, x, 1.0)[0]),
+                 compiler_options=step_compiler_options("cpu"))
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  return grad.lower(params, biases, batch).compile().memory_analysis().temp_size_in_bytes
+
+
 @pytest.mark.parametrize("chunk", [8, 10, 24, 40])  # divides T, pads T, T itself, more than T
 def test_chunked_loss_equals_the_loss_over_whole_logits(chunk):
   from zaya_jax.train.step import StepConfig
@@ -246,18 +259,10 @@ def test_chunked_loss_keeps_one_chunk_of_logits():
   """The compiled gradient's temporaries shrink by more than the logits and most of their gradient, which the chunks
   no longer hold at once (XLA:CPU's memory analysis; a model whose logits dominate: 8 x 256 tokens of a 4096-entry
   vocabulary are 32 MiB in fp32; measured 95.0 -> 40.5 MiB)."""
-  from zaya_jax.model.decoder import abstract_model
-  from zaya_jax.train.step import StepConfig, _micro_loss, make_trainer
+  from zaya_jax.train.step import StepConfig
 
   cfg = ZayaConfig.tiny(num_layers=1, vocab_size=4096)
-  graphdef, params, biases = split_model(abstract_model(cfg))
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _random_batch(8, 256, 4096))
-
-  def temporaries(chunk: int) -> int:
-    trainer = make_trainer(cfg, graphdef, params, OptimizerConfig(), StepConfig(logits_chunk=chunk),
-                           BalancingConfig(), 10)
-    grad = jax.jit(jax.grad(lambda p, b, x: _micro_loss(trainer, p, b, x, 1.0)[0]))
-    return grad.lower(params, biases, batch).compile().memory_analysis().temp_size_in_bytes
+  temporaries = lambda chunk: _grad_temporaries(cfg, StepConfig(logits_chunk=chunk), _random_batch(8, 256, 4096))
 
   whole, chunked = temporaries(0), temporaries(32)
   logits_bytes = 8 * 256 * 4096 * 4
@@ -291,17 +296,10 @@ def test_remat_shrinks_the_compiled_step_on_cpu_too():
   """Compiled as training compiles it (`step_compiler_options`), the CPU keeps jax.checkpoint's barriers: XLA:CPU
   otherwise merges the recomputation back into the forward pass and remat saves nothing (measured, 8 x 256 tokens:
   66.4 MiB of temporaries without remat; full 33.0 and dots 34.4 MiB, against 65.0 and 65.2 without the options)."""
-  from zaya_jax.train.step import StepConfig, _micro_loss, make_trainer, step_compiler_options
+  from zaya_jax.train.step import StepConfig
 
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _random_batch(8, 256, 512))
-
-  def temporaries(remat: str) -> int:
-    cfg = ZayaConfig.tiny(remat=remat)
-    graphdef, params, biases = split_model(abstract_model(cfg))
-    trainer = make_trainer(cfg, graphdef, params, OptimizerConfig(), StepConfig(), BalancingConfig(), 10)
-    grad = jax.jit(jax.grad(lambda p, b, x: _micro_loss(trainer, p, b, x, 1.0)[0]),
-                   compiler_options=step_compiler_options("cpu"))
-    return grad.lower(params, biases, batch).compile().memory_analysis().temp_size_in_bytes
+  batch = _random_batch(8, 256, 512)
+  temporaries = lambda remat: _grad_temporaries(ZayaConfig.tiny(remat=remat), StepConfig(), batch)
 
   none, full, dots = (temporaries(remat) for remat in ("none", "full", "dots"))
   assert full < 0.6 * none and full <= dots < 0.6 * none, (none / 2**20, full / 2**20, dots / 2**20)
