@@ -49,9 +49,13 @@ def plot_runs(workdirs: list[str], out: str) -> str:
       ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o", color=line.get_color(),
                    label=f"{name} eval")
     for key, ax in (("load_max_over_min", ax_load), ("skip_rate", ax_skip), ("router_entropy", ax_entropy)):
-      per_layer = np.array([r[key] for r in train])  # [steps, layers]
+      rows = [r for r in train if key in r]  # a run logged before the metric existed has a blank panel
+      if not rows:
+        continue
+      per_layer = np.array([r[key] for r in rows])  # [steps, layers]
       for layer in range(per_layer.shape[1]):
-        ax.plot(steps, per_layer[:, layer], lw=0.7, color=line.get_color(), alpha=0.4 + 0.6 / (layer + 1),
+        ax.plot([r["step"] for r in rows], per_layer[:, layer], lw=0.7, color=line.get_color(),
+                alpha=0.4 + 0.6 / (layer + 1),
                 label=f"{name} layer {layer}" if per_layer.shape[1] <= 4 else (name if layer == 0 else None))
   ax_loss.set(title="loss", xlabel="step", ylabel="cross entropy (nats/token)")
   ax_load.set(title="expert load max/min (tokens)", xlabel="step", yscale="log")

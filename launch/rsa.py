@@ -8,21 +8,21 @@
 Round 0 samples --n answers of the problem; each of --t aggregation rounds gives every new trace --c distinct
 candidates of the previous round, of which it sees the last --tau tokens, and decodes --beta new tokens (the last round
 --beta_final, round 0 --beta_first if given). The final population's answers (the last \\boxed{}) are printed with
-their plurality vote. A problem file holds one JSON object per line with "problem" (or "question") and optionally
-"answer"; with answers the run reports the mean correctness over the final candidates (the report's metric), majority@N
-and pass@N. --output gets one JSON line per problem (answers, vote, correctness, generated/prefilled tokens, largest
-context; the final texts with --save_texts) and a summary line, which also records the flags, the checkpoint step and
-a fingerprint of the weights ("run"). Each problem's line is on disk once it is done (in `<output>.partial`, renamed
-to --output when every problem is): after a crash, Ctrl-C or SIGTERM, rerun with the same flags and --resume to decode
-only the rest (problem i always uses fold_in(key(seed), i), so the results equal an uninterrupted run's); a resume
-with other flags, other weights (a run directory that saved a later step, a folder exported over) or another
-reference answer for a finished problem is refused. An existing --output is kept unless --overwrite. Sampling flags
-apply to every round; --final_temperature, --final_top_k and --final_top_p replace them in the last round (round 0
-when --t=0). Each problem's line also scores every round's population ("rounds": answers, vote, answer entropy,
-tokens, correctness), and the summary averages them per round ("by_round"), as the RSA authors log per loop.
-Answers come from the whole output, or with --answer_after_think only from what follows the last --end_think. Bad
-input prints one `error:` line and exits 1, before the weights load wherever the tokenizer and config.json suffice to
-find it.
+their plurality vote, and (--show_text, on for --problem) the text of the candidate the vote picks. A problem file
+holds one JSON object per line with "problem" (or "question") and optionally "answer"; with answers the run reports the
+mean correctness over the final candidates (the report's metric), majority@N and pass@N. --output gets one JSON line
+per problem (answers, vote, correctness, generated/prefilled tokens, largest context; the final texts with
+--save_texts) and a summary line, which also records the flags, the checkpoint step and a fingerprint of the weights
+("run"). Each problem's line is on disk once it is done (in `<output>.partial`, renamed to --output when every problem
+is): after a crash, Ctrl-C or SIGTERM, rerun with the same flags and --resume to decode only the rest (problem i always
+uses fold_in(key(seed), i), so the results equal an uninterrupted run's); a resume with other flags, other weights (a
+run directory that saved a later step, a folder exported over) or another reference answer for a finished problem is
+refused. An existing --output is kept unless --overwrite. Sampling flags apply to every round; --final_temperature,
+--final_top_k and --final_top_p replace them in the last round (round 0 when --t=0). Each problem's line also scores
+every round's population ("rounds": answers, vote, answer entropy, tokens, correctness), and the summary averages them
+per round ("by_round"), as the RSA authors log per loop. Answers come from the whole output, or with
+--answer_after_think only from what follows the last --end_think. Bad input prints one `error:` line and exits 1,
+before the weights load wherever the tokenizer and config.json suffice to find it.
 
 --model is a run directory (launch/train.py) or a Hugging Face folder, as for launch/generate.py. Templates:
 rsa (the RSA authors' prompt), rsa-harness (its typo fixed), markovian-zaya (Zyphra's proxy prompt), pacore (the
@@ -38,6 +38,7 @@ import sys
 import jax
 from absl import app, flags
 
+from zaya_jax.infer import answers as ans
 from zaya_jax.infer import cli, cli_files, rsa_eval
 from zaya_jax.infer import prompts as P
 from zaya_jax.infer.generate import make_decode_fn, pad_id
@@ -85,6 +86,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "Write one JSON line per problem a
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 _SAVE_TEXTS = flags.DEFINE_bool("save_texts", False, "Also write the final candidates' texts (\"texts\") into each "
                                  "problem's --output line.")
+_SHOW_TEXT = flags.DEFINE_bool("show_text", None, "Print the text of the final candidate the vote stands for (the "
+                               "first finished one with the plurality answer, else candidate 0). Default: on for "
+                               "--problem, off for --problems.")
 _RESUME = flags.DEFINE_bool("resume", False, "Go on from the finished problems of an interrupted run with the same "
                             "flags (<output>.partial); starts afresh when there is none.")
 # The flags that shape the results: a resumed run must repeat them (--output, --overwrite, --resume do not count).
@@ -237,6 +241,11 @@ def main(argv) -> int:
         verdict = (f"; reference {report.reference!r}: majority {'correct' if report.majority_correct else 'wrong'}, "
                    f"{sum(report.correct)}/{cfg.n} candidates correct")
       print(f"  vote: {vote}{verdict}", flush=True)
+      if _SHOW_TEXT.value or (_SHOW_TEXT.value is None and _PROBLEM.value is not None):
+        chosen = ans.majority_vote(report.answers, report.finished)  # as the report's vote: its representative
+        shown_index = 0 if chosen is None else chosen.index
+        state = "finished" if report.finished[shown_index] else "cut at its budget"
+        print(f"  candidate {shown_index} ({state}):\n{texts[shown_index]}", flush=True)
     summary = rsa_eval.summarize(reports)
     out.write({**summary, "run": provenance})
   print(rsa_eval.format_summary(summary))

@@ -30,7 +30,8 @@ _CONFIG = flags.DEFINE_string("config", "tiny", "Registered experiment config (s
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config, tokenizer.")
 _SET = flags.DEFINE_multi_string("set", [], "Override a config field: --set=optimizer.lr=3e-4 (repeatable).")
 _STEPS = flags.DEFINE_integer("steps", None, "Shorthand for --set=loop.steps=N.")
-_SEED = flags.DEFINE_integer("seed", None, "Shorthand for --set=loop.seed=N (parameters and step key).")
+_SEED = flags.DEFINE_integer("seed", None, "Shorthand for --set=loop.seed=N (parameters and step key; the data "
+                             "order has its own seed: --set=data.seed=N).")
 _DATA = flags.DEFINE_list("data", None, "Text files/folders/globs or .array_record files (default: embedded corpus).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "A Hugging Face tokenizer.json (default: train a BPE on text; "
                                  "shards from launch/pretokenize.py bring their own).")

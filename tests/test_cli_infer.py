@@ -651,8 +651,9 @@ def _run_rsa_cli(tmp_path, monkeypatch, tokenizer, args):
   def solve_problem(cfg, pieces, decode_fn, tok, problem, key, stop_ids, *, on_round, answer_after, final_decode_fn):
     calls.append(dict(cfg=cfg, decode_fn=decode_fn, final_decode_fn=final_decode_fn, problem=problem,
                       answer_after=answer_after))
-    texts = ["\\boxed{4}"] * cfg.n
-    return rsa_eval.report_problem(problem, texts, [True] * cfg.n, 1, 1, 1, answer_after), texts
+    texts = ["no answer yet", *(f"candidate {i} says \\boxed{{4}}" for i in range(1, cfg.n))]
+    finished = [i != 1 for i in range(cfg.n)]  # the vote stands for the first finished candidate with its answer
+    return rsa_eval.report_problem(problem, texts, finished, 1, 1, 1, answer_after), texts
 
   monkeypatch.setattr(mod, "make_decode_fn", scripted_make_decode_fn)
   monkeypatch.setattr(rsa_eval, "solve_problem", solve_problem)
@@ -665,6 +666,16 @@ def _run_rsa_cli(tmp_path, monkeypatch, tokenizer, args):
   (call,) = calls
   samplings = {id(fn): s for fn, s in made}
   return call, samplings[id(call["decode_fn"])], samplings[id(call["final_decode_fn"])]
+
+
+def test_rsa_cli_prints_the_text_the_vote_stands_for(tmp_path, monkeypatch, hf, capsys):
+  _run_rsa_cli(tmp_path, monkeypatch, hf.tokenizer, ["--n=3", "--c=2", "--t=1", "--tau=4", "--beta=8"])
+  out = capsys.readouterr().out
+  assert "vote: '4' (2 of 3)" in out and "candidate 2 (finished):\ncandidate 2 says \\boxed{4}\n" in out, out
+  assert "candidate 1 says" not in out and "no answer yet" not in out
+  _run_rsa_cli(tmp_path, monkeypatch, hf.tokenizer, ["--n=3", "--c=2", "--t=1", "--tau=4", "--beta=8",
+                                                     "--noshow_text"])
+  assert "candidate 2 says" not in capsys.readouterr().out
 
 
 def test_rsa_cli_flags_reach_the_sampler(tmp_path, monkeypatch, hf):

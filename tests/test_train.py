@@ -28,7 +28,7 @@ from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.balancing import BalancingConfig
 from zaya_jax.train.checkpointing import RunCheckpointer, load_run
 from zaya_jax.train.data import DataConfig, make_data
-from zaya_jax.train.experiment import ExperimentConfig, get_experiment, load_json, override, save_json
+from zaya_jax.train.experiment import ExperimentConfig, get_experiment, load_json, override, save_json, to_dict
 from zaya_jax.train.loop import TrainingError, train
 from zaya_jax.train.optim import OptimizerConfig, learning_rate_schedule
 
@@ -70,6 +70,31 @@ def metrics(workdir):
   return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows]
 
 
+def tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} as TensorBoard reads the run's event files: in the order they were written, a purge marker
+  (tensorboardX's purge_step, written by a resume) drops what earlier files logged at or after its step, and a record
+  cut by a kill ends its file."""
+  from tensorboardX.proto.event_pb2 import Event
+
+  scalars: dict[str, dict[int, float]] = {}
+  for name in sorted(os.listdir(logdir)):  # tensorboardX names files by creation time
+    data = open(os.path.join(logdir, name), "rb").read()
+    at = 0
+    while at + 12 <= len(data):  # TFRecord: length (8 bytes), its CRC (4), the record, its CRC (4)
+      length = int.from_bytes(data[at:at + 8], "little")
+      if at + 16 + length > len(data):
+        break
+      event = Event.FromString(data[at + 12:at + 12 + length])
+      at += 16 + length
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        for values in scalars.values():
+          for step in [s for s in values if s >= event.step]:
+            del values[step]
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
 N = 6  # the straight run: 2N steps, a checkpoint every N
 
 
@@ -90,25 +115,51 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, corpus, env, straight)
   assert rc == -9, out  # really killed, mid-run
   assert RunCheckpointer(killed / "checkpoints", save_every=N, max_to_keep=3).latest_step() == N
 
-  # Second attempt: resumes from N, then dies while Orbax is writing step N + 4 (checkpoints every 2 steps now).
-  rc, out = finish(start(env, killed, corpus, 2 * N, N, f"kill_in_save={N + 4}", "set=loop.checkpoint_every=2"))
+  # Second attempt: resumes from N, then dies while Orbax is writing step N + 2 (checkpoints every step now).
+  rc, out = finish(start(env, killed, corpus, 2 * N, N, f"kill_in_save={N + 2}", "set=loop.checkpoint_every=1"))
   assert rc == -9 and f"resumed from {killed / 'checkpoints' / str(N)}" in out, out
-  steps = RunCheckpointer(killed / "checkpoints", save_every=2, max_to_keep=3).all_steps()
-  assert N + 2 in steps and N + 4 not in steps, steps  # the half-written step is not listed
-  assert any(name.startswith(f"{N + 4}.") for name in os.listdir(killed / "checkpoints"))  # but its remains are there
+  steps = RunCheckpointer(killed / "checkpoints", save_every=1, max_to_keep=3).all_steps()
+  assert N + 1 in steps and N + 2 not in steps, steps  # the half-written step is not listed
+  assert any(name.startswith(f"{N + 2}.") for name in os.listdir(killed / "checkpoints"))  # but its remains are there
+  # TensorBoard's events of this launch reached the disk up to its last complete save (a resume logs only the steps
+  # after its checkpoint): the loop flushes them at each save, where the writer's buffer would hold them (~1 KiB a
+  # step, written out in 4-8 KiB blocks).
+  assert set(range(1, N + 2)) <= set(tensorboard_scalars(killed / "tb")["loss"])
 
-  # Third attempt: the half-written checkpoint is never picked up; resumes from N + 2 and finishes.
+  # Third attempt: the half-written checkpoint is never picked up; resumes from N + 1 and finishes.
   rc, out = finish(start(env, killed, corpus, 2 * N, N))
-  assert rc == 0 and f"resumed from {killed / 'checkpoints' / str(N + 2)}" in out, out
+  assert rc == 0 and f"resumed from {killed / 'checkpoints' / str(N + 1)}" in out, out
 
   rows_a, rows_b = metrics(straight), metrics(killed)
   assert [r["step"] for r in rows_b] == [*range(1, 2 * N + 1), 2 * N]  # every step once, then the final eval
   assert rows_a == rows_b
+  # TensorBoard, across the kills and resumes, holds what metrics.jsonl does: each step once (purged and logged again
+  # after each resume), per-layer and per-expert values included.
+  board = tensorboard_scalars(killed / "tb")
+  train_rows = rows_b[:-1]
+  assert board["loss"] == {r["step"]: float(np.float32(r["loss"])) for r in train_rows}
+  assert board["eval_loss"] == {2 * N: float(np.float32(rows_b[-1]["eval_loss"]))}
+  assert board["expert_load/layer1/expert2"] == {r["step"]: float(np.float32(r["expert_load"][1][2]))
+                                                 for r in train_rows}
   final_b = np.load(killed / "final_params.npz")
   assert sorted(final_a) == sorted(final_b)
   for key in final_a:
     np.testing.assert_array_equal(final_a[key], final_b[key], err_msg=key)
   assert rows_a[-2]["loss"] < rows_a[0]["loss"]  # it trains
+
+
+def test_tensorboard_events_are_on_disk_once_flushed(tmp_path):
+  # The writer buffers events for up to 120 s; the loop flushes at each save, so a kill -9 loses none at or before a
+  # step a resume could start from.
+  out = loop_lib._Metrics(str(tmp_path), None)
+  try:
+    out.write({"step": 1, "loss": 2.5, "skip_rate": [0.0, 0.25], "expert_load": [[0.75, 0.25], [0.5, 0.5]]})
+    out.flush()
+    board = tensorboard_scalars(tmp_path / "tb")  # read while the writer is open, as after a kill
+    assert board["loss"] == {1: 2.5} and board["skip_rate/layer1"] == {1: 0.25}
+    assert board["expert_load/layer0/expert1"] == {1: 0.25}
+  finally:
+    out.close()
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus, env, straight):
@@ -334,6 +385,7 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
   # A checkpoint from before data.DATA_ORDER (the seed used unhashed): the resume says its batches differ.
   meta_12 = tmp_path / "checkpoints" / "12" / "meta" / "metadata"
   meta = json.loads(meta_12.read_text())
+  assert meta["run_config"] == json.loads(json.dumps(to_dict(cfg)))  # each step keeps the config that trained it
   assert meta.pop("data_order") == 3
   del meta["model_config"]["remat"]  # and before model.remat: the field at its default
   meta_12.write_text(json.dumps(meta))
@@ -373,8 +425,16 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  with pytest.raises(CheckpointError, match="cannot be restored"):
+  assert json.loads(meta_file.read_text())["run_config"]["loop"]["steps"] == 14  # the launch that wrote step 14
+  with pytest.raises(CheckpointError, match="cannot be restored") as e:
     train(longer, tmp_path, log=lambda _: None)
+  # The error says how to fall back to the last complete step before the damaged one, and that works.
+  damaged = tmp_path / "checkpoints" / "14"
+  assert (f"if its files are damaged: move {damaged} out of the workdir and the run resumes from step 12 (complete "
+          "checkpoints before it: 6, 12)") in str(e.value)
+  shutil.move(damaged, tmp_path / "damaged_14")
+  assert RunCheckpointer(tmp_path / "checkpoints", save_every=6, max_to_keep=3).latest_step() == 12
+  load_run(tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -421,6 +481,13 @@ def test_main_job_trains_checkpoints_evaluates_and_samples(tmp_path, env):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(FileNotFoundError, match=r"is .* a run directory"):
     plot_runs([str(tmp_path / "tb")], str(tmp_path / "no.png"))
+  older = tmp_path / "older_run"  # rows without the routing metrics (a run logged before they existed): blank panels
+  older.mkdir()
+  (older / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 5.0 - i}) + "\n" for i in (1, 2)))
+  assert os.path.exists(plot_runs([str(tmp_path), str(older)], str(tmp_path / "both.png")))
+  # Per-layer and per-expert routing figures reach TensorBoard as well as metrics.jsonl.
+  board = tensorboard_scalars(tmp_path / "tb")
+  assert {"loss", "router_entropy/layer1", "expert_load/layer1/expert3"} <= set(board)
 
 
 def test_overrides_and_json_round_trip(tmp_path):

@@ -73,24 +73,34 @@ class RunCheckpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, data_iter, model_config: ZayaConfig, *, force: bool = False,
-           data_fingerprint: str | None = None) -> bool:
+           data_fingerprint: str | None = None, run_config: dict | None = None) -> bool:
     """Starts saving (returns once the arrays are copied off the device); False when the interval skips the step.
-    `data_fingerprint` (CorpusInfo.fingerprint) lets a resume tell whether the corpus it continues is the same."""
+    `data_fingerprint` (CorpusInfo.fingerprint) lets a resume tell whether the corpus it continues is the same.
+    `run_config` (the resolved experiment config as a dict) is kept with the step: the workdir's config.json is the
+    latest launch's, and a resume may change settings, so only this tells what trained up to each step."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
         meta=ocp.args.JsonSave({"step": int(step), "model_config": dataclasses.asdict(model_config),
                                 "param_layout": PARAM_LAYOUT, "data_fingerprint": data_fingerprint,
-                                "data_order": DATA_ORDER}))
+                                "data_order": DATA_ORDER, "run_config": run_config}))
     return self.manager.save(step, args=args, force=force)
 
   def meta(self, step: int) -> dict:
     """What the checkpoint at `step` records besides the arrays: step, model config, layout, data fingerprint and
-    order (data.DATA_ORDER; absent before it existed)."""
+    order (data.DATA_ORDER; absent before it existed), and the run's resolved config (absent before it was kept)."""
     try:
       return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # Orbax raises many types for unreadable folders
       raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} is unreadable: "
-                            f"{type(e).__name__}: {e}") from e
+                            f"{type(e).__name__}: {e}{self._earlier_steps_hint(step)}") from e
+
+  def _earlier_steps_hint(self, step: int) -> str:
+    """How to fall back from a damaged step to the complete ones before it (none: no hint)."""
+    earlier = [s for s in self.all_steps() if s < step]
+    if not earlier:
+      return ""
+    return (f"\nif its files are damaged: move {os.path.join(self.directory, str(step))} out of the workdir and the "
+            f"run resumes from step {earlier[-1]} (complete checkpoints before it: {', '.join(map(str, earlier))})")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -116,7 +126,8 @@ class RunCheckpointer:
     except Exception as e:
       detail = str(e) if len(str(e)) <= 600 else str(e)[:600] + " ..."  # Orbax dumps whole tree diffs
       raise CheckpointError(f"checkpoint {where} cannot be restored into this run's state (another optimizer or "
-                            f"train-state layout?): {type(e).__name__}: {detail}") from e
+                            f"train-state layout?): {type(e).__name__}: {detail}"
+                            f"{self._earlier_steps_hint(step)}") from e
     data_iter.set_state(as_saved_by_grain(saved_position))
     return restored["state"]
 

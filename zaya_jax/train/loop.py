@@ -108,11 +108,18 @@ class _Metrics:
     elif resume_step is None and os.path.exists(self.path):
       os.remove(self.path)  # a fresh run in a directory without checkpoints
     self.file = open(self.path, "a")  # closed by close()
-    from tensorboardX import SummaryWriter
-
+    self.tb_dir = os.path.join(workdir, "tb")
+    self.tb_files = 0
     # purge_step drops events a previous attempt logged past the checkpoint we resume from (all of them for a fresh
     # run in a used directory, as metrics.jsonl goes).
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=0 if resume_step is None else resume_step + 1)
+    self.tb = self._tensorboard_writer(purge_step=0 if resume_step is None else resume_step + 1)
+
+  def _tensorboard_writer(self, purge_step: int | None = None):
+    from tensorboardX import SummaryWriter
+
+    # Numbered: files opened within one second sort (and so read back) in the order they were written.
+    self.tb_files += 1
+    return SummaryWriter(self.tb_dir, purge_step=purge_step, filename_suffix=f".{self.tb_files:05d}")
 
   def write(self, row: dict[str, Any]) -> None:
     self.file.write(json.dumps(row) + "\n")
@@ -123,6 +130,18 @@ class _Metrics:
       elif isinstance(value, list) and value and isinstance(value[0], (int, float)):  # per-layer values
         for layer, v in enumerate(value):
           self.tb.add_scalar(f"{key}/layer{layer}", v, row["step"])
+      elif isinstance(value, list) and value and isinstance(value[0], list):  # expert_load: per layer, per expert
+        for layer, per_expert in enumerate(value):
+          for expert, v in enumerate(per_expert):
+            self.tb.add_scalar(f"{key}/layer{layer}/expert{expert}", v, row["step"])
+
+  def flush(self) -> None:
+    """Puts the TensorBoard events logged so far on disk, for the loop to call at each save: a resume logs again only
+    the steps after its checkpoint, so a kill -9 must not lose the ones before. tensorboardX writes from a thread that
+    flushes every 120 s, and its flush() skips what is still queued for that thread; close() drains the queue. So
+    the writer is closed and a new one (a new event file) opened."""
+    self.tb.close()
+    self.tb = self._tensorboard_writer()
 
   def close(self) -> None:
     self.file.close()
@@ -133,6 +152,9 @@ class _NoMetrics:
   eval_steps: frozenset[int] = frozenset()
 
   def write(self, row: dict[str, Any]) -> None:
+    pass
+
+  def flush(self) -> None:
     pass
 
   def close(self) -> None:
@@ -488,7 +510,8 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
       preempted = preemption.reached(done)
       t_save = time.perf_counter()
       if checkpointer.save(done, state, data_iter, cfg.model, force=done == loop.steps or preempted,
-                           data_fingerprint=data.info.fingerprint):
+                           data_fingerprint=data.info.fingerprint, run_config=to_dict(cfg)):
+        metrics_out.flush()
         clock.saves.append(time.perf_counter() - t_save)
       if evaluates and loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
         t_eval = time.perf_counter()
