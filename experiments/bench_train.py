@@ -40,6 +40,9 @@ FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(bf)  # its shape, --quick and --out flags: listed by --help too
 flags.DEFINE_enum("preset", "small20m", ["tiny", "small20m"], "Model and batch of a registered experiment config.")
 flags.DEFINE_float("lr", 1e-3, "AdamW learning rate (constant) of both.")
+flags.DEFINE_integer("steps_per_rep", 1, "Consecutive steps each candidate runs in a timed repetition (a step's time "
+                     "is the repetition's / this). 1: each step right after the other candidates' steps, its "
+                     "framework's threads cold; more: back to back, as a training loop runs them.", lower_bound=1)
 
 PRESETS = {
     # zaya_jax.train.experiment's `tiny` and `small20m` models and batches, in bench_forward's flag names.
@@ -127,7 +130,9 @@ def main(argv):
   if bad:
     raise SystemExit(f"LOSS MISMATCH {bad} vs ours {first_losses['ours']}: timings would compare different models")
 
-  times, others = bf.interleaved_times(runners)
+  k = FLAGS.steps_per_rep
+  times, others = bf.interleaved_times({name: (lambda fn=fn: [fn() for _ in range(k)]) for name, fn in runners.items()})
+  times = {name: [t / k for t in ts] for name, ts in times.items()}
   median = {name: statistics.median(ts) for name, ts in times.items()}
   rows = {name: dict(median_ms=1e3 * m, min_ms=1e3 * min(times[name]), tokens_per_s=B * T / m)
           for name, m in median.items()}
@@ -148,7 +153,7 @@ def main(argv):
                    torch_threads=torch.get_num_threads(), jax=jax.__version__, torch=torch.__version__,
                    transformers=transformers.__version__),
       config=dict(preset="quick" if FLAGS.quick else FLAGS.preset, batch=B, seq=T, dtype=FLAGS.dtype,
-                  reps=FLAGS.reps, params=n_params, zaya=cfg.to_hf(), experts_backend=cfg.moe.backend),
+                  reps=FLAGS.reps, steps_per_rep=k, params=n_params, zaya=cfg.to_hf(), experts_backend=cfg.moe.backend),
       first_step_loss=first_losses, compile_s=first_call_s - median["ours"], results=rows, times_s=times,
       speedup_vs_ref=speedup, goal_met=met)
   out_path = FLAGS.out or os.path.join(
