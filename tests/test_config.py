@@ -34,11 +34,37 @@ def test_zaya1_8b_preset_matches_the_native_config():
     (lambda: ZayaConfig.tiny(num_layers=True), "num_layers"),
     (lambda: ZayaConfig.tiny(initializer_range=-0.02), "initializer_range"),
     (lambda: ZayaConfig.tiny(pad_token_id=512), "pad_token_id"),
-    (lambda: ZayaConfig.tiny(eos_token_id=(1, 600)), "eos_token_id"),
+    (lambda: ZayaConfig.tiny(eos_token_id=(1, -3)), "eos_token_id"),
+    (lambda: ZayaConfig.tiny(bos_token_id=True), "bos_token_id"),
+    # Types are checked before any comparison could fail without naming the field (or bool("false") pass as True).
+    (lambda: AttentionConfig(rope_theta="5e6"), "attention.rope_theta"),
+    (lambda: AttentionConfig(sliding_rope_theta=None), "attention.sliding_rope_theta"),
+    (lambda: AttentionConfig(partial_rotary_factor="0.5"), "attention.partial_rotary_factor"),
+    (lambda: AttentionConfig(use_bias=1), "attention.use_bias"),
+    (lambda: ZayaConfig.tiny(rms_norm_eps=None), "rms_norm_eps"),
+    (lambda: ZayaConfig.tiny(initializer_range="0.02"), "initializer_range"),
+    (lambda: ZayaConfig.tiny(tie_word_embeddings="false"), "tie_word_embeddings"),
+    (lambda: ZayaConfig.tiny(residual_scaling=None), "residual_scaling"),
 ])
 def test_invalid_configs_name_the_field(make, field):
   with pytest.raises(ValueError, match=re.escape(f"ZayaConfig.{field}:")):
     make()
+
+
+def test_bos_and_eos_past_the_vocabulary_warn_as_transformers_does():
+  # The spec's tiny reference config (vocab 97) keeps the default eos 106: transformers builds it with a warning,
+  # and so does from_hf (only the padding id indexes the embedding).
+  from transformers.models.zaya.configuration_zaya import ZayaConfig as ReferenceConfig
+
+  raw = ReferenceConfig(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, num_experts=4, moe_intermediate_size=32,
+                        router_hidden_size=8, max_position_embeddings=256).to_dict()
+  assert raw["eos_token_id"] == 106
+  with pytest.warns(UserWarning, match=r"ZayaConfig.eos_token_id: \[106\] not below vocab_size=97"):
+    cfg = ZayaConfig.from_hf(raw)
+  assert cfg.eos_token_id == 106 and cfg.to_hf()["eos_token_id"] == 106
+  with pytest.warns(UserWarning, match=r"ZayaConfig.bos_token_id: \[600\]"):
+    ZayaConfig.tiny(bos_token_id=600)
 
 
 def test_replace_changes_nested_fields_by_name():
@@ -119,6 +145,15 @@ def test_from_hf_legacy_keys_translate():
     ({"model_type": "zaya", "rms_norm_eps": "abc"}, "rms_norm_eps='abc' is not a number"),
     ({"model_type": "zaya", "rope_parameters": {"hybrid": {"rope_theta": None}}},
      r"rope_parameters.hybrid.rope_theta=None is not a number"),
+    # A layer type that layer_types uses needs its own rope dict (the reference raises KeyError): not the default.
+    ({"model_type": "zaya", "num_hidden_layers": 2, "layer_types": ["hybrid", "hybrid_sliding"],
+      "sliding_window": 4, "rope_parameters": {"hybrid": {"rope_theta": 5e6}}},
+     r"rope_parameters.hybrid_sliding must be a dict \(layer_types uses 'hybrid_sliding'\); got None"),
+    ({"model_type": "zaya", "rope_parameters": {"hybrid": None, "hybrid_sliding": {"rope_theta": 1e4}}},
+     r"rope_parameters.hybrid must be a dict \(layer_types uses 'hybrid'\)"),
+    # bool("false") is True: the reference's strict config refuses these as well.
+    ({"model_type": "zaya", "tie_word_embeddings": "false"}, r"tie_word_embeddings='false' is not true or false"),
+    ({"model_type": "zaya", "attention_bias": None}, r"attention_bias=None is not true or false"),
 ])
 def test_from_hf_rejects_unsupported(raw, message):
   with pytest.raises(ValueError, match=message):

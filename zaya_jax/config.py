@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
@@ -40,6 +41,20 @@ def _positive(cfg: Any, prefix: str, *names: str) -> None:
              f"must be a positive int, got {value!r}")
 
 
+def _real(cfg: Any, prefix: str, *names: str) -> None:
+  """Checked before any comparison, which would otherwise fail on a str or None without naming the field."""
+  for name in names:
+    value = getattr(cfg, name)
+    _require(isinstance(value, int | float) and not isinstance(value, bool), f"{prefix}{name}",
+             f"must be a number, got {value!r}")
+
+
+def _flag(cfg: Any, prefix: str, *names: str) -> None:
+  for name in names:  # bool("false") is True: a string or None must not pass for a setting
+    _require(isinstance(getattr(cfg, name), bool), f"{prefix}{name}", f"must be True or False, got "
+             f"{getattr(cfg, name)!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """Compressed Convolutional Attention (CCA) with GQA and partial NeoX RoPE (or an ablation's `kind`)."""
@@ -62,6 +77,9 @@ class AttentionConfig:
   def __post_init__(self):
     _require(self.kind in ATTENTION_KINDS, "attention.kind", f"{self.kind!r} is not one of {ATTENTION_KINDS}")
     _positive(self, "attention.", "num_heads", "num_kv_heads", "head_dim", "cca_time0", "cca_time1", "mla_kv_rank")
+    _real(self, "attention.", "rope_theta", "sliding_rope_theta", "partial_rotary_factor",
+          "sliding_partial_rotary_factor")
+    _flag(self, "attention.", "use_bias")
     _require(self.num_heads % self.num_kv_heads == 0, "attention.num_heads",
              f"{self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     _require(self.num_kv_heads * self.head_dim % 2 == 0, "attention.head_dim",
@@ -160,13 +178,23 @@ class ZayaConfig:
       _require(layer_type in _LAYER_TYPES, f"layer_types[{i}]", f"{layer_type!r} is not one of {_LAYER_TYPES}")
     _require("hybrid_sliding" not in self.layer_types or self.attention.sliding_window is not None,
              "attention.sliding_window", "must be set when layer_types contains 'hybrid_sliding'")
+    _real(self, "", "rms_norm_eps", "initializer_range")
+    _flag(self, "", "tie_word_embeddings", "residual_scaling")
     _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
     _require(self.initializer_range >= 0, "initializer_range", f"must be non-negative, got {self.initializer_range}")
     eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
     for name, ids in (("bos_token_id", (self.bos_token_id,)), ("eos_token_id", eos), ("pad_token_id",
                                                                                     (self.pad_token_id,))):
-      _require(all(i is None or (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size)
-                   for i in ids), name, f"{getattr(self, name)!r} is not a token id below vocab_size={self.vocab_size}")
+      _require(all(i is None or (isinstance(i, int) and not isinstance(i, bool) and i >= 0) for i in ids), name,
+               f"{getattr(self, name)!r} is not a token id (a non-negative int, or None)")
+      outside = [i for i in ids if i is not None and i >= self.vocab_size]
+      # The padding id indexes the embedding; bos and eos only mark text, so as transformers does, an id past the
+      # vocabulary (tiny test configs that keep the default eos 106) is only worth a warning: the model never emits it.
+      _require(name != "pad_token_id" or not outside, name, f"{self.pad_token_id} is not a token id below "
+               f"vocab_size={self.vocab_size}")
+      if outside:
+        warnings.warn(f"ZayaConfig.{name}: {outside} not below vocab_size={self.vocab_size}: the model can never "
+                      "produce or read it", stacklevel=3)
     for name in ("dtype", "param_dtype"):
       _require(getattr(self, name) in DTYPES, name, f"{getattr(self, name)!r} is not one of {DTYPES}")
     _require(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} is not one of {REMAT_POLICIES}")
@@ -282,6 +310,14 @@ def _number(raw: dict, key: str, default: float, where: str = "") -> float:
   return float(value)
 
 
+def _boolean(raw: dict, key: str, default: bool) -> bool:
+  """raw[key] (default when absent); bool("false") would be True, so anything but true/false is refused by name."""
+  value = raw.get(key, default)
+  if not isinstance(value, bool):
+    raise ValueError(f"config.json: {key}={value!r} is not true or false")
+  return value
+
+
 def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
   for key, expected in _FIXED_NATIVE.items():
     if key in raw and raw[key] != expected:
@@ -295,6 +331,12 @@ def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
     # A flat {"rope_theta": ...} would otherwise fall back to the defaults unseen (the reference raises KeyError).
     raise ValueError(f"config.json: rope_parameters must hold one dict per layer type, {{'hybrid': {{...}}, "
                      f"'hybrid_sliding': {{...}}}}; got {rope!r}")
+  listed = raw.get("layer_types")  # checked below; here only which layer types it uses
+  used_types = {t for t in listed if t in _LAYER_TYPES} if isinstance(listed, list) and listed else {"hybrid"}
+  for name in sorted(used_types):
+    if rope and not isinstance(rope.get(name), dict):  # as the reference fails: not silently the default theta
+      raise ValueError(f"config.json: rope_parameters.{name} must be a dict (layer_types uses {name!r}); got "
+                       f"{rope.get(name)!r}")
   hybrid = rope.get("hybrid") or {}
   sliding = rope.get("hybrid_sliding") or {}
   for name, params in (("hybrid", hybrid), ("hybrid_sliding", sliding)):
@@ -319,7 +361,7 @@ def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
                                  "rope_parameters.hybrid_sliding."),
       sliding_partial_rotary_factor=factor(sliding, "hybrid_sliding", att_defaults.sliding_partial_rotary_factor),
       sliding_window=raw.get("sliding_window"),
-      use_bias=bool(raw.get("attention_bias", False)),
+      use_bias=_boolean(raw, "attention_bias", False),
   )
   moe_defaults = MoEConfig()
   moe = MoEConfig(
@@ -345,7 +387,7 @@ def _native_hf_to_fields(raw: dict) -> dict[str, Any]:
       num_layers=num_layers, layer_types=layer_types, attention=attention, moe=moe,
       rms_norm_eps=_number(raw, "rms_norm_eps", defaults.rms_norm_eps),
       max_position_embeddings=raw.get("max_position_embeddings", defaults.max_position_embeddings),
-      tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+      tie_word_embeddings=_boolean(raw, "tie_word_embeddings", True),
       initializer_range=_number(raw, "initializer_range", defaults.initializer_range),
       bos_token_id=raw.get("bos_token_id", defaults.bos_token_id),
       eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
@@ -370,8 +412,11 @@ def is_legacy_hf_config(raw: dict) -> bool:
 def _legacy_to_native_config(raw: dict) -> dict:
   """The config-key translation of the HF converter (ZAYA_ARCH.md §1.2)."""
   if "zaya_layers" in raw:
-    raise ValueError("config.json: per-layer 'zaya_layers' lists (ZayaConfig of ZAYA1-base) are not supported; "
-                     "convert the checkpoint to the native layout first")
+    raise ValueError("config.json: per-layer 'zaya_layers' lists (the config schema of ZAYA1-base) are not "
+                     "supported: zaya_jax reads ZAYA1-8B's native and legacy schemas. ZAYA1-base's weights have the "
+                     "legacy layout; its config.json would need the legacy ZAYA1-8B keys as scalars "
+                     "(num_hidden_layers, num_attention_heads = query heads, num_key_value_heads, ffn_hidden_size, "
+                     "zaya_mlp_expansion, num_experts), which no tool here writes or checks")
   topk = raw.get("moe_router_topk", 1)
   if topk != 1:
     raise ValueError(f"config.json: moe_router_topk={topk} is not supported (ZAYA1 is top-1)")
