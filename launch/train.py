@@ -6,6 +6,7 @@
   python launch/train.py --config=zaya1_8b --init_from=/ckpt/ZAYA1-8B --workdir=runs/cpt --data=/my/texts \\
       --set=optimizer.lr=3e-5 --mesh=fsdp:8                    # continued training of a Hugging Face checkpoint
   python launch/train.py --list_configs
+  python launch/train.py --workdir=runs/tiny2 --steps=1000      # a rerun: the run's own settings, then these flags
 
 Multi-host: launch/cluster/ (SLURM or one command per node), or --coordinator_address/--num_processes/--process_id.
 A workdir that holds checkpoints is resumed from its latest complete one. SIGTERM saves and exits 0. Errors in the
@@ -14,6 +15,7 @@ input (paths, configs, checkpoints, a non-finite loss) print one message and exi
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
@@ -23,10 +25,11 @@ from zaya_jax import host_memory
 from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.parallel import distributed
 from zaya_jax.sharding import ShardingError
-from zaya_jax.train.experiment import experiment_names, from_hf_checkpoint, get_experiment, override
-from zaya_jax.train.loop import TrainingError, train
+from zaya_jax.train.experiment import experiment_names, from_hf_checkpoint, get_experiment, load_json, override
+from zaya_jax.train.loop import TrainingError, check_workdir, train
 
-_CONFIG = flags.DEFINE_string("config", "tiny", "Registered experiment config (see --list_configs).")
+_CONFIG = flags.DEFINE_string("config", "tiny", "Registered experiment config (see --list_configs). Left out in a "
+                              "workdir that has a config.json, the run's own settings are the base instead.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config, tokenizer.")
 _SET = flags.DEFINE_multi_string("set", [], "Override a config field: --set=optimizer.lr=3e-4 (repeatable).")
 _STEPS = flags.DEFINE_integer("steps", None, "Shorthand for --set=loop.steps=N.")
@@ -85,7 +88,15 @@ def main(argv):
     source = distributed.initialize(None if given == (None, None, None) else distributed.DistributedConfig(*given))
     if jax.process_count() > 1:
       print(f"process {jax.process_index()} of {jax.process_count()} ({source})")
-    cfg = get_experiment(_CONFIG.value)
+    saved = os.path.join(_WORKDIR.value, "config.json")
+    check_workdir(_WORKDIR.value)  # not a file or a Hugging Face folder, before its config.json is read as a run's
+    if not flags.FLAGS["config"].present and os.path.isfile(saved):
+      # A rerun without --config goes on with the run's own settings (the flags given now still override them),
+      # not with the default preset's, which would change every setting the first launch had overridden.
+      cfg = load_json(saved)
+      print(f"settings from {saved} (pass --config to start from a registered config instead)")
+    else:
+      cfg = get_experiment(_CONFIG.value)
     if _INIT_FROM.value is not None:  # before the overrides, so that --set can still change how the model runs
       cfg = from_hf_checkpoint(cfg, _INIT_FROM.value)
     cfg = override(cfg, assignments)

@@ -136,17 +136,17 @@ def test_planner_extrapolates_step_temporaries_from_two_compiled_depths():
   common = ("--config=tiny", "--mesh=data:2", "--set=model.num_layers=4")
   runs = {}
   for run, args in ((2, ["--compile_layers=2"]), (4, ["--compile_layers=4"]),
-                    ("remat", ["--compile_layers=4", "--set=model.remat=full"])):
+                    ("remat", ["--compile_layers=2", "--set=model.remat=full"])):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), *common, *args],
                           capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr
     runs[run] = proc.stdout
   compiled = {(run, int(n)): float(v) for run, out in runs.items()
               for n, v in re.findall(r"compiled (\d) layer\(s\): temporaries ([\d.]+) MiB", out)}
-  assert set(compiled) == {(2, 1), (2, 2), (4, 2), (4, 4), ("remat", 2), ("remat", 4)}
+  assert set(compiled) == {(2, 1), (2, 2), (4, 2), (4, 4), ("remat", 1), ("remat", 2)}
   # The compile keeps jax.checkpoint's recomputation out of the forward pass, as a GPU compiler does: each layer adds
-  # less with remat (measured, grad_accum 4: 1.18 against 2.13 MiB a layer).
-  assert compiled["remat", 4] - compiled["remat", 2] < 0.75 * (compiled[4, 4] - compiled[4, 2])
+  # less with remat (measured, grad_accum 4, from 1 to 2 layers: 1.10 against 2.12 MiB).
+  assert compiled["remat", 2] - compiled["remat", 1] < 0.75 * (compiled[2, 2] - compiled[2, 1])
   # "auto" backends are compiled as a GPU runs them (the kernels in interpret mode): the default --target.
   assert all("backends: attention pallas, experts pallas (for a gpu" in out for out in runs.values())
   row = "step temporaries of 4 layers, accumulator included"

@@ -9,6 +9,7 @@ main-job test.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,12 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, corpus, env, straight)
   assert rc == 0 and f"resumed from {killed / 'checkpoints' / str(N + 1)}" in out, out
 
   rows_a, rows_b = metrics(straight), metrics(killed)
+  # The three launches measured the CPU's peak once (the first) and kept it: MFU per token/s is one constant.
+  with open(killed / "metrics.jsonl") as f:
+    timed = [r for r in map(json.loads, f) if r.get("mfu")]
+  per_token_rate = [r["mfu"] / r["tokens_per_s"] for r in timed]
+  assert len(timed) >= 2 * N - 3 and max(per_token_rate) == pytest.approx(min(per_token_rate), rel=1e-9), timed
+  assert os.path.exists(killed / "mfu_peak.json")
   assert [r["step"] for r in rows_b] == [*range(1, 2 * N + 1), 2 * N]  # every step once, then the final eval
   assert rows_a == rows_b
   # TensorBoard, across the kills and resumes, holds what metrics.jsonl does: each step once (purged and logged again
@@ -242,7 +249,7 @@ def test_a_resume_runs_the_eval_a_kill_after_the_save_skipped(tmp_path, corpus, 
   # Killed after step N's eval this time: its row is there, and the resume must not evaluate it again.
   shutil.rmtree(workdir / "checkpoints" / str(2 * N))
   peak = 1e9
-  monkeypatch.setattr(loop_lib, "peak_flops_per_device", lambda: (peak, "test peak"))
+  monkeypatch.setattr(loop_lib, "peak_flops_per_device", lambda workdir: (peak, "test peak"))
 
   class OneSecondPerReading:  # the loop's clock: every perf_counter() reading one second after the last
     def __init__(self, real):
@@ -437,6 +444,30 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
   load_run(tmp_path)
 
 
+def test_a_workdir_must_not_be_a_file_or_a_hugging_face_folder(tmp_path, corpus):
+  cfg = small_config(corpus, 2, 2)
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(TrainingError, match=r"a_file is a file, not a directory"):
+    train(cfg, tmp_path / "a_file", log=lambda _: None)
+  for name, text in (("config.json", json.dumps({"model_type": "zaya"})), ("model.safetensors", "")):
+    folder = tmp_path / name.replace(".", "_")
+    folder.mkdir()
+    (folder / name).write_text(text)
+    with pytest.raises(TrainingError, match=rf"holds a Hugging Face model \({re.escape(name)}\), not a training run"):
+      train(cfg, folder, log=lambda _: None)
+    assert os.listdir(folder) == [name]  # left as it was
+
+
+def test_a_rerun_without_config_keeps_the_runs_settings(tmp_path, env):
+  # The workdir's config.json (as a first launch leaves it) says where its data is; a rerun without --config must
+  # start from it, not from the default preset (the embedded corpus).
+  save_json(override(get_experiment("tiny"), ["data.paths=('/nonexistent/kept_corpus',)"]), tmp_path / "config.json")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--workdir={tmp_path}",
+                         "--steps=1"], env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and f"settings from {tmp_path / 'config.json'}" in proc.stdout, proc.stdout
+  assert "/nonexistent/kept_corpus" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["--set=model.vocab_size=300"], "300"),
@@ -507,7 +538,7 @@ def test_overrides_and_json_round_trip(tmp_path):
   assert load_json(tmp_path / "c.json") == cfg
   with pytest.raises(ValueError, match=r"BalancingConfig\.mode"):
     override(cfg, ["balancing.mode=sometimes"])
-  with pytest.raises(ValueError, match=r"loop.steps.*'many' is not a <class 'int'>"):
+  with pytest.raises(ValueError, match=r"loop.steps.*'many' is not of type int \(that of LoopConfig.steps\)"):
     override(cfg, ["loop.steps=many"])
   with pytest.raises(ValueError, match="unknown experiment config 'huge'"):
     get_experiment("huge")

@@ -235,7 +235,8 @@ def _set(obj, path: list[str], value: Any, full_key: str):
   if isinstance(value, tuple) and "" in value:
     raise ValueError(f"override {full_key!r}: {value!r} has an empty item (a stray comma?)")
   if not _matches(value, annotation):
-    raise ValueError(f"override {full_key!r}: {value!r} is not a {annotation} (the type of "
+    readable = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+    raise ValueError(f"override {full_key!r}: {value!r} is not of type {readable} (that of "
                      f"{type(obj).__name__}.{name})")
   return dataclasses.replace(obj, **{name: value})
 

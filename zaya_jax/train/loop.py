@@ -63,12 +63,22 @@ class RunResult:
 _PEAK_FLOPS = {"MI300X": 1307.4e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 
-def peak_flops_per_device() -> tuple[float, str]:
-  """(FLOP/s, where the figure comes from): vendor peaks for known GPUs, a measured large matmul otherwise (CPU)."""
+def peak_flops_per_device(workdir: str | None = None) -> tuple[float, str]:
+  """(FLOP/s, where the figure comes from): vendor peaks for known GPUs, a measured large matmul otherwise (CPU).
+
+  A measured peak is kept in the run directory (`mfu_peak.json`) and read back by later launches on the same kind
+  of device, so that the MFU of one run compares across its resumes (a new measurement moves by up to ~2x on a busy
+  host)."""
   kind = jax.devices()[0].device_kind
   for name, flops in _PEAK_FLOPS.items():
     if name.lower() in kind.lower():
       return flops, f"{name} bf16 peak"
+  kept = None if workdir is None else os.path.join(workdir, "mfu_peak.json")
+  if kept is not None and os.path.exists(kept):
+    with open(kept) as f:
+      saved = json.load(f)
+    if saved.get("device_kind") == kind:
+      return float(saved["flops"]), "fp32 matmul measured at the run's first launch"
   n = 1024
   a = jnp.ones((n, n), jnp.float32)
   dot = jax.jit(jnp.dot)
@@ -78,6 +88,10 @@ def peak_flops_per_device() -> tuple[float, str]:
     start = time.perf_counter()
     dot(a, a).block_until_ready()
     best = min(best, time.perf_counter() - start)
+  if kept is not None and jax.process_index() == 0:
+    with open(f"{kept}.tmp", "w") as f:
+      json.dump({"flops": 2 * n**3 / best, "device_kind": kind}, f)
+    os.replace(f"{kept}.tmp", kept)
   return 2 * n**3 / best, "measured fp32 matmul"
 
 
@@ -231,6 +245,26 @@ def sample_text(trainer, state, tokenizer, prompt: str, num_tokens: int, tempera
   return prompt + tokenizer.decode(np.asarray(out.tokens_BN[0, :n]).tolist(), skip_special_tokens=True)
 
 
+def check_workdir(workdir: str) -> None:
+  """Refuses a path a run directory must not be: a file, or a Hugging Face model folder (its config.json would be
+  replaced by the run's, leaving the weights unreadable)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise TrainingError(f"workdir {workdir} is a file, not a directory")
+  hf_files = [name for name in ("model.safetensors", "model.safetensors.index.json")
+              if os.path.exists(os.path.join(workdir, name))]
+  config = os.path.join(workdir, "config.json")
+  if not hf_files and os.path.isfile(config):
+    try:
+      with open(config) as f:
+        hf_files = ["config.json"] if "model_type" in json.load(f) else []
+    except (OSError, ValueError, TypeError):  # not JSON (or not an object): make_data and the restore say what
+      pass
+  if hf_files:
+    raise TrainingError(f"workdir {workdir} holds a Hugging Face model ({', '.join(hf_files)}), not a training run: "
+                        "a run there would replace its config.json. Pick another workdir (to train from the model: "
+                        f"--init_from={workdir})")
+
+
 def _last_launch(config_path: str) -> dict | None:
   """The config.json the previous launch in this workdir left, as JSON; None for a new workdir."""
   if not os.path.exists(config_path):
@@ -359,12 +393,13 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
   if cfg.data.seq_len > cfg.model.max_position_embeddings:
     raise ValueError(f"data.seq_len = {cfg.data.seq_len} is longer than the model's context "
                      f"model.max_position_embeddings = {cfg.model.max_position_embeddings}")
+  check_workdir(workdir)
   config_path = os.path.join(workdir, "config.json")
   previous = _last_launch(config_path)
   # Only a run with a checkpoint keeps its start: a launch that died before its first save resumes nothing.
   _check_init_from(cfg, previous if has_checkpoint(workdir) else None, workdir)
   os.makedirs(workdir, exist_ok=True)
-  peak, peak_source = peak_flops_per_device()  # before the data's threads start: on CPU it is measured
+  peak, peak_source = peak_flops_per_device(workdir)  # before the data's threads start: on CPU it is measured
   data = make_data(cfg.data, workdir, model_vocab_size=cfg.model.vocab_size)
   changed = _changed_since(previous, cfg)
   previous_steps = None if previous is None else previous.get("loop", {}).get("steps")
@@ -541,4 +576,4 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
     checkpointer.close()
 
 
-__all__ = ["CheckpointError", "RunResult", "TrainingError", "evaluate", "train"]
+__all__ = ["CheckpointError", "RunResult", "TrainingError", "check_workdir", "evaluate", "train"]
