@@ -24,8 +24,9 @@ import tempfile
 
 from absl import app, flags
 
-from zaya_jax.checkpoint.hf import save_hf
+from zaya_jax.checkpoint.hf import SAVED_MODEL_FILES, save_hf
 from zaya_jax.config import DTYPES
+from zaya_jax.folders import check_target
 from zaya_jax.infer import cli
 from zaya_jax.tokenizer import TOKENIZER_FILE, side_files, transformers_config
 from zaya_jax.train.checkpointing import load_run, resolve_step
@@ -46,15 +47,15 @@ def main(argv) -> int:
     raise cli.CLIError("--workdir and --output are required")
   if _MAX_SHARD_GB.value <= 0:
     raise cli.CLIError(f"--max_shard_gb must be positive, got {_MAX_SHARD_GB.value}")
-  output = os.path.abspath(_OUTPUT.value)
-  if os.path.exists(output) and not os.path.isdir(output):
-    raise cli.CLIError(f"--output {output} is a file, not a folder")
-  if os.path.exists(output) and os.listdir(output) and not _OVERWRITE.value:
-    raise cli.CLIError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+  output = os.path.abspath(os.path.expanduser(_OUTPUT.value))
   workdir = os.path.abspath(_WORKDIR.value)
   real_output, real_workdir = os.path.realpath(output), os.path.realpath(workdir)
   if os.path.commonpath([real_output, real_workdir]) in (real_output, real_workdir):  # equal, above or inside
     raise cli.CLIError(f"--output {output} must lie outside the run directory {workdir} (and not contain it)")
+  try:
+    check_target(output, overwrite=_OVERWRITE.value, own_files=SAVED_MODEL_FILES)
+  except FileExistsError as e:
+    raise cli.CLIError(f"--output: {e}".replace("pass overwrite=True", "pass --overwrite")) from None
   step = resolve_step(workdir, _STEP.value)  # a run directory with this step, or a CheckpointError naming the steps
   model, tokenizer, cfg = load_run(workdir, step)
   with tempfile.TemporaryDirectory() as scratch:

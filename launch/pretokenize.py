@@ -21,7 +21,7 @@ from absl import app, flags
 from zaya_jax.folders import check_target
 from zaya_jax.infer import cli
 from zaya_jax.tokenizer import load_tokenizer
-from zaya_jax.train.token_shards import tokenize_corpus
+from zaya_jax.train.token_shards import MANIFEST, tokenize_corpus
 
 _DATA = flags.DEFINE_list("data", None, "Text files, folders or globs (comma-separated).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "A Hugging Face tokenizer.json (or a folder holding one).")
@@ -40,7 +40,7 @@ def main(argv) -> int:
   if not _DATA.value or not _TOKENIZER.value or not _OUTPUT.value:
     raise cli.CLIError("--data, --tokenizer and --output are required")
   try:
-    check_target(_OUTPUT.value, overwrite=_OVERWRITE.value)
+    check_target(_OUTPUT.value, overwrite=_OVERWRITE.value, own_files=(MANIFEST,))
   except FileExistsError as e:
     raise cli.CLIError(f"--output: {e}".replace("pass overwrite=True", "pass --overwrite")) from None
   tokenizer = load_tokenizer(_TOKENIZER.value)

@@ -137,6 +137,14 @@ def test_save_refuses_to_clobber_and_leaves_no_partial_folder(tmp_path):
     zaya_jax.save_hf(model, target)
   zaya_jax.save_hf(model, target, overwrite=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left behind
+  # overwrite replaces an earlier export only: a mistyped path must not delete, e.g., a training run.
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text("{}")
+  with pytest.raises(FileExistsError, match=r"run is not an earlier output of this kind \(it holds none of "
+                                            r"model.safetensors, model.safetensors.index.json\)"):
+    zaya_jax.save_hf(model, run, overwrite=True)
+  assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json"]
 
 
 def test_an_overwrite_that_fails_keeps_the_old_folder(tmp_path, monkeypatch):

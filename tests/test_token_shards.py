@@ -318,6 +318,14 @@ def test_output_that_is_or_holds_a_data_path_is_refused(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"is or holds the data path"):
       tokenize_corpus([str(texts)], tok, output, overwrite=True)
     assert (texts / "a.txt").read_text() == "alpha beta gamma " * 20
+  # overwrite replaces earlier shards only (a folder with a manifest), not any folder a mistyped --output names.
+  other = tmp_path / "a_run"
+  other.mkdir()
+  (other / "metrics.jsonl").write_text("{}\n")
+  with pytest.raises(FileExistsError, match=r"a_run is not an earlier output of this kind \(it holds none of "
+                                            r"manifest.json\)"):
+    tokenize_corpus([str(folder)], tok, other, overwrite=True)
+  assert [p.name for p in other.iterdir()] == ["metrics.jsonl"]
   with pytest.raises(ValueError, match=r"is inside the data path"):  # the next read of the folder would fail
     tokenize_corpus([str(tmp_path / "*")], tok, texts / "ids")
   with pytest.raises(ValueError, match=r"doc_separator: must be a non-empty string"):

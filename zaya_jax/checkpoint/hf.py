@@ -473,6 +473,10 @@ def _shards(arrays: dict[str, np.ndarray], max_shard_bytes: int) -> Iterator[dic
     yield shard
 
 
+# What a folder written by save_hf holds (one or the other): overwrite=True replaces only a folder with one of them.
+SAVED_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
 def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
             overwrite: bool = False, dtype: str | None = None, extra_files: Sequence[str] = ()) -> None:
   """Writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
@@ -481,7 +485,7 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
   the balancing biases stay fp32), sharded with an index past `max_shard_bytes`. `extra_files` (e.g. a tokenizer's
   files) are copied in under their own names; the folder appears complete or not at all.
   """
-  path = check_target(path, overwrite=overwrite)  # before the arrays are gathered
+  path = check_target(path, overwrite=overwrite, own_files=SAVED_MODEL_FILES)  # before the arrays are gathered
   hf_config = model.config.to_hf()  # raises for an ablation variant, before anything is written
   if dtype is not None:
     if dtype not in DTYPES:
@@ -502,7 +506,7 @@ def save_hf(model: ZayaForCausalLM, path: str | os.PathLike, *, max_shard_bytes:
   arrays = {k: stored(k, v) for k, v in flat_params(model).items()}
   for key in [k for k in arrays if k.endswith(GATE_UP_SUFFIX)]:
     arrays[key] = np.ascontiguousarray(deinterleave_gate_up(arrays[key]))  # the reference's gate, then up rows
-  with folder_in_place(path, overwrite=overwrite) as tmp:
+  with folder_in_place(path, overwrite=overwrite, own_files=SAVED_MODEL_FILES) as tmp:
     shards = list(_shards(arrays, max_shard_bytes))
     if len(shards) == 1:
       save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})

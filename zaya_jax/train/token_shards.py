@@ -87,7 +87,7 @@ def tokenize_corpus(paths: Sequence[str], tokenizer: Tokenizer, output: str | os
   _check_output_outside_data(paths, output)
   skipped: list[str] = []
   totals = {"documents": 0, "tokens": 0, "dropped": 0}
-  with folder_in_place(output, overwrite=overwrite) as tmp:
+  with folder_in_place(output, overwrite=overwrite, own_files=(MANIFEST,)) as tmp:
     shards, pending, pending_hashes, pending_tokens = [], [], [], 0
 
     def flush():
