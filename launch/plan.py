@@ -110,6 +110,8 @@ def plan(argv) -> int:
   parts = math.prod(sharding_plan.size(a) for a in sharding_plan.batch_axes)
   configured = cfg.step.grad_accum
   chosen = _assigns(_SET.value, "step.grad_accum") or configured != 1
+  if _ACCUM.value is None and not chosen:
+    sharding_plan.check_batch(batch)  # before a grad_accum is derived from it: the batch itself must split
   accum = _ACCUM.value if _ACCUM.value is not None else (configured if chosen else max(1, batch // parts))
   sharding_plan.check_heads(cfg.model.attention)
   micro_per_device = batch // (parts * accum)
@@ -175,7 +177,8 @@ def plan(argv) -> int:
     print(f"  {name:<58} {_size(value)}")
   fits = total <= 0.9 * budget
   print(f"  {'total per device':<58} {_size(total)} of {budget / GiB:.1f} GiB "
-        f"({100 * total / budget:.0f}%): {'FITS' if fits else 'DOES NOT FIT'} (with 10% headroom)")
+        f"({100 * total / budget:.0f}%): {'FITS' if fits else 'DOES NOT FIT'} (with 10% headroom"
+        + (", activations not counted)" if activations is None else ")"))
   levers = [flag for flag, unused in (("--set=model.remat=full (or dots)", cfg.model.remat == "none"),
                                       ("--set=step.logits_chunk=1024", cfg.step.logits_chunk == 0),
                                       ("--zero1", not cfg.parallel.zero1)) if unused]

@@ -37,8 +37,10 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output
 
 def main(argv) -> int:
   del argv
-  if not _DATA.value or not _TOKENIZER.value or not _OUTPUT.value:
-    raise cli.CLIError("--data, --tokenizer and --output are required")
+  missing = [f"--{flag.name}" for flag in (_DATA, _TOKENIZER, _OUTPUT) if not flag.value]
+  if missing:
+    raise cli.CLIError(f"--data, --tokenizer and --output are required; missing: {', '.join(missing)} (a run "
+                       "directory's tokenizer.json serves as --tokenizer)")
   try:
     check_target(_OUTPUT.value, overwrite=_OVERWRITE.value, own_files=(MANIFEST,))
   except FileExistsError as e:

@@ -102,7 +102,7 @@ def test_planner_zero1_on_one_and_sixteen_mi300x_nodes():
   assert rc == 0 and "grad_accum 1: 128 sequence(s) per device" in configured and "note:" not in configured, err
   for out in (one_node, sixteen):
     assert gib(out, "parameters") == pytest.approx(8_840_488_784 * 4 / 2**30, abs=0.01)  # fp32 masters, replicated
-    assert "FITS" in out and "DOES NOT FIT" not in out
+    assert "FITS (with 10% headroom, activations not counted)" in out and "DOES NOT FIT" not in out
   # ZeRO-1 splits the optimizer state over the data axis: 16x more ways across 16 nodes; without it, replicated.
   assert gib(sixteen, "optimizer state") * 16 == pytest.approx(gib(one_node, "optimizer state"), rel=0.05)
   assert gib(configured, "optimizer state") == pytest.approx(8 * gib(one_node, "optimizer state"), rel=0.02)
@@ -112,7 +112,8 @@ def test_planner_zero1_on_one_and_sixteen_mi300x_nodes():
   assert gib(one_node, accumulator) == pytest.approx(gib(one_node, "parameters") / 8, rel=0.01)
   assert gib(configured, accumulator) == 0
   rc, out, err = plan("--mesh=data:3")
-  assert rc == 1 and err.startswith("error: batch size 1024") and "does not split" in err and "Traceback" not in err
+  assert rc == 1 and err.startswith("error: batch size 1024 does not split over the batch axes data=3 (3 parts)")
+  assert "Traceback" not in err and "grad_accum" not in err, err  # not a grad_accum derived from the bad split
   # The config's parallel settings are planned as train.py runs them (--mesh and --zero1 are their shorthands).
   rc, via_set, err = plan("--set=parallel.mesh=data:8", "--set=parallel.dcn_mesh=data:16", "--set=parallel.zero1=True")
   assert rc == 0 and via_set == sixteen, err

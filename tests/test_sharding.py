@@ -199,7 +199,8 @@ def test_unsplittable_shapes_fail_with_axis_and_sizes(results):
   assert "embed_tokens.weight" in e["vocab"] and "500" in e["vocab"] and "tensor=8" in e["vocab"]
   assert "batch size 12" in e["batch"] and "data=8" in e["batch"]
   # 8 rows split over data=8, but two micro-batches of 4 do not: as the planner (launch/plan.py), the loop refuses.
-  assert "batch size 8 (grad_accum 2)" in e["micro_batch"] and "data=8" in e["micro_batch"]
+  assert "micro-batches of 4 sequences (batch size 8 / grad_accum 2)" in e["micro_batch"]
+  assert "data=8" in e["micro_batch"]
   assert "data:3" in e["mesh"] and "3 devices" in e["mesh"] and "8 devices" in e["mesh"]
 
 
@@ -211,6 +212,9 @@ def test_mesh_parsing_and_validation_before_compiling():
       parse_mesh(bad)
   with pytest.raises(ShardingError, match=f"spans 3 devices .* but there are {jax.device_count()} devices"):
     make_mesh("data:3")
+  one_device = ShardingPlan.from_config(ParallelConfig(mesh=f"data:{jax.device_count()}"))
+  with pytest.raises(ShardingError, match=r"batch size 1024 is not a multiple of grad_accum=3"):  # not the mesh's fault
+    one_device.check_batch(1024, 3)
   with pytest.raises(ValueError, match=r"ParallelConfig\.mesh"):
     ParallelConfig(mesh="tensor=2")
   with pytest.raises(ValueError, match=r"ParallelConfig\.dcn_mesh = 'data:2' needs a mesh"):

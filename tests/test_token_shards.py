@@ -305,7 +305,8 @@ def test_command_line(corpus, tmp_path):
   assert again.returncode == 1 and again.stderr.startswith("error: ") and "--overwrite" in again.stderr
   assert "Traceback" not in again.stderr
   missing = subprocess.run([*tokenize, f"--data={folder}"], capture_output=True, text=True, env=env, timeout=120)
-  assert missing.returncode == 1 and "error: --data, --tokenizer and --output are required" in missing.stderr
+  assert missing.returncode == 1 and ("error: --data, --tokenizer and --output are required; missing: --tokenizer, "
+                                      "--output") in missing.stderr, missing.stderr
 
 
 def test_output_that_is_or_holds_a_data_path_is_refused(corpus, tmp_path):

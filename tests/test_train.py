@@ -406,7 +406,8 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
   before = float(learning_rate_schedule(cfg.optimizer, 12)(12))
   after = float(learning_rate_schedule(longer.optimizer, 14)(12))
   assert before != after and cfg.optimizer.lr != 0.002
-  assert (f"note: loop.steps 12 -> 14 reshapes the cosine learning-rate schedule: at step 12 it goes from "
+  assert (f"note: loop.steps 12 -> 14 reshapes the cosine learning-rate schedule: at step 13, the first after the "
+          f"checkpoint, it goes from "
           f"{before:.3g} to {after:.3g} (logged per step as lr)") in logs, logs
   extended = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert extended[:len(rows)] == rows and [r["step"] for r in extended[len(rows):]] == [13, 14, 14]
@@ -456,6 +457,13 @@ def test_a_workdir_must_not_be_a_file_or_a_hugging_face_folder(tmp_path, corpus)
     with pytest.raises(TrainingError, match=rf"holds a Hugging Face model \({re.escape(name)}\), not a training run"):
       train(cfg, folder, log=lambda _: None)
     assert os.listdir(folder) == [name]  # left as it was
+  # A mesh the devices cannot hold is refused before the data is tokenized or anything is written to the workdir
+  # (a trained tokenizer left there would bind the corrected relaunch).
+  from zaya_jax.sharding import ShardingError
+
+  with pytest.raises(ShardingError, match=rf"but there are {jax.device_count()} devices"):
+    train(override(cfg, [f"parallel.mesh='data:{jax.device_count() + 1}'"]), tmp_path / "meshed", log=print)
+  assert not (tmp_path / "meshed").exists()
 
 
 def test_a_rerun_without_config_keeps_the_runs_settings(tmp_path, env):

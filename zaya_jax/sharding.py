@@ -82,7 +82,9 @@ def _fill(sizes: dict[str, int], devices: int, what: str) -> dict[str, int]:
   total = math.prod(sizes.values())
   if total != devices:
     raise ShardingError(f"{what} {format_mesh(sizes)} spans {total} devices "
-                        f"({' x '.join(str(sizes[a]) for a in MESH_AXES)}), but there are {devices} devices")
+                        f"({' x '.join(str(sizes[a]) for a in MESH_AXES)}), but there are {devices} devices"
+                        + ("; to train on the one device without a mesh, pass an empty one (--mesh=)"
+                           if devices == 1 else ""))
   return sizes
 
 
@@ -377,9 +379,13 @@ class ShardingPlan:
     """The batch (and each micro-batch) must split evenly over the batch axes and the processes."""
     parts = math.prod(self.size(a) for a in self.batch_axes)
     sizes = " x ".join(f"{a}={self.size(a)}" for a in self.batch_axes) or "none"
+    if global_batch_size % grad_accum:
+      raise ShardingError(f"batch size {global_batch_size} is not a multiple of grad_accum={grad_accum}")
     if global_batch_size % (parts * grad_accum):
-      raise ShardingError(f"batch size {global_batch_size} (grad_accum {grad_accum}) does not split over the batch "
-                          f"axes {sizes} ({parts} parts per micro-batch)")
+      what = (f"batch size {global_batch_size} does" if grad_accum == 1 else
+              f"micro-batches of {global_batch_size // grad_accum} sequences (batch size {global_batch_size} / "
+              f"grad_accum {grad_accum}) do")
+      raise ShardingError(f"{what} not split over the batch axes {sizes} ({parts} parts)")
     if global_batch_size % jax.process_count():
       raise ShardingError(f"batch size {global_batch_size} does not split over {jax.process_count()} processes")
 

@@ -394,6 +394,12 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
     raise ValueError(f"data.seq_len = {cfg.data.seq_len} is longer than the model's context "
                      f"model.max_position_embeddings = {cfg.model.max_position_embeddings}")
   check_workdir(workdir)
+  # The mesh against the devices, heads and batch: before the data is tokenized (minutes on a large corpus) and before
+  # anything is written to the workdir, which a corrected relaunch would then have to live with.
+  plan = ShardingPlan.from_config(cfg.parallel) if cfg.parallel.enabled else None
+  if plan is not None:
+    plan.check_heads(cfg.model.attention)
+    plan.check_batch(cfg.data.batch_size, cfg.step.grad_accum)  # as launch/plan.py checks it
   config_path = os.path.join(workdir, "config.json")
   previous = _last_launch(config_path)
   # Only a run with a checkpoint keeps its start: a launch that died before its first save resumes nothing.
@@ -424,13 +430,9 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
     if (early := stopped_before_start()) is not None:
       return early
     args = (cfg.optimizer, cfg.step, cfg.balancing, loop.steps, loop.seed)
-    # With a mesh the step runs sharded (zaya_jax.sharding decides every array's placement); without, on one device.
-    plan = ShardingPlan.from_config(cfg.parallel) if cfg.parallel.enabled else None
-    if plan is not None:
-      plan.check_heads(cfg.model.attention)
+    # With a mesh (`plan`) the step runs sharded (zaya_jax.sharding decides every array's placement); without, on one
+    # device.
     if resumed_from is None:
-      if plan is not None:
-        plan.check_batch(cfg.data.batch_size, cfg.step.grad_accum)  # as launch/plan.py checks it
       # Built sharded: resolving the plan's shardings (which names any dimension the mesh does not divide) comes first.
       shardings = None if plan is None else plan.state_shardings
       if cfg.loop.init_from is None:
@@ -474,7 +476,8 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
         before = float(learning_rate_schedule(_previous_optimizer(previous, cfg), previous_steps)(resumed_from))
         after = float(learning_rate_schedule(cfg.optimizer, loop.steps)(resumed_from))
         log(f"note: loop.steps {previous_steps} -> {loop.steps} reshapes the {cfg.optimizer.schedule} learning-rate "
-            f"schedule: at step {resumed_from} it goes from {before:.3g} to {after:.3g} (logged per step as lr)")
+            f"schedule: at step {resumed_from + 1}, the first after the checkpoint, it goes from {before:.3g} to "
+            f"{after:.3g} (logged per step as lr)")
     if jax.process_index() == 0:  # only now: a launch refused by the checkpoint leaves the workdir's config as it was
       save_json(cfg, config_path)
     start = int(state.step)
@@ -491,7 +494,8 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
     metrics_out = _Metrics(workdir, resumed_from) if jax.process_index() == 0 else _NoMetrics()
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_per_token = train_flops_per_token(cfg)
-    peak *= jax.device_count()
+    # A measured CPU peak is the whole host's (every core); forced host devices share those cores.
+    peak *= jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
     last_loss = eval_loss = None
     step_times: list[float] = []
     clock = _RunClock(loop)
