@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from zaya_jax.checkpoint.hf import CheckpointError
+from zaya_jax.checkpoint.hf import SAVED_MODEL_FILES, CheckpointError
 from zaya_jax.figures import model_figures
 from zaya_jax.sharding import ShardingPlan
 from zaya_jax.train import sharded
@@ -250,8 +250,7 @@ def check_workdir(workdir: str) -> None:
   replaced by the run's, leaving the weights unreadable)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise TrainingError(f"workdir {workdir} is a file, not a directory")
-  hf_files = [name for name in ("model.safetensors", "model.safetensors.index.json")
-              if os.path.exists(os.path.join(workdir, name))]
+  hf_files = [name for name in SAVED_MODEL_FILES if os.path.exists(os.path.join(workdir, name))]
   config = os.path.join(workdir, "config.json")
   if not hf_files and os.path.isfile(config):
     try:
