@@ -118,6 +118,42 @@ def test_tied_router_scores_route_as_the_reference(tmp_path):
     np.testing.assert_array_equal(np.asarray(jax.jit(top1)(scores)), want, err_msg=f"{n} classes")
 
 
+def test_fp32_training_gradients_match_reference_backward(fp32_case):
+  """The gradient the train step takes (its loss function, the experts' custom VJP, the router's top-1, the
+  convolutions, the residual scales, a tied or untied head) against torch autograd through the reference, for every
+  parameter; the balancing biases are not parameters in either."""
+  from zaya_jax.model.moe import deinterleave_gate_up
+  from zaya_jax.train import step as step_lib
+  from zaya_jax.train.balancing import BalancingConfig
+  from zaya_jax.train.optim import OptimizerConfig
+
+  name, path, ref, _ = fp32_case
+  rng = np.random.default_rng(200 + sorted(CONFIGS).index(name))
+  V = CONFIGS[name]["vocab_size"]
+  ids, targets = rng.integers(0, V, (2, 2, 11))
+  logits = ref(torch.as_tensor(ids)).logits
+  ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), torch.as_tensor(targets).reshape(-1))
+  names, tensors = zip(*ref.named_parameters(), strict=True)
+  ref_grads = dict(zip(names, (g.numpy() for g in torch.autograd.grad(ref_loss, tensors)), strict=True))
+
+  trainer, state = step_lib.create(zaya_jax.load_hf(path), OptimizerConfig(), step_lib.StepConfig(),
+                                   BalancingConfig(), 10, seed=0)
+  batch = dict(input_ids=jnp.asarray(ids, jnp.int32), targets=jnp.asarray(targets, jnp.int32),
+               segment_ids=jnp.ones(ids.shape, jnp.int32), loss_mask=jnp.ones(ids.shape, jnp.int32))
+  loss_fn = lambda params: step_lib._micro_loss(trainer, params, state.biases, batch, float(ids.size))[0]
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state.params)
+  grads = {k: np.asarray(v[...]) for k, v in flat_params(grads).items()}
+  for k in [k for k in grads if k.endswith("gate_up_proj")]:
+    grads[k] = deinterleave_gate_up(grads[k])  # the reference's row order
+
+  assert abs(float(loss) - ref_loss.item()) <= 1e-5 * ref_loss.item()
+  assert sorted(grads) == sorted(ref_grads)
+  for k, want in ref_grads.items():
+    scale = np.abs(want).max()
+    assert scale > 0, k  # every parameter takes part in the loss
+    assert np.abs(grads[k] - want).max() <= 2e-5 * scale, (k, np.abs(grads[k] - want).max() / scale)
+
+
 def test_save_hf_loads_in_reference_with_same_logits(fp32_case, tmp_path):
   _, path, ref, ids = fp32_case
   model = zaya_jax.load_hf(path)
