@@ -646,6 +646,8 @@ def test_extract_boxed():
   assert ans.extract_boxed(r"\boxed {7}") == "7"
   # Prose after the answer does not replace it: an echoed empty box, or the word after a bare \boxed.
   assert ans.extract_boxed(r"\boxed{42}. Put the final answer in \boxed{}.") == "42"
+  assert ans.extract_boxed("\\boxed{42}\n\\boxed{\\text{}} \\boxed{$ $}") == "42"  # boxes of markup alone are empty
+  assert ans.extract_boxed(r"\boxed{\text{ }}") == ""
   assert ans.extract_boxed(r"\boxed{42}. (I wrote it in \boxed so that it is seen.)") == "42"
   vote = ans.majority_vote([ans.extract_boxed(t) for t in (r"\boxed {7}", r"\boxed{7}", r"\boxed{8}", r"\boxed {7}.")])
   assert (vote.answer, vote.count) == ("7", 3)

@@ -49,8 +49,9 @@ def extract_boxed(text: str | None) -> str | None:
   """The content of the last complete, non-empty `\\boxed{...}` (or `\\fbox{...}`) in text, nested braces kept.
 
   An unclosed box (output truncated at the budget) and an empty `\\boxed{}` (the format hint echoed from the
-  prompt after the answer) are passed over for the previous box: the model's last committed answer. The brace-less
-  `\\boxed 5` counts only when no braced box has an answer (prose such as "in \\boxed so that" would otherwise win).
+  prompt after the answer; also one holding only markup, `\\boxed{\\text{}}`) are passed over for the previous
+  box: the model's last committed answer. The brace-less `\\boxed 5` counts only when no braced box has an answer
+  (prose such as "in \\boxed so that" would otherwise win).
   Returns "" when the only boxes are empty, so that the caller can tell "no box" (None) from "empty box";
   `majority_vote` ignores both (spec P10).
   """
@@ -64,7 +65,7 @@ def extract_boxed(text: str | None) -> str | None:
       continue
     if not braced:
       braceless = braceless if braceless is not None else content
-    elif content.strip():
+    elif normalize_answer(content) is not None:  # `\boxed{\text{}}` is as empty as `\boxed{}`
       return content
     else:
       empty = True
