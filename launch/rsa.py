@@ -1,7 +1,7 @@
 """Markovian RSA (ZAYA1-8B report §VI) from the command line: one problem or a problem file, with a report.
 
   python launch/rsa.py --model=/models/ZAYA1-8B --chat --problem="What is 7 * 6? Answer in \\boxed{}." \\
-      --n=16 --c=4 --t=2 --tau=4096 --beta=16384 --beta_final=40960
+      --n=16 --c=4 --t=2 --tau=4096 --beta=16384 --beta_final=40960 --template=markovian-zaya --tail_source=reasoning
   python launch/rsa.py --model=runs/tiny --problems=aime25.jsonl --n=8 --c=4 --t=2 --tau=256 --beta=512 \\
       --template=markovian-zaya --output=aime25_rsa.jsonl
 
@@ -27,8 +27,13 @@ before the weights load wherever the tokenizer and config.json suffice to find i
 --model is a run directory (launch/train.py) or a Hugging Face folder, as for launch/generate.py. Templates:
 rsa (the RSA authors' prompt), rsa-harness (its typo fixed), markovian-zaya (Zyphra's proxy prompt), pacore (the
 proxy's PaCoRe prompt; with --tail_source=pacore_hybrid it is the proxy's PaCoRe mode), delethink (C = 1: the tail
-continues the assistant's own answer; a chain that ended is not continued). With an aggregation template and
---c=1 every trace is refined every round, finished or not (the report's Delethink-like baseline).
+continues the assistant's own answer; a chain that ended is not continued; a trace is scored and saved whole, its
+chunks joined). With an aggregation template and --c=1 every trace is refined every round, finished or not (the
+report's Delethink-like baseline).
+
+The defaults are RSA's own (its authors' prompt, tails from the whole output, --beta_final = --beta, answers from the
+whole output). The ZAYA1 report's Markovian RSA, on a model that thinks in <think>...</think>: --template=markovian-zaya
+--tail_source=reasoning --beta_final=40960 (--answer_after_think to score only the final answers).
 """
 
 from __future__ import annotations

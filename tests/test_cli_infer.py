@@ -724,6 +724,42 @@ def test_solve_problem_decodes_the_last_round_with_the_final_decoder(hf):
   assert report.rounds[0].answers == ("3", "3") and report.answers == ("4", "4") and report.mean_correct == 1.0
 
 
+def test_delethink_scores_the_whole_trace_of_joined_chunks(hf):
+  """True Delethink: a trace is every chunk joined (spec §2.1), so an answer whose box straddles a chunk boundary, or
+  that an earlier chunk wrote, is the trace's; a chain that ended keeps its text. The pool holds only the newest
+  chunk, which was all that was scored."""
+  tokenizer = hf.tokenizer
+  filler = tokenizer.encode(" x")[:1]
+  first = {0: tokenizer.encode("so </think> the answer is \\boxed{1"),  # cut at its budget, mid-box
+           1: tokenizer.encode("thus </think> \\boxed{7}"),  # cut at its budget after a whole box
+           2: [*tokenizer.encode("done \\boxed{5}"), tokenizer.eos_id]}  # finished: never continued
+  second = {0: [*tokenizer.encode("2} ok"), tokenizer.eos_id], 1: [*tokenizer.encode(" checked"), tokenizer.eos_id],
+            2: [*tokenizer.encode("\\boxed{9}"), tokenizer.eos_id]}  # row 2's result is discarded
+  beta_first = max(len(first[0]), len(first[1]))
+  for i in (0, 1):  # exactly the budget: cut there, not finished
+    first[i] = filler * (beta_first - len(first[i])) + first[i]
+  cfg = rsa_eval.rsa_config(n=3, c=1, t=1, tau=6, beta=12, beta_first=beta_first, beta_final=None,
+                            tail_source="all", end_think=(), q_max=64, max_context=1024, pad_id=0, seed=0,
+                            stop_ids=(tokenizer.eos_id,), keep_finished=True)
+  pieces = P.encode_pieces(tokenizer.hf, P.DELETHINK, 1, None)
+  assert pieces.continuation
+
+  def decode(key, prompts_BL, lens_B, max_new):
+    rows = first if max_new == beta_first else second
+    tokens = np.zeros((cfg.n, max_new), np.int32)
+    for i, ids in rows.items():
+      tokens[i, :len(ids)] = ids
+    lens = np.asarray([len(rows[i]) for i in range(cfg.n)], np.int32)
+    return tokens, np.minimum(lens, max_new)
+
+  for answer_after in (None, "</think>"):
+    report, texts = rsa_eval.solve_problem(cfg, pieces, decode, tokenizer, cli_files.Problem(0, 0, "Q?", "12"),
+                                           jax.random.key(0), (tokenizer.eos_id,), answer_after=answer_after)
+    assert texts[0].endswith("\\boxed{12} ok") and texts[1].endswith("\\boxed{7} checked"), texts
+    assert report.answers == ("12", "7", None if answer_after else "5"), (answer_after, report.answers)
+    assert report.rounds[0].answers == (None, "7", None if answer_after else "5")
+
+
 # ------------------------------------------------------------------------------------------------------- bad inputs
 
 

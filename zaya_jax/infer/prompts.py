@@ -348,7 +348,7 @@ def encode_pieces(tokenizer, template: AggregationTemplate, c: int, chat: ChatFo
   prefix = start + _encode_in_context(tokenizer, texts[0], "prefix", False, True)
   heads = tuple(_encode_in_context(tokenizer, texts[1 + i], f"heads[{i}]", True, True) for i in range(c))
   suffix = _encode_in_context(tokenizer, texts[-1], "suffix", True, False)
-  return PromptPieces(initial=initial, prefix=prefix, heads=heads, suffix=suffix)
+  return PromptPieces(initial=initial, prefix=prefix, heads=heads, suffix=suffix, continuation=template.continuation)
 
 
 def leading_special_ids(tokenizer) -> tuple[int, ...]:

@@ -65,7 +65,8 @@ class RSAConfig:
   beta_first: int | None = None  # budget of round 0 (None: beta); Delethink's first chunk C = beta + tau
   # "all": tails are the whole output's last τ tokens; "reasoning": they end at the end-of-thinking marker when
   # present; "pacore_hybrid" (the report's PaCoRe hybrid, Zyphra's proxy in PaCoRe mode): a trace with an answer
-  # after its last marker carries (the last τ tokens of) that answer, any other its reasoning.
+  # after its last marker carries (the last τ tokens of) that answer, any other its reasoning. As the proxy does, a
+  # trace cut at its budget after the marker carries its partial answer (the spec's table says "if finished").
   tail_source: str = "all"
   end_think: tuple[int, ...] = ()  # token ids of the end-of-thinking marker (a sequence, e.g. (id of </think>,))
   stop_ids: tuple[int, ...] = ()  # the decoder's stop tokens (EOS, end of turn): a trace ending in one is finished
@@ -193,6 +194,9 @@ class PromptPieces:
   prefix: tuple[int, ...]
   heads: tuple[tuple[int, ...], ...]  # one per candidate; heads[i] sits between (question or tail i) and tail i+1
   suffix: tuple[int, ...]
+  # The prompt ends inside the assistant's own response (Delethink): a round's new tokens continue the trace, whose
+  # text is every round's chunk joined, not the newest chunk that the pool holds.
+  continuation: bool = False
 
   def __post_init__(self):
     if len(self.initial) != 2:
@@ -205,6 +209,8 @@ class PromptPieces:
     object.__setattr__(self, "suffix", _check_ids("suffix", self.suffix))
     if not self.heads:
       raise ValueError("PromptPieces.heads must hold one piece per candidate, got none")
+    if self.continuation and len(self.heads) != 1:
+      raise ValueError(f"PromptPieces.continuation carries one tail (C = 1), got {len(self.heads)} heads")
 
   @property
   def c(self) -> int:
@@ -618,6 +624,7 @@ def run_loop(
 
 
 def pool_sequences(state: RSAState) -> list[list[int]]:
-  """The current population as host lists of token ids (each row cut at its length), for detokenising."""
+  """The current population as host lists of token ids (each row cut at its length), for detokenising. With
+  continuation pieces a row is its trace's newest chunk (`rsa_eval.solve_problem` joins the chunks)."""
   pool, lens = np.asarray(state.pool_NG), np.asarray(state.pool_len_N)
   return [pool[i, : lens[i]].tolist() for i in range(pool.shape[0])]

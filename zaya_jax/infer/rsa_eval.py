@@ -179,9 +179,25 @@ def solve_problem(cfg: rsa.RSAConfig, pieces: rsa.PromptPieces, decode_fn: rsa.D
   (see `answer_section`). `final_decode_fn`: the last round's decoder (its own sampling), default decode_fn."""
   question = P.encode_question(tokenizer.hf, problem.problem)
   rounds, texts = [], []
+  traces = [[] for _ in range(cfg.n)]  # continuation pieces: each row's chunks so far, joined
+  finished_N = np.zeros(cfg.n, bool)  # before the round being recorded
 
   def record(r: int, state: rsa.RSAState) -> None:
-    texts[:] = [decoded_text(tokenizer, seq, stop_ids)[0] for seq in rsa.pool_sequences(state)]
+    sequences = rsa.pool_sequences(state)
+    if pieces.continuation:
+      # Delethink scores the whole trace, every chunk joined (spec §2.1): an answer that an earlier chunk wrote, or
+      # that straddles a boundary, is the trace's. A row kept as it was this round (finished, keep_finished) adds
+      # nothing; a finished chunk that is continued loses its stop token, which is no text.
+      kept_N = finished_N & cfg.keep_finished
+      for trace, chunk, kept in zip(traces, sequences, kept_N, strict=True):
+        if kept:
+          continue
+        if trace and trace[-1] in stop_ids:
+          trace.pop()
+        trace.extend(chunk)
+      finished_N[:] = np.asarray(state.finished_N)
+      sequences = traces
+    texts[:] = [decoded_text(tokenizer, seq, stop_ids)[0] for seq in sequences]
     rounds.append(score_round(texts, np.asarray(state.finished_N).tolist(), int(state.generated_R[r]),
                               int(state.prefilled_R[r]), int(state.max_context_R[r]), answer_after))
     if on_round is not None:
