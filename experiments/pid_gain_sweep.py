@@ -49,6 +49,7 @@ flags.DEFINE_integer("seq", 32, "Tokens per row.")
 flags.DEFINE_float("lr", 3e-3, "Peak learning rate (10 warm-up steps, then the default cosine decay).")
 flags.DEFINE_list("seeds", ["0"], "Model and data seeds; every gain (and off) runs once per seed.")
 flags.DEFINE_string("out", os.path.join("experiments", "results", "pid_gain_sweep.json"), "Result file.")
+flags.DEFINE_boolean("overwrite", False, "Replace an existing --out (the default one holds the committed sweep).")
 FLAGS = flags.FLAGS
 
 
@@ -77,6 +78,9 @@ def run(data, balancing: BalancingConfig, seed: int) -> list[dict]:
 
 def main(argv):
   del argv
+  if os.path.exists(FLAGS.out) and not FLAGS.overwrite:  # before the runs: their results would have nowhere to go
+    raise SystemExit(f"error: {FLAGS.out} exists (an earlier sweep's results; the default file is the repository's "
+                     "committed sweep): pass --out=<another file>, or --overwrite to replace it")
   quiet_library_logging()
   # The runs' step temporaries stay mapped; 8x32-token steps keep asynchronous dispatch (zaya_jax/host_memory.py).
   host_memory.retain_freed_memory(calls_on_caller_thread=False)

@@ -76,3 +76,16 @@ def test_report_gives_mean_and_sample_std_over_seeds():
   text = ablate_report.table(rows)
   assert "| pid | 0,1 |" in text and "3.5000 ± 0.7071" in text and "3.00 ± 1.41" in text
   assert "| none | 0 |" in text and "5.0000 | +2.0000 |" in text  # paired with pid's seed 0 only
+
+
+def test_pid_gain_sweep_refuses_an_existing_result_file(tmp_path):
+  """Its default --out is the committed sweep: a rerun must not replace it unasked (nothing is run first)."""
+  import subprocess
+  import sys
+
+  out = tmp_path / "sweep.json"
+  out.write_text("{}")
+  proc = subprocess.run([sys.executable, "-m", "experiments.pid_gain_sweep", f"--out={out}", "--steps=1"],
+                        capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode != 0 and f"{out} exists" in proc.stderr and "--overwrite" in proc.stderr, proc.stderr
+  assert out.read_text() == "{}"
