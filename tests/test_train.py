@@ -9,6 +9,7 @@ main-job test.
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -365,9 +366,21 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
   cfg = small_config(corpus, 2 * N, N)
   tmp_path = tmp_path / "run"
   shutil.copytree(straight[0], tmp_path)  # a finished run of `cfg`
+  files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
   other = override(cfg, ["model.hidden_size=32"])
   with pytest.raises(CheckpointError, match=r"another model \(hidden_size: checkpoint 64 vs run 32\)"):
     train(other, tmp_path, log=lambda _: None)
+  # Nested settings by their dotted names, each value alone (not the whole section); refused before the data is
+  # prepared, so nothing (a token cache of the new settings) is left behind.
+  fewer = tmp_path.parent / "fewer_docs"  # another corpus: its token cache would replace the run's
+  fewer.mkdir()
+  for doc in sorted(pathlib.Path(corpus).iterdir())[:-1]:
+    shutil.copy(doc, fewer)
+  other = override(cfg, ["model.moe.intermediate_size=24", "data.seq_len=24", f"data.paths={fewer}"])
+  with pytest.raises(CheckpointError, match=r"\(moe\.intermediate_size: checkpoint \d+ vs run 24\); .*without --config"
+                     r"[^\n]*\nsettings changed since the last launch in this workdir: .*data.seq_len: 32 -> 24"):
+    train(other, tmp_path, log=lambda _: None)
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files
   assert load_json(tmp_path / "config.json") == cfg  # the refused launch left the workdir's config alone
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   schedule = learning_rate_schedule(cfg.optimizer, cfg.loop.steps)

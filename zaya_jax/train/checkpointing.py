@@ -27,13 +27,54 @@ from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.config import ZayaConfig
 from zaya_jax.sharding import with_shardings
 from zaya_jax.train.data import DATA_ORDER
-from zaya_jax.train.experiment import jsonable
+from zaya_jax.train.experiment import changed_settings, jsonable
 
 # Bumped when a parameter's stored layout changes. 2: gate_up_proj rows interleaved (model/moe.py); the runs before
 # (no "param_layout" in their meta) stored the reference's gate-then-up halves.
 PARAM_LAYOUT = 2
 # Model-config fields a resume may change: how the step computes, not what (remat recomputes the same values).
 RESUMABLE_CHANGES = frozenset({"remat"})
+
+
+def _check_model(meta: dict, model_config: ZayaConfig, where: str) -> None:
+  """Refuses a model the checkpoint was not written for, naming each differing setting (dotted) with both values."""
+  saved = meta.get("model_config", {})
+  if not saved:  # a checkpoint from before model configs were kept
+    return
+  # A field newer than the checkpoint was, in effect, at its default when it was written.
+  saved = jsonable({**dataclasses.asdict(ZayaConfig()), **saved})
+  current = jsonable(dataclasses.asdict(model_config))
+  differing = []
+  for name in changed_settings(saved, current):
+    if name.split(".")[0] in RESUMABLE_CHANGES:
+      continue
+    was, now = saved, current
+    for part in name.split("."):
+      was, now = was[part], now[part]
+    differing.append(f"{name}: checkpoint {was!r} vs run {now!r}")
+  if differing:
+    raise CheckpointError(f"checkpoint {where} was written for another model ({', '.join(sorted(differing))}); start "
+                          "a new workdir, or relaunch with the checkpoint's model (launch/train.py without --config "
+                          "continues from the workdir's config.json)")
+
+
+def check_latest_model(workdir: str | os.PathLike, model_config: ZayaConfig) -> None:
+  """`restore`'s model check against the run's latest complete checkpoint, from its metadata alone: a launch makes
+  it before preparing data. Nothing to check (no checkpoint, unreadable metadata) is left to the restore to report."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return
+  manager = _read_only_manager(os.path.abspath(os.fspath(workdir)))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # Orbax raises many types for unreadable folders; the restore names the problem
+      return
+  finally:
+    manager.close()
+  _check_model(meta, model_config, os.path.join(os.fspath(manager.directory), str(step)))
 
 
 def _check_layout(meta: dict, where: str) -> None:
@@ -110,16 +151,7 @@ class RunCheckpointer:
     where = os.path.join(self.directory, str(step))
     meta = self.meta(step)
     _check_layout(meta, where)
-    saved = meta.get("model_config", {})
-    if saved:  # a field newer than the checkpoint was, in effect, at its default when it was written
-      saved = {**dataclasses.asdict(ZayaConfig()), **saved}
-    current = dataclasses.asdict(model_config)
-    differing = {k: (saved.get(k), v) for k, v in current.items()
-                 if k not in RESUMABLE_CHANGES and jsonable(saved.get(k)) != jsonable(v)}
-    if differing:
-      described = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(differing.items()))
-      raise CheckpointError(f"checkpoint {where} was written for another model ({described}); start a new workdir "
-                            "or run with the checkpoint's config")
+    _check_model(meta, model_config, where)
     saved_position = _saved_data_position(where)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))

@@ -37,7 +37,7 @@ from zaya_jax.figures import model_figures
 from zaya_jax.sharding import ShardingPlan
 from zaya_jax.train import sharded
 from zaya_jax.train import step as train_step_lib
-from zaya_jax.train.checkpointing import RunCheckpointer, has_checkpoint, on_one_device
+from zaya_jax.train.checkpointing import RunCheckpointer, check_latest_model, has_checkpoint, on_one_device
 from zaya_jax.train.data import DATA_ORDER, make_data
 from zaya_jax.train.experiment import ExperimentConfig, changed_settings, from_dict, jsonable, save_json, to_dict
 from zaya_jax.train.optim import OptimizerConfig, learning_rate_schedule
@@ -272,6 +272,13 @@ def _last_launch(config_path: str) -> dict | None:
     return json.load(f)
 
 
+def _with_changes(error: CheckpointError, changed: list[str]) -> CheckpointError:
+  """A checkpoint's refusal, with the settings that changed since the last launch (the likely cause) added."""
+  if not changed:
+    return error
+  return CheckpointError(f"{error}\nsettings changed since the last launch in this workdir: " + "; ".join(changed))
+
+
 def _changed_since(old: dict | None, cfg: ExperimentConfig) -> list[str]:
   """'name: old -> new' for each setting that differs from the previous launch's config, if any."""
   if old is None:
@@ -403,10 +410,14 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
   previous = _last_launch(config_path)
   # Only a run with a checkpoint keeps its start: a launch that died before its first save resumes nothing.
   _check_init_from(cfg, previous if has_checkpoint(workdir) else None, workdir)
+  changed = _changed_since(previous, cfg)
+  try:  # another model than the checkpoint's: refused before the data is prepared (and cached in the workdir)
+    check_latest_model(workdir, cfg.model)
+  except CheckpointError as e:
+    raise _with_changes(e, changed) from None
   os.makedirs(workdir, exist_ok=True)
   peak, peak_source = peak_flops_per_device(workdir)  # before the data's threads start: on CPU it is measured
   data = make_data(cfg.data, workdir, model_vocab_size=cfg.model.vocab_size)
-  changed = _changed_since(previous, cfg)
   previous_steps = None if previous is None else previous.get("loop", {}).get("steps")
   log(f"data: {data.info.description}")
 
@@ -453,10 +464,7 @@ def _train(cfg: ExperimentConfig, workdir: str | os.PathLike, log, preemption: _
       try:
         state = checkpointer.restore(resumed_from, abstract_state, data_iter, cfg.model)
       except CheckpointError as e:
-        if changed:
-          raise CheckpointError(f"{e}\nsettings changed since the last launch in this workdir: "
-                                + "; ".join(changed)) from None
-        raise
+        raise _with_changes(e, changed) from None
       log(f"resumed from {os.path.join(checkpointer.directory, str(resumed_from))}")
       saved_meta = checkpointer.meta(resumed_from)
       saved_corpus = saved_meta.get("data_fingerprint")
