@@ -113,6 +113,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 def write_report(out: str) -> str:
   """table.md and <study>.png in `out` from out/runs.jsonl; returns the table."""
+  if not os.path.isdir(out):
+    raise ValueError(f"{out} does not exist (a study's --out folder)")
   rows = read_jsonl(os.path.join(out, "runs.jsonl"))
   if not rows:
     raise ValueError(f"{os.path.join(out, 'runs.jsonl')} has no finished runs")

@@ -179,10 +179,10 @@ def test_the_study_end_to_end_and_resumes(tmp_path):
   assert any("done already" in line for line in lines) and not any(line.startswith("eval ") for line in lines)
   assert {m: open(os.path.join(out, "evals", m, "sample.jsonl")).read() for m in run.MODELS} == before
   assert read_jsonl(os.path.join(out, "results.jsonl")) == results
-  with pytest.raises(ValueError, match="other settings"):
+  with pytest.raises(ValueError, match=rf"other settings \(run.json: temperature {TOY.temperature!r} \(now 0.5\)\)"):
     run.run(dataclasses.replace(TOY, temperature=0.5), out, log=lines.append)
-  with pytest.raises(ValueError, match=r"other settings \(run.json: mode 'toy'"):  # --summarize_only checks it too
-    run.previous_run(out, dataclasses.replace(TOY, problems=TOY.problems + 1))
+  with pytest.raises(ValueError, match=rf"other settings \(run.json: problems {TOY.problems} \(now {TOY.problems + 1}"):
+    run.previous_run(out, dataclasses.replace(TOY, problems=TOY.problems + 1))  # --summarize_only checks it too
   # Killed mid-training (no train_done.json, no run.json yet): a relaunch with other training settings is refused by
   # the loop's config.json, not continued from the checkpoint.
   finished = [os.path.join(out, "run.json"), *(os.path.join(out, "runs", "plain", name)

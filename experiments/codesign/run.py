@@ -51,7 +51,7 @@ from experiments.common import (
   write_json,
   write_text,
 )
-from zaya_jax.train.experiment import changed_settings, jsonable
+from zaya_jax.train.experiment import changed_settings, jsonable, setting_at
 
 FLAGS = flags.FLAGS
 MODELS = ("plain", "aggregation")
@@ -514,10 +514,13 @@ def previous_run(out: str, mode: Mode) -> dict:
   """run.json of the study in `out` ({} for a new folder); ValueError when it was run with other settings."""
   run_path = os.path.join(out, "run.json")
   previous = json.load(open(run_path)) if os.path.exists(run_path) else {}
-  if previous and previous.get("mode") != jsonable(dataclasses.asdict(mode)):
-    ran = previous.get("mode", {}).get("name", "?")
-    raise ValueError(f"{out} holds a run of other settings (run.json: mode {ran!r}, vs {mode.name!r} and the "
-                     "given --problems/--steps); pass the settings it was run with, or use another --out")
+  now = jsonable(dataclasses.asdict(mode))
+  if previous and previous.get("mode") != now:
+    saved = previous.get("mode", {})
+    differing = [f"{name} {setting_at(saved, name)!r} (now {setting_at(now, name)!r})"
+                 for name in changed_settings(saved, now)] or ["fields added or removed since"]
+    raise ValueError(f"{out} holds a run of other settings (run.json: {', '.join(differing)}); pass the settings it "
+                     "was run with, or use another --out")
   return previous
 
 

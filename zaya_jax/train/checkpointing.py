@@ -27,7 +27,7 @@ from zaya_jax.checkpoint.hf import CheckpointError
 from zaya_jax.config import ZayaConfig
 from zaya_jax.sharding import with_shardings
 from zaya_jax.train.data import DATA_ORDER
-from zaya_jax.train.experiment import changed_settings, jsonable
+from zaya_jax.train.experiment import changed_settings, jsonable, setting_at
 
 # Bumped when a parameter's stored layout changes. 2: gate_up_proj rows interleaved (model/moe.py); the runs before
 # (no "param_layout" in their meta) stored the reference's gate-then-up halves.
@@ -48,10 +48,7 @@ def _check_model(meta: dict, model_config: ZayaConfig, where: str) -> None:
   for name in changed_settings(saved, current):
     if name.split(".")[0] in RESUMABLE_CHANGES:
       continue
-    was, now = saved, current
-    for part in name.split("."):
-      was, now = was[part], now[part]
-    differing.append(f"{name}: checkpoint {was!r} vs run {now!r}")
+    differing.append(f"{name}: checkpoint {setting_at(saved, name)!r} vs run {setting_at(current, name)!r}")
   if differing:
     raise CheckpointError(f"checkpoint {where} was written for another model ({', '.join(sorted(differing))}); start "
                           "a new workdir, or relaunch with the checkpoint's model (launch/train.py without --config "

@@ -263,6 +263,13 @@ def changed_settings(saved, now, path: str = "") -> list[str]:
   return [] if saved == now else [path]
 
 
+def setting_at(settings: dict, dotted: str):
+  """The value of a setting by the dotted name `changed_settings` gives it (e.g. "moe.intermediate_size")."""
+  for key in dotted.split("."):
+    settings = settings[key]
+  return settings
+
+
 def from_dict(cls, raw: dict):
   types_ = _field_types(cls)
   known = {f.name for f in dataclasses.fields(cls)}

@@ -39,7 +39,15 @@ from zaya_jax.train import sharded
 from zaya_jax.train import step as train_step_lib
 from zaya_jax.train.checkpointing import RunCheckpointer, check_latest_model, has_checkpoint, on_one_device
 from zaya_jax.train.data import DATA_ORDER, make_data
-from zaya_jax.train.experiment import ExperimentConfig, changed_settings, from_dict, jsonable, save_json, to_dict
+from zaya_jax.train.experiment import (
+  ExperimentConfig,
+  changed_settings,
+  from_dict,
+  jsonable,
+  save_json,
+  setting_at,
+  to_dict,
+)
 from zaya_jax.train.optim import OptimizerConfig, learning_rate_schedule
 
 
@@ -284,12 +292,7 @@ def _changed_since(old: dict | None, cfg: ExperimentConfig) -> list[str]:
   if old is None:
     return []
   new = jsonable(to_dict(cfg))
-
-  def at(tree, name):
-    for key in name.split("."):
-      tree = tree[key]
-    return tree
-  return [f"{name}: {at(old, name)!r} -> {at(new, name)!r}" for name in changed_settings(old, new)]
+  return [f"{name}: {setting_at(old, name)!r} -> {setting_at(new, name)!r}" for name in changed_settings(old, new)]
 
 
 def _check_init_from(cfg: ExperimentConfig, previous: dict | None, workdir: str) -> None:
