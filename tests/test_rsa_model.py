@@ -56,8 +56,10 @@ def test_rounds_reuse_the_same_programs_and_memory(model):
   assert all(0 < m < 10 * 2**20 for m in memory.values()), memory
 
 
-def test_single_jit_run_memory_is_flat_in_rounds(model):
-  """`rsa.run` scans the aggregation rounds: its compiled temp memory is the same for T = 2 and T = 5."""
+def test_single_jit_run_memory_is_flat_in_rounds_and_equals_the_host_loop(model):
+  """`rsa.run` scans the aggregation rounds: its compiled temp memory is the same for T = 2 and T = 5. Run, the
+  T = 2 program gives the state the host loop gives with the same model and key (scripted decoders show it in
+  test_rsa.py; here the decoder is the real one, traced into the scan)."""
   decode_fn = make_decode_fn(model, sampling=SAMPLING, max_len=rsa.context_bound(CFG, PIECES))
   temp = {}
   for t in (2, 5):
@@ -66,5 +68,12 @@ def test_single_jit_run_memory_is_flat_in_rounds(model):
     compiled = rsa._run_jit.lower(rsa._static(cfg), PIECES, decode_fn, decode_fn, jax.random.key(0), q_Q,
                                   q_len).compile()
     temp[t] = compiled.memory_analysis().temp_size_in_bytes
+    if t == 2:
+      in_one_jit = compiled(jax.random.key(7), q_Q, q_len)
+      looped = rsa.run_loop(cfg, PIECES, decode_fn, [20, 21, 22], jax.random.key(7))
+      for name, a, b in zip(looped._fields, in_one_jit, looped, strict=True):
+        if name != "key":
+          np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+      assert int(looped.generated) > 0
   # The population buffer [N, tail window] is the same for any T; only per-round counters ([T + 1] int32) grow.
   assert abs(temp[5] - temp[2]) <= 256, temp
