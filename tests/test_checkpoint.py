@@ -100,8 +100,15 @@ def test_legacy_layout_loads_to_the_same_logits(reference_dir, untied_reference_
   assert ("lm_head.weight" in native) != tied
   legacy = native_to_legacy(native, TINY["num_hidden_layers"])
   assert len(legacy) == len(native) + 2 * (TINY["num_experts"] - 1) * TINY["num_hidden_layers"]
-  save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
-  cfg = json.loads((path / "config.json").read_text())
+  write_legacy(legacy, path, tmp_path)
+  model = zaya_jax.load_hf(tmp_path)
+  assert np.abs(logits_of(model, ids) - reference_forward(ref, ids)[0]).max() <= 1e-5
+
+
+def write_legacy(legacy: dict, native_path, path) -> None:
+  """The legacy tensors and the legacy config.json of the native folder's model into `path`."""
+  save_file(legacy, path / "model.safetensors", metadata={"format": "pt"})
+  cfg = json.loads((native_path / "config.json").read_text())
   legacy_cfg = {"model_type": "zaya", "num_hidden_layers": 2 * cfg["num_hidden_layers"],
                 "ffn_hidden_size": 2 * cfg["moe_intermediate_size"], "zaya_mlp_expansion": cfg["router_hidden_size"],
                 "moe_router_topk": 1, "norm_epsilon": cfg["rms_norm_eps"], "kv_channels": cfg["head_dim"],
@@ -109,9 +116,22 @@ def test_legacy_layout_loads_to_the_same_logits(reference_dir, untied_reference_
                 **{k: cfg[k] for k in ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
                                        "num_experts", "max_position_embeddings", "eos_token_id", "dtype",
                                        "tie_word_embeddings")}}
-  (tmp_path / "config.json").write_text(json.dumps(legacy_cfg))
-  model = zaya_jax.load_hf(tmp_path)
-  assert np.abs(logits_of(model, ids) - reference_forward(ref, ids)[0]).max() <= 1e-5
+  (path / "config.json").write_text(json.dumps(legacy_cfg))
+
+
+def test_legacy_tensors_stored_twice_or_experts_misnumbered_are_named(reference_dir, tmp_path):
+  path, _ = reference_dir
+  legacy = native_to_legacy(load_file(path / "model.safetensors"), TINY["num_hidden_layers"])
+  router = next(k for k in legacy if ".zaya_block.router." in k)
+  twice = {**legacy, router.replace(".zaya_block.", ".smoe_block."): legacy[router]}  # both legacy spellings
+  write_legacy(twice, path, tmp_path)
+  with pytest.raises(CheckpointError, match=r"is stored 2 times"):
+    zaya_jax.load_hf(tmp_path)
+  last = f"local_experts.{TINY['num_experts'] - 1}."  # renamed to a second expert 0 ("00"): as many, not 0..X-1
+  misnumbered = {k.replace(last, "local_experts.00."): v for k, v in legacy.items()}
+  write_legacy(misnumbered, path, tmp_path)
+  with pytest.raises(CheckpointError, match=r"legacy experts \[0, 0, 1\] stored, expected 0..2"):
+    zaya_jax.load_hf(tmp_path)
 
 
 # -- sharding and round trips -------------------------------------------------------------------------

@@ -10,10 +10,12 @@ and the RSA runs (scripted in-process, the CLI's, the in-process replay) use one
 session's persistent compilation cache (conftest.py), so they compile nothing the module compiled before them.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import stat
@@ -222,6 +224,7 @@ def test_prompt_and_problem_files(tmp_path):
     ('{"problem": "one"}\n{"problem": "two"\n', "problems.jsonl:2: not valid JSON"),
     ('{"problem": "one"}\n["two"]\n', "problems.jsonl:2: expected a JSON object"),
     ('{"answer": "1"}\n', "problems.jsonl:1: needs a non-empty string field \"problem\""),
+    ('{"problem": "  "}\n', "problems.jsonl:1: needs a non-empty string field \"problem\""),
     ('{"problem": "one", "answer": [1]}\n', "problems.jsonl:1: \"answer\" must be a string or a number"),
     ('{"problem": "one", "answer": true}\n', "problems.jsonl:1: \"answer\" must be a string or a number"),
     ('{"problem": "one", "answer": " "}\n', "problems.jsonl:1: \"answer\" is empty"),
@@ -284,6 +287,10 @@ def test_generate_cli_writes_what_the_library_generates(tmp_path, hf_dir, chat_s
   model = {"model": str(hf_dir), "step": None, "fingerprint": cli.load_model(str(hf_dir)).fingerprint}
   assert rows == [{**c.to_json(), **model} for c in chat_samples]
   assert out.count("=== prompt ") == 4 and "=== prompt 2 'import os', sample 2 (8 tokens" in out
+  for c in chat_samples:  # each header says how its sample ended
+    end = "stop token" if c.stopped else "budget"
+    assert re.search(rf"=== prompt {c.prompt_index + 1} .*, sample {c.sample + 1} \({c.tokens} tokens, ended at the "
+                     rf"{end}\) ===", out), (c, out)
   assert f"model: {hf_dir} (Hugging Face folder)" in err
   assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl", "samples.jsonl"]  # no temporary file left behind
 
@@ -442,6 +449,7 @@ def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp
   assert run["model"] == {"step": None, "fingerprint": hf.fingerprint} and run["flags"]["--seed"] == 5
   assert f"model: {model_dir} (Hugging Face folder)" in err
   assert out.count("new tokens, longest call") == 6 and out.count("  vote:") == 3  # 2 rounds x 3 problems
+  assert "  candidate " not in out  # texts are shown for --problem, not for a problem file (unless --show_text)
   assert "  round 1: mean correct" in out  # the summary's per-round line
   assert "1 of 3 problem(s) have no \"answer\" field (e.g. line 3)" in err  # said before decoding
 
@@ -579,6 +587,9 @@ def test_round_figures_are_means_over_every_problem():
   summary = rsa_eval.summarize([report(0, "1", [0.0, 0.0]), report(1, None, [1.0, 0.5])])
   assert [r["entropy"] for r in summary["by_round"]] == [0.5, 0.25]
   assert summary["by_round"][0]["mean_correct"] == 0.5
+  unscored = rsa_eval.summarize([report(0, None, [0.0])])  # no reference anywhere: no correctness, not zero
+  assert unscored["mean_correct"] is unscored["majority_at_n"] is unscored["pass_at_n"] is None
+  assert "n/a" in rsa_eval.format_summary(unscored)
   # Reports of different round counts (runs with another --t appended by hand) have no per-round figures.
   assert "by_round" not in rsa_eval.summarize([report(0, "1", [0.0, 0.0]), report(1, "1", [0.0])])
 
@@ -651,8 +662,8 @@ def _run_rsa_cli(tmp_path, monkeypatch, tokenizer, args):
   def solve_problem(cfg, pieces, decode_fn, tok, problem, key, stop_ids, *, on_round, answer_after, final_decode_fn):
     calls.append(dict(cfg=cfg, decode_fn=decode_fn, final_decode_fn=final_decode_fn, problem=problem,
                       answer_after=answer_after))
-    texts = ["no answer yet", *(f"candidate {i} says \\boxed{{4}}" for i in range(1, cfg.n))]
-    finished = [i != 1 for i in range(cfg.n)]  # the vote stands for the first finished candidate with its answer
+    texts = ["no answer yet", *(f"candidate {i} says \\boxed{{{7 if i == 2 else 4}}}" for i in range(1, cfg.n))]
+    finished = [i >= 2 for i in range(cfg.n)]  # the vote stands for the first finished candidate with its answer
     return rsa_eval.report_problem(problem, texts, finished, 1, 1, 1, answer_after), texts
 
   monkeypatch.setattr(mod, "make_decode_fn", scripted_make_decode_fn)
@@ -669,13 +680,17 @@ def _run_rsa_cli(tmp_path, monkeypatch, tokenizer, args):
 
 
 def test_rsa_cli_prints_the_text_the_vote_stands_for(tmp_path, monkeypatch, hf, capsys):
-  _run_rsa_cli(tmp_path, monkeypatch, hf.tokenizer, ["--n=3", "--c=2", "--t=1", "--tau=4", "--beta=8"])
+  # Candidates: 0 no answer, 1 '4' cut at its budget, 2 '7' finished, 3 '4' finished.
+  _run_rsa_cli(tmp_path, monkeypatch, hf.tokenizer, ["--n=4", "--c=2", "--t=1", "--tau=4", "--beta=8"])
   out = capsys.readouterr().out
-  assert "vote: '4' (2 of 3)" in out and "candidate 2 (finished):\ncandidate 2 says \\boxed{4}\n" in out, out
-  assert "candidate 1 says" not in out and "no answer yet" not in out
-  _run_rsa_cli(tmp_path, monkeypatch, hf.tokenizer, ["--n=3", "--c=2", "--t=1", "--tau=4", "--beta=8",
+  assert "vote: '4' (2 of 4)" in out and "candidate 3 (finished):\ncandidate 3 says \\boxed{4}\n" in out, out
+  assert "candidate 1 says" not in out and "candidate 2 says" not in out and "no answer yet" not in out
+  # No finished candidate with the plurality answer: the first one with it, said to be cut.
+  _run_rsa_cli(tmp_path, monkeypatch, hf.tokenizer, ["--n=3", "--c=2", "--t=1", "--tau=4", "--beta=8"])
+  assert "candidate 1 (cut at its budget):\ncandidate 1 says \\boxed{4}\n" in capsys.readouterr().out
+  _run_rsa_cli(tmp_path, monkeypatch, hf.tokenizer, ["--n=4", "--c=2", "--t=1", "--tau=4", "--beta=8",
                                                      "--noshow_text"])
-  assert "candidate 2 says" not in capsys.readouterr().out
+  assert "candidate 3 says" not in capsys.readouterr().out
 
 
 def test_rsa_cli_flags_reach_the_sampler(tmp_path, monkeypatch, hf):
@@ -756,8 +771,13 @@ def test_delethink_scores_the_whole_trace_of_joined_chunks(hf):
     report, texts = rsa_eval.solve_problem(cfg, pieces, decode, tokenizer, cli_files.Problem(0, 0, "Q?", "12"),
                                            jax.random.key(0), (tokenizer.eos_id,), answer_after=answer_after)
     assert texts[0].endswith("\\boxed{12} ok") and texts[1].endswith("\\boxed{7} checked"), texts
+    assert texts[2] == "done \\boxed{5}"  # kept as it ended: its discarded continuation is not added
     assert report.answers == ("12", "7", None if answer_after else "5"), (answer_after, report.answers)
     assert report.rounds[0].answers == (None, "7", None if answer_after else "5")
+  # Without keep_finished an ended chain is continued too: its stop token is no text between the chunks.
+  _, texts = rsa_eval.solve_problem(dataclasses.replace(cfg, keep_finished=False), pieces, decode, tokenizer,
+                                    cli_files.Problem(0, 0, "Q?", "12"), jax.random.key(0), (tokenizer.eos_id,))
+  assert texts[2] == "done \\boxed{5}\\boxed{9}", texts
 
 
 # ------------------------------------------------------------------------------------------------------- bad inputs

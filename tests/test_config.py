@@ -40,6 +40,8 @@ def test_zaya1_8b_preset_matches_the_native_config():
     (lambda: AttentionConfig(rope_theta="5e6"), "attention.rope_theta"),
     (lambda: AttentionConfig(sliding_rope_theta=None), "attention.sliding_rope_theta"),
     (lambda: AttentionConfig(partial_rotary_factor="0.5"), "attention.partial_rotary_factor"),
+    (lambda: AttentionConfig(sliding_partial_rotary_factor="0.5"), "attention.sliding_partial_rotary_factor"),
+    (lambda: AttentionConfig(rope_theta=True), "attention.rope_theta"),  # a bool is an int to Python, not a number here
     (lambda: AttentionConfig(use_bias=1), "attention.use_bias"),
     (lambda: ZayaConfig.tiny(rms_norm_eps=None), "rms_norm_eps"),
     (lambda: ZayaConfig.tiny(initializer_range="0.02"), "initializer_range"),
@@ -49,6 +51,10 @@ def test_zaya1_8b_preset_matches_the_native_config():
 def test_invalid_configs_name_the_field(make, field):
   with pytest.raises(ValueError, match=re.escape(f"ZayaConfig.{field}:")):
     make()
+
+
+def test_boundary_values_are_valid():
+  assert ZayaConfig.tiny(initializer_range=0.0).initializer_range == 0.0  # zero-initialised weights, as torch allows
 
 
 def test_bos_and_eos_past_the_vocabulary_warn_as_transformers_does():

@@ -617,6 +617,8 @@ def test_bad_run_inputs_raise_before_jit():
   assert rsa._run_jit._cache_size() == before  # nothing was traced
   with pytest.raises(ValueError, match=r"PromptPieces.prefix"):
     PromptPieces(initial=((), ()), prefix=(-3,), heads=((1,),), suffix=())
+  with pytest.raises(ValueError, match=r"PromptPieces.continuation carries one tail \(C = 1\), got 2 heads"):
+    PromptPieces(initial=((), ()), prefix=(3,), heads=((1,), (2,)), suffix=(), continuation=True)
 
 
 @pytest.mark.parametrize(
@@ -648,6 +650,7 @@ def test_extract_boxed():
   assert ans.extract_boxed(r"\boxed{42}. Put the final answer in \boxed{}.") == "42"
   assert ans.extract_boxed("\\boxed{42}\n\\boxed{\\text{}} \\boxed{$ $}") == "42"  # boxes of markup alone are empty
   assert ans.extract_boxed(r"\boxed{\text{ }}") == ""
+  assert ans.extract_boxed(r"$\boxed 3$ then $\boxed 5$") == "5"  # the last brace-less box, as for braced ones
   assert ans.extract_boxed(r"\boxed{42}. (I wrote it in \boxed so that it is seen.)") == "42"
   vote = ans.majority_vote([ans.extract_boxed(t) for t in (r"\boxed {7}", r"\boxed{7}", r"\boxed{8}", r"\boxed {7}.")])
   assert (vote.answer, vote.count) == ("7", 3)
@@ -658,6 +661,7 @@ def test_normalize_answer():
   assert n(r"$\dfrac{1}{2}$.") == n(r"\frac{1}{2}") == r"\frac{1}{2}"
   assert n(r"\text{5 cm}") == "5cm"
   assert n("x = 12") == "12" and n("1,000") == "1000" and n("5.00") == "5" and n(r"90^\circ") == "90"
+  assert n("X = 5") == "5" and n("1234,567") != "1234567"  # a capital variable; no thousands group of four
   assert n("   ") is None and n(None) is None
   # Presentation variants of one answer (a review found each scored wrong against the plain form).
   for variants in ([r"\frac12", r"\dfrac12", r"\frac{1}{2}", r"\frac1{2}"], [r"\sqrt2", r"\sqrt{2}"],
@@ -684,6 +688,9 @@ def test_majority_vote_rules():
   assert ans.majority_vote(["1", "2", "2"]).answer == "2"
   fin = ans.majority_vote(["7", "8", "7"], finished=[False, True, True])
   assert fin.answer == "7" and fin.index == 2  # the representative prefers a finished candidate
+  assert ans.majority_vote(["7", "8", "7"], finished=[False] * 3).index == 0  # none finished: the first one
+  with pytest.raises(ValueError, match="finished has 2 entries, answers has 1"):
+    ans.majority_vote(["1"], finished=[True, False])
   assert ans.majority_vote([None, ""]) is None
 
 
