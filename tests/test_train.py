@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -408,7 +409,10 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
   assert meta["run_config"] == json.loads(json.dumps(to_dict(cfg)))  # each step keeps the config that trained it
   assert meta.pop("data_order") == 3
   del meta["model_config"]["remat"]  # and before model.remat: the field at its default
+  del meta["model_config"]["residual_scaling"]  # a field the checkpoint predates was at its default (True) then
   meta_12.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match=r"another model \(residual_scaling: checkpoint True vs run False\)"):
+    train(override(cfg, ["loop.steps=14", "model.residual_scaling=False"]), tmp_path, log=lambda _: None)
   logs = []
   longer = override(cfg, ["loop.steps=14", "optimizer.lr=0.002",  # the "from" rate is the last launch's
                           "model.remat=full"])  # recomputes the same values: a resume may change it
@@ -453,6 +457,10 @@ def test_incompatible_and_corrupt_checkpoints_are_named(tmp_path, corpus, straig
   damaged = tmp_path / "checkpoints" / "14"
   assert (f"if its files are damaged: move {damaged} out of the workdir and the run resumes from step 12 (complete "
           "checkpoints before it: 6, 12)") in str(e.value)
+  meta_file.write_text("garbage")  # its record unreadable too: the same way back is named
+  with pytest.raises(CheckpointError, match=r"checkpoints/14 is unreadable") as e:
+    train(longer, tmp_path, log=lambda _: None)
+  assert "the run resumes from step 12 (complete checkpoints before it: 6, 12)" in str(e.value)
   shutil.move(damaged, tmp_path / "damaged_14")
   assert RunCheckpointer(tmp_path / "checkpoints", save_every=6, max_to_keep=3).latest_step() == 12
   load_run(tmp_path)
@@ -463,13 +471,21 @@ def test_a_workdir_must_not_be_a_file_or_a_hugging_face_folder(tmp_path, corpus)
   (tmp_path / "a_file").write_text("x")
   with pytest.raises(TrainingError, match=r"a_file is a file, not a directory"):
     train(cfg, tmp_path / "a_file", log=lambda _: None)
-  for name, text in (("config.json", json.dumps({"model_type": "zaya"})), ("model.safetensors", "")):
-    folder = tmp_path / name.replace(".", "_")
+  # Any file of a saved model counts, whatever its config.json holds (a weights file beside a config without
+  # "model_type" too), and the error names the model's files.
+  before = signal.getsignal(signal.SIGTERM)
+  for files, named in (({"config.json": json.dumps({"model_type": "zaya"})}, "config.json"),
+                       ({"model.safetensors": ""}, "model.safetensors"),
+                       ({"model.safetensors.index.json": "{}"}, "model.safetensors.index.json"),
+                       ({"model.safetensors": "", "config.json": "{}"}, "model.safetensors")):
+    folder = tmp_path / f"hf_{len(os.listdir(tmp_path))}"
     folder.mkdir()
-    (folder / name).write_text(text)
-    with pytest.raises(TrainingError, match=rf"holds a Hugging Face model \({re.escape(name)}\), not a training run"):
+    for name, text in files.items():
+      (folder / name).write_text(text)
+    with pytest.raises(TrainingError, match=rf"holds a Hugging Face model \({re.escape(named)}\), not a training run"):
       train(cfg, folder, log=lambda _: None)
-    assert os.listdir(folder) == [name]  # left as it was
+    assert sorted(os.listdir(folder)) == sorted(files)  # left as it was
+  assert signal.getsignal(signal.SIGTERM) is before  # train() gives the SIGTERM handler back, however it ends
   # A mesh the devices cannot hold is refused before the data is tokenized or anything is written to the workdir
   # (a trained tokenizer left there would bind the corrected relaunch).
   from zaya_jax.sharding import ShardingError
