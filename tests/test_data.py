@@ -499,6 +499,8 @@ def test_default_corpus_discovery_and_subset(tmp_path):
   assert sum(n.startswith("stdlib/") for n, _ in corpus) > 300
   subset = _subset(corpus, 200_000)
   assert subset == _subset(corpus, 200_000) and 0 < sum(len(t.encode()) for _, t in subset) <= 200_000
+  one = corpus[:1]
+  assert _subset(one, len(one[0][1].encode())) == one and _subset(one, len(one[0][1].encode()) - 1) == []  # at most
   cfg = DataConfig(seq_len=64, batch_size=2, vocab_size=512, default_corpus_bytes=200_000, prefetch=0)
   data = make_data(cfg, tmp_path / "run", process_index=0, process_count=1)
   assert data.info.num_docs == len(subset) and data.info.num_bytes <= 200_000
@@ -599,8 +601,11 @@ def test_the_token_cache_and_split_depend_on_the_tokenizer_and_names_not_on_wher
       [os.path.basename(retrained.info.cache_file), "tokens-notes.txt"])
   current_tmp = f"{retrained.info.cache_file}.{'f' * 32}.tmp.npz"  # another host may be writing it: kept
   open(current_tmp, "w").close()
+  stale_tmp = f"{first.info.cache_file}.{'1' * 32}.tmp.npz"  # another corpus's leftover: a cache hit removes it too
+  open(stale_tmp, "w").close()
   assert make_data(DataConfig(**{**cfg.__dict__, "vocab_size": 270}), run, process_index=0,
                    process_count=1).info.cache_hit and os.path.exists(current_tmp)
+  assert not os.path.exists(stale_tmp)
 
 
 def test_array_record_split_follows_file_names_and_negative_ids_are_refused(tmp_path):

@@ -196,9 +196,15 @@ def test_manifest_sources_hashes_and_tokenizer_lookup(seven_texts, tmp_path, mon
   assert token_shards.tokenizer_of([str(out / "custom.array_record")]) is None
   assert token_shards.tokenizer_of([str(out / shard["file"])]) == str(out / "tokenizer.json")
   # Name hashes of another length than the shard's records would shift the held-out split.
-  np.save(out / shard["name_hashes"], np.zeros(shard["documents"] - 1, np.uint64))
-  with pytest.raises(ValueError, match=r"not the uint64\[7\] name hashes"):
-    check_shards([str(out / shard["file"])], [shard["documents"]], None, None)
+  # So would signed ones (a hash past 2**63 turns negative and moves across the cut).
+  for wrong in (np.zeros(shard["documents"] - 1, np.uint64), np.zeros(shard["documents"], np.int64)):
+    np.save(out / shard["name_hashes"], wrong)
+    with pytest.raises(ValueError, match=r"not the uint64\[7\] name hashes"):
+      check_shards([str(out / shard["file"])], [shard["documents"]], None, None)
+  # A link to a listed shard takes the tokenizer of the folder the shard really is in.
+  (tmp_path / "linked").mkdir()
+  os.symlink(out / shard["file"], tmp_path / "linked" / shard["file"])
+  assert token_shards.tokenizer_of([str(tmp_path / "linked" / shard["file"])]) == str(out / "tokenizer.json")
 
 
 def _tokenized(folder, tok, out):
@@ -304,6 +310,14 @@ def test_command_line(corpus, tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
   assert again.returncode == 1 and again.stderr.startswith("error: ") and "--overwrite" in again.stderr
   assert "Traceback" not in again.stderr
+  other = tmp_path / "a_run"  # --overwrite replaces only earlier shards, and says so before any encoding
+  other.mkdir()
+  (other / "metrics.jsonl").write_text("{}\n")
+  refused = subprocess.run([*tokenize, f"--data={folder}", f"--tokenizer={tok.path}", f"--output={other}",
+                            "--overwrite"], capture_output=True, text=True, env=env, timeout=120)
+  assert refused.returncode == 1 and "error: --output: " in refused.stderr, refused.stderr
+  assert "not an earlier output of this kind" in refused.stderr and "shard(s) written" not in refused.stderr
+  assert refused.stdout == "" and os.listdir(other) == ["metrics.jsonl"]
   missing = subprocess.run([*tokenize, f"--data={folder}"], capture_output=True, text=True, env=env, timeout=120)
   assert missing.returncode == 1 and ("error: --data, --tokenizer and --output are required; missing: --tokenizer, "
                                       "--output") in missing.stderr, missing.stderr
