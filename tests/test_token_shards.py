@@ -68,6 +68,10 @@ def test_shards_hold_every_document_once_and_train(corpus, monkeypatch):
   assert got == want
   assert len(shards) > 2 and all(s["tokens"] >= 200 for s in manifest["shards"][:-1])  # a new shard past 200 ids
   assert [s["documents"] for s in manifest["shards"]] == [len(_records(s)) for s in shards]
+  # Progress counts the shards written so far: those that reached 200 ids by then (the last may close at the end).
+  ends = np.cumsum([s["documents"] for s in manifest["shards"]])
+  closed = [(end, s["tokens"] >= 200) for end, s in zip(ends, manifest["shards"], strict=True)]
+  assert [p["shards"] for p in seen] == [sum(full and end <= p["documents"] for end, full in closed) for p in seen]
   assert [s["max_id"] for s in manifest["shards"]] == [max(max(r) for r in _records(s)) for s in shards]
   assert (manifest["documents"], manifest["tokens"]) == (15, sum(map(len, want)))
   assert len(manifest["skipped"]) == 1 and "image.bin (binary)" in manifest["skipped"][0]
@@ -431,15 +435,19 @@ def test_a_folder_in_place_gets_the_modes_a_plain_mkdir_and_open_give(tmp_path):
 
   from zaya_jax.folders import folder_in_place
 
-  umask = os.umask(0o022)  # a umask that differs from what mkdtemp and mkstemp give, whatever the caller's
-  try:
-    with folder_in_place(tmp_path / "out") as tmp:
-      fd, _ = tempfile.mkstemp(dir=tmp, suffix=".txt")
-      os.close(fd)
-      os.mkdir(os.path.join(tmp, "sub"))
-  finally:
-    os.umask(umask)
-  [name] = [n for n in os.listdir(tmp_path / "out") if n.endswith(".txt")]
-  assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
-  assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o644
-  assert stat.S_IMODE(os.stat(tmp_path / "out" / "sub").st_mode) == 0o755  # still a folder one can enter
+  # Umasks that differ from what mkdtemp and mkstemp give, whatever the caller's; 002 (a shared group) tells a file's
+  # 0666 & ~umask from a fixed 0644.
+  for mask, folder_mode, file_mode in ((0o022, 0o755, 0o644), (0o002, 0o775, 0o664)):
+    out = tmp_path / f"out_{mask:03o}"
+    umask = os.umask(mask)
+    try:
+      with folder_in_place(out) as tmp:
+        fd, _ = tempfile.mkstemp(dir=tmp, suffix=".txt")
+        os.close(fd)
+        os.mkdir(os.path.join(tmp, "sub"))
+    finally:
+      os.umask(umask)
+    [name] = [n for n in os.listdir(out) if n.endswith(".txt")]
+    assert stat.S_IMODE(os.stat(out).st_mode) == folder_mode
+    assert stat.S_IMODE(os.stat(out / name).st_mode) == file_mode
+    assert stat.S_IMODE(os.stat(out / "sub").st_mode) == folder_mode  # still a folder one can enter
