@@ -47,7 +47,7 @@ from zaya_jax.infer import answers as ans
 from zaya_jax.infer import cli, cli_files, rsa_eval
 from zaya_jax.infer import prompts as P
 from zaya_jax.infer.generate import make_decode_fn, pad_id
-from zaya_jax.infer.rsa import TAIL_SOURCES
+from zaya_jax.infer.rsa import TAIL_SOURCES, context_bound
 
 _MODEL = flags.DEFINE_string("model", None, "Run directory or Hugging Face folder.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json (or its folder) if not in the model folder.")
@@ -211,6 +211,8 @@ def main(argv) -> int:
                                 max_context=loaded.context, pad_id=pad_id(loaded), stop_ids=loaded.stop_ids,
                                 keep_finished=keep_finished)
     rsa_eval.check_rsa_context(cfg, pieces, loaded.context, longest)
+    print(f"budget: at most {cfg.max_generated:,} new tokens a problem ({cfg.rounds} rounds of {cfg.n} traces); "
+          f"every call within {context_bound(cfg, pieces):,} tokens of context", file=sys.stderr)
     key = jax.random.key(_SEED.value)
     reports, decode_fn, final_decode_fn = [], None, None
     for problem in problems:

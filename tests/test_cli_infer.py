@@ -455,6 +455,8 @@ def test_rsa_cli_report_is_reproducible_in_process_and_resumes_after_sigterm(tmp
 
   # The same problems through the library: same seed plumbing (problem i: fold_in(key(seed), i)), same reports.
   cfg = rsa_cfg(seed=5, stop_ids=hf.stop_ids)  # as launch/rsa.py builds it
+  assert f"budget: at most {cfg.max_generated:,} new tokens a problem ({cfg.rounds} rounds of {cfg.n} traces)" in err
+  assert all(line["generated"] <= cfg.max_generated for line in lines[:-1])
   pieces = P.encode_pieces(hf.tokenizer.hf, P.RSA_REFERENCE, 2, None)
   decode_fn = make_decode_fn(hf.model, sampling=SamplingConfig(temperature=1.0), stop_token_ids=hf.stop_ids)
   greedy_fn = make_decode_fn(hf.model, sampling=SamplingConfig(temperature=0.0), stop_token_ids=hf.stop_ids)

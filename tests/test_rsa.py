@@ -138,6 +138,16 @@ def loop_run():
   return state, rec.calls
 
 
+def test_the_token_bound_is_the_reports_arithmetic():
+  # Spec §5.7: extra-high (t = 8, N = 32, C = 4, β = 32K) decodes at most 9 stages x 32 traces x 32K tokens, which
+  # holds the report's ~5.5M a problem; its main setting (t = 2, N = 16, β = 16K, final 40K) 16 x (2 x 16K + 40K).
+  extra_high = RSAConfig(n=32, c=4, t=8, tau=4096, beta=32768)
+  assert extra_high.max_generated == 9 * 32 * 32768 >= 5.5e6
+  assert RSAConfig(n=16, c=4, t=2, tau=4096, beta=16384, beta_final=40960).max_generated == 16 * (2 * 16384 + 40960)
+  assert RSAConfig(n=4, c=1, t=2, tau=4, beta=8, beta_first=12).max_generated == 4 * (12 + 8 + 8)
+  assert RSAConfig(n=4, c=1, t=0, tau=4, beta=8, beta_final=5).max_generated == 4 * 5  # round 0 is the last
+
+
 def test_scan_and_host_loop_agree_and_count_every_token(loop_run):
   state_loop, calls = loop_run
   state_jit = rsa.run(CFG, PIECES, random_decoder, QUESTION, KEY)
@@ -149,7 +159,7 @@ def test_scan_and_host_loop_agree_and_count_every_token(loop_run):
   pre = [int(c["plen"].sum()) for c in calls]
   np.testing.assert_array_equal(state_jit.generated_R, gen)
   np.testing.assert_array_equal(state_jit.prefilled_R, pre)
-  assert int(state_jit.generated) == sum(gen) <= CFG.n * (CFG.beta * CFG.t + CFG.beta_final)
+  assert int(state_jit.generated) == sum(gen) <= CFG.max_generated == CFG.n * (CFG.beta * CFG.t + CFG.beta_final)
   assert int(state_jit.prefilled) == sum(pre)
   final = calls[-1]
   np.testing.assert_array_equal(state_jit.pool_len_N, final["lens"])

@@ -145,6 +145,12 @@ class RSAConfig:
     """R = t + 1 decode calls per run (RSA's `--loops`)."""
     return self.t + 1
 
+  @property
+  def max_generated(self) -> int:
+    """The most new tokens one run decodes: N x each round's budget, summed (the report's test-time-compute cost;
+    its extra-high setting, t = 8, N = 32, β = 32K: 9 x 32 x 32K = 9.4M, against the ~5.5M a problem took)."""
+    return self.n * sum(self.budget(r) for r in range(self.rounds))
+
   def budget(self, r: int) -> int:
     """New-token budget of round r: beta_final in the last round (round 0 when t = 0), else beta_first in round 0,
     beta in between."""
