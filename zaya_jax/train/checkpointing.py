@@ -36,6 +36,11 @@ PARAM_LAYOUT = 2
 RESUMABLE_CHANGES = frozenset({"remat"})
 
 
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON record `RunCheckpointer.save` keeps beside a step's arrays (raises what Orbax raises)."""
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def _check_model(meta: dict, model_config: ZayaConfig, where: str) -> None:
   """Refuses a model the checkpoint was not written for, naming each differing setting (dotted) with both values."""
   saved = meta.get("model_config", {})
@@ -66,7 +71,7 @@ def check_latest_model(workdir: str | os.PathLike, model_config: ZayaConfig) -> 
     if step is None:
       return
     try:
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      meta = _read_meta(manager, step)
     except Exception:  # Orbax raises many types for unreadable folders; the restore names the problem
       return
   finally:
@@ -127,7 +132,7 @@ class RunCheckpointer:
     """What the checkpoint at `step` records besides the arrays: step, model config, layout, data fingerprint and
     order (data.DATA_ORDER; absent before it existed), and the run's resolved config (absent before it was kept)."""
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      return _read_meta(self.manager, step)
     except Exception as e:  # Orbax raises many types for unreadable folders
       raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} is unreadable: "
                             f"{type(e).__name__}: {e}{self._earlier_steps_hint(step)}") from e
@@ -280,7 +285,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None):
     step = _complete_step(manager, step)
     where = os.path.join(os.fspath(manager.directory), str(step))
     try:
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      meta = _read_meta(manager, step)
     except Exception as e:
       raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from e
     _check_layout(meta, where)
